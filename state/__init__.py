@@ -1,1 +1,16 @@
-"""parley.state"""
+"""parley.state: the resumable client state, `state-<name>.json` in the Node client's format."""
+
+from .store import (
+    CorruptStateFile,
+    StateError,
+    dumps_state,
+    load_state,
+    new_entry,
+    save_state,
+    state_path,
+)
+
+__all__ = [
+    "CorruptStateFile", "StateError", "dumps_state", "load_state", "new_entry", "save_state",
+    "state_path",
+]

@@ -1,0 +1,203 @@
+"""The Node client's crypto, byte for byte, with parley's strict input checks.
+
+Compatibility (PROTOCOL 1.4): RFC 3526 group 14 Diffie-Hellman, generator 2;
+keys travel as lowercase hex of their minimal big-endian bytes; the session key
+is the first 32 bytes of the shared secret left-padded to 256 bytes (what
+Node's `computeSecret` returns), with no KDF; a message payload is
+`hex(IV[12] || tag[16] || ciphertext)` from AES-256-GCM without AAD.
+
+Strictness (PROTOCOL 2.5): a peer key must satisfy 3 <= y <= p-3 and lie in the
+prime-order subgroup; hex must be even-length `0-9a-f` (upper case accepted);
+every rejection is a `CryptoError` subclass, never a bare exception.
+
+Library API::
+
+    priv = generate_private_key()            # hex
+    pub = public_key_hex(priv)               # hex, Node's format
+    key = session_key(priv, peer_pub)        # 64 hex
+    payload = encrypt_payload(key, "hi")     # hex
+    text = decrypt_payload(key, payload)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import warnings
+from collections.abc import Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import dh
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "MODP14_PRIME",
+    "MODP14_GENERATOR",
+    "CryptoError",
+    "InvalidHex",
+    "InvalidPrivateKey",
+    "InvalidPublicKey",
+    "InvalidSessionKey",
+    "DecryptError",
+    "generate_private_key",
+    "public_key_hex",
+    "session_key",
+    "encrypt_payload",
+    "decrypt_payload",
+    "to_hex",
+]
+
+# RFC 3526, section 3: the 2048-bit MODP group (id 14), generator 2.
+MODP14_PRIME = int(
+    "ffffffffffffffffc90fdaa22168c234c4c6628b80dc1cd129024e088a67cc74"
+    "020bbea63b139b22514a08798e3404ddef9519b3cd3a431b302b0a6df25f1437"
+    "4fe1356d6d51c245e485b576625e7ec6f44c42e9a637ed6b0bff5cb6f406b7ed"
+    "ee386bfb5a899fa5ae9f24117c4b1fe649286651ece45b3dc2007cb8a163bf05"
+    "98da48361c55d39a69163fa8fd24cf5f83655d23dca3ad961c62f356208552bb"
+    "9ed529077096966d670c354e4abc9804f1746c08ca18217c32905e462e36ce3b"
+    "e39e772c180e86039b2783a2ec07a28fb5c55df06f4c52c9de2bcbf6955817183"
+    "995497cea956ae515d2261898fa051015728e5a8aacaa68ffffffffffffffff",
+    16,
+)
+MODP14_GENERATOR = 2
+PRIME_BYTES = 256
+_SUBGROUP_ORDER = (MODP14_PRIME - 1) // 2
+_PRIVATE_KEY_BITS = 256  # Node uses 224-bit exponents for this group; 2x128 here.
+
+IV_BYTES = 12
+TAG_BYTES = 16
+MIN_PAYLOAD_BYTES = IV_BYTES + TAG_BYTES
+
+
+@contextlib.contextmanager
+def _quiet_ffdh() -> Iterator[None]:
+    """cryptography >= 46 flags finite-field DH as deprecated; this group is the
+    legacy wire format, so the warning is expected and silenced where used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Diffie-Hellman over finite fields.*")
+        yield
+
+
+with _quiet_ffdh():
+    _PARAMETER_NUMBERS = dh.DHParameterNumbers(MODP14_PRIME, MODP14_GENERATOR)
+
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*\Z")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class CryptoError(ValueError):
+    """Base of every crypto rejection; the message never quotes key material."""
+
+
+class InvalidHex(CryptoError):
+    """Input that should be hex is not even-length `0-9a-f`/`A-F`."""
+
+
+class InvalidPrivateKey(CryptoError):
+    """A private exponent outside [1, p-2]."""
+
+
+class InvalidPublicKey(CryptoError):
+    """A peer public key that would give a weak or trivial secret."""
+
+
+class InvalidSessionKey(CryptoError):
+    """A session key that is not 32 bytes."""
+
+
+class DecryptError(CryptoError):
+    """A payload that is too short, not hex, or whose tag does not verify."""
+
+
+def _from_hex(value: str, what: str, error: type[CryptoError] = InvalidHex) -> bytes:
+    if not isinstance(value, str) or _HEX.match(value) is None:
+        raise error(f"{what} must be an even-length hex string")
+    return bytes.fromhex(value)
+
+
+def to_hex(number: int) -> str:
+    """Node's key format: minimal big-endian bytes as lowercase hex ('' for 0)."""
+    return number.to_bytes((number.bit_length() + 7) // 8, "big").hex()
+
+
+def _private_number(private_hex: str) -> int:
+    x = int.from_bytes(_from_hex(private_hex, "private key", InvalidPrivateKey), "big")
+    if not 1 <= x <= MODP14_PRIME - 2:
+        raise InvalidPrivateKey("private key out of range")
+    return x
+
+
+def check_public_key(public_hex: str) -> int:
+    """Return the peer key as an int, or raise InvalidPublicKey (PROTOCOL 2.5)."""
+    y = int.from_bytes(_from_hex(public_hex, "public key", InvalidPublicKey), "big")
+    if not 3 <= y <= MODP14_PRIME - 3:
+        raise InvalidPublicKey("public key out of range [3, p-3]")
+    if pow(y, _SUBGROUP_ORDER, MODP14_PRIME) != 1:
+        raise InvalidPublicKey("public key outside the prime-order subgroup")
+    return y
+
+
+def generate_private_key() -> str:
+    """A fresh private exponent from the OS CSPRNG, as hex."""
+    x = 0
+    while x < 2:
+        x = secrets.randbits(_PRIVATE_KEY_BITS)
+    return to_hex(x)
+
+
+def public_key_hex(private_hex: str) -> str:
+    """g^x mod p in Node's format (may be shorter than 512 hex chars)."""
+    x = _private_number(private_hex)
+    return to_hex(pow(MODP14_GENERATOR, x, MODP14_PRIME))
+
+
+def session_key(private_hex: str, peer_public_hex: str) -> str:
+    """The 64-hex session key Node derives: secret padded to 256 bytes, first 32."""
+    x = _private_number(private_hex)
+    y = check_public_key(peer_public_hex)
+    with _quiet_ffdh():
+        public = dh.DHPublicNumbers(pow(MODP14_GENERATOR, x, MODP14_PRIME), _PARAMETER_NUMBERS)
+        private = dh.DHPrivateNumbers(x, public).private_key()
+        peer = dh.DHPublicNumbers(y, _PARAMETER_NUMBERS).public_key()
+        secret = private.exchange(peer).rjust(PRIME_BYTES, b"\0")
+    return secret[:32].hex()
+
+
+def _key_bytes(key_hex: str) -> bytes:
+    key = _from_hex(key_hex, "session key", InvalidSessionKey)
+    if len(key) != 32:
+        raise InvalidSessionKey("session key must be 32 bytes (64 hex chars)")
+    return key
+
+
+def encrypt_payload(key_hex: str, text: str, iv: bytes | str | None = None) -> str:
+    """Encrypt UTF-8 `text`; `iv` (12 bytes, or 24 hex) only for test vectors."""
+    key = _key_bytes(key_hex)
+    if iv is None:
+        iv_bytes = secrets.token_bytes(IV_BYTES)
+    elif isinstance(iv, str):
+        iv_bytes = _from_hex(iv, "IV")
+    else:
+        iv_bytes = bytes(iv)
+    if len(iv_bytes) != IV_BYTES:
+        raise CryptoError("IV must be 12 bytes")
+    # Node's Buffer.from(text, 'utf8') writes U+FFFD for a lone surrogate.
+    plain = _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
+    sealed = AESGCM(key).encrypt(iv_bytes, plain, None)
+    ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+    return (iv_bytes + tag + ciphertext).hex()
+
+
+def decrypt_payload(key_hex: str, payload_hex: str) -> str:
+    """Decrypt a payload; raises DecryptError on any malformed or forged input."""
+    key = _key_bytes(key_hex)
+    raw = _from_hex(payload_hex, "payload", DecryptError)
+    if len(raw) < MIN_PAYLOAD_BYTES:
+        raise DecryptError("payload shorter than IV and tag (28 bytes)")
+    iv, tag, ciphertext = raw[:IV_BYTES], raw[IV_BYTES:MIN_PAYLOAD_BYTES], raw[MIN_PAYLOAD_BYTES:]
+    try:
+        plain = AESGCM(key).decrypt(iv, ciphertext + tag, None)
+    except InvalidTag:
+        raise DecryptError("authentication tag does not verify") from None
+    return plain.decode("utf-8", errors="replace")
