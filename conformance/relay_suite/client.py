@@ -1,0 +1,552 @@
+"""A small raw WebSocket client for relay conformance tests.
+
+Built on trio-websocket. It sends text or binary messages exactly as given and
+returns received messages unparsed (text and the UTF-8 bytes), so tests can
+compare exact bytes. Every wait is bounded.
+
+``{"t":"PING"}`` heartbeats may arrive at any time (the suite often runs
+against a relay with a short ping interval); ``recv`` skips them unless told
+otherwise, and ``assert_silent`` ignores them.
+
+``RawSocket`` is a minimal hand-rolled client over a plain TCP socket for the
+few checks trio-websocket cannot express: HTTP-level requests, offering an
+extension, a receiver that never reads, and dropping TCP without a close
+frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import socket as _stdsocket
+import struct
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+__all__ = [
+    "Suite",
+    "Msg",
+    "RawClient",
+    "RawSocket",
+    "connect",
+    "Clients",
+    "assert_all_silent",
+    "compact",
+    "SESSION_ID_PATTERNS",
+    "CODE_PATTERNS",
+    "DH_PRIME_HEX",
+    "dh_public_key",
+    "invite_params",
+    "create_session",
+    "Handshake",
+    "handshake",
+    "bad_code",
+    "new_sid",
+    "go_quote",
+    "frame_bytes",
+    "reattach_all",
+    "BAD_CODE_MESSAGE",
+]
+
+# RFC 3526 group 14 (2048-bit MODP), as Node's getPrime('hex') prints it.
+DH_PRIME_HEX = (
+    "ffffffffffffffffc90fdaa22168c234c4c6628b80dc1cd129024e088a67cc74"
+    "020bbea63b139b22514a08798e3404ddef9519b3cd3a431b302b0a6df25f1437"
+    "4fe1356d6d51c245e485b576625e7ec6f44c42e9a637ed6b0bff5cb6f406b7ed"
+    "ee386bfb5a899fa5ae9f24117c4b1fe649286651ece45b3dc2007cb8a163bf05"
+    "98da48361c55d39a69163fa8fd24cf5f83655d23dca3ad961c62f356208552bb"
+    "9ed529077096966d670c354e4abc9804f1746c08ca18217c32905e462e36ce3b"
+    "e39e772c180e86039b2783a2ec07a28fb5c55df06f4c52c9de2bcbf695581718"
+    "3995497cea956ae515d2261898fa051015728e5a8aacaa68ffffffffffffffff"
+)
+_P = int(DH_PRIME_HEX, 16)
+
+SESSION_ID_PATTERNS = {
+    "legacy": re.compile(r"\d{13}_[0-9a-f]{8}"),
+    "parley": re.compile(r"\d{13}_[0-9a-f]{32}"),
+}
+CODE_PATTERNS = {
+    "legacy": re.compile(r"\d{6}"),
+    "parley": re.compile(r"\d{6,}"),
+}
+BAD_CODE_MESSAGE = "Invalid or expired code"
+
+
+def dh_public_key() -> str:
+    """A fresh group-14 public key as Node writes it: minimal big-endian bytes, lowercase hex."""
+    y = pow(2, secrets.randbits(256) | 1 << 255, _P)
+    return y.to_bytes((y.bit_length() + 7) // 8, "big").hex()
+
+
+def invite_params() -> dict[str, str]:
+    """INVITE_CREATE data as the Node client sends it."""
+    return {"prime": DH_PRIME_HEX, "generator": "02", "publicKey": dh_public_key()}
+
+
+def compact(obj: Any) -> str:
+    """Compact JSON text without ASCII escaping (what a client would type)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a test knows about the relay under test."""
+
+    url: str
+    dialect: str  # go | node | compat
+    impl: str  # legacy | parley
+    ping_interval: float = 10.0
+    quiet: float = 0.25  # how long "no frame" is awaited
+    timeout: float = 3.0  # how long an expected frame is awaited
+
+    @property
+    def sid_pattern(self) -> re.Pattern[str]:
+        return SESSION_ID_PATTERNS[self.impl]
+
+    @property
+    def code_pattern(self) -> re.Pattern[str]:
+        return CODE_PATTERNS[self.impl]
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    def url_with_path(self, path: str) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+@dataclass
+class Msg:
+    """One received WebSocket message."""
+
+    data: str | bytes
+    at: float = 0.0
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.data, str)
+
+    @property
+    def raw(self) -> bytes:
+        return self.data.encode("utf-8") if isinstance(self.data, str) else self.data
+
+    @property
+    def text(self) -> str:
+        return self.data if isinstance(self.data, str) else self.data.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+    @property
+    def frame(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def t(self) -> Any:
+        f = self.frame
+        return None if f is None else f.get("t")
+
+    def is_ping(self) -> bool:
+        f = self.frame
+        return f is not None and f.get("t") == "PING" and set(f) == {"t"}
+
+    def __repr__(self) -> str:
+        shown = self.text if len(self.text) <= 300 else self.text[:300] + f"...({len(self.text)} chars)"
+        kind = "text" if self.is_text else "binary"
+        return f"<{kind} {shown!r}>"
+
+
+class RawClient:
+    """One WebSocket connection to the relay under test."""
+
+    def __init__(self, ws: Any, suite: Suite, name: str) -> None:
+        self.ws = ws
+        self.suite = suite
+        self.name = name
+        self.pings: list[Msg] = []
+
+    # -- sending ---------------------------------------------------------------
+
+    async def send(self, frame: str | bytes | dict[str, Any] | list[Any] | None) -> None:
+        """Send text (str), binary (bytes), or a JSON value encoded compactly as text."""
+        if isinstance(frame, (str, bytes)):
+            await self.ws.send_message(frame)
+        else:
+            await self.ws.send_message(compact(frame))
+
+    # -- receiving -------------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None, *, skip_ping: bool = True, what: str = "a frame") -> Msg:
+        """The next message; fails the test after ``timeout`` seconds or if the connection closed."""
+        timeout = self.suite.timeout if timeout is None else timeout
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    raise AssertionError(
+                        f"{self.name}: connection closed ({exc.reason.code}) while waiting for {what}"
+                    ) from None
+                msg = Msg(data, trio.current_time())
+                if skip_ping and msg.is_ping():
+                    self.pings.append(msg)
+                    continue
+                return msg
+        raise AssertionError(f"{self.name}: no frame within {timeout:.2f}s while waiting for {what}")
+
+    async def expect(self, t: str, sid: str | None = None, timeout: float | None = None) -> Msg:
+        """The next non-PING frame, which must have type ``t`` (and ``sid`` if given)."""
+        msg = await self.recv(timeout, what=t)
+        frame = msg.frame
+        assert frame is not None, f"{self.name}: expected {t}, got non-object {msg!r}"
+        assert frame.get("t") == t, f"{self.name}: expected {t}, got {msg!r}"
+        if sid is not None:
+            assert frame.get("sid") == sid, f"{self.name}: expected {t} for sid {sid!r}, got {msg!r}"
+        return msg
+
+    async def expect_exact(self, expected: str | bytes, timeout: float | None = None) -> Msg:
+        """The next non-PING message must be a TEXT message with exactly these bytes."""
+        exp = expected.encode("utf-8") if isinstance(expected, str) else expected
+        msg = await self.recv(timeout, what=repr(exp))
+        assert msg.is_text, f"{self.name}: expected a text message, got binary {msg!r}"
+        assert msg.raw == exp, f"{self.name}: bytes differ\n  expected {exp!r}\n  received {msg.raw!r}"
+        return msg
+
+    async def assert_silent(self, quiet: float | None = None) -> None:
+        """No frame other than PING arrives within ``quiet`` seconds."""
+        quiet = self.suite.quiet if quiet is None else quiet
+        with trio.move_on_after(quiet):
+            while True:
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    raise AssertionError(f"{self.name}: connection closed ({exc.reason.code}), expected it open") from None
+                msg = Msg(data, trio.current_time())
+                if msg.is_ping():
+                    self.pings.append(msg)
+                    continue
+                raise AssertionError(f"{self.name}: expected no frame, got {msg!r}")
+
+    async def assert_closed(self, timeout: float | None = None) -> int:
+        """The relay ends the connection within ``timeout``; returns the close code (1006: no close frame).
+
+        Only PING frames may arrive before the end.
+        """
+        timeout = self.suite.timeout if timeout is None else timeout
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    return exc.reason.code
+                msg = Msg(data)
+                if msg.is_ping():
+                    continue
+                raise AssertionError(f"{self.name}: expected the connection to end, got {msg!r}")
+        raise AssertionError(f"{self.name}: connection still open after {timeout:.2f}s")
+
+    async def assert_open(self) -> None:
+        """The connection still works: CREATE_SESSION is answered as the dialect says.
+
+        (Deliberately not a JOIN with a wrong code: parley rate-limits code guessing.)
+        """
+        await self.send({"t": "CREATE_SESSION"})
+        if self.suite.dialect == "go":
+            await self.expect("INVITE_CODE")
+            return
+        sid = (await self.expect("SESSION_CREATED")).frame["sid"]
+        if self.suite.dialect == "compat":
+            await self.expect("INVITE_CODE", sid=sid)
+
+    # -- closing ---------------------------------------------------------------
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> tuple[int, str | None]:
+        """Run the close handshake; return the (code, reason) of the relay's close frame.
+
+        If the relay dropped TCP instead of answering, the result is our own
+        (1000, None) per trio-websocket, so callers should close with a code
+        other than 1000.
+        """
+        with trio.move_on_after(self.suite.timeout):
+            await self.ws.aclose(code, reason)
+        closed = self.ws.closed
+        return (closed.code, closed.reason) if closed else (0, None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.ws.handshake_headers}
+
+
+@asynccontextmanager
+async def connect(
+    suite: Suite,
+    name: str = "client",
+    *,
+    url: str | None = None,
+    extra_headers: list[tuple[str, str]] | None = None,
+    subprotocols: Iterable[str] | None = None,
+) -> AsyncIterator[RawClient]:
+    """Open one connection (bounded connect and close) for the duration of the block."""
+    async with open_websocket_url(
+        url or suite.url,
+        extra_headers=extra_headers,
+        subprotocols=subprotocols,
+        message_queue_size=1024,
+        max_message_size=64 * 1024 * 1024,
+        connect_timeout=suite.timeout + 2,
+        disconnect_timeout=2,
+    ) as ws:
+        yield RawClient(ws, suite, name)
+
+
+class Clients:
+    """Opens any number of connections in the current task; closes them all on exit."""
+
+    def __init__(self, suite: Suite) -> None:
+        self.suite = suite
+        self._stack: Any = None
+
+    async def __aenter__(self) -> "Clients":
+        from contextlib import AsyncExitStack
+
+        self._stack = AsyncExitStack()
+        await self._stack.__aenter__()
+        return self
+
+    async def new(self, name: str = "client", **kw: Any) -> RawClient:
+        return await self._stack.enter_async_context(connect(self.suite, name, **kw))
+
+    async def many(self, *names: str) -> list[RawClient]:
+        return [await self.new(n) for n in names]
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return await self._stack.__aexit__(*exc)
+
+
+async def assert_all_silent(clients: Iterable[RawClient], quiet: float | None = None) -> None:
+    """Every client stays silent (PINGs aside) for the same ``quiet`` window."""
+    errors: list[str] = []
+
+    async def one(c: RawClient) -> None:
+        try:
+            await c.assert_silent(quiet)
+        except AssertionError as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for c in clients:
+            nursery.start_soon(one, c)
+    assert not errors, "; ".join(errors)
+
+
+# ---------------------------------------------------------------------------
+# Dialect-aware flows
+
+
+async def create_session(suite: Suite, c: RawClient, data: dict[str, Any] | None = None) -> tuple[str, str]:
+    """CREATE_SESSION as the dialect requires; returns (sid, code)."""
+    frame: dict[str, Any] = {"t": "CREATE_SESSION"}
+    if data is not None:
+        frame["data"] = data
+    await c.send(frame)
+    if suite.dialect == "go":
+        msg = await c.expect("INVITE_CODE")
+        return msg.frame["sid"], msg.frame["data"]["code"]
+    created = await c.expect("SESSION_CREATED")
+    sid = created.frame["sid"]
+    if suite.dialect == "node":
+        await c.send({"t": "INVITE_CREATE", "sid": sid, "data": invite_params()})
+    msg = await c.expect("INVITE_CODE", sid=sid)
+    return sid, msg.frame["data"]["code"]
+
+
+@dataclass
+class Handshake:
+    sid: str
+    code: str
+    creator_key: str
+    joiner_key: str
+    join_request: Msg
+    client_id: str | None
+    answers: list[Msg] = field(default_factory=list)
+
+
+async def handshake(suite: Suite, creator: RawClient, joiner: RawClient) -> Handshake:
+    """Full create / join / accept flow in the suite's dialect; returns what was seen."""
+    sid, code = await create_session(suite, creator)
+    creator_key, joiner_key = dh_public_key(), dh_public_key()
+    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": joiner_key}})
+    req = await creator.expect("JOIN_REQUEST", sid=sid)
+    data = req.frame["data"]
+    assert data["publicKey"] == joiner_key, req
+    client_id = data.get("clientID") if isinstance(data, dict) else None
+    accept: dict[str, Any] = {"publicKey": creator_key}
+    if client_id is not None:
+        accept = {"clientID": client_id, "publicKey": creator_key}
+    await creator.send({"t": "JOIN_ACCEPT", "sid": sid, "data": accept})
+    answers = []
+    if suite.dialect in ("go", "compat"):
+        answers.append(await joiner.expect("JOIN_ACCEPT", sid=sid))
+    if suite.dialect in ("node", "compat"):
+        answers.append(await joiner.expect("JOINED", sid=sid))
+    for a in answers:
+        assert a.frame["data"]["publicKey"] == creator_key, a
+    return Handshake(sid, code, creator_key, joiner_key, req, client_id, answers)
+
+
+def bad_code(msg: Msg) -> None:
+    """``msg`` is the relay's answer to a JOIN with an unknown code."""
+    frame = msg.frame
+    assert frame is not None and frame.get("t") == "ERROR", msg
+    assert "sid" not in frame, msg
+    assert isinstance(frame.get("data"), dict) and frame["data"].get("message") == BAD_CODE_MESSAGE, msg
+
+
+def new_sid() -> str:
+    """A SID in the legacy shape that no relay has minted (for REATTACH/MSG auto-create)."""
+    import time
+
+    return f"{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+
+
+# ---------------------------------------------------------------------------
+# A hand-rolled client for HTTP-level checks and misbehaving peers
+
+
+class RawSocket:
+    """Plain TCP to the relay: send an HTTP request, optionally speak minimal WebSocket."""
+
+    def __init__(self, sock: trio.socket.SocketType, suite: Suite) -> None:
+        self.sock = sock
+        self.suite = suite
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, suite: Suite, *, rcvbuf: int | None = None) -> "RawSocket":
+        host, port = suite.host_port
+        sock = trio.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVBUF, rcvbuf)
+        with trio.fail_after(suite.timeout):
+            await sock.connect((host, port))
+        return cls(sock, suite)
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        with trio.fail_after(self.suite.timeout):
+            while view:
+                n = await self.sock.send(view)
+                view = view[n:]
+
+    async def read_head(self) -> tuple[int, dict[str, str], bytes]:
+        """Read an HTTP response head; returns (status, lower-cased headers, raw head)."""
+        with trio.fail_after(self.suite.timeout):
+            while b"\r\n\r\n" not in self.buf:
+                chunk = await self.sock.recv(4096)
+                if not chunk:
+                    break
+                self.buf += chunk
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        assert sep, f"no complete HTTP response head: {self.buf[:200]!r}"
+        self.buf = rest
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers, head
+
+    async def read_some(self, timeout: float) -> bytes:
+        with trio.move_on_after(timeout):
+            return await self.sock.recv(65536)
+        return b""
+
+    async def upgrade(self, path: str = "/", extra: list[tuple[str, str]] = ()) -> tuple[int, dict[str, str]]:
+        host, port = self.suite.host_port
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ] + [f"{k}: {v}" for k, v in extra]
+        await self.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        status, headers, _ = await self.read_head()
+        return status, headers
+
+    async def send_ws(self, payload: bytes, opcode: int = 0x1) -> None:
+        """One masked, unfragmented client frame."""
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+        await self.send_all(head + mask + masked)
+
+    def close(self) -> None:
+        """Drop TCP with no close frame."""
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Expected bytes
+
+
+def go_quote(s: str) -> str:
+    """A JSON string as Go's encoding/json writes it (HTML-safe, U+2028/9 escaped, UTF-8 kept)."""
+    out = json.dumps(s, ensure_ascii=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        out = out.replace(ch, esc)
+    return out
+
+
+def frame_bytes(t: str, sid: str | None = None, data: str | None = None) -> bytes:
+    """Exact bytes of a relay frame: keys t, sid, data; sid left out when empty; one trailing newline.
+
+    ``data`` is the already-compacted JSON text of the data value.
+    """
+    text = '{"t":' + go_quote(t)
+    if sid:
+        text += ',"sid":' + go_quote(sid)
+    if data is not None:
+        text += ',"data":' + data
+    return (text + "}\n").encode("utf-8")
+
+
+async def reattach_all(sid: str, *clients: RawClient, data: dict[str, Any] | None = None) -> None:
+    """REATTACH each client in turn to ``sid`` and consume the PEER_ONLINE frames that causes.
+
+    When the k-th client arrives, each earlier one receives one PEER_ONLINE and
+    the newcomer receives one per earlier client.
+    """
+    online = frame_bytes("PEER_ONLINE", sid)
+    for k, c in enumerate(clients):
+        frame: dict[str, Any] = {"t": "REATTACH", "sid": sid}
+        if data is not None:
+            frame["data"] = data
+        await c.send(frame)
+        for prev in clients[:k]:
+            await prev.expect_exact(online)
+        for _ in range(k):
+            await c.expect_exact(online)
