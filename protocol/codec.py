@@ -75,7 +75,7 @@ def split_envelope(text: str) -> Envelope:
     if text[i] != "{":
         try:
             _decoder.decode(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _bad_json("not valid JSON") from None
         raise _bad_frame("a frame must be a JSON object")
     members: dict[str, tuple[Any, int, int]] = {}
@@ -111,6 +111,8 @@ def split_envelope(text: str) -> Envelope:
         raise _bad_json("truncated or invalid JSON") from None
     except ValueError:  # json.JSONDecodeError and rejected NaN/Infinity
         raise _bad_json("invalid JSON") from None
+    except RecursionError:
+        raise _bad_json("JSON nested too deeply") from None
     if _skip(text, i) != len(text):
         raise _bad_json("bytes after the JSON object")
     if problem is not None:

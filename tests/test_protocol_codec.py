@@ -154,6 +154,13 @@ def test_strict_parse_rejects_with_code(message, code):
     assert info.value.code is code
 
 
+@pytest.mark.parametrize("nesting", ['{"t":"MSG","sid":"s","data":' + "[" * 100_000, "[" * 100_000, '{"t":"MSG","sid":"s","data":' + '{"a":' * 50_000 + "1" + "}" * 50_001])
+def test_deep_nesting_is_bad_json_not_a_crash(nesting):
+    with pytest.raises(ProtocolError) as info:
+        parse(nesting)
+    assert info.value.code is ErrorCode.BAD_JSON
+
+
 def test_error_messages_never_quote_input():
     secret = "042917-secret-code"
     for message in ['{"t":"' + secret + '"}', '{"t":"JOIN","data":{"code":' + "1" * 5 + "}}", secret]:
