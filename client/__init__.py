@@ -1,1 +1,13 @@
-"""parley.client"""
+"""parley.client: the chat client.
+
+Modules:
+
+* `core`: the sans-I/O protocol core (`ClientCore`): frames, user commands and
+  timer events in, actions out (`events`).
+* `verify`: the verification string both peers show after the key exchange.
+* `crypto`: the Node client's crypto, byte for byte, with strict checks.
+* `store`: per-session saves into `state-<name>.json`, session lookup.
+* `runner`: the Trio shell: one WebSocket at a time, reconnect with backoff.
+* `session`, `terminal`, `cli`: the `parley` command.
+* `harness`: drive `parley` processes from Trio tests and the conformance matrix.
+"""

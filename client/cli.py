@@ -1,4 +1,438 @@
+"""`parley`: invite, join, chat, send, sessions (and `relay`, `conformance` when installed).
+
+Global options (each with an environment variable):
+
+    --name NAME       PARLEY_NAME       state file state-NAME.json   (default: parley)
+    --relay URL       PARLEY_RELAY      relay WebSocket URL          (default: ws://127.0.0.1:9000/)
+    --state-dir DIR   PARLEY_STATE_DIR  where the state file lives   (default: current directory)
+
+Errors a person can act on (relay unreachable, invalid or expired code, join
+denied, no such session, corrupt state file, bad arguments) print one line,
+`parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
+Ctrl-C before a chat started). No traceback unless `--verbose`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import re
+import sys
+import traceback
+from typing import Any
+
+import attrs
 import click
-@click.group()
+import trio
+
+from parley.state import StateError, state_path
+
+from .core import ClientCore, ClientError, short_sid
+from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, Status
+from .runner import RelayUnreachable, Runner
+from .session import Session
+from .store import SessionInfo, StateStore
+from .terminal import Terminal
+
+__all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
+
+DEFAULT_RELAY = "ws://127.0.0.1:9000/"
+DEFAULT_NAME = "parley"
+DEFAULT_JOIN_TIMEOUT = 300.0
+DEFAULT_SEND_TIMEOUT = 10.0
+
+log = logging.getLogger("parley.client")
+
+# Subcommands that live in other parts of parley; added only if they import.
+_OPTIONAL_COMMANDS = {
+    "relay": ("parley.relay.cli", "relay"),
+    "conformance": ("parley.conformance.cli", "conformance"),
+}
+
+
+def _load_optional(name: str) -> click.Command | None:
+    module_name, attr = _OPTIONAL_COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        command = getattr(module, attr)
+    except Exception as exc:  # a missing or broken module must not break the CLI
+        log.debug("subcommand %s unavailable: %s", name, type(exc).__name__)
+        return None
+    return command if isinstance(command, click.Command) else None
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The exception a person should hear about, out of (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_first_leaf(e) for e in exc.exceptions]
+        for preferred in (ClientError, StateError, KeyboardInterrupt):
+            for leaf in leaves:
+                if isinstance(leaf, preferred):
+                    return leaf
+        return leaves[0] if leaves else exc
+    return exc
+
+
+class ParleyGroup(click.Group):
+    """A click group with lazily added optional subcommands and one-line errors."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        names.update(n for n in _OPTIONAL_COMMANDS if n not in names and _load_optional(n) is not None)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _OPTIONAL_COMMANDS:
+            command = _load_optional(cmd_name)
+        return command
+
+    def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs.pop("standalone_mode", None)
+        verbose = "-v" in (args if args is not None else sys.argv[1:]) or "--verbose" in (
+            args if args is not None else sys.argv[1:]
+        )
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "parley", standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{_flat(exc.format_message())}{hint}", exc.exit_code)
+        except click.ClickException as exc:
+            if type(exc).show is not click.ClickException.show:
+                exc.show()  # a subcommand (e.g. `parley relay`) with its own one-line format
+                sys.exit(exc.exit_code)
+            _fail(_flat(exc.format_message()), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+            leaf = _first_leaf(exc)
+            if isinstance(leaf, SystemExit):
+                raise leaf from None
+            if isinstance(leaf, (KeyboardInterrupt, click.Abort)):
+                _fail("interrupted", 130)
+            if isinstance(leaf, (ClientError, StateError)):
+                _fail(_flat(str(leaf)), getattr(leaf, "exit_code", 1))
+            if verbose:
+                traceback.print_exception(exc)
+            _fail(f"unexpected error: {type(leaf).__name__}: {_flat(str(leaf))} (run with -v for details)", 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"parley: {message}", err=True)
+    sys.exit(code)
+
+
+@attrs.frozen
+class Options:
+    name: str
+    relay: str
+    state_dir: str
+    verbose: bool
+
+    def store(self) -> StateStore:
+        store = StateStore(state_path(self.state_dir, self.name))
+        store.load()
+        return store
+
+    def join_hint(self) -> str:
+        relay = "" if self.relay == DEFAULT_RELAY else f"--relay {self.relay} "
+        return f"parley {relay}join "
+
+
+def _check_relay_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not re.match(r"wss?://[^/\s]+", value or ""):
+        raise click.BadParameter(f"{value!r} is not a ws:// or wss:// URL", ctx=ctx, param=param)
+    return value
+
+
+_NAME_HELP = "Your name here; the state file is state-NAME.json."
+_RELAY_HELP = "The relay's WebSocket URL."
+_STATE_DIR_HELP = "Directory of the state file."
+
+
+@click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="parley")
-def main(): pass
+@click.option("--name", envvar="PARLEY_NAME", default=DEFAULT_NAME, show_default=True, help=_NAME_HELP)
+@click.option("--relay", envvar="PARLEY_RELAY", default=DEFAULT_RELAY, show_default=True,
+              callback=_check_relay_url, help=_RELAY_HELP)
+@click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True,
+              type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
+@click.pass_context
+def main(ctx: click.Context, name: str, relay: str, state_dir: str, verbose: bool) -> None:
+    """End-to-end encrypted chat through a blind relay, started with an invite code.
+
+    The global options may also be given after the command
+    (`parley invite --relay URL`).
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("trio-websocket").setLevel(logging.INFO)
+    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose)
+
+
+def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return None if value is None else _check_relay_url(ctx, param, value)
+
+
+def session_options(fn: Any) -> Any:
+    """`--name/--relay/--state-dir` after the command too; they override the global ones."""
+
+    @click.option("--name", "sub_name", default=None, help=_NAME_HELP + " (as the global option)")
+    @click.option("--relay", "sub_relay", default=None, callback=_check_relay_or_none,
+                  help=_RELAY_HELP + " (as the global option)")
+    @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
+                  help=_STATE_DIR_HELP + " (as the global option)")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
+                sub_state_dir: str | None, **kwargs: Any) -> Any:
+        opts: Options = ctx.obj
+        opts = attrs.evolve(
+            opts,
+            name=sub_name if sub_name is not None else opts.name,
+            relay=sub_relay if sub_relay is not None else opts.relay,
+            state_dir=sub_state_dir if sub_state_dir is not None else opts.state_dir,
+        )
+        try:
+            state_path(opts.state_dir, opts.name)
+        except StateError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param_hint="--name") from None
+        return fn(opts, **kwargs)
+
+    return wrapper
+
+
+def _run(async_fn: Any, *args: Any) -> Any:
+    return trio.run(async_fn, *args)
+
+
+# --- invite -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
+@session_options
+def invite(opts: Options, yes: bool) -> None:
+    """Create a session, print its invite code, wait for the other person, chat."""
+    store = opts.store()
+    _run(_invite, opts, store, yes)
+
+
+async def _invite(opts: Options, store: StateStore, yes: bool) -> None:
+    core = ClientCore.invite()
+    terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
+    session = Session(core, opts.relay, store, terminal)
+
+    async def flow() -> None:
+        while True:
+            event = await session.next_event(JoinRequested, KeyEstablished, HandshakeFailed)
+            if isinstance(event, HandshakeFailed):
+                return
+            if isinstance(event, KeyEstablished):
+                break
+            if yes:
+                terminal.info("accepting (--yes)")
+                await session.runner.call(core.accept_join)
+                continue
+            session.start_stdin()
+            terminal.line("accept? [y/N]")
+            answer = await session.stdin.next_line()
+            if answer is not None and answer.strip().lower() in ("y", "yes"):
+                await session.runner.call(core.accept_join)
+            else:
+                await session.runner.call(core.deny_join)
+                return
+        await session.chat()
+
+    await session.run(flow)
+
+
+# --- join ---------------------------------------------------------------------
+
+_CODE = re.compile(r"[0-9]{4,16}\Z")
+
+
+def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    code = re.sub(r"[\s-]", "", value)
+    if not _CODE.match(code):
+        raise click.BadParameter("an invite code is digits only, e.g. 042917", ctx=ctx, param=param)
+    return code
+
+
+@main.command()
+@click.argument("code", callback=_check_code)
+@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_JOIN_TIMEOUT, show_default=True,
+              help="Seconds to wait for the other person to accept.")
+@session_options
+def join(opts: Options, code: str, timeout: float) -> None:
+    """Join the session an invite CODE names, then chat."""
+    store = opts.store()
+    _run(_join, opts, store, code, timeout)
+
+
+class NoAnswer(ClientError):
+    pass
+
+
+async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
+    core = ClientCore.join(code)
+    terminal = Terminal(relay_url=opts.relay)
+    session = Session(core, opts.relay, store, terminal)
+    timed_out = False
+
+    async def flow() -> None:
+        nonlocal timed_out
+        with trio.move_on_after(timeout) as scope:
+            event = await session.next_event(KeyEstablished, HandshakeFailed)
+        if scope.cancelled_caught:
+            timed_out = True
+            return
+        if isinstance(event, KeyEstablished):
+            await session.chat()
+
+    await session.run(flow)
+    if timed_out:
+        raise NoAnswer(f"no answer from the inviter within {timeout:g}s; ask for a new invite code")
+
+
+# --- chat ---------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("sid", required=False)
+@session_options
+def chat(opts: Options, sid: str | None) -> None:
+    """Resume a session (the only one, or SID / a unique prefix of it) and chat."""
+    store = opts.store()
+    sid = store.find(sid)
+    core = ClientCore.resume(sid, store.state[sid])
+    _run(_chat, opts, store, core)
+
+
+async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
+    terminal = Terminal(relay_url=opts.relay)
+    session = Session(core, opts.relay, store, terminal)
+    role = core.entry.get("role")
+    terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({role})" if isinstance(role, str) else ""))
+    if core.verification:
+        terminal.info(f"verification: {core.verification}")
+    waiting = len(core.pending_ids()) + len(core.entry.get("outbox") or [])
+    if waiting:
+        terminal.info(f"{waiting} message(s) waiting to be sent")
+    await session.run(session.chat)
+
+
+# --- send ---------------------------------------------------------------------
+
+
+class NotDelivered(ClientError):
+    pass
+
+
+@main.command()
+@click.argument("sid")
+@click.argument("text", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=DEFAULT_SEND_TIMEOUT, show_default=True,
+              help="Seconds to wait for the relay's acknowledgement.")
+@session_options
+def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
+    """Send one message (TEXT, or standard input) to session SID and wait for the relay's ack.
+
+    Exits 0 once the relay says DELIVERED or QUEUED. Otherwise exits 1; the
+    message stays saved (encrypted) and goes out with the next send or chat.
+    """
+    if text is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("no TEXT given and standard input is a terminal")
+        text = sys.stdin.read()
+        if text.endswith("\n"):
+            text = text[:-1]
+    if text == "":
+        raise click.UsageError("nothing to send (empty message)")
+    store = opts.store()
+    sid = store.find(sid)
+    core = ClientCore.resume(sid, store.state[sid], receive=False)
+    status, msg_id = _run(_send, opts, store, core, text, timeout)
+    word = "queued by the relay for the offline peer" if status is Status.QUEUED else "delivered"
+    click.echo(f"message {msg_id[:8]} {word}")
+
+
+async def _send(
+    opts: Options, store: StateStore, core: ClientCore, text: str, timeout: float
+) -> tuple[Status, str]:
+    outcome: list[MessageStatus] = []
+    done = trio.Event()
+    target: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, MessageStatus) and target and event.msg_id == target[0]:
+            if event.status in (Status.DELIVERED, Status.QUEUED, Status.RECEIVED, Status.FAILED):
+                outcome.append(event)
+                done.set()
+
+    runner = Runner(core, opts.relay, store, on_event, reconnect=False)
+    await runner.call(core.start)
+    msg_id = await runner.send_text(text)  # saved before any connection exists
+    target.append(msg_id)
+    kept = "the message is saved and goes out with the next 'parley send' or 'parley chat'"
+    ended_early = False
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+
+            async def run_runner() -> None:
+                nonlocal ended_early
+                try:
+                    await runner.run()
+                except RelayUnreachable as exc:
+                    raise NotDelivered(f"{exc}; {kept}") from None
+                ended_early = not done.is_set()
+                done.set()
+
+            nursery.start_soon(run_runner)
+            await done.wait()
+            runner.close()
+    if not outcome:
+        if ended_early:
+            raise NotDelivered(f"the relay closed the connection before acknowledging; {kept}")
+        raise NotDelivered(f"no acknowledgement from the relay within {timeout:g}s; {kept}")
+    event = outcome[0]
+    if event.status is Status.FAILED:
+        raise NotDelivered(f"the peer is offline and the relay could not keep the message; {kept}")
+    return (Status.QUEUED if event.status is Status.QUEUED else Status.DELIVERED), msg_id
+
+
+# --- sessions -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@session_options
+def sessions(opts: Options, as_json: bool) -> None:
+    """List the sessions in the state file."""
+    store = opts.store()
+    infos = [SessionInfo.of(sid, entry) for sid, entry in store.state.items() if isinstance(entry, dict)]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    if not infos:
+        click.echo(f"no sessions in {store.path}")
+        return
+    click.echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
+    for info in infos:
+        peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
+        click.echo(
+            f"{info['short']:<10} {'yes' if info['key'] else 'no':<4} {info['role'] or '-':<8} {peer:<8} {info['pending']}"
+        )

@@ -13,13 +13,12 @@ loopback port.
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
 import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
+
+from .relayproc import RelayProcess, RelayStartError
 
 __all__ = [
     "GoToolchainError",
@@ -47,8 +46,7 @@ class GoBuildError(RuntimeError):
     """``go build`` failed; the message carries go's stderr."""
 
 
-class GoRelayStartError(RuntimeError):
-    """The relay process did not announce its address in time."""
+GoRelayStartError = RelayStartError  # the relay did not announce its address in time
 
 
 def source_root() -> Path:
@@ -130,13 +128,15 @@ def _format_duration(seconds: float) -> str:
     return f"{int(round(seconds * 1000))}ms"
 
 
-class GoRelay:
+class GoRelay(RelayProcess):
     """Run the reference relay on ``127.0.0.1:<free port>`` for the duration of a ``with``.
 
     ``ping_interval`` (seconds) maps to ``-ping``; ``fault`` to ``-fault``.
     The relay's stderr log goes to a temporary file (``log_text()`` reads it);
     it holds frame types and short SIDs only.
     """
+
+    name = "go-relay"
 
     def __init__(
         self,
@@ -148,104 +148,21 @@ class GoRelay:
     ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
+        super().__init__(start_timeout=start_timeout)
         self.binary = Path(binary)
         self.ping_interval = ping_interval
         self.fault = fault
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.host: str | None = None
-        self.port: int | None = None
-        self._log = None
 
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("relay not started")
-        return f"ws://127.0.0.1:{self.port}/"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("relay not started")
-        return self.proc.pid
-
-    def start(self) -> "GoRelay":
+    def command(self) -> list[str]:
         cmd = [str(self.binary), "-addr", "127.0.0.1:0"]
         if self.ping_interval is not None:
             cmd += ["-ping", _format_duration(self.ping_interval)]
         if self.fault is not None:
             cmd += ["-fault", self.fault]
-        self._log = tempfile.TemporaryFile(prefix="go-relay-", suffix=".log")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
-        try:
-            line = self._read_listening_line()
-        except BaseException:
-            self.stop()
-            raise
-        addr = line[len("listening on "):].strip()
-        host, _, port = addr.rpartition(":")
-        self.host, self.port = host, int(port)
-        return self
+        return cmd
 
-    def _read_listening_line(self) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        deadline = time.monotonic() + self.start_timeout
-        buf = b""
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GoRelayStartError(
-                        f"go-relay did not print 'listening on' within {self.start_timeout}s; log:\n{self.log_text()}"
-                    )
-                if not sel.select(timeout=left):
-                    continue
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    self.proc.wait(timeout=5)
-                    raise GoRelayStartError(
-                        f"go-relay exited with {self.proc.returncode} before listening; log:\n{self.log_text()}"
-                    )
-                buf += chunk
-        finally:
-            sel.close()
-        line = buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+    def parse_address(self, line: str) -> tuple[str, int]:
         if not line.startswith("listening on "):
             raise GoRelayStartError(f"unexpected first line from go-relay: {line!r}")
-        return line
-
-    def log_text(self) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
-
-    def close(self) -> None:
-        self.stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> "GoRelay":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        host, _, port = line[len("listening on "):].strip().rpartition(":")
+        return host, int(port)

@@ -1,20 +1,15 @@
 """Client x relay matrix (parley.conformance.matrix).
 
 Each cell names a relay, a creator client and a joiner client, and the outcome
-PROTOCOL.md predicts for it: either the whole scenario passes, or it fails at a
-known step (a legacy incompatibility).  To add a cell, register the relay in
-RELAYS and the client in CLIENTS if needed, then append a Cell to CELLS.
-
-The `mock-node` relay below is a deliberately small in-test relay speaking the
-Node dialect (PROTOCOL.md 2.2, `node` column) with no queueing; it exists so the
-driver's full path (resume included) is exercised before the parley relay lands.
+PROTOCOL.md predicts for it: either the whole scenario passes (create, join,
+keys on both sides, messages both ways, both clients restarted, resume,
+messages both ways again), or it fails at a known step (a legacy
+incompatibility). To add a cell, register the relay in RELAYS and the client in
+CLIENTS if needed, then append a Cell to CELLS.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -22,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, serve_websocket
 
+from parley.client.harness import parley_peer_factory
 from parley.conformance.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, run_cell
 from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client
+from parley.conformance.relayproc import ParleyRelay
 
 CELL_DEADLINE = 90.0
 
@@ -41,105 +37,29 @@ def go_relay_binary(tmp_path_factory) -> Path:
 
 
 @asynccontextmanager
-async def go_relay(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[str]:
+async def go_relay(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     from parley.conformance.golang import GoRelay
 
-    binary = request.getfixturevalue("go_relay_binary")
-    with GoRelay(binary) as relay:
+    with GoRelay(request.getfixturevalue("go_relay_binary")) as relay:
         yield relay.url
 
 
-class MockNodeDialectRelay:
-    """CREATE_SESSION -> SESSION_CREATED; INVITE_CREATE -> INVITE_CODE (once per live code);
-    JOIN -> JOIN_REQUEST{publicKey, clientID} to the creator; JOIN_ACCEPT -> JOINED to that
-    clientID; REATTACH joins a session; MSG is forwarded to the other members, then DELIVERED or
-    DELIVERED_FAILED.  Everything else is ignored."""
+def parley_relay(dialect: str) -> RelayProvider:
+    @asynccontextmanager
+    async def provider(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+        with ParleyRelay(dialect=dialect) as relay:
+            yield relay.url
 
-    def __init__(self) -> None:
-        self.conns: dict[str, object] = {}
-        self.members: dict[str, set[str]] = {}
-        self.codes: dict[str, str] = {}  # code -> sid
-        self.frames = 0
-
-    async def _send(self, cid: str, frame: dict) -> bool:
-        ws = self.conns.get(cid)
-        if ws is None:
-            return False
-        try:
-            await ws.send_message(json.dumps(frame, separators=(",", ":")) + "\n")
-        except ConnectionClosed:
-            return False
-        return True
-
-    async def handler(self, request) -> None:
-        ws = await request.accept()
-        cid = f"{int(time.time() * 1000)}_{secrets.token_hex(4)}"
-        self.conns[cid] = ws
-        try:
-            while True:
-                frame = json.loads(await ws.get_message())
-                self.frames += 1
-                await self._dispatch(cid, frame)
-        except ConnectionClosed:
-            pass
-        finally:
-            del self.conns[cid]
-            for members in self.members.values():
-                members.discard(cid)
-
-    async def _dispatch(self, cid: str, frame: dict) -> None:
-        t, sid = frame.get("t"), frame.get("sid")
-        data = frame.get("data") if isinstance(frame.get("data"), dict) else {}
-        if t == "CREATE_SESSION":
-            sid = f"{int(time.time() * 1000)}_{secrets.token_hex(16)}"
-            self.members[sid] = {cid}
-            await self._send(cid, {"t": "SESSION_CREATED", "sid": sid})
-        elif t == "INVITE_CREATE" and sid in self.members and sid not in self.codes.values():
-            code = f"{secrets.randbelow(10**6):06d}"
-            self.codes[code] = sid
-            await self._send(cid, {"t": "INVITE_CODE", "sid": sid, "data": {"code": code}})
-        elif t == "JOIN":
-            sid = self.codes.pop(str(data.get("code")), None)
-            if sid is None:
-                await self._send(cid, {"t": "ERROR", "data": {"message": "Invalid or expired code"}})
-                return
-            others = set(self.members[sid])
-            self.members[sid].add(cid)
-            for other in others:
-                await self._send(
-                    other,
-                    {"t": "JOIN_REQUEST", "sid": sid, "data": {"publicKey": data.get("publicKey"), "clientID": cid}},
-                )
-        elif t == "JOIN_ACCEPT" and isinstance(sid, str):
-            await self._send(str(data.get("clientID")), {"t": "JOINED", "sid": sid, "data": data})
-        elif t == "REATTACH" and isinstance(sid, str):
-            self.members.setdefault(sid, set()).add(cid)
-        elif t == "MSG" and isinstance(sid, str):
-            members = self.members.setdefault(sid, set())
-            members.add(cid)
-            delivered = False
-            for other in members - {cid}:
-                delivered |= await self._send(other, {"t": "MSG", "sid": sid, "data": data})
-            await self._send(cid, {"t": "DELIVERED" if delivered else "DELIVERED_FAILED", "sid": sid})
+    return provider
 
 
-@asynccontextmanager
-async def mock_node_relay(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[str]:
-    relay = MockNodeDialectRelay()
-    async with trio.open_nursery() as inner:
-        server = await inner.start(serve_websocket, relay.handler, "127.0.0.1", 0, None)
-        try:
-            yield f"ws://127.0.0.1:{server.port}/"
-        finally:
-            inner.cancel_scope.cancel()
-
-
-RelayProvider = Callable[[pytest.FixtureRequest, trio.Nursery], AbstractAsyncContextManager[str]]
+RelayProvider = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[str]]
 
 RELAYS: dict[str, RelayProvider] = {
     "go": go_relay,
-    "mock-node": mock_node_relay,
-    # "parley-compat": ..., "parley-node": ..., "parley-go": ...  (added with the parley relay)
+    "parley-compat": parley_relay("compat"),
+    "parley-node": parley_relay("node"),
+    "parley-go": parley_relay("go"),
 }
 
 
@@ -150,7 +70,7 @@ CLIENTS: dict[str, PeerFactory] = {
     "node": node_peer_factory(),
     # The Node client restarted with SIGKILL instead of SIGTERM (no close frame, no goodbye).
     "node-sigkill": node_peer_factory(restart_mode="kill"),
-    # "parley": ...  (added with the parley client)
+    "parley": parley_peer_factory(),
 }
 
 
@@ -172,29 +92,40 @@ class Cell:
         return f"{self.creator}-{self.joiner}@{self.relay}"
 
 
-CELLS = [
-    Cell(
-        relay="go",
-        creator="node",
+def passes(relay: str, creator: str, joiner: str, why: str) -> Cell:
+    return Cell(relay=relay, creator=creator, joiner=joiner, why=why)
+
+
+def node_joiner_never_gets_key(relay: str, creator: str) -> Cell:
+    return Cell(
+        relay=relay,
+        creator=creator,
         joiner="node",
         failed_step="joiner_key",
         # The Go relay forwards the creator's JOIN_ACCEPT; the Node client only takes its key from JOINED.
         detail_contains="frame:JOIN_ACCEPT",
         key_timeout=3.0,
         why="PROTOCOL 1.4: against the Go relay the Node joiner never receives the creator's key",
-    ),
-    Cell(
-        relay="mock-node",
-        creator="node",
-        joiner="node",
-        why="the Node dialect carries the whole scenario, resume included",
-    ),
-    Cell(
-        relay="mock-node",
-        creator="node-sigkill",
-        joiner="node-sigkill",
-        why="resume from the state file also works after SIGKILL",
-    ),
+    )
+
+
+CELLS = [
+    # The legacy pair over the legacy relay: the upstream failure.
+    node_joiner_never_gets_key("go", "node"),
+    node_joiner_never_gets_key("go", "parley"),
+    # Node <-> Node over parley's relay (promise 2.1.2).
+    passes("parley-compat", "node", "node", "the Node client works unchanged against parley (compat)"),
+    passes("parley-node", "node", "node", "the Node client works unchanged against parley (node)"),
+    passes("parley-compat", "node-sigkill", "node-sigkill", "resume from the state file after SIGKILL"),
+    # The parley client with either peer (promise 2.1.3).
+    passes("parley-compat", "parley", "node", "parley creator, Node joiner over parley"),
+    passes("parley-compat", "node", "parley", "Node creator, parley joiner over parley"),
+    passes("parley-node", "parley", "node", "parley creator, Node joiner over parley (node)"),
+    passes("parley-node", "node", "parley", "Node creator, parley joiner over parley (node)"),
+    passes("parley-compat", "parley", "parley", "parley with parley over parley"),
+    passes("parley-go", "parley", "parley", "parley with parley over parley (go dialect)"),
+    passes("go", "parley", "parley", "parley with parley over the Go relay"),
+    passes("go", "node", "parley", "Node creator, parley joiner over the Go relay"),
 ]
 
 
@@ -207,12 +138,12 @@ def _node_client_installed():
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
-async def test_cell(cell: Cell, request, nursery, tmp_path, conformance_report):
+async def test_cell(cell: Cell, request, tmp_path, conformance_report):
     provider = RELAYS[cell.relay]
     if cell.relay == "go":
         request.getfixturevalue("go_relay_binary")  # build outside the cell's deadline
     with trio.fail_after(CELL_DEADLINE):
-        async with provider(request, nursery) as url:
+        async with provider(request) as url:
             outcome = await run_cell(
                 url,
                 CLIENTS[cell.creator],

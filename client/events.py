@@ -1,0 +1,161 @@
+"""What the sans-I/O client core hands back to its shell: actions and events.
+
+Every core method returns a list of actions, to be carried out in order:
+
+* `SaveState(sid, entry)`: write this session's state entry (a private copy)
+  to the state file, durably, before carrying out the next action. A
+  `SendFrame` that follows a `SaveState` relies on it: a MSG goes out only once
+  its payload is on disk, a RECEIVED only once the message's IV is.
+* `SendFrame(text, type)`: send one TEXT message on the current connection;
+  if there is none, drop it (the core resends whatever matters on `connected`).
+* `Show(event)`: tell the user (and the command driving the session).
+* `Close()`: the session is over (a failed handshake, a denied join); the
+  shell stops reconnecting and leaves.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Union
+
+import attrs
+
+__all__ = [
+    "SaveState", "SendFrame", "Show", "Close", "Action",
+    "Status", "FailureKind",
+    "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
+    "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
+    "AckOverdue", "Event",
+]
+
+
+# --- actions ---------------------------------------------------------------
+
+
+@attrs.frozen
+class SaveState:
+    sid: str
+    entry: dict[str, Any] = attrs.field(eq=False, repr=lambda e: f"<entry {len(e)} fields>")
+
+
+@attrs.frozen
+class SendFrame:
+    text: str = attrs.field(repr=lambda t: f"<{len(t)} chars>")
+    type: str  # the frame's `t`, for logs
+
+
+@attrs.frozen
+class Show:
+    event: "Event"
+
+
+@attrs.frozen
+class Close:
+    pass
+
+
+Action = Union[SaveState, SendFrame, Show, Close]
+
+
+# --- events ----------------------------------------------------------------
+
+
+class Status(str, enum.Enum):
+    """Where one of our messages is."""
+
+    PENDING = "pending"  # encrypted and saved; waiting for a connection
+    SENT = "sent"  # written to the relay, no answer yet
+    QUEUED = "queued"  # the relay stored it for an offline peer (done for us)
+    DELIVERED = "delivered"  # the relay handed it to the peer's connection (done)
+    FAILED = "failed"  # the relay could not deliver or keep it; resent when the peer is back
+    RECEIVED = "received"  # the peer's client recorded it (RECEIVED receipt)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FailureKind(str, enum.Enum):
+    INVALID_CODE = "invalid_code"  # ERROR "Invalid or expired code" / bad_code
+    JOIN_DENIED = "join_denied"  # the creator said no
+    DENIED_BY_US = "denied_by_us"  # we said no
+    BAD_PEER_KEY = "bad_peer_key"  # the peer's public key failed validation
+    INTERRUPTED = "interrupted"  # the connection dropped mid-handshake
+    RELAY_ERROR = "relay_error"  # any other ERROR during the handshake
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen
+class InviteReady:
+    sid: str
+    code: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class JoinRequested:
+    sid: str
+
+
+@attrs.frozen
+class KeyEstablished:
+    sid: str
+    role: str  # "creator" | "joiner"
+    verification: str
+
+
+@attrs.frozen
+class MessageIn:
+    sid: str
+    msg_id: str
+    text: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class MessageStatus:
+    sid: str
+    msg_id: str
+    status: Status
+    reason: str | None = None
+
+
+@attrs.frozen
+class AckOverdue:
+    """A message has been in flight longer than the ack timeout."""
+
+    sid: str
+    msg_id: str
+
+
+@attrs.frozen
+class PeerPresence:
+    sid: str
+    online: bool
+
+
+@attrs.frozen
+class HandshakeFailed:
+    kind: FailureKind
+    detail: str = ""
+
+
+@attrs.frozen
+class RelayError:
+    """An ERROR frame outside the handshake; shown, not fatal."""
+
+    message: str
+    code: str | None = None
+
+
+@attrs.frozen
+class Undecryptable:
+    """A MSG whose payload did not decrypt (bad tag, not hex, too short)."""
+
+    sid: str
+    msg_id: str
+
+
+Event = Union[
+    InviteReady, JoinRequested, KeyEstablished, MessageIn, MessageStatus, AckOverdue,
+    PeerPresence, HandshakeFailed, RelayError, Undecryptable,
+]

@@ -1,0 +1,425 @@
+"""Drive `parley` commands as child processes from Trio (tests, conformance matrix).
+
+    async with trio.open_nursery() as nursery:
+        alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=url, name="alice", cwd=tmp)
+        code = (await alice.expect(r"invite code: (\\d+)")).group(1)
+        ...
+        await alice.type("hello")
+        await alice.expect(r"^peer: hi$")
+
+`ParleyPeer` adapts it to `parley.conformance.matrix.Peer`, so the client x
+relay matrix can put parley in either role. The key fingerprint it reports
+(first 16 hex of SHA-256 over the key bytes, as the Node reference client
+prints) is read from the state file; nothing here prints keys or texts.
+
+`PtyParley` runs a command on a pseudo-terminal that is its controlling tty
+(what a person at a terminal sees, Ctrl-C and Ctrl-D included), and
+`parley_relay()` starts a parley relay process on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+__all__ = [
+    "ParleyProcess", "ParleyPeer", "ParleyExited", "LineTimeout", "parley_peer_factory",
+    "PtyParley", "parley_relay", "clean_env", "state_of", "fingerprint",
+]
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment without PARLEY_* settings (but the source root), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_") or k == "PARLEY_SOURCE_ROOT"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class LineTimeout(TimeoutError):
+    pass
+
+
+class ParleyExited(RuntimeError):
+    pass
+
+
+class ParleyProcess:
+    """One `python -m parley.client ...` process with line-by-line stdout."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.argv = argv
+        self.cwd = cwd
+        self.env = env
+        self.lines: list[str] = []
+        self._taken: set[int] = set()
+        self._stderr = bytearray()
+        self._changed = trio.Event()
+        self.exited = trio.Event()
+        self._stdout_done = trio.Event()
+        self._proc: trio.Process | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        nursery: trio.Nursery,
+        args: list[str],
+        *,
+        relay: str,
+        name: str,
+        cwd: Path | str,
+        extra_env: dict[str, str] | None = None,
+    ) -> ParleyProcess:
+        cwd = Path(cwd)
+        cwd.mkdir(parents=True, exist_ok=True)
+        env = clean_env(extra_env)
+        argv = [sys.executable, "-m", "parley.client", "--relay", relay, "--name", name, "--state-dir", str(cwd), *args]
+        self = cls(argv, cwd, env)
+        self._proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(cwd), env=env
+        )
+        nursery.start_soon(self._read_stdout)
+        nursery.start_soon(self._read_stderr)
+        nursery.start_soon(self._reap)
+        return self
+
+    # --- plumbing -----------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        buf = b""
+        async with self._proc.stdout:
+            async for chunk in self._proc.stdout:
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") for line in done)
+                self._notify()
+        if buf:
+            self.lines.append(buf.decode("utf-8", "replace"))
+        self._stdout_done.set()
+        self._notify()
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        async with self._proc.stderr:
+            async for chunk in self._proc.stderr:
+                self._stderr += chunk
+
+    async def _reap(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
+        self.exited.set()
+        self._notify()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def stderr_text(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
+
+    def describe(self) -> str:
+        tail = "\n".join(self.lines[-15:])
+        return f"[rc={self.returncode}] stdout tail:\n{tail}\nstderr:\n{self.stderr_text[-2000:]}"
+
+    # --- what tests use -----------------------------------------------------
+
+    async def expect(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The earliest stdout line not yet returned that matches `pattern` (waiting up to `timeout`).
+
+        Lines that do not match stay available to later calls, whatever their order.
+        """
+        regex = re.compile(pattern)
+        with trio.move_on_after(timeout):
+            while True:
+                for i, line in enumerate(self.lines):
+                    if i in self._taken:
+                        continue
+                    match = regex.search(line)
+                    if match:
+                        self._taken.add(i)
+                        return match
+                if self.exited.is_set() and self._stdout_done.is_set():
+                    raise ParleyExited(f"exited while waiting for {pattern!r}: {self.describe()}")
+                await self._changed.wait()
+        raise LineTimeout(f"no line matching {pattern!r} within {timeout}s: {self.describe()}")
+
+    def seen(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.lines if regex.search(line)]
+
+    async def type(self, line: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        await self._proc.stdin.send_all((line + "\n").encode("utf-8"))
+
+    async def close_stdin(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            await self._proc.stdin.aclose()
+
+    def interrupt(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+
+    async def aclose(self) -> None:
+        """SIGKILL it if it still runs and reap it, even inside a cancelled scope (cleanup)."""
+        with trio.CancelScope(shield=True):
+            self.kill()
+            if self._proc is not None:
+                await self._proc.wait()
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        with trio.move_on_after(timeout):
+            await self.exited.wait()
+        if not self.exited.is_set():
+            self.kill()
+            await self.exited.wait()
+            raise LineTimeout(f"did not exit within {timeout}s: {self.describe()}")
+        assert self.returncode is not None
+        return self.returncode
+
+    async def stop(self, timeout: float = 5.0) -> int | None:
+        """Leave like a person would (/quit), then SIGKILL if that did not work."""
+        if self.exited.is_set():
+            return self.returncode
+        try:
+            await self.type("/quit")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with trio.move_on_after(timeout):
+            await self.exited.wait()
+        self.kill()
+        await self.exited.wait()
+        return self.returncode
+
+
+class PtyParley:
+    """A command on a pseudo-terminal that is its controlling tty (so Ctrl-C is a real SIGINT).
+
+    `text` is everything the terminal showed so far (echoed typing included,
+    CR LF as LF). Output is read only inside `until` and `exit_code`, which
+    is enough for a line-oriented chat; call one of them now and then.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | str | None = None) -> None:
+        import fcntl
+        import pty
+        import termios
+
+        self.master, slave = pty.openpty()
+
+        def controlling_tty() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty, env=env,
+                cwd=None if cwd is None else str(cwd), close_fds=True,
+            )
+        except BaseException:
+            os.close(self.master)
+            raise
+        finally:
+            os.close(slave)
+        self.stream = trio.lowlevel.FdStream(self.master)
+        self.text = ""
+        self._eof = False
+
+    def mark(self) -> int:
+        """A position in `text`; pass it as `since` to look only at what comes after."""
+        return len(self.text)
+
+    async def _read_more(self) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = await self.stream.receive_some(4096)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            chunk = b""  # EIO: every holder of the terminal's other end is gone
+        if not chunk:
+            self._eof = True
+            return False
+        self.text += chunk.decode("utf-8", "replace").replace("\r\n", "\n")
+        return True
+
+    async def until(self, pattern: str, timeout: float = 10.0, *, since: int = 0) -> re.Match[str]:
+        """The first match of `pattern` (multi-line mode) in `text[since:]`, reading until it shows."""
+        regex = re.compile(pattern, re.MULTILINE)
+        with trio.move_on_after(timeout):
+            while True:
+                match = regex.search(self.text, since)
+                if match:
+                    return match
+                if not await self._read_more():
+                    raise AssertionError(f"terminal closed before {pattern!r}:\n{self.text}")
+        raise AssertionError(f"no {pattern!r} on the terminal within {timeout}s:\n{self.text}")
+
+    async def keys(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def exit_code(self, timeout: float = 10.0) -> int:
+        """Read the terminal to its end, then the exit status (SIGKILL after `timeout`)."""
+        with trio.move_on_after(timeout):
+            while await self._read_more():
+                pass
+            while self.proc.poll() is None:
+                await trio.sleep(0.02)
+        if self.proc.poll() is None:
+            self.kill()
+            raise AssertionError(f"did not exit within {timeout}s:\n{self.text}")
+        self.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.close()
+
+
+@contextlib.asynccontextmanager
+async def parley_relay(
+    store: str | os.PathLike[str] = ":memory:",
+    *,
+    dialect: str = "compat",
+    ping_interval: float | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = 15.0,
+) -> AsyncIterator[str]:
+    """`python -m parley.relay` on a free loopback port; yields its ws:// URL, kills it on exit."""
+    argv = [sys.executable, "-m", "parley.relay", "--host", "127.0.0.1", "--port", "0",
+            "--store", str(store), "--dialect", dialect]
+    if ping_interval is not None:
+        argv += ["--ping-interval", str(ping_interval)]
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(open(log_path, "ab")) if log_path is not None else subprocess.DEVNULL
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=clean_env()
+        )
+        try:
+            assert proc.stdout is not None
+            buf = b""
+            with trio.fail_after(timeout):
+                while b"\n" not in buf:
+                    chunk = await proc.stdout.receive_some(4096)
+                    if not chunk:
+                        raise RuntimeError(f"relay exited with {await proc.wait()} before listening")
+                    buf += chunk
+            match = re.search(rb"(wss?://\S+/)", buf)
+            if match is None:
+                raise RuntimeError(f"relay announced no URL: {buf[:200]!r}")
+            yield match.group(1).decode()
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+                if proc.stdout is not None:
+                    await proc.stdout.aclose()
+
+
+def state_of(cwd: Path, name: str) -> dict[str, Any]:
+    return json.loads((Path(cwd) / f"state-{name}.json").read_text(encoding="utf-8"))
+
+
+def fingerprint(key_hex: str) -> str:
+    return hashlib.sha256(bytes.fromhex(key_hex)).hexdigest()[:16]
+
+
+class ParleyPeer:
+    """`parley.conformance.matrix.Peer` for the parley client (processes in the cell's nursery)."""
+
+    label = "parley"
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.proc: ParleyProcess | None = None
+        self.sid: str | None = None
+
+    async def _start(self, args: list[str]) -> ParleyProcess:
+        self.proc = await ParleyProcess.start(
+            self.ctx.nursery, args, relay=self.ctx.relay_url, name=self.ctx.name, cwd=self.ctx.workdir
+        )
+        return self.proc
+
+    async def create(self, timeout: float) -> str:
+        proc = await self._start(["invite", "--yes"])
+        return (await proc.expect(r"invite code: (\d+)", timeout)).group(1)
+
+    async def join(self, code: str, timeout: float) -> None:
+        proc = await self._start(["join", code])
+        await proc.expect(r"^\* connected to ", timeout)
+
+    async def wait_key(self, timeout: float) -> Any:
+        from parley.conformance.matrix import KeyInfo
+
+        assert self.proc is not None
+        sid_short = (await self.proc.expect(r"secure session (\S+) established", timeout)).group(1)
+        state = state_of(self.ctx.workdir, self.ctx.name)
+        for sid, entry in state.items():
+            if sid.rpartition("_")[2].startswith(sid_short) and isinstance(entry.get("key"), str):
+                self.sid = sid
+                return KeyInfo(sid, fingerprint(entry["key"]))
+        raise RuntimeError("key established but not found in the state file")
+
+    async def send(self, text: str, timeout: float) -> None:
+        assert self.proc is not None
+        await self.proc.type(text if not text.startswith("/") else "/" + text)
+        await self.proc.expect(r"^\* message \w+: (sent|saved)", timeout)
+
+    async def expect_text(self, text: str, timeout: float) -> None:
+        assert self.proc is not None
+        await self.proc.expect("^peer: " + re.escape(text) + "$", timeout)
+
+    async def restart(self, timeout: float) -> None:
+        if self.proc is not None:
+            await self.proc.stop(timeout)
+        proc = await self._start(["chat", *([self.sid] if self.sid else [])])
+        await proc.expect(r"^\* (re)?connected to ", timeout)
+        # "connected" means REATTACH is on the wire, not that the relay has handled it; a legacy
+        # relay answers nothing, but tells us PEER_ONLINE as it adds us when the peer is there.
+        # A message a peer sends before that is lost on a Go relay (a parley sender would resend).
+        with trio.move_on_after(min(2.0, timeout)):
+            await proc.expect(r"^\* peer online$", timeout)
+
+    async def aclose(self) -> None:
+        if self.proc is not None:
+            with trio.CancelScope(shield=True):
+                await self.proc.stop()
+
+
+def parley_peer_factory() -> Any:
+    """A factory for `parley.conformance.matrix.run_cell` (like `node_peer_factory()`)."""
+
+    def make(ctx: Any) -> ParleyPeer:
+        return ParleyPeer(ctx)
+
+    return make

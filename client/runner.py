@@ -1,0 +1,288 @@
+"""The Trio shell around `ClientCore`: one WebSocket at a time, reconnecting with backoff.
+
+`Runner.run()` opens a connection to the relay, tells the core, feeds it every
+message, and carries out the actions the core returns, in order:
+`SaveState` is written through `StateStore.save_entry` before the next action
+(so a MSG never leaves before its payload is on disk; only the received
+message a save records is shown at that save's commit point, just before its
+rename, see `_apply_local`), `SendFrame` goes out on
+the connection it was produced for (a frame made for a connection that has
+since died is dropped; the core resends what matters on `connected`),
+`Show` goes to the `on_event` callback, `Close` ends `run()`.
+
+Core calls and the actions they return are serialised by one lock, so the
+order of frames on the wire is the order the core produced them in (which the
+matching of a Go relay's untagged acks relies on).
+
+The first connection failing raises `RelayUnreachable`; later ones are retried
+with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
+`reconnect=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
+
+from .core import ClientCore, ClientError, short_sid
+from .events import Action, Close, MessageIn, SaveState, SendFrame, Show, Undecryptable
+from .store import StateStore
+
+__all__ = ["Runner", "RelayUnreachable", "ConnectionNotice", "backoff_delays"]
+
+log = logging.getLogger("parley.client.runner")
+
+CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
+TICK_INTERVAL = 1.0
+
+
+class RelayUnreachable(ClientError):
+    pass
+
+
+class ConnectionNotice:
+    """Connection events the runner itself reports through `on_event`."""
+
+    def __init__(self, kind: str, url: str, delay: float | None = None, reason: str | None = None) -> None:
+        self.kind = kind  # "connected" | "lost" | "retry"
+        self.url = url
+        self.delay = delay
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"ConnectionNotice({self.kind!r}, delay={self.delay!r})"
+
+
+def backoff_delays(first: float = 0.5, cap: float = 15.0, rng: random.Random | None = None):
+    """0.5, 1, 2, 4, ... capped, each with +-20% jitter."""
+    rng = rng or random.Random()
+    delay = first
+    while True:
+        yield delay * rng.uniform(0.8, 1.2)
+        delay = min(cap, delay * 2)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short human reason ("Connection refused", "timed out") for a failed connect."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    fallback = ""
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        if isinstance(current, ConnectionTimeout):
+            return "timed out"
+        if isinstance(current, ConnectionRejected):
+            return f"the server answered HTTP {current.status_code}, not a WebSocket upgrade"
+        if not fallback and str(current).strip():
+            fallback = str(current).strip().splitlines()[0]
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        for nxt in (current.__cause__, current.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return fallback or type(exc).__name__
+
+
+class Runner:
+    def __init__(
+        self,
+        core: ClientCore,
+        url: str,
+        store: StateStore,
+        on_event: Callable[[Any], None],
+        *,
+        reconnect: bool = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        backoff: Callable[[], Any] = backoff_delays,
+    ) -> None:
+        self.core = core
+        self.url = url
+        self.store = store
+        self.on_event = on_event
+        self.reconnect = reconnect
+        self.connect_timeout = connect_timeout
+        self._backoff = backoff
+        self._lock = trio.Lock()
+        self._ws: Any = None
+        self._epoch = 0
+        self._closing = trio.Event()
+        self._read_scope: trio.CancelScope | None = None
+        self._was_up = False
+        self.connected = trio.Event()  # set at the first successful connection
+
+    # --- core calls ---------------------------------------------------------
+
+    async def call(self, method: Callable[..., list[Action]], *args: Any) -> list[Action]:
+        """Run a core method and carry out its actions, serialised with all others."""
+        async with self._lock:
+            epoch = self._epoch
+            actions = method(*args)
+            await self._apply(actions, epoch)
+            return actions
+
+    async def send_text(self, text: str) -> str:
+        async with self._lock:
+            epoch = self._epoch
+            msg_id, actions = self.core.send_text(text)
+            await self._apply(actions, epoch)
+            return msg_id
+
+    def _apply_local(self, actions: list[Action]) -> None:
+        """Carry out everything but sends (used where awaiting is not possible).
+
+        An incoming message (`MessageIn`, `Undecryptable`) shown right after
+        the `SaveState` that records it as seen is shown at that save's commit
+        point, between the new file's fsync and its rename
+        (`StateStore.save_entry(at_commit=...)`). Shown after the whole save,
+        a process killed during the rename or the directory fsync had the
+        message recorded (so never shown again) but never shown. Now a kill
+        either comes before the show (not recorded: the relay delivers it
+        again) or after it; only a kill in the microseconds between the write
+        to the terminal and the rename shows it twice. Other events are shown
+        once their save is complete, as before.
+        """
+        i = 0
+        while i < len(actions):
+            action = actions[i]
+            i += 1
+            if isinstance(action, SaveState):
+                incoming: list[Any] = []
+                while i < len(actions):
+                    nxt = actions[i]
+                    if not (isinstance(nxt, Show) and isinstance(nxt.event, (MessageIn, Undecryptable))):
+                        break
+                    incoming.append(nxt.event)
+                    i += 1
+                if incoming:
+                    self.store.save_entry(action.sid, action.entry,
+                                          at_commit=lambda events=incoming: self._show_all(events))
+                else:
+                    self.store.save_entry(action.sid, action.entry)
+            elif isinstance(action, Show):
+                self.on_event(action.event)
+            elif isinstance(action, Close):
+                self.close()
+
+    def _show_all(self, events: list[Any]) -> None:
+        for event in events:
+            self.on_event(event)
+
+    async def _apply(self, actions: list[Action], epoch: int) -> None:
+        local: list[Action] = []  # saves and shows, carried out together up to the next send
+        for action in actions:
+            if not isinstance(action, SendFrame):
+                local.append(action)
+                continue
+            self._apply_local(local)
+            local = []
+            ws = self._ws
+            if ws is None or epoch != self._epoch:
+                log.debug("%s dropped: its connection is gone", action.type)
+                continue
+            try:
+                await ws.send_message(action.text)
+                log.debug("sent %s (%d bytes)", action.type, len(action.text))
+            except ConnectionClosed:
+                log.debug("%s not sent: connection closed", action.type)
+        self._apply_local(local)
+
+    def close(self) -> None:
+        """Ask `run()` to stop (it closes the connection cleanly)."""
+        self.core.leave()
+        self._closing.set()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    # --- connection loop ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, pump frames, reconnect; returns when closed, raises RelayUnreachable."""
+        error: ClientError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ticker)
+            try:
+                await self._connection_loop()
+            except ClientError as exc:
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(TICK_INTERVAL)
+            await self.call(self.core.tick)
+
+    async def _connection_loop(self) -> None:
+        delays = self._backoff()
+        while not self._closing.is_set():
+            self._was_up = False
+            try:
+                await self._one_connection()
+            except (HandshakeError, OSError) as exc:
+                if not self.connected.is_set():
+                    raise RelayUnreachable(f"cannot reach the relay at {self.url}: {_reason(exc)}") from None
+                log.debug("reconnect failed: %s", type(exc).__name__)
+            except ConnectionClosed as exc:
+                log.debug("connection closed (code %s)", getattr(exc.reason, "code", None))
+            if self._closing.is_set() or not self.reconnect:
+                return
+            if self._was_up:
+                delays = self._backoff()
+            delay = next(delays)
+            self.on_event(ConnectionNotice("retry", self.url, delay=delay))
+            with trio.move_on_after(delay):
+                await self._closing.wait()
+
+    async def _one_connection(self) -> None:
+        async with open_websocket_url(
+            self.url, connect_timeout=self.connect_timeout, disconnect_timeout=CLOSE_TIMEOUT
+        ) as ws:
+            self._was_up = True
+            async with self._lock:
+                self._epoch += 1
+                self._ws = ws
+            self.connected.set()
+            try:
+                with trio.CancelScope() as scope:
+                    self._read_scope = scope
+                    if self._closing.is_set():
+                        scope.cancel()
+                    await self.call(self.core.connected)
+                    # reported once the session's first frames (REATTACH ...) are out
+                    self.on_event(ConnectionNotice("connected", self.url))
+                    while True:
+                        message = await ws.get_message()
+                        await self.call(self.core.frame_received, message)
+            finally:
+                self._read_scope = None
+                self._ws = None
+                self._epoch += 1
+                self._apply_local(self.core.disconnected())
+                if not self._closing.is_set():
+                    self.on_event(ConnectionNotice("lost", self.url))
+                log.debug("disconnected from relay (session %s)", short_sid(self.core.sid or "-"))
+
+

@@ -1,0 +1,184 @@
+"""One interactive parley session: the runner, the terminal, stdin and Ctrl-C, together.
+
+`Session.run(flow)` starts the runner (connection loop) and a Ctrl-C watcher,
+then runs the command's `flow` coroutine (the handshake dialogue, then
+`chat()`). It ends when the flow returns (the runner is then closed cleanly),
+when the core closes the session (a failed handshake), or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .core import ClientCore, ClientError
+from .events import FailureKind, HandshakeFailed
+from .runner import Runner
+from .store import StateStore
+from .terminal import StdinLines, Terminal
+
+__all__ = ["Session", "HandshakeError", "Interrupted", "failure_message"]
+
+CLOSE_GRACE = 3.0
+DRAIN_TIMEOUT = 2.0
+
+
+class HandshakeError(ClientError):
+    def __init__(self, failure: HandshakeFailed) -> None:
+        super().__init__(failure_message(failure))
+        self.failure = failure
+
+
+class Interrupted(ClientError):
+    """Ctrl-C before the chat started."""
+
+    exit_code = 130
+
+
+def failure_message(failure: HandshakeFailed) -> str:
+    kind = failure.kind
+    if kind is FailureKind.INVALID_CODE:
+        return "invalid or expired invite code; ask the other person for a new one"
+    if kind is FailureKind.JOIN_DENIED:
+        return "the other person declined the join request"
+    if kind is FailureKind.DENIED_BY_US:
+        return "join request declined; this invite is closed (run 'parley invite' for a new code)"
+    if kind is FailureKind.BAD_PEER_KEY:
+        return f"handshake aborted: {failure.detail or 'the peer sent an invalid public key'}"
+    if kind is FailureKind.INTERRUPTED:
+        return "the connection to the relay dropped during the handshake; ask for a new invite code"
+    return f"the relay refused: {failure.detail or 'unknown error'}"
+
+
+HELP = (
+    "type a message and press Enter to send it; commands: /status, /verify, /help, "
+    "/quit (or Ctrl-D); start a message with // to send a leading /"
+)
+
+
+class Session:
+    def __init__(
+        self,
+        core: ClientCore,
+        url: str,
+        store: StateStore,
+        terminal: Terminal,
+        *,
+        reconnect: bool = True,
+    ) -> None:
+        self.core = core
+        self.terminal = terminal
+        self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
+        self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect)
+        self.stdin = StdinLines()
+        self.failure: HandshakeFailed | None = None
+        self.interrupted = False
+        self.chatting = False
+        self._nursery: trio.Nursery | None = None
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, HandshakeFailed):
+            self.failure = event
+        self.terminal.show(event)
+        if not self.chatting:  # only the handshake dialogue reads events; chat just shows them
+            self._events_send.send_nowait(event)
+
+    async def next_event(self, *types: type) -> Any:
+        """The next event of one of these types (others are skipped)."""
+        while True:
+            event = await self._events.receive()
+            if isinstance(event, types):
+                return event
+
+    def start_stdin(self) -> None:
+        assert self._nursery is not None
+        self.stdin.start(self._nursery)
+
+    async def run(self, flow: Callable[[], Awaitable[None]]) -> None:
+        await self.runner.call(self.core.start)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+
+            async def run_runner() -> None:
+                try:
+                    await self.runner.run()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_runner)
+            nursery.start_soon(self._watch_sigint, nursery.cancel_scope)
+            await flow()
+            self.runner.close()
+            # The runner closes the WebSocket and then cancels the rest; never wait forever.
+            await trio.sleep(CLOSE_GRACE)
+            nursery.cancel_scope.cancel()
+        if self.failure is not None:
+            raise HandshakeError(self.failure)
+        if self.interrupted and not self.chatting:
+            raise Interrupted("interrupted")
+
+    async def _watch_sigint(self, scope: trio.CancelScope) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Ctrl-C keeps Trio's default behaviour there
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                if self.interrupted:
+                    scope.cancel()  # second Ctrl-C: leave now
+                    return
+                self.interrupted = True
+                self.runner.close()
+
+    async def chat(self) -> None:
+        """Read lines and send them until /quit or end of input."""
+        self.chatting = True
+        self.start_stdin()
+        self.terminal.info(HELP)
+        while True:
+            line = await self.stdin.next_line()
+            if line is None:
+                break
+            command = line.strip()
+            if not command:
+                continue
+            if command.startswith("/") and not command.startswith("//"):
+                if command in ("/quit", "/exit", "/q"):
+                    break
+                self._command(command)
+                continue
+            text = line[1:] if line.lstrip().startswith("//") else line
+            try:
+                await self.runner.send_text(text)
+            except ClientError as exc:
+                self.terminal.info(str(exc))
+        await self._drain()
+        self.terminal.info("bye")
+
+    async def _drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Leaving on purpose: give messages already sent a moment to be acknowledged.
+
+        Whatever is still unacknowledged stays in the state file and is resent
+        next time, so this only spares a needless resend.
+        """
+        core = self.core
+        with trio.move_on_after(timeout):
+            while core.unanswered_ids() and not self.runner.closing:
+                await trio.sleep(0.02)
+
+    def _command(self, command: str) -> None:
+        core = self.core
+        if command == "/help":
+            self.terminal.info(HELP)
+        elif command == "/verify":
+            self.terminal.info(f"verification: {core.verification or 'unknown (session made by another client)'}")
+        elif command == "/status":
+            peer = {True: "online", False: "offline", None: "unknown"}[core.peer_online]
+            link = "connected" if core.is_connected else "not connected"
+            self.terminal.info(f"{link}; peer {peer}; {len(core.pending_ids())} message(s) not yet acknowledged")
+        else:
+            self.terminal.info(f"unknown command {command.split()[0]!r}; /help lists them")
+

@@ -1,0 +1,69 @@
+"""`RelayConfig`: every knob of the relay core, with PROTOCOL 2.x defaults.
+
+Times are in seconds (floats, on the clock the core is given); sizes in bytes
+of the UTF-8 message. The CLI maps its flags onto these fields.
+"""
+
+from __future__ import annotations
+
+import attrs
+from attrs import validators as v
+
+DIALECTS = ("compat", "go", "node")
+
+_positive_int = [v.instance_of(int), v.gt(0)]
+_positive_time = [v.instance_of((int, float)), v.gt(0)]
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Limits and timings of one relay.
+
+    dialect               how the relay answers (PROTOCOL 2.2): compat, go or node
+    max_frame             largest accepted message; a larger one gets ERROR too_large
+    code_digits           digits of an invite code (PROTOCOL 1.2: 6)
+    code_ttl              life of an unused invite code
+    max_live_codes        live codes relay-wide; None = a tenth of the code space,
+                          so a minted code never needs many draws and a guess
+                          rarely hits
+    frame_ttl             life of a stored frame (PROTOCOL 2.4: 7 days)
+    session_ttl           how long a session with no member and no stored frame
+                          is kept before it is freed
+    queue_max_frames      stored frames per session
+    queue_max_bytes       stored bytes per session
+    max_sessions_per_conn sessions one connection may be a member of at once
+    max_sides_per_session distinct side tokens one session accepts
+    max_sid_length        longest SID accepted (a SID names memory the relay keeps)
+    error_limit           ERRORs within error_window before a 1008 close
+    error_window
+    join_attempts_per_conn  JOINs a connection may try within join_window
+    join_attempts_per_addr  JOINs one address may try within join_window
+    join_window
+    """
+
+    dialect: str = attrs.field(default="compat", validator=v.in_(DIALECTS))
+    max_frame: int = attrs.field(default=1 << 20, validator=_positive_int)
+    code_digits: int = attrs.field(default=6, validator=[v.instance_of(int), v.ge(4), v.le(12)])
+    code_ttl: float = attrs.field(default=600.0, validator=_positive_time)
+    max_live_codes: int | None = attrs.field(
+        default=None, validator=v.optional(_positive_int)
+    )
+    frame_ttl: float = attrs.field(default=7 * 24 * 3600.0, validator=_positive_time)
+    session_ttl: float = attrs.field(default=3600.0, validator=_positive_time)
+    queue_max_frames: int = attrs.field(default=1000, validator=_positive_int)
+    queue_max_bytes: int = attrs.field(default=4 << 20, validator=_positive_int)
+    max_sessions_per_conn: int = attrs.field(default=100, validator=_positive_int)
+    max_sides_per_session: int = attrs.field(default=8, validator=[v.instance_of(int), v.ge(2)])
+    max_sid_length: int = attrs.field(default=128, validator=_positive_int)
+    error_limit: int = attrs.field(default=20, validator=_positive_int)
+    error_window: float = attrs.field(default=60.0, validator=_positive_time)
+    join_attempts_per_conn: int = attrs.field(default=10, validator=_positive_int)
+    join_attempts_per_addr: int = attrs.field(default=60, validator=_positive_int)
+    join_window: float = attrs.field(default=60.0, validator=_positive_time)
+
+    @property
+    def live_code_limit(self) -> int:
+        """The effective cap on live invite codes."""
+        if self.max_live_codes is not None:
+            return min(self.max_live_codes, 10**self.code_digits)
+        return 10**self.code_digits // 10

@@ -1,0 +1,193 @@
+"""Deterministic stand-ins for driving `RelayCore` without sockets.
+
+`FakeClock` and `FakeRandom` replace `time.time` and `secrets`; `MemoryStore`
+applies `Persist` operations the way the real store must, so a test can
+restart a core from what was persisted; `Harness` ties them together and
+groups a call's `Send`s per connection. Used by the relay tests; the shell's
+tests may use them too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from .actions import (
+    Action,
+    Close,
+    ConnId,
+    DeleteCode,
+    DeleteFrame,
+    DeleteSession,
+    Persist,
+    SaveCode,
+    SaveFrame,
+    SaveSession,
+    SaveSide,
+    Send,
+    Snapshot,
+)
+from .config import RelayConfig
+from .core import RelayCore
+
+def error_code(frame: dict[str, Any]) -> str:
+    """The PROTOCOL 2.4 code of a decoded ERROR frame.
+
+    The go dialect answers a bad invite code with Go's exact bytes, which carry
+    no `code` (PROTOCOL 2.3); that reply counts as `bad_code`. Any other ERROR
+    without a valid code is a bug and fails here.
+    """
+    data = frame["data"]
+    if "code" not in data:
+        assert data == {"message": "Invalid or expired code"}, frame
+        return "bad_code"
+    assert data["message"], frame
+    return data["code"]
+
+
+START = 1_763_900_000.123  # 2025-11-23, so SIDs start with 1763900000123_
+
+
+class FakeClock:
+    """A settable Unix-time clock."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeRandom:
+    """`secrets` look-alike: scripted values first, then a seeded generator."""
+
+    def __init__(self, seed: int = 0, *, tokens: Iterable[str] = (), numbers: Iterable[int] = ()) -> None:
+        self._random = random.Random(seed)
+        self.tokens = list(tokens)
+        self.numbers = list(numbers)
+
+    def token_hex(self, nbytes: int) -> str:
+        if self.tokens:
+            token = self.tokens.pop(0)
+            assert len(token) == 2 * nbytes
+            return token
+        return self._random.getrandbits(8 * nbytes).to_bytes(nbytes, "big").hex()
+
+    def randbelow(self, n: int) -> int:
+        if self.numbers:
+            number = self.numbers.pop(0)
+            assert 0 <= number < n
+            return number
+        return self._random.randrange(n)
+
+
+class MemoryStore:
+    """What the durable store must hold after a sequence of `Persist` ops."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, SaveSession] = {}
+        self.sides: dict[tuple[str, str], SaveSide] = {}
+        self.codes: dict[str, SaveCode] = {}
+        self.frames: dict[tuple[str, int], SaveFrame] = {}
+
+    def apply(self, op: Any) -> None:
+        if isinstance(op, SaveSession):
+            self.sessions[op.sid] = op
+        elif isinstance(op, SaveSide):
+            self.sides[(op.sid, op.side)] = op
+        elif isinstance(op, SaveCode):
+            self.codes[op.code] = op
+        elif isinstance(op, DeleteCode):
+            self.codes.pop(op.code, None)
+        elif isinstance(op, SaveFrame):
+            self.frames[(op.sid, op.seq)] = op
+        elif isinstance(op, DeleteFrame):
+            self.frames.pop((op.sid, op.seq), None)
+        elif isinstance(op, DeleteSession):
+            self.sessions.pop(op.sid, None)
+            self.sides = {k: v for k, v in self.sides.items() if k[0] != op.sid}
+            self.codes = {k: v for k, v in self.codes.items() if v.sid != op.sid}
+            self.frames = {k: v for k, v in self.frames.items() if k[0] != op.sid}
+        else:
+            raise TypeError(f"unknown store op {type(op).__name__}")
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            sessions=tuple(self.sessions.values()),
+            sides=tuple(self.sides.values()),
+            codes=tuple(self.codes.values()),
+            frames=tuple(self.frames[k] for k in sorted(self.frames)),
+        )
+
+    def empty(self) -> bool:
+        return not (self.sessions or self.sides or self.codes or self.frames)
+
+
+class Harness:
+    """A core with a fake clock, fake randomness and a memory store.
+
+    Each call returns `{conn: [text, ...]}` for the sends of that call, and
+    records closes in `closed` and every action in `log`.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig | None = None,
+        *,
+        clock: FakeClock | None = None,
+        rng: FakeRandom | None = None,
+        store: MemoryStore | None = None,
+        **config_fields: Any,
+    ) -> None:
+        if config is None:
+            config = RelayConfig(**config_fields)
+        self.clock = clock or FakeClock()
+        self.rng = rng or FakeRandom()
+        self.store = store or MemoryStore()
+        self.core = RelayCore(config, clock=self.clock, rng=self.rng)
+        self.closed: dict[ConnId, tuple[int, str]] = {}
+        self.log: list[Action] = []
+        self.last: list[Action] = []
+
+    def restore(self) -> None:
+        self.core.restore(self.store.snapshot())
+
+    def run(self, actions: list[Action]) -> dict[ConnId, list[str]]:
+        self.last = actions
+        self.log.extend(actions)
+        out: dict[ConnId, list[str]] = {}
+        for action in actions:
+            if isinstance(action, Send):
+                out.setdefault(action.conn, []).append(action.text)
+            elif isinstance(action, Close):
+                self.closed[action.conn] = (action.code, action.reason)
+            elif isinstance(action, Persist):
+                self.store.apply(action.op)
+            else:
+                raise TypeError(f"unknown action {action!r}")
+        return out
+
+    def connect(self, conn: ConnId, address: Any = "192.0.2.1") -> dict[ConnId, list[str]]:
+        return self.run(self.core.connect(conn, address))
+
+    def send(self, conn: ConnId, message: Any) -> dict[ConnId, list[str]]:
+        """Send a dict (JSON-encoded here), str or bytes from `conn`."""
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        return self.run(self.core.receive(conn, message))
+
+    def disconnect(self, conn: ConnId) -> dict[ConnId, list[str]]:
+        return self.run(self.core.disconnect(conn))
+
+    def tick(self, advance: float = 0.0) -> dict[ConnId, list[str]]:
+        self.clock.advance(advance)
+        return self.run(self.core.tick())
+
+    def persisted(self) -> list[Any]:
+        """The store ops of the last call."""
+        return [a.op for a in self.last if isinstance(a, Persist)]
