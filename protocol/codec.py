@@ -95,9 +95,9 @@ def split_envelope(text: str) -> Envelope:
                 start = _skip(text, i + 1)
                 value, i = _scan_value(text, start)
                 if key in members:
-                    problem = problem or _bad_frame(f"duplicate member {key!r}")
+                    problem = problem or _bad_frame("a member name appears twice")
                 elif key.lower() in _ENVELOPE_KEYS and key not in _ENVELOPE_KEYS:
-                    problem = problem or _bad_frame(f"member {key!r} must be lower case")
+                    problem = problem or _bad_frame("'t', 'sid' and 'data' must be lower case")
                 members[key] = (value, start, i)
                 i = _skip(text, i)
                 if text[i] == ",":
