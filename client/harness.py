@@ -13,13 +13,12 @@ relay matrix can put parley in either role. The key fingerprint it reports
 prints) is read from the state file; nothing here prints keys or texts.
 
 `PtyParley` runs a command on a pseudo-terminal that is its controlling tty
-(what a person at a terminal sees, Ctrl-C and Ctrl-D included), and
-`parley_relay()` starts a parley relay process on a free loopback port.
+(what a person at a terminal sees, Ctrl-C and Ctrl-D included). Relays for
+these tests come from `parley.conformance.relayproc.ParleyRelay`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +26,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ import trio
 
 __all__ = [
     "ParleyProcess", "ParleyPeer", "ParleyExited", "LineTimeout", "parley_peer_factory",
-    "PtyParley", "parley_relay", "clean_env", "state_of", "fingerprint",
+    "PtyParley", "clean_env", "state_of", "fingerprint",
 ]
 
 
@@ -303,47 +301,6 @@ class PtyParley:
             self.proc.kill()
             self.proc.wait()
         self.close()
-
-
-@contextlib.asynccontextmanager
-async def parley_relay(
-    store: str | os.PathLike[str] = ":memory:",
-    *,
-    dialect: str = "compat",
-    ping_interval: float | None = None,
-    log_path: str | os.PathLike[str] | None = None,
-    timeout: float = 15.0,
-) -> AsyncIterator[str]:
-    """`python -m parley.relay` on a free loopback port; yields its ws:// URL, kills it on exit."""
-    argv = [sys.executable, "-m", "parley.relay", "--host", "127.0.0.1", "--port", "0",
-            "--store", str(store), "--dialect", dialect]
-    if ping_interval is not None:
-        argv += ["--ping-interval", str(ping_interval)]
-    with contextlib.ExitStack() as files:
-        log = files.enter_context(open(log_path, "ab")) if log_path is not None else subprocess.DEVNULL
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=clean_env()
-        )
-        try:
-            assert proc.stdout is not None
-            buf = b""
-            with trio.fail_after(timeout):
-                while b"\n" not in buf:
-                    chunk = await proc.stdout.receive_some(4096)
-                    if not chunk:
-                        raise RuntimeError(f"relay exited with {await proc.wait()} before listening")
-                    buf += chunk
-            match = re.search(rb"(wss?://\S+/)", buf)
-            if match is None:
-                raise RuntimeError(f"relay announced no URL: {buf[:200]!r}")
-            yield match.group(1).decode()
-        finally:
-            with trio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    proc.kill()
-                await proc.wait()
-                if proc.stdout is not None:
-                    await proc.stdout.aclose()
 
 
 def state_of(cwd: Path, name: str) -> dict[str, Any]:

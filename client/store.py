@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from parley.state import dumps_state, load_state, save_state
+from parley.state import load_state, save_state
 
 from .core import ClientError, short_sid
 
@@ -70,10 +69,7 @@ class StateStore:
         with self._locked():
             current = load_state(self.path)
             current[sid] = entry
-            if at_commit is None:
-                save_state(self.path, current)
-            else:
-                _save_state_with_commit_hook(self.path, current, at_commit)
+            save_state(self.path, current, at_commit)
             self.state = current
 
     # --- lookup -------------------------------------------------------------
@@ -110,35 +106,6 @@ class StateStore:
         raise AmbiguousSession(
             f"{query!r} matches {len(matches)} sessions: " + ", ".join(short_sid(s) for s in matches)
         )
-
-
-def _save_state_with_commit_hook(path: Path, state: dict[str, Any], at_commit: Callable[[], None]) -> None:
-    """`parley.state.save_state` (temp file, fsync, rename, directory fsync), calling
-    `at_commit` between the temp file's fsync and the rename."""
-    data = dumps_state(state).encode("utf-8")
-    directory = path.parent
-    temp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            at_commit()
-        finally:
-            os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class SessionInfo:

@@ -144,17 +144,19 @@ class GoRelay(RelayProcess):
         *,
         ping_interval: float | None = None,
         fault: str | None = None,
+        port: int = 0,
+        log_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 10.0,
     ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
-        super().__init__(start_timeout=start_timeout)
+        super().__init__(port=port, log_path=log_path, start_timeout=start_timeout)
         self.binary = Path(binary)
         self.ping_interval = ping_interval
         self.fault = fault
 
     def command(self) -> list[str]:
-        cmd = [str(self.binary), "-addr", "127.0.0.1:0"]
+        cmd = [str(self.binary), "-addr", f"127.0.0.1:{self.listen_port}"]
         if self.ping_interval is not None:
             cmd += ["-ping", _format_duration(self.ping_interval)]
         if self.fault is not None:

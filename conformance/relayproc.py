@@ -33,7 +33,11 @@ class RelayProcess:
 
     name = "relay"
 
-    def __init__(self, *, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self, *, port: int = 0, log_path: str | os.PathLike[str] | None = None, start_timeout: float = 15.0
+    ) -> None:
+        self.listen_port = port  # 0: any free port; a fixed one lets a test restart the relay in place
+        self.log_path = log_path  # None: a temporary file
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.host: str | None = None
@@ -66,7 +70,10 @@ class RelayProcess:
         return self.proc.pid
 
     def start(self) -> RelayProcess:
-        self._log = tempfile.TemporaryFile(prefix=f"{self.name}-", suffix=".log")
+        if self.log_path is not None:
+            self._log = open(self.log_path, "a+b")  # noqa: SIM115 - closed in close()
+        else:
+            self._log = tempfile.TemporaryFile(prefix=f"{self.name}-", suffix=".log")
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
             env=self.environment(),
@@ -164,16 +171,18 @@ class ParleyRelay(RelayProcess):
         store: str | os.PathLike[str] = ":memory:",
         ping_interval: float | None = None,
         extra: list[str] | None = None,
+        port: int = 0,
+        log_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 15.0,
     ) -> None:
-        super().__init__(start_timeout=start_timeout)
+        super().__init__(port=port, log_path=log_path, start_timeout=start_timeout)
         self.dialect = dialect
         self.store = str(Path(store)) if store != ":memory:" else store
         self.ping_interval = ping_interval
         self.extra = list(extra or [])
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "parley.relay", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "parley.relay", "--host", "127.0.0.1", "--port", str(self.listen_port),
                "--dialect", self.dialect, "--store", self.store]
         if self.ping_interval is not None:
             cmd += ["--ping-interval", str(self.ping_interval)]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Replace the state file atomically; readers see the old or the new file, whole."""
+def save_state(
+    path: str | os.PathLike[str],
+    state: dict[str, Any],
+    at_commit: Callable[[], None] | None = None,
+) -> None:
+    """Replace the state file atomically; readers see the old or the new file, whole.
+
+    `at_commit`, if given, runs once the new contents are written and fsynced,
+    just before the rename that publishes them (the rename happens even if it
+    raises). The client shows a received message there: a process killed at
+    any instant has then either shown it, or not recorded it as seen.
+    """
     path = Path(path)
     _check_shape(path, state)
     data = dumps_state(state).encode("utf-8")
@@ -137,7 +148,11 @@ def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temp, path)
+        try:
+            if at_commit is not None:
+                at_commit()
+        finally:
+            os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

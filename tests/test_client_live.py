@@ -1,7 +1,7 @@
 """parley <-> parley (and <-> the Node reference client) through real relays, on loopback.
 
-Relays: the Go reference relay (`parley.conformance.golang`) and, when it is
-importable, the parley relay (`python -m parley.relay --port 0 --store :memory:`).
+Relays: the Go reference relay (`parley.conformance.golang`) and the parley
+relay (`parley.conformance.relayproc.ParleyRelay`, in each dialect).
 Every parley is a child process (`python -m parley.client ...`) driven through
 its stdin and stdout, as a person at a terminal would.
 """
@@ -9,15 +9,11 @@ its stdin and stdout, as a person at a terminal would.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
-import selectors
-import shutil
 import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +24,8 @@ import pytest
 import trio
 
 from parley.client.harness import ParleyProcess, PtyParley, fingerprint, state_of
+from parley.conformance.golang import GoRelay, build_go_relay
+from parley.conformance.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 90
 CODE_RE = r"invite code: (\d+)"
@@ -45,85 +43,24 @@ def record(what: str, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def go_binary(tmp_path_factory):
-    golang = pytest.importorskip("parley.conformance.golang")
-    try:
-        return golang.build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
-    except golang.GoToolchainError as exc:
-        pytest.skip(str(exc))
+    return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
 
 
 @contextlib.contextmanager
-def go_relay(binary: Path, port: int = 0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def go_relay(binary: Path, port: int = 0) -> Iterator[tuple[str, GoRelay]]:
     """The Go reference relay on a given (or free) loopback port."""
-    proc = subprocess.Popen(
-        [str(binary), "-addr", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        line = _first_line(proc, "listening on ")
-        yield f"ws://{line.rsplit(' ', 1)[1].strip()}/", proc
-    finally:
-        _stop(proc)
+    with GoRelay(binary, port=port) as relay:
+        yield relay.url, relay
 
 
 @contextlib.contextmanager
-def parley_relay(dialect: str = "compat") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "parley.relay", "--port", "0", "--store", ":memory:", "--dialect", dialect],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        line = _first_line(proc, "parley relay listening on ")
-        yield re.search(r"(wss?://\S+)", line).group(1), proc  # type: ignore[union-attr]
-    finally:
-        _stop(proc)
+def parley_relay(dialect: str = "compat") -> Iterator[tuple[str, ParleyRelay]]:
+    with ParleyRelay(dialect=dialect) as relay:
+        yield relay.url, relay
 
 
-def _first_line(proc: subprocess.Popen[bytes], prefix: str, timeout: float = 15.0) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise RuntimeError("relay did not start in time")
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"relay exited with {proc.wait()}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    assert line.startswith(prefix), line
-    return line
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
-def parley_relay_available() -> bool:
-    return importlib.util.find_spec("parley.relay.cli") is not None and importlib.util.find_spec(
-        "parley.relay.__main__"
-    ) is not None
-
-
-_NO_PARLEY_RELAY = pytest.mark.skipif(not parley_relay_available(), reason="no parley relay")
-RELAYS = ["go", pytest.param("parley", marks=_NO_PARLEY_RELAY)]
-ALL_DIALECTS = [*RELAYS, pytest.param("parley:node", marks=_NO_PARLEY_RELAY),
-                pytest.param("parley:go", marks=_NO_PARLEY_RELAY)]
+RELAYS = ["go", "parley"]
+ALL_DIALECTS = [*RELAYS, "parley:node", "parley:go"]
 
 
 @pytest.fixture
@@ -448,25 +385,14 @@ async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request,
 # --- with the Node reference client ---------------------------------------------------------
 
 
-def node_available() -> bool:
-    return shutil.which("node") is not None and importlib.util.find_spec("parley.conformance.nodepeer") is not None
-
-
-needs_node = pytest.mark.skipif(not node_available(), reason="node or the Node harness is missing")
-
-
 @contextlib.asynccontextmanager
 async def node(url: str, name: str, cwd: Path, role: str, arg: str | None = None) -> AsyncIterator[Any]:
-    from parley.conformance.nodepeer import NodeUnavailableError, open_node_client
+    from parley.conformance.nodepeer import open_node_client
 
-    try:
-        async with open_node_client(url, name, cwd, role, arg, reconnect_ms=300) as client:
-            yield client
-    except NodeUnavailableError as exc:
-        pytest.skip(str(exc))
+    async with open_node_client(url, name, cwd, role, arg, reconnect_ms=300) as client:
+        yield client
 
 
-@needs_node
 async def test_node_creator_parley_joiner_over_go_relay_then_each_resumes_the_others_file(
     tmp_path, go_binary, conformance_report
 ):
@@ -514,8 +440,6 @@ async def test_node_creator_parley_joiner_over_go_relay_then_each_resumes_the_ot
     conformance_report("client live with Node (go relay)", "node creator x parley joiner, both resumes: passed")
 
 
-@needs_node
-@pytest.mark.skipif(not parley_relay_available(), reason="no parley relay")
 @pytest.mark.parametrize("dialect", ["compat", "node"])
 async def test_parley_creator_node_joiner_over_parley_relay(tmp_path, dialect, conformance_report):
     with parley_relay(dialect) as (url, _), trio.fail_after(TEST_TIMEOUT):
@@ -536,32 +460,6 @@ async def test_parley_creator_node_joiner_over_parley_relay(tmp_path, dialect, c
             await alice.stop()
             assert len(alice.seen(CODE_RE)) == 1
     conformance_report(f"client live with Node (parley relay, {dialect})", "parley creator x node joiner: passed")
-
-
-# --- the client x relay matrix, with parley's Peer adapter -----------------------------------
-
-
-def _matrix_cells() -> list[Any]:
-    cells = [pytest.param("go", "parley", "parley", id="go-parley-parley")]
-    cells.append(pytest.param("go", "node", "parley", id="go-node-parley", marks=needs_node))
-    pr = pytest.mark.skipif(not parley_relay_available(), reason="no parley relay")
-    cells.append(pytest.param("parley", "parley", "parley", id="parley-parley-parley", marks=pr))
-    cells.append(pytest.param("parley", "parley", "node", id="parley-parley-node", marks=[pr, needs_node]))
-    cells.append(pytest.param("parley", "node", "parley", id="parley-node-parley", marks=[pr, needs_node]))
-    return cells
-
-
-@pytest.mark.parametrize("relay_kind, creator, joiner", _matrix_cells())
-async def test_matrix_cell_with_parley_peer(relay_kind, creator, joiner, tmp_path, go_binary, conformance_report):
-    matrix = pytest.importorskip("parley.conformance.matrix")
-    from parley.client.harness import parley_peer_factory
-
-    factories = {"parley": parley_peer_factory(), "node": matrix.node_peer_factory()}
-    relay = go_relay(go_binary) if relay_kind == "go" else parley_relay("compat")
-    with relay as (url, _), trio.fail_after(TEST_TIMEOUT):
-        outcome = await matrix.run_cell(url, factories[creator], factories[joiner], workdir=tmp_path)
-    assert outcome.ok, outcome.summary()
-    conformance_report(f"client matrix via ParleyPeer ({relay_kind} relay)", f"{creator} x {joiner}: {outcome.summary()}")
 
 
 # --- a real terminal --------------------------------------------------------------------------

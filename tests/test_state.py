@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -18,7 +17,6 @@ from hypothesis import strategies as st
 from parley.state import (
     CorruptStateFile,
     StateError,
-    dumps_state,
     load_state,
     new_entry,
     save_state,
@@ -49,6 +47,32 @@ def test_file_mode_is_0600_and_no_temp_left(tmp_path):
     save_state(path, {"s": new_entry()})
     assert (path.stat().st_mode & 0o777) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-bob.json"]
+
+
+def test_at_commit_runs_after_fsync_before_the_rename(tmp_path):
+    path = tmp_path / "state-h.json"
+    save_state(path, {"old": new_entry()})
+    seen = []
+
+    def hook():
+        seen.append(load_state(path))  # still the old file
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # new one written
+
+    save_state(path, {"new": new_entry()}, at_commit=hook)
+    assert seen == [{"old": new_entry()}]
+    assert load_state(path) == {"new": new_entry()}
+
+
+def test_failing_at_commit_still_publishes_the_new_file(tmp_path):
+    path = tmp_path / "state-h.json"
+
+    def hook():
+        raise BrokenPipeError
+
+    with pytest.raises(BrokenPipeError):
+        save_state(path, {"new": new_entry()}, at_commit=hook)
+    assert load_state(path) == {"new": new_entry()}
+    assert [p.name for p in tmp_path.iterdir()] == ["state-h.json"]
 
 
 def test_unknown_fields_preserved_in_order(tmp_path):
