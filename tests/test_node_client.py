@@ -21,19 +21,11 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from trio_websocket import ConnectionClosed, serve_websocket
 
+from parley.client.crypto import MODP14_PRIME, to_hex
 from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client, open_node_client
 
-P_HEX = (
-    "ffffffffffffffffc90fdaa22168c234c4c6628b80dc1cd129024e088a67cc74"
-    "020bbea63b139b22514a08798e3404ddef9519b3cd3a431b302b0a6df25f1437"
-    "4fe1356d6d51c245e485b576625e7ec6f44c42e9a637ed6b0bff5cb6f406b7ed"
-    "ee386bfb5a899fa5ae9f24117c4b1fe649286651ece45b3dc2007cb8a163bf05"
-    "98da48361c55d39a69163fa8fd24cf5f83655d23dca3ad961c62f356208552bb"
-    "9ed529077096966d670c354e4abc9804f1746c08ca18217c32905e462e36ce3b"
-    "e39e772c180e86039b2783a2ec07a28fb5c55df06f4c52c9de2bcbf695581718"
-    "3995497cea956ae515d2261898fa051015728e5a8aacaa68ffffffffffffffff"
-)
-P = int(P_HEX, 16)
+P_HEX = to_hex(MODP14_PRIME)  # RFC 3526 group 14, as Node's getPrime('hex') prints it
+P = MODP14_PRIME
 SID = "1763900000123_9f3a61c2"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 STEP = "node client (scripted relay)"
