@@ -350,6 +350,14 @@ class RelayCore:
                 self._maybe_idle(sess, now)
         return actions
 
+    def refuse_too_large(self, conn_id: ConnId) -> list[Action]:
+        """The shell dropped a message over `max_frame` unread (PROTOCOL 2.4):
+        answer `too_large`, counted like any other bad input."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return []
+        return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
+
     def receive(self, conn_id: ConnId, message: str | bytes) -> list[Action]:
         """Handle one WebSocket data message (text or binary)."""
         conn = self._conns.get(conn_id)

@@ -53,8 +53,6 @@ from typing import Any
 import attrs
 import trio
 
-from parley.protocol import ErrorFrame, encode_text
-
 from .actions import Action, Close, Persist, Send, StoreOp
 from .logging import frame_type_of, short_sid
 from .store import Store
@@ -121,7 +119,6 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
 
 
 # The same ERROR the core writes for a message over `max_frame` (PROTOCOL 2.4).
-_TOO_LARGE_TEXT = encode_text(ErrorFrame(message="message too large", code="too_large"))
 
 
 class RelayServer:
@@ -286,8 +283,7 @@ class RelayServer:
         self.counters["too_large"] += 1
         if self._debug:
             log.debug("conn %d sent a message over %d bytes: answered too_large", conn.id, size - 1)
-        if conn.id in self._conns:
-            self._apply([Send(conn.id, _TOO_LARGE_TEXT)])
+        self._call(conn, self._core.refuse_too_large, conn.id)
 
     def on_close(self, conn: WsConn) -> None:
         self._live.pop(conn.id, None)

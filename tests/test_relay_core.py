@@ -886,6 +886,20 @@ def test_error_limit_closes_1008_with_reason():
     assert h.disconnect(1) == {}
 
 
+def test_messages_dropped_as_too_large_count_toward_the_error_limit():
+    """The shell drops an oversized message unread and reports it; the reply
+    and the 1008 close come from the core's accounting like any bad input."""
+    h = Harness(error_limit=3, error_window=60)
+    h.connect(1)
+    for _ in range(2):
+        out = h.run(h.core.refuse_too_large(1))
+        assert error_codes(out, 1) == ["too_large"] and 1 not in h.closed
+    out = h.run(h.core.refuse_too_large(1))
+    assert error_codes(out, 1) == ["too_large"]
+    assert h.closed[1][0] == 1008
+    assert h.core.refuse_too_large(1) == []  # gone: nothing more to say
+
+
 def test_errors_spread_over_window_do_not_close():
     h = Harness(error_limit=3, error_window=10)
     h.connect(1)

@@ -267,6 +267,9 @@ class FakeCore:
             raise RuntimeError("fake core failure")
         return [Send(conn_id, '{"t":"ERROR","data":{"message":"?","code":"unknown_type"}}\n')]
 
+    def refuse_too_large(self, conn_id: int) -> list:
+        return [Send(conn_id, '{"t":"ERROR","data":{"message":"message too large","code":"too_large"}}\n')]
+
     def disconnect(self, conn_id: int) -> list:
         self.disconnected.append(conn_id)
         self.connected.pop(conn_id, None)
