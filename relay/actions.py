@@ -11,7 +11,9 @@ out. The contract the shell keeps:
   transaction, but it never reorders a connection's sends.
 * `Send` appends one TEXT message to the connection's bounded outgoing
   buffer; it never blocks the core. If the buffer is full the shell closes
-  that connection and reports `disconnect` to the core.
+  that connection and reports `disconnect` to the core. When a connection
+  goes away, the `requeue` tokens of the sends it had not finished writing
+  go back to the core (`RelayCore.requeue`) before `disconnect`.
 * `Close` sends a close frame with the code and reason, then drops it.
 """
 
@@ -25,9 +27,28 @@ ConnId = int
 
 
 @attrs.frozen
+class Requeue:
+    """How to keep a forwarded MSG if it never leaves the receiver's buffer.
+
+    A legacy receiver (no side) sends no receipts, so its frames are not
+    stored; if its connection is dropped (buffer full, connection lost) while
+    such a frame is still queued or being written, the shell hands this back
+    to `RelayCore.requeue` and the frame waits for the next REATTACH (PROTOCOL
+    2.4: "its frames stay queued for its REATTACH").
+    """
+
+    sid: str
+    from_side: str | None
+    from_conn: ConnId | None  # None for a frame restored from the store
+    msg_id: str
+    text: str
+
+
+@attrs.frozen
 class Send:
     conn: ConnId
     text: str  # one complete TEXT message, as `parley.protocol.encode_text` writes it
+    requeue: Requeue | None = None  # set on a MSG forwarded to a legacy receiver
 
 
 @attrs.frozen

@@ -113,7 +113,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
 from parley.client.crypto import MODP14_GENERATOR, MODP14_PRIME
@@ -158,6 +158,7 @@ from .actions import (
     SaveFrame,
     SaveSession,
     SaveSide,
+    Requeue,
     Send,
     Snapshot,
 )
@@ -350,6 +351,30 @@ class RelayCore:
                 self._maybe_idle(sess, now)
         return actions
 
+    def requeue(self, conn_id: ConnId, tokens: Iterable[Requeue]) -> list[Action]:
+        """Keep the forwarded MSGs a dropped legacy receiver never got.
+
+        Called by the shell, before `disconnect(conn_id)`, with the `requeue`
+        tokens of the sends still in that connection's buffer. Each frame is
+        stored for the session's next REATTACH unless it is still stored
+        anyway (it also had a sided receiver) or the queue is full. A frame
+        that was partly written may thus arrive twice at a legacy receiver:
+        at least once, as nothing acknowledges it.
+        """
+        actions: list[Action] = []
+        for token in tokens:
+            sess = self._sessions.get(token.sid)
+            if sess is None:
+                continue
+            if any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
+                continue
+            size = _size(token.text)
+            cfg = self.config
+            if len(sess.queue) >= cfg.queue_max_frames or sess.queued_bytes + size > cfg.queue_max_bytes:
+                continue  # bounded like any queue (PROTOCOL 2.4)
+            self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size, actions)
+        return actions
+
     def refuse_too_large(self, conn_id: ConnId) -> list[Action]:
         """The shell dropped a message over `max_frame` unread (PROTOCOL 2.4):
         answer `too_large`, counted like any other bad input."""
@@ -425,8 +450,9 @@ class RelayCore:
                 actions.append(Send(cid, encode_text(failed)))
                 return actions
             self._store(sess, side, cid, msg_id, text, size, actions)
-        actions.extend(Send(m, text) for m in receivers)
         if receivers:
+            token = Requeue(sid, side, cid, msg_id, text)
+            actions.extend(Send(m, text, token if members[m] is None else None) for m in receivers)
             reply = encode_text(Delivered(sid, msg_id=frame.msg_id))
         else:
             reply = encode_text(Queued(sid, msg_id=msg_id or None))
@@ -481,9 +507,13 @@ class RelayCore:
             for stored in sess.queue.values():
                 if stored.from_conn == cid or (side is not None and stored.from_side == side):
                     continue
-                actions.append(Send(cid, stored.text))
                 if side is None or not stored.msg_id:
+                    # done once written: if it never is, the shell hands it back
+                    token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
+                    actions.append(Send(cid, stored.text, token))
                     done.append(stored)
+                else:
+                    actions.append(Send(cid, stored.text))
             for stored in done:
                 self._drop(sess, stored, actions)
         if sess.pending_joins:

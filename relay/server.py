@@ -310,14 +310,20 @@ class RelayServer:
             self._apply(actions)
 
     def _drop(self, conn_id: int) -> None:
-        """The connection is gone (or aborted): tell the core, once."""
-        if self._conns.pop(conn_id, None) is None:
+        """The connection is gone (or aborted): hand back the forwarded frames
+        it never wrote, then tell the core it left, once."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
             return
-        self._held.pop(conn_id, None)
+        held = self._held.pop(conn_id, None)
         if self._shutting_down:
             return
+        tokens = conn.undelivered()
+        if held:
+            tokens.extend(a.requeue for _, a in held if type(a) is Send and a.requeue is not None)
         try:
-            actions = self._core.disconnect(conn_id)
+            actions = self._core.requeue(conn_id, tokens) if tokens else []
+            actions += self._core.disconnect(conn_id)
         except Exception:
             self.counters["core_errors"] += 1
             log.exception("relay core failed on disconnect of conn %d", conn_id)
@@ -371,7 +377,7 @@ class RelayServer:
                 log.debug(
                     "conn %d tx %s %dB", conn.id, frame_type_of(action.text), len(action.text)
                 )
-            if not conn.send_text(action.text):
+            if not conn.send_text(action.text, action.requeue):
                 self.counters["overflows"] += 1
                 log.info("conn %d send buffer full: disconnected", conn.id)
                 self._doomed.append(conn.id)

@@ -38,7 +38,7 @@ import logging
 import math
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import h11
@@ -137,6 +137,11 @@ class WsConn:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_messages = 0
+        # Requeue tokens (see relay.actions.Requeue) of queued sends, and of the
+        # batch being written; what is left here when the connection goes away
+        # was not delivered.
+        self._tokens: list[Any] = []
+        self._inflight: list[Any] = []
         self._wakeup: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
@@ -155,10 +160,13 @@ class WsConn:
 
     # -- called by the server (sync, never blocks) -------------------------------
 
-    def send_text(self, text: str) -> bool:
+    def send_text(self, text: str, requeue: Any = None) -> bool:
         """Queue one TEXT message. False if the buffer overflowed (the connection
-        is then aborted). A message for a closing connection is dropped (True)."""
+        is then aborted). A message for a closing connection is dropped (True).
+        `requeue` is kept until the message is written (see `undelivered`)."""
         if not self.open:
+            if requeue is not None:
+                self._tokens.append(requeue)
             return not self.dead
         payload = text.encode("utf-8")
         size = len(payload)
@@ -166,12 +174,16 @@ class WsConn:
             self._out_bytes + size > self._max_bytes
             or self._out_messages >= self._max_messages
         ):
+            if requeue is not None:
+                self._tokens.append(requeue)  # not written either
             self.abort("send buffer full")
             return False
         self._out.append(_text_frame_header(size))
         self._out.append(payload)
         self._out_bytes += size
         self._out_messages += 1
+        if requeue is not None:
+            self._tokens.append(requeue)
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.set()
@@ -207,6 +219,15 @@ class WsConn:
     @property
     def queued_bytes(self) -> int:
         return self._out_bytes
+
+    def undelivered(self) -> list[Any]:
+        """The requeue tokens of messages not known to be written (queued, or
+        in the batch whose write did not finish); taken once, when the
+        connection is gone."""
+        tokens = self._inflight + self._tokens
+        self._inflight = []
+        self._tokens = []
+        return tokens
 
     # -- internals ------------------------------------------------------------------
 
@@ -355,7 +376,9 @@ class WsConn:
                     self._out_bytes = 0
                     self._out_messages = 0
                     self.bytes_out += len(data)
+                    self._inflight, self._tokens = self._tokens, []
                     await stream.send_all(data)
+                    self._inflight = []
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.open = False
             if not self.close_reason:

@@ -886,6 +886,43 @@ def test_error_limit_closes_1008_with_reason():
     assert h.disconnect(1) == {}
 
 
+def test_frames_a_dropped_legacy_receiver_never_got_wait_for_reattach():
+    """PROTOCOL 2.4: a receiver dropped with frames in its buffer gets them on
+    REATTACH. The shell hands back the Requeue tokens of unwritten sends."""
+    h = Harness()
+    h.connect(1)
+    h.connect(2)
+    h.send(1, {"t": "REATTACH", "sid": "s"})
+    h.send(2, {"t": "REATTACH", "sid": "s"})
+    actions = h.core.receive(1, json.dumps(msg("s", "m1")))
+    tokens = [a.requeue for a in actions if isinstance(a, Send) and a.conn == 2]
+    assert len(tokens) == 1 and tokens[0] is not None  # a legacy receiver: not stored
+    actions += h.core.receive(1, json.dumps(msg("s", "m2")))
+    tokens = [a.requeue for a in actions if isinstance(a, Send) and a.conn == 2]
+    assert h.core.stats()["queued_frames"] == 0
+    h.run(h.core.requeue(2, tokens))
+    h.disconnect(2)
+    assert h.core.stats()["queued_frames"] == 2
+    h.connect(3)
+    out = h.send(3, {"t": "REATTACH", "sid": "s"})
+    assert [f["data"]["msgID"] for f in loads(out[3]) if f["t"] == "MSG"] == ["m1", "m2"]
+    # replayed to a legacy connection: done once written, handed back if not
+    assert h.core.stats()["queued_frames"] == 0
+    replay = h.core.requeue(3, [])
+    assert replay == []
+
+
+def test_sided_receivers_frames_carry_no_requeue_token():
+    h = Harness()
+    h.connect(1)
+    h.connect(2)
+    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
+    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": "B"}})
+    actions = h.core.receive(1, json.dumps(msg("s", "m1")))
+    assert [a.requeue for a in actions if isinstance(a, Send) and a.conn == 2] == [None]
+    assert h.core.stats()["queued_frames"] == 1  # kept until B's RECEIVED
+
+
 def test_messages_dropped_as_too_large_count_toward_the_error_limit():
     """The shell drops an oversized message unread and reports it; the reply
     and the 1008 close come from the core's accounting like any bad input."""

@@ -861,15 +861,14 @@ async def test_slow_receiver_is_dropped_without_delaying_another_session():
 
             a1, stalled, sid1 = await pair(rcvbuf=4096)
             a2, b2, sid2 = await pair()
-            big = {"payload": "ab" * 16384, "msgID": "m"}
             replies: list[str] = []
             ack_times, rtts = [], []
             done = trio.Event()
 
             async def flood() -> None:
-                for _ in range(3000):
+                for i in range(3000):
                     t = time.monotonic()
-                    await a1.send_json({"t": "MSG", "sid": sid1, "data": big})
+                    await a1.send_json({"t": "MSG", "sid": sid1, "data": {"payload": "ab" * 16384, "msgID": f"m{i}"}})
                     reply = await a1.recv_json()
                     ack_times.append(time.monotonic() - t)
                     replies.append(reply["t"])
@@ -897,10 +896,27 @@ async def test_slow_receiver_is_dropped_without_delaying_another_session():
             assert max(rtts) < 0.5, max(rtts)
             assert max(ack_times) < 0.5, max(ack_times)
             # the MSG in flight when PEER_OFFLINE came had no receiver left: stored
-            assert await a1.recv_json() == {"t": "QUEUED", "sid": sid1, "data": {"msgID": "m"}}
+            in_flight = f"m{len(replies) - 1}"
+            assert await a1.recv_json() == {"t": "QUEUED", "sid": sid1, "data": {"msgID": in_flight}}
             # and so is the next one
             await a1.send_json({"t": "MSG", "sid": sid1, "data": {"payload": "11", "msgID": "after"}})
             assert await a1.recv_json() == {"t": "QUEUED", "sid": sid1, "data": {"msgID": "after"}}
+
+            # Nothing acknowledged DELIVERED is lost (PROTOCOL 2.4: the dropped
+            # receiver's frames stay queued for its REATTACH): every frame the
+            # stalled client did not find in its socket is in the relay's queue
+            # (RelayCore.requeue; test_relay_core checks the REATTACH replay).
+            got_before: list[str] = []
+            while (msg := await stalled.recv())[0] == "text":
+                frame = json.loads(msg[1])
+                if frame["t"] == "MSG":
+                    got_before.append(frame["data"]["msgID"])
+            delivered = [f"m{i}" for i in range(len(replies) - 1)]
+            assert got_before == delivered[: len(got_before)]
+            never_read = len(delivered) - len(got_before)
+            assert never_read > 0  # the drop really left frames behind
+            queued = server._core.stats()["queued_frames"]
+            assert queued >= never_read + 2, (queued, never_read)  # + in_flight and "after"
 
 
 async def test_error_limit_closes_with_1008():
