@@ -33,6 +33,25 @@ def conformance_report():
     return record
 
 
+@pytest.fixture(scope="session")
+def go_relay_binary(tmp_path_factory) -> Path:
+    """The Go reference relay, built once per test session."""
+    from parley.conformance.golang import build_go_relay
+
+    return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
+
+
+@pytest.fixture(scope="session")
+def node_client_installed() -> None:
+    """The Node reference client's npm packages; a missing Node fails, never skips."""
+    from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client
+
+    try:
+        ensure_node_client()
+    except NodeUnavailableError as exc:
+        pytest.fail(f"Node reference client unavailable: {exc}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _REPORT:
         return

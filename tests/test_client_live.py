@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from parley.client.harness import ParleyProcess, PtyParley, fingerprint, state_of
-from parley.conformance.golang import GoRelay, build_go_relay
+from parley.conformance.golang import GoRelay
 from parley.conformance.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 90
@@ -39,11 +39,6 @@ def record(what: str, seconds: float) -> None:
 
 
 # --- relays -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def go_binary(tmp_path_factory):
-    return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
 
 
 @contextlib.contextmanager
@@ -64,10 +59,10 @@ ALL_DIALECTS = [*RELAYS, "parley:node", "parley:go"]
 
 
 @pytest.fixture
-def relay_url(request, go_binary) -> Iterator[str]:
+def relay_url(request, go_relay_binary) -> Iterator[str]:
     kind = getattr(request, "param", "go")
     if kind == "go":
-        with go_relay(go_binary) as (url, _):
+        with go_relay(go_relay_binary) as (url, _):
             yield url
     else:
         with parley_relay(kind.partition(":")[2] or "compat") as (url, _):
@@ -167,7 +162,7 @@ async def test_invite_join_and_chat_both_ways(relay_url, tmp_path, request):
 
 
 @pytest.mark.parametrize("relay_url", RELAYS, indirect=True)
-async def test_one_shot_send_and_resume_after_restart(relay_url, tmp_path, request, go_binary):
+async def test_one_shot_send_and_resume_after_restart(relay_url, tmp_path, request, go_relay_binary):
     label = request.node.callspec.id
     queues = label == "parley"
     a, b = tmp_path / "a", tmp_path / "b"
@@ -232,8 +227,8 @@ async def test_one_shot_send_and_resume_after_restart(relay_url, tmp_path, reque
     assert_no_plaintext(b, "bob", "while you were away", "welcome back")
 
 
-async def test_accept_prompt_and_deny(tmp_path, go_binary):
-    with go_relay(go_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
+async def test_accept_prompt_and_deny(tmp_path, go_relay_binary):
+    with go_relay(go_relay_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice = await start(nursery, url, "alice", tmp_path / "a", "invite")
             code = (await alice.expect(CODE_RE)).group(1)
@@ -263,20 +258,20 @@ async def test_accept_prompt_and_deny(tmp_path, go_binary):
             assert rc == 1 and err.strip() == "parley: invalid or expired invite code; ask the other person for a new one"
 
 
-async def test_relay_restart_reconnects_and_delivers_what_was_typed_meanwhile(tmp_path, go_binary):
+async def test_relay_restart_reconnects_and_delivers_what_was_typed_meanwhile(tmp_path, go_relay_binary):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            with go_relay(go_binary, port) as (url, _):
+            with go_relay(go_relay_binary, port) as (url, _):
                 alice, bob, _v = await pair(nursery, url, tmp_path, "go")
             await alice.expect(r"^\* connection to the relay lost$")
             await bob.expect(r"^\* connection to the relay lost$")
             await alice.type("typed while the relay was down")
             await alice.expect(r"^\* message \w+: saved, will be sent when connected$")
             await alice.expect(r"^\* reconnecting in ")
-            with go_relay(go_binary, port) as (url2, _):
+            with go_relay(go_relay_binary, port) as (url2, _):
                 assert url2 == url
                 await alice.expect(r"^\* reconnected to ", timeout=20)
                 await bob.expect(r"^\* reconnected to ", timeout=20)
@@ -289,8 +284,8 @@ async def test_relay_restart_reconnects_and_delivers_what_was_typed_meanwhile(tm
             assert alice.returncode == 0 and bob.returncode == 0
 
 
-async def test_ctrl_c_leaves_cleanly_with_state_saved(tmp_path, go_binary):
-    with go_relay(go_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
+async def test_ctrl_c_leaves_cleanly_with_state_saved(tmp_path, go_relay_binary):
+    with go_relay(go_relay_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice, bob, _v = await pair(nursery, url, tmp_path, "go")
             bob.interrupt()
@@ -394,11 +389,11 @@ async def node(url: str, name: str, cwd: Path, role: str, arg: str | None = None
 
 
 async def test_node_creator_parley_joiner_over_go_relay_then_each_resumes_the_others_file(
-    tmp_path, go_binary, conformance_report
+    tmp_path, go_relay_binary, conformance_report
 ):
     """Over the Go relay the Node creator answers a JOIN_REQUEST with JOIN_ACCEPT, which reaches
     a parley joiner (a Node joiner would wait for JOINED forever)."""
-    with go_relay(go_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
+    with go_relay(go_relay_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             async with node(url, "nora", tmp_path / "n", "create") as nora:
                 code = (await nora.next_event("invite_code", timeout=10))["code"]
@@ -465,10 +460,10 @@ async def test_parley_creator_node_joiner_over_parley_relay(tmp_path, dialect, c
 # --- a real terminal --------------------------------------------------------------------------
 
 
-async def test_chat_on_a_terminal_typing_ctrl_d_and_ctrl_c(tmp_path, go_binary):
+async def test_chat_on_a_terminal_typing_ctrl_d_and_ctrl_c(tmp_path, go_relay_binary):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_") or k == "PARLEY_SOURCE_ROOT"}
     argv = [sys.executable, "-m", "parley.client", "--name", "bob", "--state-dir", str(tmp_path / "b")]
-    with go_relay(go_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
+    with go_relay(go_relay_binary) as (url, _), trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice, bob, verification = await pair(nursery, url, tmp_path, "go")
             await bob.stop()

@@ -13,27 +13,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
 
 from parley.client.harness import parley_peer_factory
 from parley.conformance.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, run_cell
-from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client
 from parley.conformance.relayproc import ParleyRelay
 
 CELL_DEADLINE = 90.0
 
 
 # --------------------------------------------------------------------------- relays
-
-
-@pytest.fixture(scope="session")
-def go_relay_binary(tmp_path_factory) -> Path:
-    from parley.conformance.golang import build_go_relay
-
-    return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
 
 
 @asynccontextmanager
@@ -129,12 +120,7 @@ CELLS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _node_client_installed():
-    try:
-        ensure_node_client()
-    except NodeUnavailableError as exc:
-        pytest.fail(f"Node reference client unavailable: {exc}")
+pytestmark = pytest.mark.usefixtures("node_client_installed")
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from parley.client.crypto import MODP14_PRIME, to_hex
-from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client, open_node_client
+from parley.conformance.nodepeer import open_node_client
 
 P_HEX = to_hex(MODP14_PRIME)  # RFC 3526 group 14, as Node's getPrime('hex') prints it
 P = MODP14_PRIME
@@ -32,12 +32,7 @@ STEP = "node client (scripted relay)"
 TEST_DEADLINE = 40.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _node_client_installed():
-    try:
-        ensure_node_client()
-    except NodeUnavailableError as exc:
-        pytest.fail(f"Node reference client unavailable: {exc}")
+pytestmark = pytest.mark.usefixtures("node_client_installed")
 
 
 def bounded(fn):

@@ -8,15 +8,14 @@ by itself (the upgrade's `Server` header) whether it talks to parley.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from parley.conformance.golang import GoRelay, build_go_relay
-from parley.conformance.relay_suite import SUITE_DIR
+from parley.conformance.golang import GoRelay
+from parley.conformance.relay_suite import SUITE_DIR, suite_environment
 from parley.conformance.relayproc import ParleyRelay
 
 # target id -> (dialect, implementation the suite must detect, fewest tests that apply)
@@ -28,27 +27,15 @@ TARGETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def go_relay_bin(tmp_path_factory):
-    return build_go_relay(tmp_path_factory.mktemp("go-bin"))
-
-
-def suite_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("PYTEST_ADDOPTS", "PARLEY_RELAY_URL", "PARLEY_RELAY_DIALECT", "PARLEY_RELAY_IMPL"):
-        env.pop(name, None)
-    return env
-
-
 def parse_table(output: str) -> dict[str, str]:
     return dict((m.group(2), m.group(1)) for m in re.finditer(r"^(PASS|FAIL|SKIP|NOT RUN)\s+(\S+)$", output, re.M))
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_relay_suite_passes(target, go_relay_bin, tmp_path, conformance_report):
+def test_relay_suite_passes(target, go_relay_binary, tmp_path, conformance_report):
     dialect, impl, min_passed = TARGETS[target]
     if target == "go-relay":
-        relay = GoRelay(go_relay_bin, ping_interval=1.0)
+        relay = GoRelay(go_relay_binary, ping_interval=1.0)
     else:
         relay = ParleyRelay(dialect=dialect, ping_interval=1.0)
     with relay:
@@ -58,7 +45,7 @@ def test_relay_suite_passes(target, go_relay_bin, tmp_path, conformance_report):
                 "--relay-url", relay.url, "--dialect", dialect, "--ping-interval", "1",
                 "-q", "-p", "no:cacheprovider",
             ],
-            cwd=tmp_path, env=suite_env(), capture_output=True, text=True, timeout=300,
+            cwd=tmp_path, env=suite_environment(), capture_output=True, text=True, timeout=300,
         )
         assert relay.alive(), f"the relay ({target}) died during the suite"
     output = proc.stdout + proc.stderr

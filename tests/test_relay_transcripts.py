@@ -22,7 +22,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from parley.conformance.golang import GoRelay, build_go_relay
+from parley.conformance.golang import GoRelay
 from parley.conformance.relayproc import ParleyRelay
 
 SETTLE = 0.15  # quiet time that ends a step
@@ -205,8 +205,8 @@ async def record(url: str, scenario) -> list:
 
 
 @pytest.fixture(scope="module")
-def go_relay_url(tmp_path_factory):
-    with GoRelay(build_go_relay(tmp_path_factory.mktemp("go")), ping_interval=3600) as relay:
+def go_relay_url(go_relay_binary):
+    with GoRelay(go_relay_binary, ping_interval=3600) as relay:
         yield relay.url
 
 

@@ -8,14 +8,14 @@ runs go in parallel to keep the test short.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from parley.conformance.golang import GoRelay, build_go_relay
+from parley.conformance.golang import GoRelay
+from parley.conformance.relay_suite import suite_environment
 
 EXPECT = {
     "no-newline": {
@@ -55,20 +55,8 @@ EXPECT = {
 }
 
 
-@pytest.fixture(scope="module")
-def go_relay_bin(tmp_path_factory):
-    return build_go_relay(tmp_path_factory.mktemp("go-bin"))
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("PYTEST_ADDOPTS", "PARLEY_RELAY_URL", "PARLEY_RELAY_DIALECT", "PARLEY_RELAY_IMPL"):
-        env.pop(name, None)
-    return env
-
-
-def test_suite_fails_against_faulty_relays(go_relay_bin, tmp_path, conformance_report):
-    relays = {fault: GoRelay(go_relay_bin, ping_interval=1.0, fault=fault) for fault in EXPECT}
+def test_suite_fails_against_faulty_relays(go_relay_binary, tmp_path, conformance_report):
+    relays = {fault: GoRelay(go_relay_binary, ping_interval=1.0, fault=fault) for fault in EXPECT}
     procs: dict[str, subprocess.Popen[str]] = {}
     outputs: dict[str, str] = {}
     try:
@@ -81,7 +69,7 @@ def test_suite_fails_against_faulty_relays(go_relay_bin, tmp_path, conformance_r
                 "--dialect", "go", "--ping-interval", "1", "--", "-q", "--frame-timeout", "1",
             ]
             procs[fault] = subprocess.Popen(
-                cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                cmd, cwd=tmp_path, env=suite_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         for fault, proc in procs.items():
             try:
