@@ -5,7 +5,7 @@
 exact bytes the legacy Go relay writes (PROTOCOL 1.1).
 """
 
-from .codec import encode, encode_text, parse, split_envelope
+from .codec import encode, encode_ack, encode_text, parse, parse_canonical_msg, split_envelope
 from .errors import ErrorCode, ProtocolError
 from .frames import (
     REGISTRY,
@@ -35,7 +35,7 @@ from .frames import (
 )
 
 __all__ = [
-    "parse", "encode", "encode_text", "split_envelope", "ErrorCode", "ProtocolError",
+    "parse", "parse_canonical_msg", "encode", "encode_text", "encode_ack", "split_envelope", "ErrorCode", "ProtocolError",
     "REGISTRY", "Frame", "CreateSession", "Delivered", "DeliveredFailed", "ErrorFrame",
     "InviteCode", "InviteCreate", "Join", "JoinAccept", "JoinDenied", "JoinDeny", "Joined",
     "JoinRequest", "Leave", "Msg", "PeerOffline", "PeerOnline", "Ping", "Pong", "Queued",

@@ -66,6 +66,11 @@ def _html_escape(match: re.Match[str]) -> str:
     return "\\u%04x" % ord(match.group())
 
 
+def needs_compacting(raw: str) -> bool:
+    """Whether `compact` could change this (valid) JSON text."""
+    return _COMPACT_TRIGGER.search(raw) is not None
+
+
 def compact(raw: str) -> str:
     """Compact already-validated JSON text the way Go compacts a RawMessage.
 

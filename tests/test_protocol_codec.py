@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from parley.protocol import (
     REGISTRY,
+    Delivered,
     ErrorCode,
     ErrorFrame,
     InviteCode,
@@ -23,7 +24,9 @@ from parley.protocol import (
     Queued,
     Reattach,
     encode,
+    encode_ack,
     parse,
+    parse_canonical_msg,
 )
 from parley.protocol import gojson
 
@@ -266,3 +269,56 @@ def test_parse_never_raises_anything_but_protocol_error(message):
         parse(message)
     except ProtocolError as exc:
         assert isinstance(exc.code, ErrorCode)
+
+
+# --- the relay's MSG fast path -------------------------------------------------
+
+RELAYLOAD_MSG = '{"t":"MSG","sid":"1763900000123_9f3a61c2","data":{"payload":"' + "ab" * 40 + '","msgID":"0000002a"}}'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        RELAYLOAD_MSG,
+        RELAYLOAD_MSG + "\n",
+        encode(Msg.build("s_1", "00ff" * 20, "m-1")).decode(),
+        '{"t":"MSG","sid":"s","data":{}}',
+        '{"t":"MSG","sid":"s","data":{"payload":7,"msgID":["x"]}}',
+        '{"t":"MSG","sid":"s","data":{"a":{"b":[1,2,{"c":null}]},"msgID":"\\u00e9\\/"}}',
+    ],
+)
+def test_fast_path_takes_canonical_msgs_and_agrees_with_parse(text):
+    fast = parse_canonical_msg(text)
+    assert fast is not None
+    frame = parse(text)
+    assert fast == (frame.sid, frame.msg_id, frame.payload, encode(frame).decode())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        RELAYLOAD_MSG.replace('"data":', '"data": '),  # whitespace: Go compacts it
+        RELAYLOAD_MSG.replace("ab", "<>", 1),  # Go escapes < > &
+        RELAYLOAD_MSG.replace("ab", "\u00e9", 1),  # not ASCII
+        RELAYLOAD_MSG + " ",
+        RELAYLOAD_MSG + "x",
+        RELAYLOAD_MSG[:-1],
+        RELAYLOAD_MSG[:-1] + ',"data":{}}',  # duplicate member: parse says bad_frame
+        '{"t":"MSG","sid":"a\\u0062","data":{}}',  # an escaped sid is decoded by parse
+        '{"t":"MSG","sid":"","data":{}}',
+        '{"t":"MSG","sid":"s","data":[]}',
+        '{"t":"MSG","sid":"s","data":{"a":NaN}}',
+        '{"t":"MSG","sid":"s","data":{"a":1}',
+        '{"t":"MSG","sid":"s","data":{"a":1}}}',
+        RELAYLOAD_MSG.encode(),  # binary messages take the general path
+    ],
+)
+def test_fast_path_declines_what_parse_must_judge(text):
+    assert parse_canonical_msg(text) is None
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=40), st.none() | st.text(max_size=40), st.sampled_from(["DELIVERED", "QUEUED"]))
+def test_encode_ack_matches_the_frame_encoding(sid, msg_id, kind):
+    cls = Delivered if kind == "DELIVERED" else Queued
+    assert encode_ack(kind, sid, msg_id) == encode(cls(sid, msg_id=msg_id)).decode()
