@@ -1,0 +1,256 @@
+"""RFC 6455 framing for the relay's end of a connection, sans I/O.
+
+The relay reads only what a client may send a server (masked frames, no
+extension, so no RSV bit) and writes only unmasked server frames, so it needs
+a small part of what a general WebSocket library does, and it needs that part
+fast: every relayed MSG crosses `FrameReader.receive`. Bytes go in; complete
+messages and control frames come out as plain tuples; nothing here touches a
+socket.
+
+What the reader enforces (each a close with the code given): RSV bits clear,
+known opcode, client frames masked, control frames final and at most 125
+bytes, lengths in their shortest encoding and the 64-bit one below 2**63,
+continuation frames only inside a fragmented message and no new message
+inside one (1002); TEXT messages valid UTF-8 (1007); a close frame either
+empty or a valid code (1000-1003, 1007-1013, 3000-4999) with a UTF-8 reason
+(1002, 1007 for the reason). A message over `max_message` bytes is never
+buffered: a `TOO_LARGE` event is reported once and the rest of its frames is
+counted off as it arrives.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+
+__all__ = [
+    "FrameReader", "TEXT", "BINARY", "PING", "PONG", "CLOSE", "TOO_LARGE", "FAIL",
+    "text_frame_header", "close_frame", "ping_frame", "pong_frame", "accept_token",
+    "NO_STATUS",
+]
+
+# Event kinds: (TEXT, str) (BINARY, bytes) (PING, bytes) (PONG, bytes)
+# (CLOSE, code, reason) (TOO_LARGE, size) (FAIL, code, reason).
+TEXT, BINARY, PING, PONG, CLOSE, TOO_LARGE, FAIL = range(7)
+
+NO_STATUS = 1005  # a close frame without a code (never sent on the wire)
+
+_CONT, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
+_HANDSHAKE_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    n = len(data)
+    if not n:
+        return b""
+    key = (bytes(mask) * ((n + 3) >> 2))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+class FrameReader:
+    """Client-to-server frames in, events out (see the module docstring)."""
+
+    def __init__(self, max_message: int) -> None:
+        self._max = max_message
+        self._buf = bytearray()
+        self._fragment_op: int | None = None  # opcode of the fragmented message in progress
+        self._parts: list[bytes] = []
+        self._size = 0  # bytes of the fragmented message so far
+        self._discarding = False  # the message in progress went over the limit
+        self._skip = 0  # payload bytes of an over-limit frame still to come
+        self._done = False  # a close frame or a protocol error ended the stream
+
+    def receive(self, data: bytes) -> list[tuple]:
+        """Feed bytes; return the events they complete, in order. After a
+        CLOSE or FAIL event nothing more is read."""
+        if self._done:
+            return []
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return []
+            data = data[self._skip:]
+            self._skip = 0
+        buf = self._buf + data if self._buf else bytes(data)
+        events: list[tuple] = []
+        try:
+            pos = self._parse(buf, events)
+        except _Fail as fail:
+            self._done = True
+            events.append((FAIL, fail.code, fail.reason))
+            pos = len(buf)
+        self._buf = b"" if self._done or pos >= len(buf) else buf[pos:]
+        return events
+
+    def _parse(self, buf: bytes, events: list[tuple]) -> int:
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                raise _Fail(1002, "reserved bits set")
+            if not b1 & 0x80:
+                raise _Fail(1002, "client frames must be masked")
+            op = b0 & 0x0F
+            fin = b0 & 0x80
+            length = b1 & 0x7F
+            head = 6
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 8
+                if length < 126:
+                    raise _Fail(1002, "payload length not in its shortest form")
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                (length,) = struct.unpack_from("!Q", buf, pos + 2)
+                head = 14
+                if length >> 63:
+                    raise _Fail(1002, "payload length out of range")
+                if length < 65536:
+                    raise _Fail(1002, "payload length not in its shortest form")
+            if op >= _CLOSE:
+                if op > _PONG:
+                    raise _Fail(1002, "unknown opcode")
+                if not fin:
+                    raise _Fail(1002, "fragmented control frame")
+                if length > 125:
+                    raise _Fail(1002, "control frame payload too long")
+            elif op > _BINARY:
+                raise _Fail(1002, "unknown opcode")
+            elif op == _CONT:
+                if self._fragment_op is None:
+                    raise _Fail(1002, "continuation frame outside a fragmented message")
+            elif self._fragment_op is not None:
+                raise _Fail(1002, "new message inside a fragmented message")
+
+            if n - pos < head:
+                break  # the mask is not all here yet
+            if op < _CLOSE and (self._discarding or self._size + length > self._max):
+                # Over the limit: report once, never buffer, count the rest off.
+                if not self._discarding:
+                    events.append((TOO_LARGE, self._size + length))
+                self._parts = []
+                self._size = 0
+                self._track_fragments(op, fin)
+                self._discarding = self._fragment_op is not None
+                available = n - pos - head
+                if available >= length:
+                    pos += head + length
+                    continue
+                self._skip = length - available
+                return n
+
+            end = pos + head + length
+            if end > n:
+                break
+            payload = _unmask(buf[pos + head:end], buf[pos + head - 4:pos + head])
+            pos = end
+            if op >= _CLOSE:
+                if op == _PING:
+                    events.append((PING, payload))
+                elif op == _PONG:
+                    events.append((PONG, payload))
+                else:
+                    events.append(self._close_event(payload))
+                    self._done = True
+                    return pos
+                continue
+            if op == _CONT:
+                self._parts.append(payload)
+                self._size += length
+                if not fin:
+                    continue
+                message_op = self._fragment_op
+                payload = b"".join(self._parts)
+                self._parts = []
+                self._size = 0
+                self._fragment_op = None
+            elif not fin:
+                self._fragment_op = op
+                self._parts = [payload]
+                self._size = length
+                continue
+            else:
+                message_op = op
+            if message_op == _TEXT:
+                try:
+                    events.append((TEXT, payload.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise _Fail(1007, "invalid UTF-8 in a text message") from None
+            else:
+                events.append((BINARY, payload))
+        return pos
+
+    def _track_fragments(self, op: int, fin: int) -> None:
+        if op != _CONT:
+            self._fragment_op = None if fin else op
+        elif fin:
+            self._fragment_op = None
+
+    @staticmethod
+    def _close_event(payload: bytes) -> tuple:
+        if not payload:
+            return (CLOSE, NO_STATUS, "")
+        if len(payload) == 1:
+            raise _Fail(1002, "close frame with a 1-byte payload")
+        code = (payload[0] << 8) | payload[1]
+        if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+            raise _Fail(1002, "close frame with an invalid code")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Fail(1007, "close reason is not UTF-8") from None
+        return (CLOSE, code, reason)
+
+
+# --- writing (server frames are never masked) ----------------------------------------
+
+
+def text_frame_header(n: int) -> bytes:
+    """Header of one unmasked, final TEXT frame of `n` payload bytes (RFC 6455 5.2)."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n)
+    return struct.pack("!BBQ", 0x81, 127, n)
+
+
+def _control_frame(first: int, payload: bytes) -> bytes:
+    return bytes((first, len(payload))) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame; `NO_STATUS` gives an empty one. The reason is cut to fit
+    the 125-byte control frame limit, on a character boundary."""
+    if code == NO_STATUS:
+        return _control_frame(0x88, b"")
+    raw = reason.encode("utf-8")
+    if len(raw) > 123:
+        raw = raw[:123].decode("utf-8", "ignore").encode("utf-8")
+    return _control_frame(0x88, struct.pack("!H", code) + raw)
+
+
+def ping_frame(payload: bytes = b"") -> bytes:
+    return _control_frame(0x89, payload[:125])
+
+
+def pong_frame(payload: bytes) -> bytes:
+    return _control_frame(0x8A, payload[:125])
+
+
+def accept_token(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip() + _HANDSHAKE_GUID).digest())
