@@ -15,6 +15,8 @@ out. The contract the shell keeps:
   goes away, the `requeue` tokens of the sends it had not finished writing
   go back to the core (`RelayCore.requeue`) before `disconnect`.
 * `Close` sends a close frame with the code and reason, then drops it.
+* `NotifyDrained` asks for one `RelayCore.drained(conn)` call once the
+  connection's buffer is empty (after the sends before it are written).
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class Send:
     conn: ConnId
     text: str  # one complete TEXT message, as `parley.protocol.encode_text` writes it
     requeue: Requeue | None = None  # set on a MSG forwarded to a legacy receiver
+
+
+@attrs.frozen
+class NotifyDrained:
+    """Call `RelayCore.drained(conn)` once this connection has written every
+    byte queued for it so far (the core paces a long replay this way)."""
+
+    conn: ConnId
 
 
 @attrs.frozen
@@ -124,7 +134,7 @@ class Persist:
     op: StoreOp
 
 
-Action = Union[Send, Close, Persist]
+Action = Union[Send, Close, Persist, NotifyDrained]
 
 
 @attrs.frozen

@@ -109,10 +109,17 @@ def build_relay(
     """
     store_obj = None if store == MEMORY else Store(store)
     try:
+        transport = TransportConfig(
+            max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
+        )
         if core is None:
-            core = RelayCore(
-                _core_config(dialect, max_frame, core_options or {}), clock=time.time, rng=secrets
+            options = dict(core_options or {})
+            # A replay chunk must fit the send buffer with room to spare, or a
+            # paced REATTACH replay would overflow it anyway.
+            options.setdefault(
+                "replay_chunk_bytes", min(1 << 20, max(1, transport.effective_send_buffer_bytes // 4))
             )
+            core = RelayCore(_core_config(dialect, max_frame, options), clock=time.time, rng=secrets)
         if store_obj is not None:
             snapshot = store_obj.load()
             core.restore(snapshot)
@@ -120,9 +127,6 @@ def build_relay(
                 "store: %d session(s), %d side(s), %d live code(s), %d queued frame(s) restored",
                 len(snapshot.sessions), len(snapshot.sides), len(snapshot.codes), len(snapshot.frames),
             )
-        transport = TransportConfig(
-            max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
-        )
         server = RelayServer(
             core,
             store_obj,
@@ -205,6 +209,16 @@ def _env_default(ctx: click.Context, name: str) -> bool:
 @_option("--joins-per-address", envvar="PARLEY_RELAY_JOINS_PER_ADDRESS", metavar="N",
               type=click.IntRange(1), default=60, show_default=True, show_envvar=True,
               help="JOIN attempts one IP address may make per minute (invite-code guessing limit).")
+@_option("--code-ttl", envvar="PARLEY_RELAY_CODE_TTL", metavar="SECONDS",
+              type=click.FloatRange(1, 7 * 86400), default=600.0, show_default=True,
+              show_envvar=True, help="Life of an unused invite code.")
+@_option("--session-ttl", envvar="PARLEY_RELAY_SESSION_TTL", metavar="SECONDS",
+              type=click.FloatRange(1, 365 * 86400), default=3600.0, show_default=True,
+              show_envvar=True,
+              help="How long a session with nobody attached and nothing queued is kept.")
+@_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
+              type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
+              help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
 def relay(
     host: str,
     port: int,
@@ -217,6 +231,9 @@ def relay(
     ping_interval: float,
     code_digits: int,
     joins_per_address: int,
+    code_ttl: float,
+    session_ttl: float,
+    queue_bytes: int,
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -245,7 +262,13 @@ def relay(
             ping_interval=ping_interval,
             certfile=certfile,
             keyfile=keyfile,
-            core_options={"code_digits": code_digits, "join_attempts_per_addr": joins_per_address},
+            core_options={
+                "code_digits": code_digits,
+                "join_attempts_per_addr": joins_per_address,
+                "code_ttl": code_ttl,
+                "session_ttl": session_ttl,
+                "queue_max_bytes": queue_bytes,
+            },
         )
     except (StoreError, ValueError, TypeError) as exc:
         raise _OneLineError(str(exc)) from None

@@ -31,6 +31,9 @@ class RelayConfig:
                           is kept before it is freed
     queue_max_frames      stored frames per session
     queue_max_bytes       stored bytes per session
+    queue_total_bytes     stored bytes, all sessions together
+    replay_chunk_bytes    stored frames sent to a REATTACHing connection at once;
+                          the rest follows as its buffer drains
     max_sessions_per_conn sessions one connection may be a member of at once
     max_sides_per_session distinct side tokens one session accepts
     max_sid_length        longest SID accepted (a SID names memory the relay keeps)
@@ -51,7 +54,9 @@ class RelayConfig:
     frame_ttl: float = attrs.field(default=7 * 24 * 3600.0, validator=_positive_time)
     session_ttl: float = attrs.field(default=3600.0, validator=_positive_time)
     queue_max_frames: int = attrs.field(default=1000, validator=_positive_int)
-    queue_max_bytes: int = attrs.field(default=4 << 20, validator=_positive_int)
+    queue_max_bytes: int = attrs.field(default=16 << 20, validator=_positive_int)
+    queue_total_bytes: int = attrs.field(default=512 << 20, validator=_positive_int)
+    replay_chunk_bytes: int = attrs.field(default=1 << 20, validator=_positive_int)
     max_sessions_per_conn: int = attrs.field(default=100, validator=_positive_int)
     max_sides_per_session: int = attrs.field(default=8, validator=[v.instance_of(int), v.ge(2)])
     max_sid_length: int = attrs.field(default=128, validator=_positive_int)

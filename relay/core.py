@@ -119,7 +119,6 @@ from typing import Any, Protocol
 from parley.client.crypto import MODP14_GENERATOR, MODP14_PRIME
 from parley.protocol import (
     CreateSession,
-    Delivered,
     DeliveredFailed,
     ErrorCode,
     ErrorFrame,
@@ -138,12 +137,13 @@ from parley.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Queued,
     Reattach,
     Received,
     SessionCreated,
+    encode_ack,
     encode_text,
     parse,
+    parse_canonical_msg,
 )
 
 from .actions import (
@@ -153,6 +153,7 @@ from .actions import (
     DeleteCode,
     DeleteFrame,
     DeleteSession,
+    NotifyDrained,
     Persist,
     SaveCode,
     SaveFrame,
@@ -184,7 +185,7 @@ class Random(Protocol):
 
 
 class _Conn:
-    __slots__ = ("id", "address", "sessions", "errors", "joins", "client_id")
+    __slots__ = ("id", "address", "sessions", "errors", "joins", "client_id", "replay")
 
     def __init__(self, conn_id: ConnId, address: Hashable) -> None:
         self.id = conn_id
@@ -193,6 +194,9 @@ class _Conn:
         self.errors = Window()
         self.joins = Window()
         self.client_id: str | None = None
+        # sid -> seq of the next stored frame to replay once the connection's
+        # buffer has drained (a REATTACH backlog larger than one chunk)
+        self.replay: dict[str, int] | None = None
 
 
 class _Stored:
@@ -369,8 +373,7 @@ class RelayCore:
             if any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
                 continue
             size = _size(token.text)
-            cfg = self.config
-            if len(sess.queue) >= cfg.queue_max_frames or sess.queued_bytes + size > cfg.queue_max_bytes:
+            if self._queue_full(sess, size):
                 continue  # bounded like any queue (PROTOCOL 2.4)
             self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size, actions)
         return actions
@@ -391,6 +394,9 @@ class RelayCore:
         limit = self.config.max_frame
         if len(message) > limit:
             return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
+        fast = parse_canonical_msg(message)  # the hot path: a MSG in forwarding form
+        if fast is not None:
+            return self._relay_msg(conn, *fast)
         if isinstance(message, str) and not message.isascii():
             try:
                 encoded = message.encode("utf-8")
@@ -413,7 +419,12 @@ class RelayCore:
         return []
 
     def _on_msg(self, conn: _Conn, frame: Msg) -> list[Action]:
-        sid = frame.sid
+        return self._relay_msg(conn, frame.sid, frame.msg_id, frame.payload, encode_text(frame))
+
+    def _relay_msg(
+        self, conn: _Conn, sid: str, declared_id: str | None, payload: str | None, text: str
+    ) -> list[Action]:
+        """A MSG: `text` is the frame as forwarded, `declared_id` its data.msgID."""
         cid = conn.id
         actions: list[Action] = []
         sess = self._sessions.get(sid)
@@ -431,32 +442,34 @@ class RelayCore:
             side = None
         receivers = []
         sided = False
+        replaying = False  # a receiver still has stored frames coming: store, don't overtake
+        conns = self._conns
         for m, m_side in members.items():
             if m == cid or (side is not None and m_side == side):
+                continue
+            if conns[m].replay and sid in conns[m].replay:
+                replaying = True
                 continue
             receivers.append(m)
             if m_side is not None:
                 sided = True
-        text = encode_text(frame)
-        msg_id = frame.msg_id
+        msg_id = declared_id
         if msg_id is None:
-            payload = frame.payload
             msg_id = payload[:24] if payload else ""
-        if not receivers or (sided and msg_id):
+        if replaying or not receivers or (sided and msg_id):
             size = _size(text)
-            cfg = self.config
-            if len(sess.queue) >= cfg.queue_max_frames or sess.queued_bytes + size > cfg.queue_max_bytes:
+            if self._queue_full(sess, size):
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
                 return actions
             self._store(sess, side, cid, msg_id, text, size, actions)
-        if receivers:
+        if receivers or replaying:
             token = Requeue(sid, side, cid, msg_id, text)
-            actions.extend(Send(m, text, token if members[m] is None else None) for m in receivers)
-            reply = encode_text(Delivered(sid, msg_id=frame.msg_id))
+            for m in receivers:
+                actions.append(Send(m, text, token if members[m] is None else None))
+            actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id)))
         else:
-            reply = encode_text(Queued(sid, msg_id=msg_id or None))
-        actions.append(Send(cid, reply))
+            actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None)))
         return actions
 
     def _on_received(self, conn: _Conn, frame: Received) -> list[Action]:
@@ -502,25 +515,68 @@ class RelayCore:
             if m != cid:
                 actions.append(Send(m, online))
                 actions.append(Send(cid, online))
+        if conn.replay is not None:
+            conn.replay.pop(sid, None)  # a repeated REATTACH starts the replay over
         if sess.queue:
-            done = []
-            for stored in sess.queue.values():
-                if stored.from_conn == cid or (side is not None and stored.from_side == side):
-                    continue
-                if side is None or not stored.msg_id:
-                    # done once written: if it never is, the shell hands it back
-                    token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
-                    actions.append(Send(cid, stored.text, token))
-                    done.append(stored)
-                else:
-                    actions.append(Send(cid, stored.text))
-            for stored in done:
-                self._drop(sess, stored, actions)
+            self._replay(conn, sess, side, 0, actions)
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
                 if joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
                     del sess.pending_joins[joiner]
+        return actions
+
+    def _replay(self, conn: _Conn, sess: _Session, side: str | None, start: int, actions: list[Action]) -> None:
+        """Send `conn` the stored frames meant for it, in order, from seq `start`,
+        at most `replay_chunk_bytes` at a time: a backlog bigger than the
+        connection's send buffer would otherwise overflow it, get the receiver
+        dropped and its frames requeued, again on every REATTACH. Past a chunk
+        the cursor is kept and `NotifyDrained` asks the shell to call
+        `drained` once the connection has written what it has."""
+        sid = sess.sid
+        cid = conn.id
+        budget = self.config.replay_chunk_bytes
+        done = []
+        cursor = None
+        for seq, stored in sess.queue.items():
+            if seq < start or stored.from_conn == cid or (side is not None and stored.from_side == side):
+                continue
+            if budget <= 0:
+                cursor = seq
+                break
+            budget -= stored.size
+            if side is None or not stored.msg_id:
+                # done once written: if it never is, the shell hands it back
+                token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
+                actions.append(Send(cid, stored.text, token))
+                done.append(stored)
+            else:
+                actions.append(Send(cid, stored.text))
+        for stored in done:
+            self._drop(sess, stored, actions)
+        if cursor is None:
+            if conn.replay is not None:
+                conn.replay.pop(sid, None)
+            return
+        if conn.replay is None:
+            conn.replay = {}
+        conn.replay[sid] = cursor
+        actions.append(NotifyDrained(cid))
+
+    def drained(self, conn_id: ConnId) -> list[Action]:
+        """The connection has written everything it was given (asked for with
+        `NotifyDrained`): go on with the paced replays it is in."""
+        conn = self._conns.get(conn_id)
+        if conn is None or not conn.replay:
+            return []
+        actions: list[Action] = []
+        for sid, cursor in list(conn.replay.items()):
+            sess = self._sessions.get(sid)
+            side = sess.members.get(conn_id, _ABSENT) if sess is not None else _ABSENT
+            if side is _ABSENT:
+                del conn.replay[sid]
+                continue
+            self._replay(conn, sess, side, cursor, actions)
         return actions
 
     def _on_create(self, conn: _Conn, frame: CreateSession) -> list[Action]:
@@ -651,6 +707,8 @@ class RelayCore:
         side = sess.members.pop(cid)
         del conn.sessions[sid]
         sess.pending_joins.pop(cid, None)
+        if conn.replay is not None:
+            conn.replay.pop(sid, None)
         actions: list[Action] = []
         if sess.members:
             text = encode_text(PeerOffline(sid))
@@ -846,6 +904,14 @@ class RelayCore:
         expires_at = self._clock() + self.config.frame_ttl
         self._enqueue(sess, _Stored(seq, from_side, from_conn, msg_id, text, size, expires_at))
         actions.append(Persist(SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at)))
+
+    def _queue_full(self, sess: _Session, size: int) -> bool:
+        cfg = self.config
+        return (
+            len(sess.queue) >= cfg.queue_max_frames
+            or sess.queued_bytes + size > cfg.queue_max_bytes
+            or self._queued_bytes + size > cfg.queue_total_bytes
+        )
 
     def _enqueue(self, sess: _Session, stored: _Stored) -> None:
         sess.queue[stored.seq] = stored

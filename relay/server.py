@@ -53,10 +53,10 @@ from typing import Any
 import attrs
 import trio
 
-from .actions import Action, Close, Persist, Send, StoreOp
+from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
 from .logging import frame_type_of, short_sid
 from .store import Store
-from .transport import TransportConfig, WsConn, serve_stream
+from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
 __all__ = ["ServerConfig", "RelayServer", "server_version", "make_ssl_context"]
 
@@ -142,6 +142,7 @@ class RelayServer:
         self._live: dict[int, WsConn] = {}  # every upgraded connection
         self._held: dict[int, deque[tuple[int, Action]]] = {}
         self._doomed: list[int] = []
+        self._outbox = Outbox()  # sends made in one batch go out in one write per connection
         # store pipeline
         self._pending: list[StoreOp] = []
         self._op_seq = 0  # ops ever queued
@@ -214,8 +215,9 @@ class RelayServer:
                 tick_scope.cancel()
                 self._listen_scope.cancel()
                 log.info("shutting down: closing %d connection(s)", len(self._live))
-                for conn_id in list(self._live):
-                    self._apply([Close(conn_id, SHUTDOWN_CODE, SHUTDOWN_REASON)], core=False)
+                with self._outbox:
+                    for conn_id in list(self._live):
+                        self._apply([Close(conn_id, SHUTDOWN_CODE, SHUTDOWN_REASON)], core=False)
                 conns.cancel_scope.deadline = trio.current_time() + self._config.shutdown_timeout
             await self._flush_store()
             services.cancel_scope.cancel()
@@ -248,7 +250,7 @@ class RelayServer:
         try:
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True, https_compatible=True)
-            await serve_stream(stream, self, self._transport, self._ids.__next__)
+            await serve_stream(stream, self, self._transport, self._ids.__next__, self._outbox)
         except Exception:  # a bug in one connection must not take the relay down
             log.exception("connection handler failed")
 
@@ -284,6 +286,12 @@ class RelayServer:
         if self._debug:
             log.debug("conn %d sent a message over %d bytes: answered too_large", conn.id, size - 1)
         self._call(conn, self._core.refuse_too_large, conn.id)
+
+    def on_drained(self, conn: WsConn) -> None:
+        """The connection wrote what it had, as the core asked: a paced replay goes on."""
+        if self._shutting_down or conn.id not in self._conns:
+            return
+        self._call(conn, self._core.drained, conn.id)
 
     def on_close(self, conn: WsConn) -> None:
         self._live.pop(conn.id, None)
@@ -337,7 +345,7 @@ class RelayServer:
         conns = self._conns if core else self._live
         for action in actions:
             kind = type(action)
-            if kind is Send or kind is Close:
+            if kind is Send or kind is Close or kind is NotifyDrained:
                 conn_id = action.conn
                 if ticket or conn_id in held:
                     if conn_id in conns:
@@ -372,14 +380,18 @@ class RelayServer:
         conn = conns.get(action.conn)
         if conn is None:
             return
-        if type(action) is Send:
+        kind = type(action)
+        if kind is NotifyDrained:
+            conn.notify_when_drained()
+        elif kind is Send:
             if self._debug:
                 log.debug(
                     "conn %d tx %s %dB", conn.id, frame_type_of(action.text), len(action.text)
                 )
             if not conn.send_text(action.text, action.requeue):
-                self.counters["overflows"] += 1
-                log.info("conn %d send buffer full: disconnected", conn.id)
+                if conn.close_reason == OVERFLOW:
+                    self.counters["overflows"] += 1
+                    log.info("conn %d send buffer full: disconnected", conn.id)
                 self._doomed.append(conn.id)
         else:
             if self._debug:
@@ -430,7 +442,8 @@ class RelayServer:
                 log.debug(
                     "store committed %d op(s) in %.1f ms", len(batch), (time.monotonic() - started) * 1000
                 )
-            self._release()
+            with self._outbox:
+                self._release()
             if self.backlogged and len(self._pending) < self._config.store_backlog // 2:
                 self.backlogged = False
                 self._room_event.set()
@@ -459,7 +472,8 @@ class RelayServer:
                     log.exception("relay core failed on tick")
                     continue
                 if actions:
-                    self._apply(actions)
+                    with self._outbox:
+                        self._apply(actions)
 
     async def _stats_loop(self) -> None:
         interval = self._config.stats_interval

@@ -21,6 +21,7 @@ from .actions import (
     DeleteCode,
     DeleteFrame,
     DeleteSession,
+    NotifyDrained,
     Persist,
     SaveCode,
     SaveFrame,
@@ -142,6 +143,7 @@ class Harness:
         clock: FakeClock | None = None,
         rng: FakeRandom | None = None,
         store: MemoryStore | None = None,
+        auto_drain: bool = False,
         **config_fields: Any,
     ) -> None:
         if config is None:
@@ -153,6 +155,10 @@ class Harness:
         self.closed: dict[ConnId, tuple[int, str]] = {}
         self.log: list[Action] = []
         self.last: list[Action] = []
+        # connections the core asked to hear about once their buffer is empty;
+        # with `auto_drain` they are drained at once, as an idle socket would be
+        self.drain_wanted: list[ConnId] = []
+        self.auto_drain = auto_drain
 
     def restore(self) -> None:
         self.core.restore(self.store.snapshot())
@@ -168,9 +174,29 @@ class Harness:
                 self.closed[action.conn] = (action.code, action.reason)
             elif isinstance(action, Persist):
                 self.store.apply(action.op)
+            elif isinstance(action, NotifyDrained):
+                if action.conn not in self.drain_wanted:
+                    self.drain_wanted.append(action.conn)
             else:
                 raise TypeError(f"unknown action {action!r}")
+        while self.auto_drain and self.drain_wanted:
+            more = self.core.drained(self.drain_wanted.pop(0))
+            self.last = self.last + more
+            self.log.extend(more)
+            for action in more:
+                if isinstance(action, Send):
+                    out.setdefault(action.conn, []).append(action.text)
+                elif isinstance(action, Persist):
+                    self.store.apply(action.op)
+                elif isinstance(action, NotifyDrained):
+                    self.drain_wanted.append(action.conn)
         return out
+
+    def drained(self, conn: ConnId) -> dict[ConnId, list[str]]:
+        """The connection wrote everything it had (only if the core asked)."""
+        if conn in self.drain_wanted:
+            self.drain_wanted.remove(conn)
+        return self.run(self.core.drained(conn))
 
     def connect(self, conn: ConnId, address: Any = "192.0.2.1") -> dict[ConnId, list[str]]:
         return self.run(self.core.connect(conn, address))

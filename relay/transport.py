@@ -1,18 +1,21 @@
-"""The relay's WebSocket transport: h11 handshake and wsproto frames over Trio streams.
+"""The relay's WebSocket transport: an h11 handshake, then RFC 6455 frames over Trio.
 
 One connection = one nursery with two tasks:
 
-* the **reader** (the connection's own task) receives bytes, feeds wsproto,
-  reassembles messages while counting their size (a message over the limit is
-  never buffered whole: its bytes are counted and dropped as they arrive) and
-  hands each complete message to the handler synchronously;
-* the **writer** owns the socket's send side. Everything addressed to the
-  connection is appended to one bounded outgoing buffer (already framed);
-  the writer sleeps until there is something, then sends ALL of it with one
-  `send_all`. It also keeps the PING cadence and the idle deadline.
+* the **reader** (the connection's own task) reads the socket, turns the
+  bytes into messages with `wsframe.FrameReader` (a message over the limit is
+  never buffered: it is reported and counted off as it arrives) and hands
+  each complete message to the handler synchronously, inside an `Outbox`
+  batch: what the handler queues for any connection during one read is
+  written when the batch ends, with one non-blocking write per connection,
+  from the reader's own task;
+* the **writer** keeps the PING cadence and the idle deadline, and takes
+  over the socket only when the kernel would not take a whole write (or the
+  stream is TLS): it then writes the rest as the socket drains, and
+  everything queued meanwhile goes behind it.
 
-Appending never blocks: when the buffer is over its bound (bytes or
-messages), the connection is aborted at once (no close frame: the peer is not
+Queueing never blocks: when a connection's buffer is over its bound (bytes or
+messages) the connection is aborted at once (no close frame: the peer is not
 reading anyway) and `send_text` returns False so the caller can tell the core.
 
 Handshake (PROTOCOL 1.1): every path upgrades, any Origin; a request that is
@@ -20,14 +23,14 @@ not a WebSocket upgrade gets `400 Bad Request` (405 for a method other than
 GET), as gorilla/websocket answers; no subprotocol is echoed and no extension
 is accepted; the 101 carries `Server: parley/<version>`. The handshake is
 parsed with h11 so that bytes a client sends right behind its request are
-kept and handed to wsproto.
+kept and read as frames.
 
 Closing: a client's close frame is answered with the same code and an empty
 reason, then the TCP connection is closed. A close we start (core `Close`,
 idle deadline, shutdown) waits up to `close_timeout` for the client's answer.
-A WebSocket protocol error found by wsproto (bad opcode, invalid UTF-8 in a
-TEXT message, ...) is answered with a close frame carrying wsproto's code and
-reason.
+A WebSocket protocol error (bad opcode, unmasked frame, invalid UTF-8 in a
+TEXT message, ...) is answered with a close frame carrying its code (1002 or
+1007) and a reason.
 """
 
 from __future__ import annotations
@@ -36,28 +39,22 @@ import base64
 import binascii
 import logging
 import math
-import struct
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 import h11
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
-    TextMessage,
-)
-from wsproto.utilities import generate_accept_token
+from . import wsframe
+from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader
 
-__all__ = ["TransportConfig", "Handler", "WsConn", "serve_stream", "PING_TEXT"]
+__all__ = ["TransportConfig", "Handler", "Outbox", "WsConn", "serve_stream", "PING_TEXT"]
 
 log = logging.getLogger("parley.relay.transport")
 
 PING_TEXT = '{"t":"PING"}\n'
+OVERFLOW = "send buffer full"  # the close reason of a connection dropped for not reading
 WS_VERSION = b"13"
 _RECV_SIZE = 65536
 
@@ -102,43 +99,106 @@ class Handler(Protocol):
 
     def on_close(self, conn: WsConn) -> None: ...
 
+    def on_drained(self, conn: WsConn) -> None: ...
 
-def _text_frame_header(n: int) -> bytes:
-    """Header of one unmasked, final TEXT frame of `n` payload bytes (RFC 6455 5.2)."""
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n)
-    return struct.pack("!BBQ", 0x81, 127, n)
 
+_text_frame_header = wsframe.text_frame_header
 
 _PING_PAYLOAD = PING_TEXT.encode()
 _PING_FRAME = _text_frame_header(len(_PING_PAYLOAD)) + _PING_PAYLOAD
 
 
+class Outbox:
+    """Connections with bytes waiting, written together when a batch of work ends.
+
+    A reader handles everything one socket read brought inside `with outbox:`;
+    what that produces for any connection is appended to that connection's
+    buffer, and when the batch ends each touched connection is written with one
+    non-blocking send, from the reader's own task. The fast path thus wakes no
+    writer task and still coalesces the frames of a batch into one write per
+    connection. Outside a batch a queued frame is written at once.
+    """
+
+    __slots__ = ("_dirty", "_depth")
+
+    def __init__(self) -> None:
+        self._dirty: list[WsConn] = []
+        self._depth = 0
+
+    def __enter__(self) -> Outbox:
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if not self._depth and self._dirty:
+            self.flush()
+
+    def mark(self, conn: WsConn) -> None:
+        if self._depth:
+            self._dirty.append(conn)
+        else:
+            conn._flush()
+
+    def flush(self) -> None:
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for conn in dirty:
+                conn._flush()
+
+
 class WsConn:
-    """One upgraded WebSocket connection (server side)."""
+    """One upgraded WebSocket connection (server side).
+
+    Writing: frames are appended to `_out` and the connection is marked in the
+    `Outbox`; `_flush` then writes them straight to the socket with one
+    non-blocking `os.write`. Only when the kernel takes part of it (or the
+    stream is not a plain socket, e.g. TLS) does the writer task take over
+    (`_writing`): it owns the socket until the buffer is empty, and every later
+    frame queues behind it, so the byte order on the wire is the queue order.
+    """
+
+    __slots__ = (
+        "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
+        "_finished", "_frames", "_handler", "_held_message", "_inflight", "_max_bytes",
+        "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
+        "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
+        "_stream", "_tokens", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
+        "close_reason", "dead", "id", "last_rx", "messages_in", "messages_out", "open",
+    )
 
     def __init__(
         self,
         conn_id: int,
         address: str,
         stream: trio.abc.Stream,
-        ws: Connection,
+        frames: FrameReader,
         config: TransportConfig,
+        outbox: Outbox,
     ) -> None:
         self.id = conn_id
         self.address = address
         self._stream = stream
-        self._ws = ws
+        self._fd: int | None = (
+            stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        )
+        self._frames = frames
+        self._events: list[tuple] = []  # read but not yet handled
+        self._next_event = 0
+        self._close_sent = False
         self._config = config
+        self._outbox = outbox
         self._max_bytes = config.effective_send_buffer_bytes
         self._max_messages = config.send_buffer_messages
         self._out: list[bytes] = []
-        self._out_bytes = 0
+        self._out_bytes = 0  # queued in _out plus the unwritten rest of a write
         self._out_messages = 0
+        self._rest: memoryview | None = None  # the unwritten tail of a partial write
+        self._writing = False  # the writer task owns the socket
+        self._dirty = False  # marked in the outbox
+        self._finished = False  # the stream is being closed: never touch the fd again
         # Requeue tokens (see relay.actions.Requeue) of queued sends, and of the
-        # batch being written; what is left here when the connection goes away
+        # write in progress; what is left here when the connection goes away
         # was not delivered.
         self._tokens: list[Any] = []
         self._inflight: list[Any] = []
@@ -147,6 +207,10 @@ class WsConn:
         self._read_scope: trio.CancelScope | None = None
         self._reading_done = False
         self._close_deadline = math.inf
+        self._held_message: str | bytes | None = None
+        self._handler: Handler | None = None
+        self._notify_drained = False  # tell the handler when the buffer is empty
+        self._drained_due = False  # ... which it now is: the writer task tells it
         # `open`: data frames may still be queued (no close frame queued yet).
         self.open = True
         # `dead`: aborted; nothing more is read or written.
@@ -176,17 +240,18 @@ class WsConn:
         ):
             if requeue is not None:
                 self._tokens.append(requeue)  # not written either
-            self.abort("send buffer full")
+            self.abort(OVERFLOW)
             return False
-        self._out.append(_text_frame_header(size))
+        header = _text_frame_header(size)
+        self._out.append(header)
         self._out.append(payload)
-        self._out_bytes += size
+        self._out_bytes += len(header) + size
         self._out_messages += 1
         if requeue is not None:
             self._tokens.append(requeue)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            wakeup.set()
+        if not self._dirty:
+            self._dirty = True
+            self._outbox.mark(self)
         return True
 
     def close(self, code: int, reason: str = "", *, wait_reply: bool = True) -> None:
@@ -196,8 +261,9 @@ class WsConn:
             return
         self.open = False
         self.close_reason = reason or str(code)
-        if self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._queue_raw(self._ws.send(CloseConnection(code=code, reason=reason or None)))
+        if not self._close_sent:
+            self._close_sent = True
+            self._queue_raw(wsframe.close_frame(code, reason))
         linger = self._config.close_timeout if wait_reply else 0.0
         self._close_deadline = trio.current_time() + linger
         if self._read_scope is not None:
@@ -216,14 +282,28 @@ class WsConn:
         if self._scope is not None:
             self._scope.cancel()
 
+    def notify_when_drained(self) -> None:
+        """Call `handler.on_drained(self)` once everything queued so far is
+        written (from the writer task, never from inside this call)."""
+        self._notify_drained = True
+        if not self._out and not self._writing:
+            self._drained()
+
+    def _drained(self) -> None:
+        self._notify_drained = False
+        self._drained_due = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()
+
     @property
     def queued_bytes(self) -> int:
         return self._out_bytes
 
     def undelivered(self) -> list[Any]:
         """The requeue tokens of messages not known to be written (queued, or
-        in the batch whose write did not finish); taken once, when the
-        connection is gone."""
+        in the write that did not finish); taken once, when the connection is
+        gone."""
         tokens = self._inflight + self._tokens
         self._inflight = []
         self._tokens = []
@@ -236,24 +316,80 @@ class WsConn:
             return
         self._out.append(bytes(data))
         self._out_bytes += len(data)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            wakeup.set()
+        if not self._dirty:
+            self._dirty = True
+            self._outbox.mark(self)
 
     def _queue_control(self, data: bytes | bytearray) -> None:
         """Control frames and PING are bounded too (a client that stops reading
         must not grow our memory through pongs)."""
         if self._out_bytes + len(data) > self._max_bytes:
-            self.abort("send buffer full")
+            self.abort(OVERFLOW)
             return
         self._queue_raw(data)
+
+    def _take_out(self) -> bytes:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.messages_out += self._out_messages
+        self._out_messages = 0
+        self.bytes_out += len(data)
+        return data
+
+    def _flush(self) -> None:
+        """Write what is queued now, without blocking (see the class docstring)."""
+        self._dirty = False
+        if self.dead or self._finished or not self._out:
+            return
+        if self._writing:
+            return  # the writer task is on it; the new frames queue behind
+        fd = self._fd
+        if fd is None:
+            self._hand_to_writer()
+            return
+        data = self._take_out()
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._inflight, self._tokens = self._tokens, []
+            self._lost()
+            return
+        if written == len(data):
+            self._out_bytes -= written
+            self._tokens.clear()
+            if self._notify_drained:
+                self._drained()
+            return
+        self._out_bytes -= written
+        self._rest = memoryview(data)[written:]
+        self._inflight, self._tokens = self._tokens, []
+        self._hand_to_writer()
+
+    def _hand_to_writer(self) -> None:
+        self._writing = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()
+
+    def _lost(self) -> None:
+        self.open = False
+        if not self.close_reason:
+            self.close_reason = "connection lost"
+        self.dead = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _run(self, handler: Handler) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                self._handler = handler
                 if self.dead:
                     nursery.cancel_scope.cancel()
+                self._flush()  # the 101 response
                 nursery.start_soon(self._writer)
                 await self._reader(handler)
                 self._reading_done = True
@@ -266,100 +402,116 @@ class WsConn:
                 )
         finally:
             self.open = False
+            self._finished = True
+
+    def _handle_events(self, handler: Handler) -> bool | None:
+        """Handle the events read so far. True: the connection is done reading;
+        False: more bytes are needed; None: the handler is backlogged and
+        `_held_message` waits for `wait_ready`."""
+        events = self._events
+        while self._next_event < len(events):
+            event = events[self._next_event]
+            self._next_event += 1
+            kind = event[0]
+            if kind is TEXT or kind is BINARY:
+                if not self.open:
+                    continue  # we are closing: data is no longer read
+                message = event[1]
+                self.messages_in += 1
+                self.bytes_in += len(message)
+                if handler.backlogged:
+                    self._held_message = message
+                    return None
+                handler.on_message(self, message)
+            elif kind is PING:
+                if not self._close_sent:
+                    self._queue_control(wsframe.pong_frame(event[1]))
+            elif kind is PONG:
+                pass
+            elif kind is TOO_LARGE:
+                if self.open:
+                    handler.on_too_large(self, event[1])
+            elif kind is CLOSE:
+                if not self._close_sent:
+                    # The client closed: the same code back, no reason.
+                    self._close_sent = True
+                    self._queue_raw(wsframe.close_frame(event[1]))
+                    self.close_reason = f"client closed {event[1]}"
+                self.open = False
+                return True
+            elif kind is FAIL:
+                if not self._close_sent:
+                    self._close_sent = True
+                    self._queue_raw(wsframe.close_frame(event[1], event[2]))
+                    self.close_reason = f"protocol error {event[1]}"
+                    log.debug("conn %d protocol error, closing %d", self.id, event[1])
+                self.open = False
+                return True
+        self._events = []
+        self._next_event = 0
+        return False
 
     async def _reader(self, handler: Handler) -> None:
-        ws = self._ws
+        frames = self._frames
         stream = self._stream
-        max_frame = self._config.max_frame
-        parts: list = []
-        size = 0
-        discarding = False
+        fd = self._fd
+        outbox = self._outbox
+        drained = False  # the last read emptied the socket: wait before reading
         self._read_scope = scope = trio.CancelScope(deadline=self._close_deadline)
         with scope:
             while True:
-                for event in ws.events():
-                    kind = type(event)
-                    if kind is TextMessage or kind is BytesMessage:
-                        if not self.open:
-                            continue  # we are closing: data is no longer read
-                        chunk = event.data
-                        if discarding:
-                            if event.message_finished:
-                                discarding = False
-                            continue
-                        if kind is TextMessage:
-                            size += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8"))
-                        else:
-                            size += len(chunk)
-                        if size > max_frame:
-                            parts.clear()
-                            discarding = not event.message_finished
-                            handler.on_too_large(self, size)
-                            size = 0
-                            continue
-                        if event.message_finished:
-                            if parts:
-                                parts.append(chunk)
-                                message = "".join(parts) if kind is TextMessage else b"".join(parts)
-                                parts.clear()
-                            else:
-                                message = chunk if kind is TextMessage else bytes(chunk)
-                            self.messages_in += 1
-                            self.bytes_in += size
-                            size = 0
-                            if handler.backlogged:
-                                await handler.wait_ready()
-                                if not self.open:
-                                    continue
+                with outbox:
+                    done = self._handle_events(handler)
+                while done is None:  # backlogged: wait, then hand over the held message
+                    await handler.wait_ready()
+                    message, self._held_message = self._held_message, None
+                    with outbox:
+                        if self.open and message is not None:
                             handler.on_message(self, message)
+                        done = self._handle_events(handler)
+                if done:
+                    return
+                if fd is not None:
+                    try:
+                        if drained:
+                            await trio.lowlevel.wait_readable(fd)
                         else:
-                            parts.append(chunk if kind is TextMessage else bytes(chunk))
-                    elif kind is Ping:
-                        if ws.state is ConnectionState.OPEN:
-                            self._queue_control(ws.send(Pong(payload=event.payload)))
-                    elif kind is Pong:
-                        pass
-                    elif kind is CloseConnection:
-                        state = ws.state
-                        if state is ConnectionState.REMOTE_CLOSING:
-                            # The client closed: same code back, empty reason.
-                            self._queue_raw(ws.send(CloseConnection(code=event.code)))
-                            self.close_reason = f"client closed {int(event.code)}"
-                        elif state is ConnectionState.OPEN:
-                            # wsproto found a protocol error (ParseFailed).
-                            self._queue_raw(
-                                ws.send(CloseConnection(code=event.code, reason=event.reason))
-                            )
-                            self.close_reason = f"protocol error {int(event.code)}"
-                            log.debug(
-                                "conn %d protocol error, closing %d", self.id, int(event.code)
-                            )
-                        self.open = False
-                        return
-                try:
-                    data = await stream.receive_some(_RECV_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                            await trio.lowlevel.checkpoint()
+                        data = os.read(fd, _RECV_SIZE)
+                    except BlockingIOError:
+                        drained = True
+                        continue
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    drained = len(data) < _RECV_SIZE
+                else:
+                    try:
+                        data = await stream.receive_some(_RECV_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
                 if not data:
                     if not self.close_reason:
                         self.close_reason = "connection lost"
                     self.open = False
                     return
                 self.last_rx = trio.current_time()
-                ws.receive_data(data)
+                self._events = frames.receive(data)
         # Read deadline reached after we sent a close frame.
         if not self.close_reason:
             self.close_reason = "close timeout"
 
     async def _writer(self) -> None:
-        stream = self._stream
         interval = self._config.ping_interval
         idle_timeout = self._config.effective_idle_timeout
         next_ping = trio.current_time() + interval if interval > 0 else math.inf
         try:
             while True:
-                if not self._out:
+                if not self._writing and not self._drained_due:
                     if self._reading_done or self.dead:
+                        if self._out and not self.dead:
+                            self._flush()
+                            if self._writing:
+                                continue
                         return
                     self._wakeup = trio.Event()
                     with trio.move_on_at(next_ping):
@@ -369,22 +521,44 @@ class WsConn:
                 if now >= next_ping:
                     next_ping = max(next_ping + interval, now)
                     self._ping(now, interval, idle_timeout)
-                if self._out:
-                    data = b"".join(self._out)
-                    self._out.clear()
-                    self.messages_out += self._out_messages
-                    self._out_bytes = 0
-                    self._out_messages = 0
-                    self.bytes_out += len(data)
-                    self._inflight, self._tokens = self._tokens, []
-                    await stream.send_all(data)
-                    self._inflight = []
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.open = False
-            if not self.close_reason:
-                self.close_reason = "connection lost"
-            if self._scope is not None:
-                self._scope.cancel()
+                if self._drained_due:
+                    self._drained_due = False
+                    if self.open and self._handler is not None:
+                        with self._outbox:
+                            self._handler.on_drained(self)
+                if self._writing:
+                    await self._drain()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._lost()
+
+    async def _drain(self) -> None:
+        """Own the socket until everything queued is written."""
+        fd = self._fd
+        while True:
+            if self._rest is None:
+                if not self._out:
+                    break
+                self._inflight, self._tokens = self._tokens, []
+                self._rest = memoryview(self._take_out())
+            rest = self._rest
+            if fd is None:
+                await self._stream.send_all(rest)
+                written = len(rest)
+            else:
+                await trio.lowlevel.wait_writable(fd)
+                try:
+                    written = os.write(fd, rest)
+                except BlockingIOError:
+                    continue
+            self._out_bytes -= written
+            if written < len(rest):
+                self._rest = rest[written:]
+            else:
+                self._rest = None
+                self._inflight = []
+        self._writing = False
+        if self._notify_drained:
+            self._drained()
 
     def _ping(self, now: float, interval: float, idle_timeout: float) -> None:
         if not self.open:
@@ -395,16 +569,15 @@ class WsConn:
             self.close(1001, "idle timeout", wait_reply=False)  # nobody is there to answer
             return
         if self._out_bytes + len(_PING_FRAME) > self._max_bytes:
-            self.abort("send buffer full")
+            self.abort(OVERFLOW)
             return
-        self._out.append(_PING_FRAME)
-        self._out_bytes += len(_PING_FRAME)
         self._out_messages += 1
+        self._queue_raw(_PING_FRAME)
         if silent >= interval:
             # A client that never answers PING (the Go relay never asked it to)
             # still answers a WebSocket ping control frame: it keeps a quiet but
             # alive connection from hitting the idle deadline.
-            self._queue_control(self._ws.send(Ping(payload=b"")))
+            self._queue_control(wsframe.ping_frame())
 
 
 # --- handshake -----------------------------------------------------------------------
@@ -503,7 +676,7 @@ async def _handshake(
     if status:
         await _send_quietly(stream, _error_response(hconn, status, server))
         return None
-    accept = generate_accept_token(_header(headers, b"sec-websocket-key"))
+    accept = wsframe.accept_token(_header(headers, b"sec-websocket-key"))
     response = hconn.send(
         h11.InformationalResponse(
             status_code=101,
@@ -555,6 +728,7 @@ async def serve_stream(
     handler: Handler,
     config: TransportConfig,
     next_id: Callable[[], int],
+    outbox: Outbox,
 ) -> None:
     """Serve one accepted stream: handshake, then frames until it ends.
 
@@ -571,8 +745,9 @@ async def serve_stream(
             return
         response, trailing = result
         address = peer_host(stream)
-        ws = Connection(ConnectionType.SERVER, extensions=None, trailing_data=trailing)
-        conn = WsConn(next_id(), address, stream, ws, config)
+        frames = FrameReader(config.max_frame)
+        conn = WsConn(next_id(), address, stream, frames, config, outbox)
+        conn._events = frames.receive(trailing) if trailing else []
         conn._out.append(response)  # the 101 goes out first, in the writer's first send
         conn._out_bytes += len(response)
         handler.on_open(conn)

@@ -75,7 +75,7 @@ def test_defaults(recorded, clean_env):
     assert got["store"] == str(clean_env / "xdg" / "parley" / "relay.sqlite3")
     assert got["max_frame"] == 1 << 20 and got["ping_interval"] == 10.0
     assert got["certfile"] is None and got["keyfile"] is None
-    assert got["core_options"] == {"code_digits": 6, "join_attempts_per_addr": 60}
+    assert got["core_options"] == {"code_digits": 6, "join_attempts_per_addr": 60, "code_ttl": 600.0, "session_ttl": 3600.0, "queue_max_bytes": 16 << 20}
 
 
 def test_options(recorded, tmp_path):
@@ -86,12 +86,16 @@ def test_options(recorded, tmp_path):
         "--host", "0.0.0.0", "--port", "0", "--dialect", "node", "--store", ":memory:",
         "--max-frame", "4096", "--log-level", "DEBUG", "--ping-interval", "0.5",
         "--certfile", str(cert), "--keyfile", str(key), "--code-digits", "8",
-        "--joins-per-address", "1000",
+        "--joins-per-address", "1000", "--code-ttl", "30", "--session-ttl", "12.5",
+        "--queue-bytes", "65536",
     ])
     assert (got["host"], got["port"], got["dialect"], got["store"]) == ("0.0.0.0", 0, "node", ":memory:")
     assert (got["max_frame"], got["ping_interval"]) == (4096, 0.5)
     assert (got["certfile"], got["keyfile"]) == (str(cert), str(key))
-    assert got["core_options"] == {"code_digits": 8, "join_attempts_per_addr": 1000}
+    assert got["core_options"] == {
+        "code_digits": 8, "join_attempts_per_addr": 1000, "code_ttl": 30.0, "session_ttl": 12.5,
+        "queue_max_bytes": 65536,
+    }
 
 
 def test_env_vars(recorded, tmp_path):
@@ -105,10 +109,14 @@ def test_env_vars(recorded, tmp_path):
         "PARLEY_RELAY_PING_INTERVAL": "2.5",
         "PARLEY_RELAY_CODE_DIGITS": "7",
         "PARLEY_RELAY_JOINS_PER_ADDRESS": "500",
+        "PARLEY_RELAY_SESSION_TTL": "20",
     })
     assert (got["host"], got["port"], got["dialect"]) == ("127.0.0.2", 9100, "go")
     assert got["store"] == str(tmp_path / "s.db")
-    assert (got["max_frame"], got["ping_interval"], got["core_options"]) == (65536, 2.5, {"code_digits": 7, "join_attempts_per_addr": 500})
+    assert (got["max_frame"], got["ping_interval"], got["core_options"]) == (65536, 2.5, {
+        "code_digits": 7, "join_attempts_per_addr": 500, "code_ttl": 600.0, "session_ttl": 20.0,
+        "queue_max_bytes": 16 << 20,
+    })
     # an option beats its env var
     got = recorded(["--port", "9200"], env={"PARLEY_RELAY_PORT": "9100"})
     assert got["port"] == 9200

@@ -171,7 +171,8 @@ def test_relay_core_fuzz(conformance_report):
     )
     def run(dialect, ts, sids, datas, junk, faults, ticks):
         config = RelayConfig(dialect=dialect, max_frame=MAX_FRAME, error_limit=25,
-                             join_attempts_per_conn=50, max_sessions_per_conn=8)
+                             join_attempts_per_conn=50, max_sessions_per_conn=8,
+                             replay_chunk_bytes=200)  # paced replays, never drained
         h = Harness(config, rng=FakeRandom(numbers=list(range(6)) * 3))
         for conn in (1, 2, 3):
             h.connect(conn, "192.0.2.%d" % conn)

@@ -52,7 +52,8 @@ def pick(items, index):
 class RelayMachine(RuleBasedStateMachine):
     @initialize(dialect=st.sampled_from(["compat", "go", "node"]), seed=st.integers(0, 2**32))
     def start(self, dialect, seed):
-        self.h = Harness(RelayConfig(dialect=dialect, **CONFIG), rng=FakeRandom(seed))
+        # a small replay chunk: every REATTACH backlog is paced, drained at once
+        self.h = Harness(RelayConfig(dialect=dialect, replay_chunk_bytes=150, **CONFIG), rng=FakeRandom(seed), auto_drain=True)
         self.dialect = dialect
         self.next_conn = 1
         self.next_msg = 1
@@ -82,7 +83,7 @@ class RelayMachine(RuleBasedStateMachine):
         h = self.h
         out = h.run(actions)
         dropped = []
-        for action in actions:
+        for action in h.last:  # the call's actions and those of the drains that followed
             if isinstance(action, Persist):
                 op = action.op
                 if isinstance(op, SaveFrame):

@@ -918,6 +918,29 @@ async def test_slow_receiver_is_dropped_without_delaying_another_session():
             queued = server._core.stats()["queued_frames"]
             assert queued >= never_read + 2, (queued, never_read)  # + in_flight and "after"
 
+            # More than the receiver's whole send buffer (256 KiB) waits now; a
+            # REATTACH gets all of it, in order, paced as its buffer drains,
+            # instead of overflowing the buffer and being dropped again.
+            for i in range(16):
+                await a1.send_json({"t": "MSG", "sid": sid1, "data": {"payload": "cd" * 16384, "msgID": f"late{i}"}})
+                assert (await a1.recv_json())["t"] == "QUEUED"
+            backlog = server._core.stats()["queued_frames"]
+            assert backlog == queued + 16
+            back = await RawWS.open(port)
+            await back.send_json({"t": "REATTACH", "sid": sid1})
+            replayed: list[str] = []
+            while len(replayed) < backlog:
+                kind, text = await back.recv()
+                assert kind == "text", (kind, len(replayed), backlog)
+                frame = json.loads(text)
+                if frame["t"] == "MSG":
+                    replayed.append(frame["data"]["msgID"])
+            assert replayed[-18:] == [in_flight, "after"] + [f"late{i}" for i in range(16)]
+            numbered = [int(m[1:]) for m in replayed[:-18]]
+            assert numbered == sorted(numbered) and len(set(numbered)) == len(numbered)
+            assert server.counters["overflows"] == 1  # only the stalled connection
+            assert server._core.stats()["queued_frames"] == 0
+
 
 async def test_error_limit_closes_with_1008():
     with trio.fail_after(10):
