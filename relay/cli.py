@@ -213,7 +213,7 @@ def _env_default(ctx: click.Context, name: str) -> bool:
               type=click.FloatRange(1, 7 * 86400), default=600.0, show_default=True,
               show_envvar=True, help="Life of an unused invite code.")
 @_option("--session-ttl", envvar="PARLEY_RELAY_SESSION_TTL", metavar="SECONDS",
-              type=click.FloatRange(1, 365 * 86400), default=3600.0, show_default=True,
+              type=click.FloatRange(1, 365 * 86400), default=600.0, show_default=True,
               show_envvar=True,
               help="How long a session with nobody attached and nothing queued is kept.")
 @_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",

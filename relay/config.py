@@ -52,7 +52,7 @@ class RelayConfig:
         default=None, validator=v.optional(_positive_int)
     )
     frame_ttl: float = attrs.field(default=7 * 24 * 3600.0, validator=_positive_time)
-    session_ttl: float = attrs.field(default=3600.0, validator=_positive_time)
+    session_ttl: float = attrs.field(default=600.0, validator=_positive_time)
     queue_max_frames: int = attrs.field(default=1000, validator=_positive_int)
     queue_max_bytes: int = attrs.field(default=16 << 20, validator=_positive_int)
     queue_total_bytes: int = attrs.field(default=512 << 20, validator=_positive_int)

@@ -220,17 +220,21 @@ class _Session:
         "code", "frame_due", "pending_joins",
     )
 
+    # A relay keeps many idle sessions (an unused invite code lives 10 minutes),
+    # so what most sessions never use is created on first use: `sides` is a
+    # tuple (at most max_sides_per_session), `by_id` and `pending_joins` are
+    # None while empty.
     def __init__(self, sid: str) -> None:
         self.sid = sid
         self.members: dict[ConnId, str | None] = {}  # conn -> declared side
-        self.sides: set[str] = set()
+        self.sides: tuple[str, ...] = ()
         self.queue: dict[int, _Stored] = {}  # seq -> frame, in seq order
-        self.by_id: dict[str, list[_Stored]] = {}  # msgID -> frames (non-empty ids)
+        self.by_id: dict[str, list[_Stored]] | None = None  # msgID -> frames (non-empty ids)
         self.queued_bytes = 0
         self.next_seq = 1
         self.code: str | None = None
         self.frame_due: float | None = None  # this session's entry in the expiry heap
-        self.pending_joins: dict[ConnId, str] = {}  # joiner -> JOIN_REQUEST text
+        self.pending_joins: dict[ConnId, str] | None = None  # joiner -> JOIN_REQUEST text
 
 
 def _size(text: str) -> int:
@@ -303,8 +307,8 @@ class RelayCore:
             self._sessions.setdefault(saved.sid, _Session(saved.sid))
         for saved in snapshot.sides:
             sess = self._sessions.get(saved.sid)
-            if sess is not None:
-                sess.sides.add(saved.side)
+            if sess is not None and saved.side not in sess.sides:
+                sess.sides += (saved.side,)
         for saved in sorted(snapshot.codes, key=lambda c: c.expires_at):
             sess = self._sessions.get(saved.sid)
             if sess is None:
@@ -347,7 +351,8 @@ class RelayCore:
         for sid in conn.sessions:
             sess = self._sessions[sid]
             del sess.members[conn_id]
-            sess.pending_joins.pop(conn_id, None)
+            if sess.pending_joins:
+                sess.pending_joins.pop(conn_id, None)
             if sess.members:
                 text = encode_text(PeerOffline(sid))
                 actions.extend(Send(m, text) for m in sess.members)
@@ -370,7 +375,7 @@ class RelayCore:
             sess = self._sessions.get(token.sid)
             if sess is None:
                 continue
-            if any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
+            if sess.by_id and any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
                 continue
             size = _size(token.text)
             if self._queue_full(sess, size):
@@ -481,7 +486,7 @@ class RelayCore:
         cid = conn.id
         side = sess.members.get(cid)
         msg_id = frame.msg_id
-        if side is not None and msg_id:
+        if side is not None and msg_id and sess.by_id:
             frames = sess.by_id.get(msg_id)
             if frames:
                 for stored in [f for f in frames if f.from_side != side]:
@@ -524,6 +529,8 @@ class RelayCore:
                 if joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
                     del sess.pending_joins[joiner]
+            if not sess.pending_joins:
+                sess.pending_joins = None
         return actions
 
     def _replay(self, conn: _Conn, sess: _Session, side: str | None, start: int, actions: list[Action]) -> None:
@@ -641,6 +648,8 @@ class RelayCore:
                 actions.append(Send(m, text))
                 break
         else:
+            if sess.pending_joins is None:
+                sess.pending_joins = {}
             sess.pending_joins[cid] = text
         return actions
 
@@ -706,7 +715,8 @@ class RelayCore:
             return []
         side = sess.members.pop(cid)
         del conn.sessions[sid]
-        sess.pending_joins.pop(cid, None)
+        if sess.pending_joins:
+            sess.pending_joins.pop(cid, None)
         if conn.replay is not None:
             conn.replay.pop(sid, None)
         actions: list[Action] = []
@@ -860,12 +870,15 @@ class RelayCore:
         sess.members[conn.id] = side
         conn.sessions[sid] = None
         if side is not None and side not in sess.sides:
-            sess.sides.add(side)
+            sess.sides += (side,)
             actions.append(Persist(SaveSide(sid, side)))
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:
         if not sess.members and not sess.queue and sess.sid not in self._idle:
             self._idle[sess.sid] = now + self.config.session_ttl
+            # emptied dicts keep their grown tables: idle sessions start small again
+            sess.members = {}
+            sess.queue = {}
 
     def _mint_code(self, sess: _Session, actions: list[Action]) -> str:
         """A fresh code for `sess` (the caller checked the live-code cap)."""
@@ -916,6 +929,8 @@ class RelayCore:
     def _enqueue(self, sess: _Session, stored: _Stored) -> None:
         sess.queue[stored.seq] = stored
         if stored.msg_id:
+            if sess.by_id is None:
+                sess.by_id = {}
             sess.by_id.setdefault(stored.msg_id, []).append(stored)
         sess.queued_bytes += stored.size
         self._queued += 1
@@ -940,6 +955,8 @@ class RelayCore:
             same.remove(stored)
             if not same:
                 del sess.by_id[stored.msg_id]
+                if not sess.by_id:
+                    sess.by_id = None
         sess.queued_bytes -= stored.size
         self._queued -= 1
         self._queued_bytes -= stored.size

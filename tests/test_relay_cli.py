@@ -75,7 +75,7 @@ def test_defaults(recorded, clean_env):
     assert got["store"] == str(clean_env / "xdg" / "parley" / "relay.sqlite3")
     assert got["max_frame"] == 1 << 20 and got["ping_interval"] == 10.0
     assert got["certfile"] is None and got["keyfile"] is None
-    assert got["core_options"] == {"code_digits": 6, "join_attempts_per_addr": 60, "code_ttl": 600.0, "session_ttl": 3600.0, "queue_max_bytes": 16 << 20}
+    assert got["core_options"] == {"code_digits": 6, "join_attempts_per_addr": 60, "code_ttl": 600.0, "session_ttl": 600.0, "queue_max_bytes": 16 << 20}
 
 
 def test_options(recorded, tmp_path):

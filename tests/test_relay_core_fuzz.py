@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from parley.client.crypto import MODP14_PRIME, to_hex
 from parley.protocol import REGISTRY, ProtocolError, parse
-from parley.relay.actions import Close, Persist, Send
+from parley.relay.actions import Close, NotifyDrained, Persist, Send
 from parley.relay.config import RelayConfig
 from parley.relay.testing import FakeRandom, Harness, error_code
 
@@ -176,6 +176,7 @@ def test_relay_core_fuzz(conformance_report):
         h = Harness(config, rng=FakeRandom(numbers=list(range(6)) * 3))
         for conn in (1, 2, 3):
             h.connect(conn, "192.0.2.%d" % conn)
+        wants_drain: set[int] = set()
         for i, message in enumerate(script(ts, sids, datas, junk, faults)):
             conn = 1 + i % 3
             if i % 50 == 49:
@@ -197,9 +198,21 @@ def test_relay_core_fuzz(conformance_report):
                     assert action.conn == conn and action.code == 1008 and action.reason
                     h.closed[conn] = (action.code, action.reason)
                     counts["closes"] += 1
+                elif isinstance(action, NotifyDrained):
+                    wants_drain.add(action.conn)
                 else:
                     assert isinstance(action, Persist)
                     h.store.apply(action.op)
+            if i % 7 == 6:  # now and then a paced replay goes on
+                for drained in sorted(wants_drain):
+                    for action in h.core.drained(drained):
+                        if isinstance(action, Send):
+                            check_text(action.text)
+                        elif isinstance(action, Persist):
+                            h.store.apply(action.op)
+                        else:
+                            assert isinstance(action, NotifyDrained)
+                wants_drain.clear()
             if refused(message):
                 counts["refused"] += 1
                 assert conn in h.closed or any(f["t"] == "ERROR" for f in mine)
