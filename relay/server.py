@@ -55,6 +55,7 @@ import trio
 
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
 from .logging import frame_type_of, short_sid
+from .memory import TrimPolicy, release_free_memory
 from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
@@ -143,6 +144,7 @@ class RelayServer:
         self._held: dict[int, deque[tuple[int, Action]]] = {}
         self._doomed: list[int] = []
         self._outbox = Outbox()  # sends made in one batch go out in one write per connection
+        self._trim = TrimPolicy()  # memory back to the OS once a crowd has gone
         # store pipeline
         self._pending: list[StoreOp] = []
         self._op_seq = 0  # ops ever queued
@@ -168,6 +170,7 @@ class RelayServer:
             "store_ops": 0,
             "store_pauses": 0,
             "core_errors": 0,
+            "memory_trims": 0,
         }
 
     # -- public --------------------------------------------------------------------
@@ -465,6 +468,7 @@ class RelayServer:
         with scope:
             while True:
                 await trio.sleep(self._config.tick_interval)
+                self._maybe_trim()
                 try:
                     actions = self._core.tick()
                 except Exception:
@@ -474,6 +478,17 @@ class RelayServer:
                 if actions:
                     with self._outbox:
                         self._apply(actions)
+
+    def _maybe_trim(self) -> None:
+        try:
+            sessions = self._core.stats()["sessions"]
+        except Exception:  # a core without stats: connections alone
+            sessions = 0
+        if self._trim.should_trim(len(self._live) + sessions):
+            started = time.monotonic()
+            release_free_memory()
+            self.counters["memory_trims"] += 1
+            log.info("load fell to half its peak: memory trimmed in %.1f ms", (time.monotonic() - started) * 1000)
 
     async def _stats_loop(self) -> None:
         interval = self._config.stats_interval
