@@ -163,7 +163,7 @@ class WsConn:
         "_finished", "_frames", "_handler", "_held_message", "_inflight", "_max_bytes",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
         "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
-        "_stream", "_tokens", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
+        "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
         "close_reason", "dead", "id", "last_rx", "messages_in", "messages_out", "open",
     )
 
@@ -202,6 +202,7 @@ class WsConn:
         # was not delivered.
         self._tokens: list[Any] = []
         self._inflight: list[Any] = []
+        self._unsent: list[Any] = []  # of frames never queued (closing, or overflow)
         self._wakeup: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
@@ -230,7 +231,7 @@ class WsConn:
         `requeue` is kept until the message is written (see `undelivered`)."""
         if not self.open:
             if requeue is not None:
-                self._tokens.append(requeue)
+                self._unsent.append(requeue)
             return not self.dead
         payload = text.encode("utf-8")
         size = len(payload)
@@ -239,7 +240,7 @@ class WsConn:
             or self._out_messages >= self._max_messages
         ):
             if requeue is not None:
-                self._tokens.append(requeue)  # not written either
+                self._unsent.append(requeue)
             self.abort(OVERFLOW)
             return False
         header = _text_frame_header(size)
@@ -304,9 +305,10 @@ class WsConn:
         """The requeue tokens of messages not known to be written (queued, or
         in the write that did not finish); taken once, when the connection is
         gone."""
-        tokens = self._inflight + self._tokens
+        tokens = self._inflight + self._tokens + self._unsent
         self._inflight = []
         self._tokens = []
+        self._unsent = []
         return tokens
 
     # -- internals ------------------------------------------------------------------

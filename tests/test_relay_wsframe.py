@@ -197,3 +197,27 @@ def test_same_messages_as_wsproto(messages, chunk, mask):
                 wire += frame(9, b"pp", mask=mask)
     ours = read_all(wire, chunk=chunk)
     assert ours == _wsproto_messages(wire)
+
+
+# --- the connection's write side, without tasks ------------------------------------
+
+
+async def test_a_frame_for_a_closing_connection_stays_undelivered():
+    """A forwarded MSG that arrives while the connection closes is never written:
+    its requeue token must survive the write of the close frame."""
+    import trio
+
+    from parley.relay.transport import Outbox, TransportConfig, WsConn
+
+    a, b = trio.socket.socketpair()
+    with a, b:
+        stream = trio.SocketStream(a)
+        outbox = Outbox()
+        conn = WsConn(1, "test", stream, FrameReader(1 << 20), TransportConfig(), outbox)
+        with outbox:  # one batch: all of it is written when the batch ends
+            assert conn.send_text("before", requeue="written")
+            conn.close(1001, "bye")
+            assert conn.send_text("late", requeue="never queued")
+        assert conn.undelivered() == ["never queued"]
+        wire = await b.recv(1024)
+        assert wire.startswith(b"\x81\x06before\x88")
