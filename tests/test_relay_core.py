@@ -1298,7 +1298,7 @@ def test_other_frames_identical_in_every_dialect():
 # --- paced replay: a REATTACH backlog goes out a chunk at a time ----------------
 
 
-def _backlog(h: Harness, sid: str, count: int, side_b: str | None) -> None:
+def _backlog(h: Harness, sid: str, count: int) -> None:
     h.disconnect(2)
     for i in range(count):
         out = h.send(1, msg(sid, f"m{i}", payload=f"{i:02x}" * 100))
@@ -1313,7 +1313,7 @@ def _msg_ids(texts: list[str]) -> list[str]:
 def test_a_reattach_backlog_is_replayed_a_chunk_at_a_time_in_order(side):
     h = Harness(replay_chunk_bytes=700)
     sid = pair(h, "A", "B")
-    _backlog(h, sid, 10, side)
+    _backlog(h, sid, 10)
     h.connect(3)
     reattach = {"t": "REATTACH", "sid": sid, **({"data": {"side": side}} if side else {})}
     out = h.send(3, reattach)
@@ -1328,12 +1328,18 @@ def test_a_reattach_backlog_is_replayed_a_chunk_at_a_time_in_order(side):
     assert h.core.stats()["queued_frames"] == (0 if side is None else 10)
 
 
-def test_a_live_msg_waits_behind_the_replay_it_would_overtake():
+def _replay_under_way() -> tuple[Harness, str]:
+    """Conn 3 REATTACHed (legacy) to 6 stored frames; m0-m2 sent, m3-m5 wait."""
     h = Harness(replay_chunk_bytes=700)
     sid = pair(h, "A", "B")
-    _backlog(h, sid, 6, None)
+    _backlog(h, sid, 6)
     h.connect(3)
     h.send(3, {"t": "REATTACH", "sid": sid})
+    return h, sid
+
+
+def test_a_live_msg_waits_behind_the_replay_it_would_overtake():
+    h, sid = _replay_under_way()
     out = h.send(1, msg(sid, "live"))
     assert 3 not in out  # not sent ahead of m3..m5
     assert [f["t"] for f in loads(out[1])] == ["DELIVERED"]
@@ -1347,11 +1353,7 @@ def test_a_live_msg_waits_behind_the_replay_it_would_overtake():
 
 
 def test_a_receiver_gone_mid_replay_keeps_the_rest_queued():
-    h = Harness(replay_chunk_bytes=700)
-    sid = pair(h, "A", "B")
-    _backlog(h, sid, 6, None)
-    h.connect(3)
-    h.send(3, {"t": "REATTACH", "sid": sid})
+    h, sid = _replay_under_way()
     h.disconnect(3)
     assert h.core.drained(3) == []
     h.connect(4)
