@@ -350,14 +350,8 @@ class RelayCore:
         now = self._clock()
         for sid in conn.sessions:
             sess = self._sessions[sid]
-            del sess.members[conn_id]
-            if sess.pending_joins:
-                sess.pending_joins.pop(conn_id, None)
-            if sess.members:
-                text = encode_text(PeerOffline(sid))
-                actions.extend(Send(m, text) for m in sess.members)
-            else:
-                self._maybe_idle(sess, now)
+            self._detach(conn_id, sess, actions)
+            self._maybe_idle(sess, now)
         return actions
 
     def requeue(self, conn_id: ConnId, tokens: Iterable[Requeue]) -> list[Action]:
@@ -520,10 +514,7 @@ class RelayCore:
             if m != cid:
                 actions.append(Send(m, online))
                 actions.append(Send(cid, online))
-        if conn.replay is not None:
-            conn.replay.pop(sid, None)  # a repeated REATTACH starts the replay over
-        if sess.queue:
-            self._replay(conn, sess, side, 0, actions)
+        self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
                 if joiner != cid and (side is None or sess.members[joiner] != side):
@@ -713,16 +704,11 @@ class RelayCore:
         cid = conn.id
         if cid not in sess.members:
             return []
-        side = sess.members.pop(cid)
+        actions: list[Action] = []
+        side = self._detach(cid, sess, actions)
         del conn.sessions[sid]
-        if sess.pending_joins:
-            sess.pending_joins.pop(cid, None)
         if conn.replay is not None:
             conn.replay.pop(sid, None)
-        actions: list[Action] = []
-        if sess.members:
-            text = encode_text(PeerOffline(sid))
-            actions.extend(Send(m, text) for m in sess.members)
         if side is not None and sess.queue:
             for stored in [f for f in sess.queue.values() if f.from_side != side]:
                 self._drop(sess, stored, actions)
@@ -872,6 +858,17 @@ class RelayCore:
         if side is not None and side not in sess.sides:
             sess.sides += (side,)
             actions.append(Persist(SaveSide(sid, side)))
+
+    def _detach(self, conn_id: ConnId, sess: _Session, actions: list[Action]) -> str | None:
+        """Take a member out of `sess` (it left or its connection went) and tell
+        the others; returns the side it had."""
+        side = sess.members.pop(conn_id)
+        if sess.pending_joins:
+            sess.pending_joins.pop(conn_id, None)
+        if sess.members:
+            text = encode_text(PeerOffline(sess.sid))
+            actions.extend(Send(m, text) for m in sess.members)
+        return side
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:
         if not sess.members and not sess.queue and sess.sid not in self._idle:

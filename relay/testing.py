@@ -164,9 +164,16 @@ class Harness:
         self.core.restore(self.store.snapshot())
 
     def run(self, actions: list[Action]) -> dict[ConnId, list[str]]:
-        self.last = actions
-        self.log.extend(actions)
+        self.last = []
         out: dict[ConnId, list[str]] = {}
+        self._carry_out(actions, out)
+        while self.auto_drain and self.drain_wanted:
+            self._carry_out(self.core.drained(self.drain_wanted.pop(0)), out)
+        return out
+
+    def _carry_out(self, actions: list[Action], out: dict[ConnId, list[str]]) -> None:
+        self.last = self.last + actions
+        self.log.extend(actions)
         for action in actions:
             if isinstance(action, Send):
                 out.setdefault(action.conn, []).append(action.text)
@@ -179,18 +186,6 @@ class Harness:
                     self.drain_wanted.append(action.conn)
             else:
                 raise TypeError(f"unknown action {action!r}")
-        while self.auto_drain and self.drain_wanted:
-            more = self.core.drained(self.drain_wanted.pop(0))
-            self.last = self.last + more
-            self.log.extend(more)
-            for action in more:
-                if isinstance(action, Send):
-                    out.setdefault(action.conn, []).append(action.text)
-                elif isinstance(action, Persist):
-                    self.store.apply(action.op)
-                elif isinstance(action, NotifyDrained):
-                    self.drain_wanted.append(action.conn)
-        return out
 
     def drained(self, conn: ConnId) -> dict[ConnId, list[str]]:
         """The connection wrote everything it had (only if the core asked)."""
