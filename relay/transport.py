@@ -47,7 +47,7 @@ import attrs
 import h11
 import trio
 from . import wsframe
-from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader
+from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
 
 __all__ = ["TransportConfig", "Handler", "Outbox", "WsConn", "serve_stream", "PING_TEXT"]
 
@@ -102,10 +102,8 @@ class Handler(Protocol):
     def on_drained(self, conn: WsConn) -> None: ...
 
 
-_text_frame_header = wsframe.text_frame_header
-
 _PING_PAYLOAD = PING_TEXT.encode()
-_PING_FRAME = _text_frame_header(len(_PING_PAYLOAD)) + _PING_PAYLOAD
+_PING_FRAME = text_frame_header(len(_PING_PAYLOAD)) + _PING_PAYLOAD
 
 
 class Outbox:
@@ -243,7 +241,7 @@ class WsConn:
                 self._unsent.append(requeue)
             self.abort(OVERFLOW)
             return False
-        header = _text_frame_header(size)
+        header = text_frame_header(size)
         self._out.append(header)
         self._out.append(payload)
         self._out_bytes += len(header) + size
@@ -262,9 +260,7 @@ class WsConn:
             return
         self.open = False
         self.close_reason = reason or str(code)
-        if not self._close_sent:
-            self._close_sent = True
-            self._queue_raw(wsframe.close_frame(code, reason))
+        self._send_close(code, reason)
         linger = self._config.close_timeout if wait_reply else 0.0
         self._close_deadline = trio.current_time() + linger
         if self._read_scope is not None:
@@ -312,6 +308,14 @@ class WsConn:
         return tokens
 
     # -- internals ------------------------------------------------------------------
+
+    def _send_close(self, code: int, reason: str = "") -> bool:
+        """Queue our close frame unless one went already; True if this one did."""
+        if self._close_sent:
+            return False
+        self._close_sent = True
+        self._queue_raw(wsframe.close_frame(code, reason))
+        return True
 
     def _queue_raw(self, data: bytes | bytearray) -> None:
         if self.dead or not data:
@@ -434,17 +438,13 @@ class WsConn:
                 if self.open:
                     handler.on_too_large(self, event[1])
             elif kind is CLOSE:
-                if not self._close_sent:
-                    # The client closed: the same code back, no reason.
-                    self._close_sent = True
-                    self._queue_raw(wsframe.close_frame(event[1]))
+                # The client closed: the same code back, no reason.
+                if self._send_close(event[1]):
                     self.close_reason = f"client closed {event[1]}"
                 self.open = False
                 return True
             elif kind is FAIL:
-                if not self._close_sent:
-                    self._close_sent = True
-                    self._queue_raw(wsframe.close_frame(event[1], event[2]))
+                if self._send_close(event[1], event[2]):
                     self.close_reason = f"protocol error {event[1]}"
                     log.debug("conn %d protocol error, closing %d", self.id, event[1])
                 self.open = False
