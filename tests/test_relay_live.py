@@ -33,6 +33,7 @@ import pytest
 import trio
 import trio_websocket
 
+from parley.conformance.relay_suite.client import parse_http_head
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
 from parley.relay.cli import build_relay
@@ -203,12 +204,7 @@ async def read_http_response(stream: trio.abc.ReceiveStream) -> tuple[int, dict[
             raise ConnectionError("EOF during the HTTP response")
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
+    status, headers = parse_http_head(head)
     return status, headers, rest
 
 

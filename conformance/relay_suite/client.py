@@ -53,6 +53,7 @@ __all__ = [
     "bad_code",
     "new_sid",
     "go_quote",
+    "parse_http_head",
     "frame_bytes",
     "reattach_all",
     "BAD_CODE_MESSAGE",
@@ -455,12 +456,7 @@ class RawSocket:
         head, sep, rest = self.buf.partition(b"\r\n\r\n")
         assert sep, f"no complete HTTP response head: {self.buf[:200]!r}"
         self.buf = rest
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
+        status, headers = parse_http_head(head)
         return status, headers, head
 
     async def read_some(self, timeout: float) -> bytes:
@@ -503,6 +499,17 @@ class RawSocket:
 
 # ---------------------------------------------------------------------------
 # Expected bytes
+
+
+def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and lower-cased headers of an HTTP response head (without its blank line)."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers
 
 
 def go_quote(s: str) -> str:
