@@ -199,7 +199,7 @@ compact_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-compact_objects = st.dictionaries(st.sampled_from(["payload", "msgID", "x", "y z"]), compact_values, max_size=4)
+compact_objects = st.dictionaries(st.sampled_from(["payload", "msgID", "x", "y_z"]), compact_values, max_size=4)
 
 
 def test_msg_fast_path_matches_go_byte_for_byte(go_encode, conformance_report):
