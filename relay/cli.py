@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -27,7 +28,7 @@ from .config import RelayConfig
 from .core import RelayCore
 from .server import RelayServer, ServerConfig
 from .store import MEMORY, Store, StoreError, default_store_path
-from .transport import TransportConfig
+from .transport import TransportConfig, normalize_origin
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
 
@@ -101,6 +102,7 @@ def build_relay(
     transport_options: dict[str, Any] | None = None,
     server_options: dict[str, Any] | None = None,
     core: Any = None,
+    observer: Any = None,
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
@@ -138,6 +140,7 @@ def build_relay(
                 transport=transport,
                 **(server_options or {}),
             ),
+            observer=observer,
         )
     except BaseException:
         if store_obj is not None:
@@ -169,6 +172,28 @@ async def run_until_signalled(server: RelayServer, announce: Any = None) -> None
                 else:
                     log.warning("%s again: stopping without waiting", name)
                     nursery.cancel_scope.cancel()
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
+
+
+def parse_origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """`--allowed-origin` values (each may hold several, comma-separated, as
+    PARLEY_RELAY_ALLOWED_ORIGINS does) as `normalize_origin` forms; `*` or
+    `null` kept as they are. Raises ValueError naming a malformed one."""
+    out: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            origin = normalize_origin(item)
+            if not origin:
+                continue
+            if origin not in ("*", "null") and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"--allowed-origin must be scheme://host[:port], '*' or 'null', got {item.strip()!r}"
+                )
+            if origin not in out:
+                out.append(origin)
+    return tuple(out)
 
 
 def _env_default(ctx: click.Context, name: str) -> bool:
@@ -219,6 +244,33 @@ def _env_default(ctx: click.Context, name: str) -> bool:
 @_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
               type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
               help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
+# -- connection edge (README "Relay: connections and upgrades") --
+@_option("--max-connections", envvar="PARLEY_RELAY_MAX_CONNECTIONS", metavar="N",
+              type=click.IntRange(0), default=0, show_default=True, show_envvar=True,
+              help="Open connections at most; 0: as many as the file-descriptor limit allows "
+                   "less --fd-reserve. Past it a new connection gets 503.")
+@_option("--fd-reserve", envvar="PARLEY_RELAY_FD_RESERVE", metavar="N",
+              type=click.IntRange(0, 1 << 20), default=64, show_default=True, show_envvar=True,
+              help="File descriptors kept free of connections, to answer 503 when full "
+                   "(half of them at once) and for the store and logs.")
+@_option("--conns-per-address", envvar="PARLEY_RELAY_CONNS_PER_ADDRESS", metavar="N",
+              type=click.IntRange(1), default=64, show_default=True, show_envvar=True,
+              help="Open connections per IPv4 address / IPv6 /64; past it 503.")
+@_option("--max-handshakes", envvar="PARLEY_RELAY_MAX_HANDSHAKES", metavar="N",
+              type=click.IntRange(1), default=1024, show_default=True, show_envvar=True,
+              help="Connections still in their HTTP/TLS handshake, relay-wide; past it 503.")
+@_option("--handshakes-per-address", envvar="PARLEY_RELAY_HANDSHAKES_PER_ADDRESS", metavar="N",
+              type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
+              help="Connections in their handshake per IPv4 address / IPv6 /64; past it 503.")
+@_option("--handshake-timeout", envvar="PARLEY_RELAY_HANDSHAKE_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(0.1, 600), default=10.0, show_default=True, show_envvar=True,
+              help="Time a connection has to finish its TLS and HTTP handshake.")
+@_option("--allowed-origin", "allowed_origins", envvar="PARLEY_RELAY_ALLOWED_ORIGINS",
+              metavar="ORIGIN", multiple=True, show_envvar=True,
+              help="Browser origin (scheme://host[:port]) allowed to upgrade; repeatable, the env "
+                   "var comma-separated; '*' allows any. A request with another Origin header "
+                   "gets 403; requests without one (CLI, Node, Go clients) are not affected. "
+                   "[default: none]")
 def relay(
     host: str,
     port: int,
@@ -234,6 +286,13 @@ def relay(
     code_ttl: float,
     session_ttl: float,
     queue_bytes: int,
+    max_connections: int,
+    fd_reserve: int,
+    conns_per_address: int,
+    max_handshakes: int,
+    handshakes_per_address: int,
+    handshake_timeout: float,
+    allowed_origins: tuple[str, ...],
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -250,6 +309,10 @@ def relay(
             port = addr_port
     if bool(certfile) != bool(keyfile):
         raise _OneLineError("--certfile and --keyfile go together", 2)
+    try:
+        origins = parse_origins(allowed_origins)
+    except ValueError as exc:
+        raise _OneLineError(str(exc), 2) from None
     relay_logging.configure(log_level.lower())
     store = store_path or str(default_store_path())
     try:
@@ -268,6 +331,18 @@ def relay(
                 "code_ttl": code_ttl,
                 "session_ttl": session_ttl,
                 "queue_max_bytes": queue_bytes,
+            },
+            transport_options={
+                "handshake_timeout": handshake_timeout,
+                "allowed_origins": origins,
+            },
+            server_options={
+                "max_connections": max_connections,
+                "fd_reserve": fd_reserve,
+                "conns_per_address": conns_per_address,
+                "max_handshakes": max_handshakes,
+                "handshakes_per_address": handshakes_per_address,
+                "raise_fd_limit": True,
             },
         )
     except (StoreError, ValueError, TypeError) as exc:

@@ -4,8 +4,9 @@ Task layout (one process, one Trio run):
 
 * `serve()` owns two nurseries. The *services* nursery runs the store task
   (group commits), the tick task (`core.tick()` once a second) and a stats
-  logger; the *connections* nursery runs `trio.serve_tcp` and one task per
-  connection (see `transport`: reader + writer task, bounded outgoing buffer).
+  logger; the *connections* nursery runs one accept loop per listening
+  socket and one task per connection (see `transport`: reader + writer task,
+  bounded outgoing buffer).
 * The core is synchronous and called only from those tasks, never
   concurrently; the actions of one call are applied synchronously, in order,
   before anything else runs, so every connection sees the core's order.
@@ -33,6 +34,26 @@ Applying actions (the contract in `actions.py`):
   `disconnect` right after the current action list (its frames stay queued
   for its REATTACH, which is the core's business).
 
+The connection edge (accept loop, `admission.Admission`):
+
+* Capacity: the soft RLIMIT_NOFILE (raised to the hard limit first when
+  `raise_fd_limit`, as `parley relay` does) less the descriptors in use at start and
+  `fd_reserve` (or `max_connections` if lower). Every accepted socket is
+  counted per address key (`addresses.address_key`) and as a handshake in
+  progress until its request is answered; one over a cap is answered `503`
+  with `Retry-After` from the reserve (at most `fd_reserve // 2` at once, for
+  at most `refusal_timeout`), or closed at once when that is full too. Every
+  refusal is `observer.limit_hit(kind, key)`.
+* `accept()` errors never escape and never log a traceback: EMFILE/ENFILE
+  (descriptors gone anyway, e.g. `fd_reserve` 0) close a spare descriptor to
+  accept-and-close what is waiting, so nobody hangs in the backlog; every
+  error pauses the loop `ACCEPT_PAUSE` s and is logged once per
+  `ACCEPT_LOG_INTERVAL` s with a count.
+* `GET /healthz` is 200 while the process serves; `GET /readyz` is 503 with a
+  reason while shutting down, while `store_healthy` is False, or while the
+  admission sheds load relay-wide.
+* A failed TLS handshake is logged at info, at most once a minute per address.
+
 Shutdown (`request_shutdown()`): stop accepting, close every connection with
 1001 (behind anything held for it), wait for them (bounded), let the store
 commit everything pending, close the store. The core is not told about
@@ -41,8 +62,10 @@ these disconnects: the durable state is exactly what was acknowledged.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import re
 import ssl
 import time
@@ -53,9 +76,13 @@ from typing import Any
 import attrs
 import trio
 
+from . import admission as adm
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
+from .addresses import address_key
+from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid
 from .memory import TrimPolicy, release_free_memory
+from .observe import NullObserver, Observer
 from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
@@ -88,6 +115,31 @@ class ServerConfig:
     store_batch: int = 5000  # max ops per transaction
     shutdown_timeout: float = 5.0
     stats_interval: float = 60.0
+    # connection edge (see the module docstring; README "Relay: connections and upgrades")
+    max_connections: int = 0  # 0: as many as the descriptor limit allows
+    fd_reserve: int = 64  # descriptors kept free of connections
+    conns_per_address: int = 64
+    max_handshakes: int = 1024
+    handshakes_per_address: int = 16
+    raise_fd_limit: bool = False  # raise the soft RLIMIT_NOFILE to the hard one at start (the CLI does)
+
+
+# accept() errors: pause the accept loop this long (s) after each one, and log
+# one line per interval (s) with a count, never one per event.
+ACCEPT_PAUSE = 0.1
+ACCEPT_LOG_INTERVAL = 10.0
+# accept() errors that mean the connection went away before it was accepted.
+_ACCEPT_IGNORED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN})
+_ACCEPT_CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+# The one-line 503 bodies (the Retry-After says when to come back).
+_REFUSAL_TEXT = {
+    adm.CONNECTIONS: "Service Unavailable: the relay is full, try again later",
+    adm.CONNS_PER_ADDRESS: "Service Unavailable: too many connections from your address",
+    adm.HANDSHAKES: "Service Unavailable: too many connections opening, try again later",
+    adm.HANDSHAKES_PER_ADDRESS: "Service Unavailable: too many connections opening from your address",
+}
 
 
 def make_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -119,14 +171,53 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
     return (t.group(1) if t else "?"), short_sid(s.group(1) if s else None)
 
 
-# The same ERROR the core writes for a message over `max_frame` (PROTOCOL 2.4).
+class _Edge:
+    """The server's side of one accepted connection (transport.Edge)."""
+
+    __slots__ = ("_server", "_ticket", "address", "refusal")
+
+    def __init__(self, server: RelayServer, address: str, ticket: adm.Ticket | None, refusal: str | None) -> None:
+        self._server = server
+        self._ticket = ticket
+        self.address = address
+        self.refusal = refusal
+
+    def endpoint(self, path: bytes) -> tuple[int, bytes] | None:
+        return self._server.http_endpoint(path)
+
+    def handshake_done(self) -> None:
+        if self._ticket is not None and self._server.admission is not None:
+            self._server.admission.handshake_done(self._ticket)
+
+    def tls_failed(self, reason: str) -> None:
+        self._server._tls_failed(self.address, reason)
+
+    def release(self) -> None:
+        admission = self._server.admission
+        if admission is None:
+            return
+        if self._ticket is not None:
+            admission.release(self._ticket)
+        elif self.refusal is not None:
+            self.refusal = None
+            admission.free_refusal_slot()
 
 
 class RelayServer:
     """Runs a `RelayCore` behind WebSocket connections and an optional `Store`."""
 
-    def __init__(self, core: Any, store: Store | None, config: ServerConfig) -> None:
+    def __init__(
+        self, core: Any, store: Store | None, config: ServerConfig, observer: Observer | None = None
+    ) -> None:
         self._core = core
+        self.observer: Observer = observer if observer is not None else NullObserver()
+        # /readyz answers 503 while this is False; the store pipeline sets it
+        # False while commits fail, True again once one succeeds.
+        self.store_healthy = True
+        self.admission: adm.Admission | None = None  # made by serve(), from the fd limit
+        self._spare_fd: int | None = None  # closed to accept-and-close when out of fds
+        self._accept_tally = adm.Tally(ACCEPT_LOG_INTERVAL)
+        self._tls_log = adm.LogLimiter(60.0)
         self._store = store
         self._config = config
         tconf = config.transport
@@ -203,6 +294,45 @@ class RelayServer:
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Bind first, outside any nursery: an address in use is a plain OSError.
         listeners = await trio.open_tcp_listeners(self._config.port, host=self._config.host)
+        if self._config.raise_fd_limit:
+            raise_soft_limit()
+        try:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._spare_fd = None
+        self.admission = adm.Admission(self._admission_limits(), self.observer)
+        try:
+            await self._serve(listeners, task_status)
+        finally:
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
+
+    def _admission_limits(self) -> adm.AdmissionLimits:
+        config = self._config
+        capacity = connection_capacity(config.fd_reserve)
+        if config.max_connections and config.max_connections > capacity:
+            log.warning(
+                "max connections %d is more than the descriptor limit allows: %d",
+                config.max_connections, capacity,
+            )
+        elif config.max_connections:
+            capacity = config.max_connections
+        log.info(
+            "connections: at most %d (%d per address), %d handshake(s) at once (%d per address), "
+            "%d descriptor(s) in reserve",
+            capacity, config.conns_per_address, config.max_handshakes,
+            config.handshakes_per_address, config.fd_reserve,
+        )
+        return adm.AdmissionLimits(
+            max_connections=capacity,
+            conns_per_address=config.conns_per_address,
+            max_handshakes=config.max_handshakes,
+            handshakes_per_address=config.handshakes_per_address,
+            refusal_slots=config.fd_reserve // 2,
+        )
+
+    async def _serve(self, listeners: list[trio.SocketListener], task_status: Any) -> None:
         async with trio.open_nursery() as services:
             if self._store is not None:
                 services.start_soon(self._store_loop)
@@ -240,22 +370,130 @@ class RelayServer:
     ) -> None:
         self.listeners = listeners
         with self._listen_scope:
-            await trio.serve_listeners(
-                self._handle_tcp,
-                listeners,
-                handler_nursery=self._conn_nursery,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener.socket)
+                task_status.started()
         for listener in listeners:
             await trio.aclose_forcefully(listener)
 
-    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+    async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
+        """Accept until cancelled; no accept() error escapes (see the docstring)."""
+        while True:
+            try:
+                client, peer = await sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CLOSED:
+                    return
+                if exc.errno in _ACCEPT_IGNORED:
+                    continue
+                await self._accept_failed(sock, exc)
+                continue
+            self._admit(client, peer)
+
+    def _admit(self, client: trio.socket.SocketType, peer: Any) -> None:
+        admission = self.admission
+        assert admission is not None and self._conn_nursery is not None
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else (str(peer) or "?")
+        decision = admission.admit(address_key(host), trio.current_time())
+        if isinstance(decision, adm.Ticket):
+            self._conn_nursery.start_soon(self._handle_tcp, client, _Edge(self, host, decision, None))
+        elif admission.take_refusal_slot():
+            edge = _Edge(self, host, None, _REFUSAL_TEXT[decision])
+            self._conn_nursery.start_soon(self._handle_tcp, client, edge)
+        else:
+            client.close()  # no room even to say no: at once, never a hang
+
+    async def _accept_failed(self, sock: trio.socket.SocketType, exc: OSError) -> None:
+        assert self.admission is not None
+        now = trio.current_time()
+        out_of_fds = exc.errno in _OUT_OF_DESCRIPTORS
+        self.admission.shed(now, "out of file descriptors" if out_of_fds else "accept failing")
+        count = self._accept_tally.hit(now)
+        if count:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            log.warning(
+                "accept failed %d time(s) since the last such line: %s (%s); pausing %.1f s each time",
+                count, name, os.strerror(exc.errno or 0), ACCEPT_PAUSE,
+            )
+        if out_of_fds:
+            await self._drop_waiting(sock)
+        await trio.sleep(ACCEPT_PAUSE)
+
+    async def _drop_waiting(self, sock: trio.socket.SocketType, most: int = 64) -> None:
+        """Out of descriptors: free the spare one and use it to accept and close
+        at once what waits in the backlog (they see the connection closed, not
+        a hang), then take the spare back."""
+        if self._spare_fd is None:
+            self._reopen_spare()
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
         try:
+            for _ in range(most):
+                client = None
+                with trio.move_on_after(0.005):
+                    try:
+                        client, peer = await sock.accept()
+                    except OSError:
+                        break
+                if client is None:
+                    break
+                client.close()
+                if self.admission is not None:
+                    self.admission.refused += 1
+                    host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+                    self.observer.limit_hit(adm.CONNECTIONS, address_key(host))
+        finally:
+            self._reopen_spare()
+
+    def _reopen_spare(self) -> None:
+        if self._spare_fd is None:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                pass  # another try at the next failure
+
+    async def _handle_tcp(self, client: trio.socket.SocketType, edge: _Edge) -> None:
+        try:
+            stream: trio.abc.Stream = trio.SocketStream(client)
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True, https_compatible=True)
-            await serve_stream(stream, self, self._transport, self._ids.__next__, self._outbox)
+            await serve_stream(stream, self, self._transport, self._ids.__next__, self._outbox, edge)
+        except OSError:  # the socket died before it was wrapped
+            client.close()
         except Exception:  # a bug in one connection must not take the relay down
             log.exception("connection handler failed")
+        finally:
+            edge.release()
+
+    # -- HTTP on the relay port -----------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why /readyz answers 503, or None when ready."""
+        if self._shutting_down:
+            return "shutting down"
+        if not self.store_healthy:
+            return "store not writable"
+        if self.admission is not None:
+            return self.admission.not_ready(trio.current_time())
+        return "not started"
+
+    def http_endpoint(self, path: bytes) -> tuple[int, bytes] | None:
+        """(status, body) of a plain GET of `path`, or None if it is no endpoint."""
+        if path == b"/healthz":
+            return 200, b"ok\n"
+        if path == b"/readyz":
+            reason = self.not_ready()
+            if reason is None:
+                return 200, b"ready\n"
+            return 503, f"not ready: {reason}\n".encode()
+        return None
+
+    def _tls_failed(self, address: str, reason: str) -> None:
+        key = address_key(address)
+        if self._tls_log.allow(key, trio.current_time()):
+            log.info("TLS handshake from %s failed: %s", key, reason)
 
     # -- transport.Handler ------------------------------------------------------------
 

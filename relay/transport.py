@@ -18,12 +18,27 @@ Queueing never blocks: when a connection's buffer is over its bound (bytes or
 messages) the connection is aborted at once (no close frame: the peer is not
 reading anyway) and `send_text` returns False so the caller can tell the core.
 
-Handshake (PROTOCOL 1.1): every path upgrades, any Origin; a request that is
-not a WebSocket upgrade gets `400 Bad Request` (405 for a method other than
-GET), as gorilla/websocket answers; no subprotocol is echoed and no extension
-is accepted; the 101 carries `Server: parley/<version>`. The handshake is
-parsed with h11 so that bytes a client sends right behind its request are
-kept and read as frames.
+Handshake (PROTOCOL 1.1): every path upgrades; a request that is not a
+WebSocket upgrade gets `400 Bad Request` (405 for a method other than GET),
+as gorilla/websocket answers; no subprotocol is echoed and no extension is
+accepted; the 101 carries `Server: parley/<version>`. The handshake is parsed
+with h11 so that bytes a client sends right behind its request are kept and
+read as frames. What parley adds (protocol/EXTENSIONS.md, "Relay: HTTP on the
+relay port"), checked in this order:
+
+* ``GET /healthz`` and ``GET /readyz`` without an upgrade are answered by the
+  server's `Edge.endpoint` (200, or 503 with a one-line reason);
+* a connection the server refused (`Edge.refusal`) gets `503 Service
+  Unavailable` with `Retry-After`, whatever it asked;
+* an upgrade over HTTP/1.0 gets `426 Upgrade Required` (RFC 6455 4.1 needs
+  HTTP/1.1 or later; RFC 7231 6.5.15);
+* a request with an `Origin` header (only browsers send one) whose origin is
+  not in `TransportConfig.allowed_origins` gets `403 Forbidden` (RFC 6455
+  4.2.2 item 4 / 10.2): otherwise any web page could drive a relay on the
+  visitor's own machine. Clients that send no Origin (parley, the Node and Go
+  reference peers) are not affected; ``*`` in the list allows every origin.
+
+A failed TLS handshake is reported to `Edge.tls_failed` with a short reason.
 
 Closing: a client's close frame is answered with the same code and an empty
 reason, then the TCP connection is closed. A close we start (core `Close`,
@@ -40,6 +55,7 @@ import binascii
 import logging
 import math
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,7 +65,10 @@ import trio
 from . import wsframe
 from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
 
-__all__ = ["TransportConfig", "Handler", "Outbox", "WsConn", "serve_stream", "PING_TEXT"]
+__all__ = [
+    "TransportConfig", "Handler", "Edge", "Outbox", "WsConn", "serve_stream", "PING_TEXT",
+    "normalize_origin", "tls_failure_reason",
+]
 
 log = logging.getLogger("parley.relay.transport")
 
@@ -70,6 +89,11 @@ class TransportConfig:
     close_timeout: float = 2.0
     max_handshake_bytes: int = 16384
     server_header: bytes = b"parley"
+    # Browser origins allowed to upgrade (normalize_origin form); "*": any.
+    # Empty: a request carrying an Origin header is refused with 403.
+    allowed_origins: tuple[str, ...] = ()
+    retry_after: int = 5  # seconds, in the Retry-After of a 503
+    refusal_timeout: float = 2.0  # how long a refused connection may take to send its request
 
     @property
     def effective_idle_timeout(self) -> float:
@@ -100,6 +124,24 @@ class Handler(Protocol):
     def on_close(self, conn: WsConn) -> None: ...
 
     def on_drained(self, conn: WsConn) -> None: ...
+
+
+class Edge(Protocol):
+    """What the server decided about one accepted connection, and what it
+    wants to hear about its handshake (all sync, none may raise)."""
+
+    address: str  # the peer's IP address
+    refusal: str | None  # not None: answer 503 (the text is the body's reason)
+
+    def endpoint(self, path: bytes) -> tuple[int, bytes] | None:
+        """(status, one-line body) for a plain GET of `path` (no query), or
+        None if `path` is not an endpoint."""
+
+    def handshake_done(self) -> None:
+        """The HTTP request was answered (101 or an error), or never came."""
+
+    def tls_failed(self, reason: str) -> None:
+        """The TLS handshake failed (`reason`: see `tls_failure_reason`)."""
 
 
 _PING_PAYLOAD = PING_TEXT.encode()
@@ -609,16 +651,34 @@ def _valid_key(key: bytes | None) -> bool:
         return False
 
 
-_STATUS_TEXT = {400: b"Bad Request", 405: b"Method Not Allowed"}
+_STATUS_TEXT = {
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    426: b"Upgrade Required",
+    503: b"Service Unavailable",
+}
 
 
-def _error_response(hconn: h11.Connection | None, status: int, server: bytes) -> bytes:
-    body = _STATUS_TEXT[status] + b"\n"
+def _error_response(
+    hconn: h11.Connection | None,
+    status: int,
+    server: bytes,
+    body: bytes | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """A complete `status` response closing the connection; `body` defaults to
+    the status text, one line."""
+    if body is None:
+        body = _STATUS_TEXT[status] + b"\n"
     headers = [
         (b"Content-Type", b"text/plain; charset=utf-8"),
         (b"Sec-WebSocket-Version", WS_VERSION),
         (b"X-Content-Type-Options", b"nosniff"),
+        (b"Cache-Control", b"no-store"),
         (b"Server", server),
+        *(extra or ()),
         (b"Content-Length", str(len(body)).encode()),
         (b"Connection", b"close"),
     ]
@@ -636,8 +696,56 @@ def _error_response(hconn: h11.Connection | None, status: int, server: bytes) ->
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def normalize_origin(origin: str) -> str:
+    """An origin as compared: lower case, no trailing slash (RFC 6454 6.2
+    serializes scheme and host in lower case)."""
+    return origin.strip().lower().rstrip("/")
+
+
+def _origin_allowed(origin: bytes, allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed:
+        return True
+    return normalize_origin(origin.decode("latin-1")) in allowed
+
+
+def _answer(
+    hconn: h11.Connection, request: h11.Request, config: TransportConfig, edge: Edge | None
+) -> bytes | None:
+    """The error response to `request`, or None if it may upgrade."""
+    server = config.server_header
+    upgrade = _wants_upgrade(request)
+    if edge is not None and request.method == b"GET" and not upgrade:
+        answer = edge.endpoint(request.target.split(b"?", 1)[0])
+        if answer is not None:
+            status, body = answer
+            return _error_response(hconn, status, server, body)
+    if edge is not None and edge.refusal is not None:
+        return _error_response(
+            hconn, 503, server, edge.refusal.encode() + b"\n",
+            [(b"Retry-After", str(config.retry_after).encode())],
+        )
+    headers = [(k.lower(), v) for k, v in request.headers]
+    if request.method != b"GET":
+        return _error_response(hconn, 405, server)
+    if not upgrade:
+        return _error_response(hconn, 400, server)
+    if request.http_version < b"1.1":
+        return _error_response(
+            hconn, 426, server, b"Upgrade Required: WebSocket needs HTTP/1.1\n",
+            [(b"Upgrade", b"websocket")],
+        )
+    if _header(headers, b"sec-websocket-version") != WS_VERSION:
+        return _error_response(hconn, 400, server)
+    if not _valid_key(_header(headers, b"sec-websocket-key")):
+        return _error_response(hconn, 400, server)
+    origin = _header(headers, b"origin")
+    if origin is not None and not _origin_allowed(origin, config.allowed_origins):
+        return _error_response(hconn, 403, server, b"Forbidden: origin not allowed\n")
+    return None
+
+
 async def _handshake(
-    stream: trio.abc.Stream, config: TransportConfig
+    stream: trio.abc.Stream, config: TransportConfig, edge: Edge | None = None
 ) -> tuple[bytes, bytes] | None:
     """Read one HTTP request and answer it. Returns (the 101 response, trailing
     bytes) for a valid upgrade; None after answering an error (or on EOF)."""
@@ -665,19 +773,11 @@ async def _handshake(
             break
         return None  # ConnectionClosed before a full request
     assert request is not None
-    headers = [(k.lower(), v) for k, v in request.headers]
-    status = 0
-    if request.method != b"GET":
-        status = 405
-    elif not _wants_upgrade(request):
-        status = 400
-    elif _header(headers, b"sec-websocket-version") != WS_VERSION:
-        status = 400
-    elif not _valid_key(_header(headers, b"sec-websocket-key")):
-        status = 400
-    if status:
-        await _send_quietly(stream, _error_response(hconn, status, server))
+    refused = _answer(hconn, request, config, edge)
+    if refused is not None:
+        await _send_quietly(stream, refused)
         return None
+    headers = [(k.lower(), v) for k, v in request.headers]
     accept = wsframe.accept_token(_header(headers, b"sec-websocket-key"))
     response = hconn.send(
         h11.InformationalResponse(
@@ -725,28 +825,87 @@ def peer_host(stream: trio.abc.Stream) -> str:
     return str(peer) or "?"
 
 
+# OpenSSL reasons (ssl.SSLError.reason) of a failed server handshake, as logged.
+_TLS_REASONS = {
+    "HTTP_REQUEST": "not TLS (plain HTTP or ws:// on a TLS port)",
+    "HTTPS_PROXY_REQUEST": "not TLS (an HTTP proxy request)",
+    "WRONG_VERSION_NUMBER": "not TLS",
+    "UNKNOWN_PROTOCOL": "not TLS",
+    "PACKET_LENGTH_TOO_LONG": "not TLS",
+    "RECORD_LAYER_FAILURE": "not TLS",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate unknown (the client does not trust ours)",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown CA (the client does not trust our certificate)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad certificate (said the client)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate expired (said the client)",
+    "UNSUPPORTED_PROTOCOL": "TLS version not supported",
+    "VERSION_TOO_LOW": "TLS version not supported",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version not supported",
+    "NO_SHARED_CIPHER": "no shared cipher",
+    "NO_PROTOCOLS_AVAILABLE": "TLS version not supported",
+}
+
+
+def tls_failure_reason(exc: BaseException | None) -> str:
+    """A short, fixed-vocabulary reason for a failed TLS handshake (the error
+    trio raised, or None for a timeout). Never echoes the client's bytes."""
+    if exc is None:
+        return "timed out"
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(cause, ssl.SSLEOFError):
+        return "closed by the client during the handshake"
+    reason = getattr(cause, "reason", None) or ""
+    if reason in _TLS_REASONS:
+        return _TLS_REASONS[reason]
+    if reason and reason.replace("_", "").isalnum():
+        return reason.lower().replace("_", " ")
+    return "handshake failed"
+
+
 async def serve_stream(
     stream: trio.abc.Stream,
     handler: Handler,
     config: TransportConfig,
     next_id: Callable[[], int],
     outbox: Outbox,
+    edge: Edge | None = None,
 ) -> None:
-    """Serve one accepted stream: handshake, then frames until it ends.
+    """Serve one accepted stream: (TLS,) handshake, then frames until it ends.
 
     `handler.on_open` is called once the upgrade has been sent, and
     `handler.on_close` exactly once afterwards (also on cancellation).
+    `edge` (optional) carries the server's admission decision and health
+    endpoints; `edge.handshake_done()` is called once the request is answered
+    or the handshake gave up (timeout, EOF, TLS failure).
     """
     conn: WsConn | None = None
+    refused = edge is not None and edge.refusal is not None
+    timeout = min(config.handshake_timeout, config.refusal_timeout) if refused else config.handshake_timeout
     try:
-        with trio.move_on_after(config.handshake_timeout) as hs_scope:
-            if isinstance(stream, trio.SSLStream):
-                await stream.do_handshake()
-            result = await _handshake(stream, config)
-        if hs_scope.cancelled_caught or result is None:
+        tls_done = not isinstance(stream, trio.SSLStream)
+        try:
+            with trio.move_on_after(timeout) as hs_scope:
+                if not tls_done:
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        if edge is not None:
+                            edge.tls_failed(tls_failure_reason(exc))
+                        return
+                    tls_done = True
+                result = await _handshake(stream, config, edge)
+        finally:
+            if edge is not None:
+                edge.handshake_done()
+        if hs_scope.cancelled_caught:
+            if not tls_done and edge is not None:
+                edge.tls_failed(tls_failure_reason(None))
+            return
+        if result is None:
             return
         response, trailing = result
-        address = peer_host(stream)
+        address = edge.address if edge is not None else peer_host(stream)
         frames = FrameReader(config.max_frame)
         conn = WsConn(next_id(), address, stream, frames, config, outbox)
         conn._events = frames.receive(trailing) if trailing else []
