@@ -33,9 +33,22 @@ async def test_every_path_upgrades(suite, path):
         await c.assert_open()
 
 
+@pytest.mark.legacy_only
 async def test_any_origin_accepted(suite):
     async with connect(suite, extra_headers=[("Origin", "http://elsewhere.example")]) as c:
         await c.assert_open()
+
+
+@pytest.mark.parley_only
+async def test_browser_origin_refused_403(suite):
+    """parley (EXTENSIONS "Relay: HTTP on the relay port"): an Origin not allowed
+    (none is, by default) gets 403, so a web page cannot drive the relay."""
+    s = await RawSocket.open(suite)
+    try:
+        status, headers = await s.upgrade("/", [("Origin", "http://elsewhere.example")])
+        assert status == 403, headers
+    finally:
+        s.close()
 
 
 async def test_plain_get_is_400(suite):
