@@ -240,3 +240,17 @@ class Tally:
         self._last = now
         count, self._since = self._since, 0
         return count
+
+    @property
+    def pending(self) -> int:
+        """Events since the last line."""
+        return self._since
+
+    def flush(self, now: float) -> int:
+        """Events not yet written whose line is due now (0 if none): call it
+        when things went well, so the end of a storm is counted too."""
+        if not self._since or now - self._last < self.interval:
+            return 0
+        self._last = now
+        count, self._since = self._since, 0
+        return count

@@ -389,7 +389,14 @@ class RelayServer:
                     continue
                 await self._accept_failed(sock, exc)
                 continue
+            if self._accept_tally.pending:
+                self._accept_recovered()
             self._admit(client, peer)
+
+    def _accept_recovered(self) -> None:
+        count = self._accept_tally.flush(trio.current_time())
+        if count:
+            log.warning("accept failed %d more time(s) since the last such line; accepting again", count)
 
     def _admit(self, client: trio.socket.SocketType, peer: Any) -> None:
         admission = self.admission
