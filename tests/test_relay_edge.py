@@ -477,3 +477,97 @@ async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
             assert result.stdout == expected + "200", result
     finally:
         relay.stop()
+
+
+# ---------------------------------------------------------------------------
+# options
+
+
+@pytest.fixture
+def relay_logger_restored():
+    """The command configures the `parley.relay` logger; undo it for other tests."""
+    logger = logging.getLogger("parley.relay")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
+def _built_with(monkeypatch, tmp_path, args: list[str], env: dict[str, str] | None = None) -> dict:
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    for key in list(os.environ):
+        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    calls: list[dict] = []
+
+    class Built(Exception):
+        pass
+
+    def fake_build_relay(**kwargs):
+        calls.append(kwargs)
+        raise Built
+
+    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
+    result = CliRunner().invoke(relay_cli.relay, args, env=env)
+    assert isinstance(result.exception, Built), result.output
+    return calls[-1]
+
+
+def test_edge_options_defaults_flags_and_env(monkeypatch, tmp_path, relay_logger_restored):
+    got = _built_with(monkeypatch, tmp_path, [])
+    assert got["server_options"] == {
+        "max_connections": 0, "fd_reserve": 64, "conns_per_address": 64, "max_handshakes": 1024,
+        "handshakes_per_address": 16, "raise_fd_limit": True,
+    }
+    assert got["transport_options"] == {"handshake_timeout": 10.0, "allowed_origins": ()}
+    got = _built_with(monkeypatch, tmp_path, [
+        "--max-connections", "500", "--fd-reserve", "0", "--conns-per-address", "8",
+        "--max-handshakes", "100", "--handshakes-per-address", "4", "--handshake-timeout", "2.5",
+        "--allowed-origin", "https://Chat.Example/", "--allowed-origin", "http://localhost:8080",
+    ])
+    assert got["server_options"]["max_connections"] == 500 and got["server_options"]["fd_reserve"] == 0
+    assert got["server_options"]["conns_per_address"] == 8 and got["server_options"]["handshakes_per_address"] == 4
+    assert got["transport_options"] == {
+        "handshake_timeout": 2.5, "allowed_origins": ("https://chat.example", "http://localhost:8080"),
+    }
+    got = _built_with(monkeypatch, tmp_path, [], env={
+        "PARLEY_RELAY_ALLOWED_ORIGINS": "https://a.example,https://b.example:8443",
+        "PARLEY_RELAY_CONNS_PER_ADDRESS": "9", "PARLEY_RELAY_HANDSHAKE_TIMEOUT": "3",
+    })
+    assert got["transport_options"]["allowed_origins"] == ("https://a.example", "https://b.example:8443")
+    assert got["server_options"]["conns_per_address"] == 9 and got["transport_options"]["handshake_timeout"] == 3.0
+
+
+def test_bad_allowed_origin_is_one_line_error(relay_logger_restored):
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    result = CliRunner().invoke(relay_cli.relay, ["--allowed-origin", "chat.example/path"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "parley relay: error: --allowed-origin must be scheme://host[:port], '*' or 'null', got 'chat.example/path'"
+    ]
+
+
+def test_help_shows_each_edge_option_with_default_and_env_var():
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    text = " ".join(CliRunner().invoke(relay_cli.relay, ["--help"], terminal_width=200).output.split())
+    for option, env, default in [
+        ("--max-connections", "PARLEY_RELAY_MAX_CONNECTIONS", "default: 0"),
+        ("--fd-reserve", "PARLEY_RELAY_FD_RESERVE", "default: 64"),
+        ("--conns-per-address", "PARLEY_RELAY_CONNS_PER_ADDRESS", "default: 64"),
+        ("--max-handshakes", "PARLEY_RELAY_MAX_HANDSHAKES", "default: 1024"),
+        ("--handshakes-per-address", "PARLEY_RELAY_HANDSHAKES_PER_ADDRESS", "default: 16"),
+        ("--handshake-timeout", "PARLEY_RELAY_HANDSHAKE_TIMEOUT", "default: 10.0"),
+        ("--allowed-origin", "PARLEY_RELAY_ALLOWED_ORIGINS", "default: none"),
+    ]:
+        start = text.index(option + " ")
+        chunk = text[start : start + 600]
+        assert env in chunk and default in chunk, chunk
