@@ -420,7 +420,8 @@ class RelayServer:
         if count:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             log.warning(
-                "accept failed %d time(s) since the last such line: %s (%s); pausing %.1f s each time",
+                "accept failed %d time(s) since the last such line, the last with %s (%s); "
+                "pausing %.1f s after each",
                 count, name, os.strerror(exc.errno or 0), ACCEPT_PAUSE,
             )
         if out_of_fds:

@@ -11,6 +11,7 @@ limits set in a preexec_fn.
 from __future__ import annotations
 
 import base64
+import errno
 import importlib.util
 import logging
 import os
@@ -459,7 +460,7 @@ async def test_emfile_storm_logs_a_bounded_number_of_lines_and_recovers(tmp_path
     assert "Traceback" not in log, log[-3000:]
     lines = [line for line in log.splitlines() if "Too many open files" in line]
     assert 1 <= len(lines) <= 3, log[-3000:]
-    assert re.search(r"accept failed \d+ time\(s\) since the last such line: EMFILE", lines[0])
+    assert re.search(r"accept failed \d+ time\(s\) since the last such line, the last with EMFILE", lines[0])
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -571,3 +572,46 @@ def test_help_shows_each_edge_option_with_default_and_env_var():
         start = text.index(option + " ")
         chunk = text[start : start + 600]
         assert env in chunk and default in chunk, chunk
+
+
+# ---------------------------------------------------------------------------
+# the accept loop's error handling, with a scripted listening socket
+
+
+class ScriptedListener:
+    """accept() raises the scripted errors in order, then EBADF (closed)."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def accept(self):
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        code = self.errors.pop(0) if self.errors else errno.EBADF
+        raise OSError(code, os.strerror(code))
+
+
+async def test_accept_errors_pause_and_log_one_counted_line_per_interval(caplog, autojump_clock):
+    from parley.relay.server import ACCEPT_LOG_INTERVAL, ACCEPT_PAUSE, RelayServer, ServerConfig
+
+    caplog.set_level(logging.INFO, logger="parley.relay")
+    server = RelayServer(FakeCore(), None, ServerConfig())
+    server.admission = adm.Admission(_limits())
+    script = [errno.ENOMEM] * 100 + [errno.ENOBUFS] * 100 + [errno.EIO] * 100 + [errno.ECONNABORTED] * 5
+    listener = ScriptedListener(script)
+    async with trio.open_nursery() as nursery:
+        server._conn_nursery = nursery
+        started = trio.current_time()
+        await server._accept_loop(listener)  # returns once the socket is closed (EBADF)
+        elapsed = trio.current_time() - started
+    assert listener.calls == len(script) + 1
+    assert elapsed >= 300 * ACCEPT_PAUSE  # paused after each failure, not after ECONNABORTED
+    lines = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert 1 <= len(lines) <= elapsed / ACCEPT_LOG_INTERVAL + 1
+    assert all(r.exc_info is None for r in caplog.records)  # never a traceback
+    counts = [int(re.search(r"accept failed (\d+)", r.getMessage()).group(1)) for r in lines]
+    assert counts[0] == 1 and sum(counts) <= 300
+    assert "the last with ENOMEM (Cannot allocate memory)" in lines[0].getMessage()
+    assert "the last with EIO" in lines[-1].getMessage()  # any errno: handled the same way
+    assert server.not_ready() is not None  # it was shedding moments ago
