@@ -126,6 +126,12 @@ def test_log_limiter_and_tally():
 # in-process relays
 
 
+async def _until(condition) -> None:
+    """Wait until the relay (same Trio run) has got there."""
+    while not condition():
+        await trio.sleep(0.01)
+
+
 async def _tcp_from(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await sock.bind((source, 0))
@@ -189,7 +195,7 @@ async def test_per_address_cap_refuses_503_and_serves_other_addresses():
             await kept[0].close(1000)
             assert await kept[0].recv() == ("close", 1000, "")
             await kept[0].aclose()
-            await trio.sleep(0.05)
+            await _until(lambda: server.admission.count("127.0.0.1")[0] < 3)
             again, status, _, _ = await _upgrade_from(port)
             assert status == 101
             await hello(again)
@@ -202,11 +208,11 @@ async def test_handshake_caps_relay_wide_and_per_address_then_timeout_frees_them
     with trio.fail_after(15):
         async with running_relay(core=FakeCore(), observer=obs, **options) as (server, port):
             silent = [await _tcp_from(port) for _ in range(2)]  # never send a request
-            await trio.sleep(0.05)
+            await _until(lambda: server.admission.count("127.0.0.1")[1] == 2)
             _, status, headers, body = await _upgrade_from(port)
             assert status == 503 and "retry-after" in headers and b"opening from your address" in body
             third = await _tcp_from(port, "127.0.0.2")
-            await trio.sleep(0.05)
+            await _until(lambda: server.admission.handshakes == 3)
             _, status, _, body = await _upgrade_from(port, "127.0.0.3")
             assert status == 503 and b"too many connections opening" in body
             status, _, body = await _get(port, "/readyz", "127.0.0.4")
@@ -245,7 +251,7 @@ async def test_capacity_503_with_retry_after_then_served_again():
             await clients[0].close(1000)
             assert await clients[0].recv() == ("close", 1000, "")
             await clients[0].aclose()
-            await trio.sleep(0.05)
+            await _until(lambda: server.admission.open < 3)
             ws, status, _, _ = await _upgrade_from(port, "127.0.0.4")
             assert status == 101
             await hello(ws)
