@@ -287,6 +287,8 @@ class RelayServer:
             "attached": len(self._conns),
             "held_conns": len(self._held),
             "store_pending": len(self._pending),
+            "refused": self.admission.refused if self.admission is not None else 0,
+            "accept_errors": self._accept_tally.total,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -244,6 +244,7 @@ async def test_capacity_503_with_retry_after_then_served_again():
             assert status == 503 and headers["retry-after"] == "5"
             assert body == b"Service Unavailable: the relay is full, try again later\n"
             assert ("connections", "127.0.0.4") in obs.hits
+            assert server.stats()["refused"] == 1 and server.stats()["accept_errors"] == 0
             # health endpoints still answer when full (from the reserve)
             assert await _get(port, "/healthz", "127.0.0.5") == (200, (await _get(port, "/healthz"))[1], b"ok\n")
             status, _, body = await _get(port, "/readyz", "127.0.0.5")
