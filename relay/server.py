@@ -203,6 +203,9 @@ class _Edge:
             admission.free_refusal_slot()
 
 
+# The same ERROR the core writes for a message over `max_frame` (PROTOCOL 2.4).
+
+
 class RelayServer:
     """Runs a `RelayCore` behind WebSocket connections and an optional `Store`."""
 
