@@ -201,6 +201,26 @@ async def test_per_address_cap_refuses_503_and_serves_other_addresses():
             await hello(again)
 
 
+async def test_ipv6_addresses_are_counted_per_slash_64():
+    obs = RecordingObserver()
+    with trio.fail_after(10):
+        async with running_relay(
+            core=FakeCore(), host="::1", observer=obs, server_options={"conns_per_address": 1}
+        ) as (server, port):
+            async def upgrade() -> tuple[trio.SocketStream, int]:
+                sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                await sock.connect(("::1", port))
+                stream = trio.SocketStream(sock)
+                await stream.send_all(_upgrade_request(port))
+                return stream, (await read_http_response(stream))[0]
+
+            first, status = await upgrade()
+            assert status == 101
+            _, status = await upgrade()
+            assert status == 503
+            assert obs.hits == [("conns_per_address", "::/64")]
+
+
 async def test_handshake_caps_relay_wide_and_per_address_then_timeout_frees_them():
     obs = RecordingObserver()
     options = {"server_options": {"handshakes_per_address": 2, "max_handshakes": 3},
@@ -318,7 +338,9 @@ async def test_failed_tls_handshakes_are_logged_at_info_once_a_minute(tmp_path, 
     certfile, keyfile = _self_signed(tmp_path)
     caplog.set_level(logging.INFO, logger="parley.relay")
     with trio.fail_after(15):
-        async with running_relay(core=FakeCore(), certfile=certfile, keyfile=keyfile) as (server, port):
+        async with running_relay(
+            core=FakeCore(), certfile=certfile, keyfile=keyfile, transport_options={"handshake_timeout": 1.0}
+        ) as (server, port):
             for _ in range(3):  # a plain ws:// client on the TLS port, three times
                 stream = await _tcp_from(port)
                 await stream.send_all(_upgrade_request(port))
@@ -332,12 +354,16 @@ async def test_failed_tls_handshakes_are_logged_at_info_once_a_minute(tmp_path, 
                         ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
 
             await trio.to_thread.run_sync(untrusting_client)
+            # a client that connects and says nothing until the handshake timeout
+            silent = await _tcp_from(port, "127.0.0.3")
+            assert await read_to_eof(silent) == b""
             await trio.sleep(0.2)
     lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
     assert all(r.levelno == logging.INFO for r in caplog.records if "TLS handshake" in r.getMessage())
     assert lines[0] == "TLS handshake from 127.0.0.1 failed: not TLS (plain HTTP or ws:// on a TLS port)"
     assert re.fullmatch(r"TLS handshake from 127\.0\.0\.2 failed: (certificate unknown|unknown CA).*", lines[1])
-    assert len(lines) == 2, lines  # one line per address per minute
+    assert lines[2] == "TLS handshake from 127.0.0.3 failed: timed out"
+    assert len(lines) == 3, lines  # one line per address per minute
 
 
 # ---------------------------------------------------------------------------
