@@ -711,7 +711,8 @@ def _origin_allowed(origin: bytes, allowed: tuple[str, ...]) -> bool:
 def _answer(
     hconn: h11.Connection, request: h11.Request, config: TransportConfig, edge: Edge | None
 ) -> bytes | None:
-    """The error response to `request`, or None if it may upgrade."""
+    """The response that ends `request` (an endpoint's or an error), or None
+    if it may upgrade."""
     server = config.server_header
     upgrade = _wants_upgrade(request)
     if edge is not None and request.method == b"GET" and not upgrade:
