@@ -470,3 +470,121 @@ def test_core_takes_an_observer_and_defaults_to_none():
     for _ in range(3):
         core.receive(1, '{"t":"CREATE_SESSION"}')
     assert observer.hits == [("live_codes_per_address", A)] * 2
+
+
+# ------------------------------------------------------------------ store
+
+
+def test_store_keeps_who_made_what(tmp_path):
+    from parley.relay.actions import SaveCode
+    from parley.relay.store import Store
+
+    ops = [
+        SaveSession("s", 1.0, False, A),
+        SaveSession("t", 2.0, True, "2001:db8:1:2::/64"),
+        SaveCode("123456", "s", 2e9, A),
+        SaveFrame("t", 1, None, "m", '{"t":"MSG","sid":"t"}\n', 2e9, "2001:db8:1:2::/64"),
+    ]
+    with Store(tmp_path / "r.db") as store:
+        store.apply(ops)
+    with Store(tmp_path / "r.db") as store:
+        snapshot = store.load()
+    assert snapshot.sessions == tuple(ops[:2])
+    assert snapshot.codes == (ops[2],)
+    assert snapshot.frames == (ops[3],)
+    h = harness()
+    h.core.restore(snapshot)
+    check_quota_accounting(h.core)
+    assert h.core._byte_quota.prefix_held == {"2001:db8:1::/48": h.core._byte_quota.total}
+    assert h.core._auto_session_quota.held == {"2001:db8:1:2::/64": 1}
+
+
+_V1_SCHEMA = """
+CREATE TABLE sessions (sid TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE sides (sid TEXT NOT NULL, side TEXT NOT NULL, PRIMARY KEY (sid, side));
+CREATE TABLE codes (code TEXT PRIMARY KEY, sid TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX codes_by_sid ON codes (sid);
+CREATE TABLE frames (sid TEXT NOT NULL, seq INTEGER NOT NULL, from_side TEXT, msg_id TEXT,
+                     text TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (sid, seq));
+INSERT INTO sessions VALUES ('old', 1.0);
+INSERT INTO codes VALUES ('042917', 'old', 2000000000.0);
+INSERT INTO frames VALUES ('old', 1, 'A', 'm', '{"t":"MSG","sid":"old"}' || char(10), 2000000000.0);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_store_from_before_the_quotas_is_migrated_and_readable(tmp_path):
+    import sqlite3
+
+    from parley.relay.actions import SaveCode
+    from parley.relay.store import Store
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.close()
+    with Store(path) as store:
+        snapshot = store.load()
+        store.apply([SaveSession("new", 3.0, False, B)])
+    assert snapshot.sessions == (SaveSession("old", 1.0, True, None),)  # unknown origin: auto
+    assert snapshot.codes == (SaveCode("042917", "old", 2e9, None),)
+    assert snapshot.frames[0].sender is None and snapshot.frames[0].from_side == "A"
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    with Store(path) as store:  # opening again changes nothing
+        again = store.load()
+    assert again.sessions == (SaveSession("old", 1.0, True, None), SaveSession("new", 3.0, False, B))
+    h = harness()
+    h.core.restore(again)
+    check_quota_accounting(h.core)
+    assert h.core._auto_session_quota.total == 1 and h.core._session_quota.held == {B: 1}
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def _recorded_build(monkeypatch, args, env=None):
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def fake_build_relay(**kwargs):
+        calls.append(kwargs)
+        raise Recorded
+
+    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
+    for key in list(__import__("os").environ):
+        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
+            monkeypatch.delenv(key)
+    result = CliRunner().invoke(relay_cli.relay, ["--store", ":memory:", *args], env=env)
+    assert isinstance(result.exception, Recorded), result.output
+    return calls[-1]
+
+
+def test_cli_quota_defaults_are_the_config_defaults(monkeypatch):
+    got = _recorded_build(monkeypatch, [])
+    options = got["quota_options"]
+    defaults = RelayConfig()
+    assert len(options) == 17
+    assert {name: getattr(defaults, name) for name in options} == options
+
+
+def test_cli_quota_options_and_env_vars(monkeypatch):
+    got = _recorded_build(
+        monkeypatch,
+        ["--address-share", "5", "--failed-joins", "100", "--max-live-codes", "5000"],
+        env={"PARLEY_RELAY_RESERVE": "30", "PARLEY_RELAY_FAILED_JOIN_WINDOW": "900",
+             "PARLEY_RELAY_FAILED_JOINS": "7"},
+    )
+    options = got["quota_options"]
+    assert options["address_share_percent"] == 5 and options["join_failures_relay"] == 100
+    assert options["max_live_codes"] == 5000 and options["reserve_percent"] == 30
+    assert options["join_failure_window"] == 900.0
+    config = RelayConfig(**options)
+    assert config.live_code_limit == 5000
