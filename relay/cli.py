@@ -206,7 +206,7 @@ def _quota_options(command: Any) -> Any:
          "Addresses the reserve is shared between: each gets at most reserve/N."),
         ("--reserve-prefixes", "N", count, 1_000, None,
          "Prefixes the reserve is shared between: each gets at most reserve/N."),
-        ("--live-codes-per-conn", "N", count, 20, None, "Live invite codes one connection may hold."),
+        ("--live-codes-per-conn", "N", count, 100, None, "Live invite codes one connection may hold."),
         ("--sessions-per-conn", "N", count, 200, None,
          "Existing sessions one connection may have created."),
         ("--queue-bytes-per-conn", "BYTES", click.IntRange(1024), 32 << 20, None,

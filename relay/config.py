@@ -106,7 +106,7 @@ class RelayConfig:
     reserve_prefixes: int = attrs.field(default=1_000, validator=_positive_int)
     max_sessions: int = attrs.field(default=200_000, validator=_positive_int)
     auto_share_percent: int = attrs.field(default=25, validator=_percent)
-    live_codes_per_conn: int = attrs.field(default=20, validator=_positive_int)
+    live_codes_per_conn: int = attrs.field(default=100, validator=_positive_int)
     sessions_per_conn: int = attrs.field(default=200, validator=_positive_int)
     queue_bytes_per_conn: int = attrs.field(default=32 << 20, validator=_positive_int)
     join_attempts_per_prefix: int = attrs.field(default=120, validator=_positive_int)
