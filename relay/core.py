@@ -5,7 +5,7 @@ out the `Send`/`Close`/`Persist` actions it returns (see `relay.actions` for
 the ordering contract). The core does no I/O, never blocks, and reads time and
 randomness only from the `clock` and `rng` it is given::
 
-    core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)
+    core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)  # observer=...
     core.restore(snapshot)            # once, before the first connect
     core.connect(conn_id, address)    # -> list[Action]
     core.receive(conn_id, message)    # one data message, str or bytes
@@ -76,8 +76,13 @@ Choices where PROTOCOL is silent
 * JOIN without `data.publicKey` is refused (`bad_frame`) before the code is
   looked up, so the code is not lost; any key string is passed on, escaped.
 * JOIN rate limit: every JOIN that reaches the code lookup counts, per
-  connection and per address; one over the limit gets `ERROR rate_limited`
-  without any lookup. `address` is whatever the shell passes (the peer IP).
+  connection, address and prefix; one over the limit gets `ERROR rate_limited`
+  without any lookup. `address` is whatever the shell passes (the peer IP),
+  counted by `relay.addresses.address_key`/`prefix_key`. Failed lookups also
+  count relay-wide: while `join_failures_relay` failed within
+  `join_failure_window`, an address/prefix that itself failed
+  `join_failures_per_addr`/`_prefix` times gets `rate_limited` without a
+  lookup; one that did not still gets its lookup (so the right code works).
 * Node/compat JOIN_REQUEST `clientID`: `<unix-ms>_<16 hex>`, one per
   connection. JOINED goes to the member with that clientID, or to every
   other member when JOIN_ACCEPT names none (node and compat alike); an
@@ -85,8 +90,18 @@ Choices where PROTOCOL is silent
 * INVITE_CREATE (node/compat): checks any of prime/generator/publicKey that
   is present (even-length hex; group 14 prime; generator 2; 3 <= key <= p-3)
   before anything else, then mints a code only if the session has none live.
-* Live codes are capped (`RelayConfig.live_code_limit`); past the cap
-  CREATE_SESSION and INVITE_CREATE get `ERROR rate_limited`.
+* Quotas: live codes, sessions and stored bytes are capped relay-wide and
+  shared out per address and prefix (`relay.limits.SharedQuota`), and capped
+  per connection. Past them CREATE_SESSION and INVITE_CREATE get `ERROR
+  rate_limited`, as does a MSG/REATTACH that would create a session; a MSG
+  that would be stored gets `DELIVERED_FAILED queue_full`. A session
+  auto-created by MSG/REATTACH also draws on the smaller auto-created quotas
+  (`auto_share_percent`), for as long as it lives. A session counts for the
+  connection and address that created it, a live code for the one that
+  minted it, a stored frame for the one that sent it (a requeued frame too);
+  each count goes down when the thing is freed, consumed, expired or
+  deleted, and `restore` rebuilds the per-address counts from the address
+  keys the store keeps. Each refusal is reported to `observer.limit_hit`.
 * Joining more than `max_sessions_per_conn` sessions (CREATE_SESSION, JOIN,
   REATTACH, or a MSG that would add the sender) gets `ERROR rate_limited`.
 * LEAVE from a non-member is a no-op. LEAVE tells the remaining members

@@ -19,6 +19,9 @@ taken at once, so a second relay pointed at the same file fails at start-up
 instead of silently sharing (and corrupting the meaning of) the state. The OS
 releases the lock if the relay is killed.
 
+Schema version 2 added who made what, for the relay's quotas (see
+`_ADDED_COLUMNS`); a version-1 store is upgraded in place when opened.
+
 `Store(":memory:")` is a working in-memory database (handy for tests); the
 relay itself runs without any store for `--store :memory:`.
 """
