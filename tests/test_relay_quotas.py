@@ -173,6 +173,7 @@ def test_auto_created_sessions_cannot_take_the_invited_sessions_quota():
         h.send(c, {"t": "REATTACH", "sid": f"s{n}"})
         if n % 50 == 49:
             c = conns(A)
+    assert h.core.stats()["sessions"] == 25
     assert h.core._auto_session_quota.total == 25
     assert ("auto_sessions", A) in h.observer.hits
     for _ in range(75):
@@ -242,8 +243,8 @@ def test_auto_created_sessions_cannot_fill_the_store_of_invited_sessions():
         for k in range(40):
             if reply(h, c, msg(f"x{n}-{k % 8}", f"x{n}.{k}", 2000)) != "QUEUED":
                 break
-    assert h.core._auto_byte_quota.total <= 50_000
     assert h.core.stats()["queued_bytes"] <= 50_000
+    assert h.core._auto_byte_quota.total <= 50_000
     assert [k for k, who in h.observer.hits if who == "10.39.0.1"][0].startswith("auto_store_quota")
     # an invited session still queues (many of them: the rest of the store is theirs)
     for n in range(30):
@@ -419,6 +420,7 @@ def test_right_code_join_succeeds_at_once_during_an_attack():
             for _ in range(10):
                 join(h, c, wrong)
         h.tick(60)
+    assert join(h, conns(attackers[0]), code) == ["rate_limited"]  # even with the right code
     assert ("join_failures", attackers[0]) in h.observer.hits
     joiner = conns("192.0.2.20")
     out = h.send(joiner, {"t": "JOIN", "data": {"code": code, "publicKey": "bb"}})
@@ -448,13 +450,14 @@ def test_guesses_per_hour_at_defaults(prefixes):
                         count += 1
             h.tick(60)
         lookups.append(count)
-    bound = cfg.join_failures_relay + min(
-        len(attackers) * cfg.join_failures_per_addr, prefixes * cfg.join_failures_per_prefix
-    )
+    budget, per_addr, per_prefix = 600, 3, 10  # the defaults the README's table uses
+    bound = budget + min(len(attackers) * per_addr, prefixes * per_prefix)
     assert max(lookups) <= bound
+    assert (cfg.join_failures_relay, cfg.join_failures_per_addr, cfg.join_failures_per_prefix) == (
+        budget, per_addr, per_prefix)
     # 1,000 live codes out of 10**6: one hit per 1,000 lookups on average
     assert 1000 / max(lookups) >= 1.0  # hours
-    assert min(lookups) >= cfg.join_failures_relay // 2  # and nobody is shut out entirely
+    assert min(lookups) >= budget // 2  # and nobody is shut out entirely
 
 
 def test_core_takes_an_observer_and_defaults_to_none():
