@@ -126,6 +126,7 @@ Choices where PROTOCOL is silent
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import re
@@ -211,6 +212,15 @@ def _key(address: Hashable) -> str:
     return key if isinstance(key, str) else repr(key)
 
 
+@functools.lru_cache(maxsize=8192)
+def _conn_who(address: Hashable) -> _Who:
+    """A connecting peer's (address key, prefix key); the same pair `_who`
+    derives from the key alone. Cached: parsing an IPv6 address costs tens of
+    microseconds, and busy peers reconnect from the same address."""
+    key = _key(address)
+    return (key, prefix_key(address) if isinstance(address, str) else key)
+
+
 def _who(key: str) -> _Who:
     """(address key, prefix key) for an address key, e.g. as restored from the
     store: ``"2001:db8:1:2::/64"`` -> its /48, ``"192.0.2.7"`` -> its /24;
@@ -231,7 +241,7 @@ class _Conn:
     def __init__(self, conn_id: ConnId, address: Hashable) -> None:
         self.id = conn_id
         self.address = address
-        self.who = _who(_key(address))
+        self.who = _conn_who(address)
         self.key = self.who[0]  # IPv4 address, IPv6 /64
         self.prefix = self.who[1]  # IPv4 /24, IPv6 /48
         # quotas of this connection: live codes it minted, existing sessions it
