@@ -221,6 +221,7 @@ def _conn_who(address: Hashable) -> _Who:
     return (key, prefix_key(address) if isinstance(address, str) else key)
 
 
+@functools.lru_cache(maxsize=8192)
 def _who(key: str) -> _Who:
     """(address key, prefix key) for an address key, e.g. as restored from the
     store: ``"2001:db8:1:2::/64"`` -> its /48, ``"192.0.2.7"`` -> its /24;
@@ -374,12 +375,9 @@ class RelayCore:
     def restore(self, snapshot: Snapshot) -> None:
         """Load what the store holds. Call once, before the first `connect`."""
         now = self._clock()
-        whos: dict[str | None, _Who | None] = {None: None}
 
         def who(key: str | None) -> _Who | None:
-            if key not in whos:
-                whos[key] = _who(key)
-            return whos[key]
+            return None if key is None else _who(key)
 
         for saved in snapshot.sessions:
             if saved.sid not in self._sessions:
