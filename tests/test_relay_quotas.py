@@ -142,6 +142,17 @@ def test_codes_given_back_when_consumed_expired_or_freed():
     check_quota_accounting(h.core)
 
 
+def test_many_ipv6_64s_in_one_48_cannot_empty_the_reserve():
+    h = harness(max_live_codes=200, reserve_addresses=50, reserve_prefixes=5, live_codes_per_conn=1000)
+    conns = Conns(h)
+    assert [fill_codes(h, conns, f"10.9.{n}.1", tries=30) for n in range(5)] == [20] * 5  # the open half
+    made = [fill_codes(h, conns, f"2001:db8:7:{n:x}::1", tries=5) for n in range(100)]
+    assert sum(made) == 20 and max(made) == 2  # 100 /64s of one /48: the /48's part of the reserve
+    assert ("live_codes_reserve", "2001:db8:7:a::/64") in h.observer.hits
+    assert fill_codes(h, conns, "198.51.100.1", tries=5) == 2  # others still get theirs
+    check_quota_accounting(h.core)
+
+
 # ---------------------------------------------------------------- sessions
 
 
@@ -286,6 +297,25 @@ def test_stored_byte_counts_go_down_on_received_expiry_leave_and_legacy_replay()
     legacy = conns("192.0.2.50")
     h.send(legacy, {"t": "REATTACH", "sid": sid})
     assert not h.core._byte_quota.held
+    check_quota_accounting(h.core)
+
+
+def test_a_requeued_frame_counts_for_its_sender():
+    """A legacy receiver dropped with frames in its buffer: the shell hands
+    them back (`requeue`) and they are stored, counted for whoever sent them."""
+    from parley.relay.actions import Send as SendAction
+
+    h = harness()
+    conns = Conns(h)
+    a, b = conns(A), conns(B)
+    h.send(a, {"t": "REATTACH", "sid": "s"})
+    h.send(b, {"t": "REATTACH", "sid": "s"})
+    actions = h.core.receive(a, json.dumps(msg("s", "m1")))
+    tokens = [x.requeue for x in actions if isinstance(x, SendAction) and x.requeue is not None]
+    assert len(tokens) == 1 and tokens[0].sender == A
+    h.run(h.core.requeue(b, tokens))
+    h.disconnect(b)
+    assert h.core._byte_quota.held == {A: h.core.stats()["queued_bytes"]} and h.core._conns[a].stored
     check_quota_accounting(h.core)
 
 
