@@ -44,6 +44,7 @@ class Requeue:
     from_conn: ConnId | None  # None for a frame restored from the store
     msg_id: str
     text: str
+    sender: str | None = None  # the sender's address key (quotas count per address)
 
 
 @attrs.frozen
@@ -73,8 +74,16 @@ class Close:
 
 @attrs.frozen
 class SaveSession:
+    """A session. `auto`: created by a MSG/REATTACH naming an unknown SID (not
+    by CREATE_SESSION), so it draws on the smaller auto-created quotas; a store
+    written before this field existed loads its sessions as auto. `owner`: the
+    creating connection's address key (`relay.addresses.address_key`), None
+    when unknown."""
+
     sid: str
     created_at: float
+    auto: bool = False
+    owner: str | None = None
 
 
 @attrs.frozen
@@ -97,6 +106,7 @@ class SaveCode:
     code: str
     sid: str
     expires_at: float
+    owner: str | None = None  # address key of the connection that minted it
 
 
 @attrs.frozen
@@ -109,7 +119,10 @@ class SaveFrame:
     """A frame kept for the other side of `sid` until it is received.
 
     `seq` orders a session's frames; `from_side` is the sender's side token (or
-    None for a legacy sender); `text` is the MSG exactly as it will be sent.
+    None for a legacy sender); `text` is the MSG exactly as it will be sent;
+    `sender` the sending connection's address key (IPv4 address, IPv6 /64),
+    kept so the per-address stored-bytes quota survives a restart (None when
+    unknown).
     """
 
     sid: str
@@ -118,6 +131,7 @@ class SaveFrame:
     msg_id: str
     text: str
     expires_at: float
+    sender: str | None = None
 
 
 @attrs.frozen

@@ -99,6 +99,7 @@ def build_relay(
     certfile: str | None = None,
     keyfile: str | None = None,
     core_options: dict[str, Any] | None = None,
+    quota_options: dict[str, Any] | None = None,
     transport_options: dict[str, Any] | None = None,
     server_options: dict[str, Any] | None = None,
     core: Any = None,
@@ -106,8 +107,10 @@ def build_relay(
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
-    Raises StoreError / ValueError with a one-line message. The caller closes
-    the store after `serve()` returns.
+    `core_options` and `quota_options` are `RelayConfig` fields (the quotas'
+    kept apart only so each part of the CLI passes its own). Raises
+    StoreError / ValueError with a one-line message. The caller closes the
+    store after `serve()` returns.
     """
     store_obj = None if store == MEMORY else Store(store)
     try:
@@ -116,12 +119,15 @@ def build_relay(
         )
         if core is None:
             options = dict(core_options or {})
+            options.update(quota_options or {})
             # A replay chunk must fit the send buffer with room to spare, or a
             # paced REATTACH replay would overflow it anyway.
             options.setdefault(
                 "replay_chunk_bytes", min(1 << 20, max(1, transport.effective_send_buffer_bytes // 4))
             )
-            core = RelayCore(_core_config(dialect, max_frame, options), clock=time.time, rng=secrets)
+            core = RelayCore(
+                _core_config(dialect, max_frame, options), clock=time.time, rng=secrets, observer=observer
+            )
         if store_obj is not None:
             snapshot = store_obj.load()
             core.restore(snapshot)
@@ -201,6 +207,80 @@ def _env_default(ctx: click.Context, name: str) -> bool:
     return source in (None, click.core.ParameterSource.DEFAULT)
 
 
+def _quota_options(command: Any) -> Any:
+    """The quota and invite-code guessing options (README "Relay: quotas and
+    invite-code guessing" says why each default)."""
+    count = click.IntRange(1)
+    percent = click.IntRange(1, 100)
+    options = [
+        ("--max-live-codes", "N", click.IntRange(1), None, "a tenth of the code space",
+         "Live invite codes, relay-wide; past it CREATE_SESSION/INVITE_CREATE get rate_limited."),
+        ("--max-sessions", "N", count, 200_000, None,
+         "Sessions kept, relay-wide (both kinds)."),
+        ("--queue-total-bytes", "BYTES", click.IntRange(1024), 512 << 20, None,
+         "Stored (queued) bytes, relay-wide; past it a MSG gets DELIVERED_FAILED queue_full."),
+        ("--auto-share", "PERCENT", percent, 25, None,
+         "Part of --max-sessions and --queue-total-bytes that sessions auto-created by "
+         "MSG/REATTACH for an unknown SID may hold."),
+        ("--address-share", "PERCENT", percent, 10, None,
+         "Part of each relay-wide quota (live codes, sessions, stored bytes) one address "
+         "(IPv4, IPv6 /64) may hold."),
+        ("--prefix-share", "PERCENT", percent, 20, None,
+         "Part of each relay-wide quota one prefix (IPv4 /24, IPv6 /48) may hold."),
+        ("--reserve", "PERCENT", click.IntRange(0, 99), 50, None,
+         "Part of each relay-wide quota kept for addresses that hold little."),
+        ("--reserve-addresses", "N", count, 10_000, None,
+         "Addresses the reserve is shared between: each gets at most reserve/N."),
+        ("--reserve-prefixes", "N", count, 1_000, None,
+         "Prefixes the reserve is shared between: each gets at most reserve/N."),
+        ("--live-codes-per-conn", "N", count, 100, None, "Live invite codes one connection may hold."),
+        ("--sessions-per-conn", "N", count, 200, None,
+         "Existing sessions one connection may have created."),
+        ("--queue-bytes-per-conn", "BYTES", click.IntRange(1024), 32 << 20, None,
+         "Stored bytes of the frames one connection sent."),
+        ("--joins-per-prefix", "N", count, 120, None,
+         "JOIN attempts one prefix (IPv4 /24, IPv6 /48) may make per minute."),
+        ("--failed-joins", "N", count, 600, None,
+         "Relay-wide failed-JOIN budget per --failed-join-window; once spent, addresses and "
+         "prefixes that already failed get no code lookup."),
+        ("--failed-join-window", "SECONDS", click.FloatRange(1, 7 * 86400), 3600.0, None,
+         "Window of the failed-JOIN counts."),
+        ("--failed-joins-per-address", "N", count, 3, None,
+         "Failed JOINs after which an address gets no lookup while the budget is spent."),
+        ("--failed-joins-per-prefix", "N", count, 10, None,
+         "The same per prefix (IPv4 /24, IPv6 /48)."),
+    ]
+    for flag, metavar, kind, default, shown, text in reversed(options):
+        envvar = "PARLEY_RELAY_" + flag[2:].upper().replace("-", "_")
+        command = _option(
+            flag, envvar=envvar, metavar=metavar, type=kind, default=default,
+            show_default=shown if shown is not None else True, show_envvar=True, help=text,
+        )(command)
+    return command
+
+
+# option name -> RelayConfig field
+_QUOTA_FIELDS = {
+    "max_live_codes": "max_live_codes",
+    "max_sessions": "max_sessions",
+    "queue_total_bytes": "queue_total_bytes",
+    "auto_share": "auto_share_percent",
+    "address_share": "address_share_percent",
+    "prefix_share": "prefix_share_percent",
+    "reserve": "reserve_percent",
+    "reserve_addresses": "reserve_addresses",
+    "reserve_prefixes": "reserve_prefixes",
+    "live_codes_per_conn": "live_codes_per_conn",
+    "sessions_per_conn": "sessions_per_conn",
+    "queue_bytes_per_conn": "queue_bytes_per_conn",
+    "joins_per_prefix": "join_attempts_per_prefix",
+    "failed_joins": "join_failures_relay",
+    "failed_join_window": "join_failure_window",
+    "failed_joins_per_address": "join_failures_per_addr",
+    "failed_joins_per_prefix": "join_failures_per_prefix",
+}
+
+
 @click.command("relay", cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @_option("--host", envvar="PARLEY_RELAY_HOST", default="127.0.0.1", show_default=True,
               show_envvar=True, help="Address to listen on.")
@@ -271,6 +351,7 @@ def _env_default(ctx: click.Context, name: str) -> bool:
                    "var comma-separated; '*' allows any. A request with another Origin header "
                    "gets 403; requests without one (CLI, Node, Go clients) are not affected. "
                    "[default: none]")
+@_quota_options
 def relay(
     host: str,
     port: int,
@@ -293,6 +374,7 @@ def relay(
     handshakes_per_address: int,
     handshake_timeout: float,
     allowed_origins: tuple[str, ...],
+    **quotas: Any,
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -344,6 +426,7 @@ def relay(
                 "handshakes_per_address": handshakes_per_address,
                 "raise_fd_limit": True,
             },
+            quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
         )
     except (StoreError, ValueError, TypeError) as exc:
         raise _OneLineError(str(exc)) from None

@@ -13,6 +13,7 @@ DIALECTS = ("compat", "go", "node")
 
 _positive_int = [v.instance_of(int), v.gt(0)]
 _positive_time = [v.instance_of((int, float)), v.gt(0)]
+_percent = [v.instance_of(int), v.gt(0), v.le(100)]
 
 
 @attrs.frozen(kw_only=True)
@@ -42,6 +43,37 @@ class RelayConfig:
     join_attempts_per_conn  JOINs a connection may try within join_window
     join_attempts_per_addr  JOINs one address may try within join_window
     join_window
+
+    Quotas (PROTOCOL 2.4 "bounded everything"; README "Relay: quotas and
+    invite-code guessing"). An *address* is `relay.addresses.address_key`
+    (IPv4 /32, IPv6 /64), a *prefix* is `prefix_key` (IPv4 /24, IPv6 /48).
+    A session is *auto-created* when a MSG or REATTACH names an unknown SID
+    (kept for Go compatibility), *invited* when CREATE_SESSION made it.
+
+    Every relay-wide quota (live codes, sessions, stored bytes; see
+    `relay.limits.SharedQuota`) is shared out by:
+    address_share_percent   % of the quota one address may hold
+    prefix_share_percent    % of the quota one prefix may hold
+    reserve_percent         % of the quota kept back: once the rest is in use,
+                            only addresses holding little get more, namely
+    reserve_addresses       ... at most reserve / reserve_addresses per address
+    reserve_prefixes        ... and reserve / reserve_prefixes per prefix, so
+                            emptying the reserve takes that many of each
+    max_sessions            sessions the relay keeps, of both kinds
+    auto_share_percent      auto-created sessions may hold at most this % of
+                            max_sessions and of queue_total_bytes, so they can
+                            never take what invited sessions need
+    live_codes_per_conn     live invite codes one connection minted
+    sessions_per_conn       existing sessions one connection created
+    queue_bytes_per_conn    stored bytes of frames one connection sent
+    join_attempts_per_prefix  JOINs one prefix may try within join_window
+    join_failures_relay     the relay-wide failed-JOIN budget: failed JOINs
+                            (unknown or expired code) within join_failure_window
+                            before the relay is *guarded*
+    join_failure_window
+    join_failures_per_addr  while guarded, an address with this many failed
+                            JOINs within join_failure_window gets no lookup
+    join_failures_per_prefix  the same per prefix
     """
 
     dialect: str = attrs.field(default="compat", validator=v.in_(DIALECTS))
@@ -65,6 +97,23 @@ class RelayConfig:
     join_attempts_per_conn: int = attrs.field(default=10, validator=_positive_int)
     join_attempts_per_addr: int = attrs.field(default=60, validator=_positive_int)
     join_window: float = attrs.field(default=60.0, validator=_positive_time)
+    address_share_percent: int = attrs.field(default=10, validator=_percent)
+    prefix_share_percent: int = attrs.field(default=20, validator=_percent)
+    reserve_percent: int = attrs.field(
+        default=50, validator=[v.instance_of(int), v.ge(0), v.lt(100)]
+    )
+    reserve_addresses: int = attrs.field(default=10_000, validator=_positive_int)
+    reserve_prefixes: int = attrs.field(default=1_000, validator=_positive_int)
+    max_sessions: int = attrs.field(default=200_000, validator=_positive_int)
+    auto_share_percent: int = attrs.field(default=25, validator=_percent)
+    live_codes_per_conn: int = attrs.field(default=100, validator=_positive_int)
+    sessions_per_conn: int = attrs.field(default=200, validator=_positive_int)
+    queue_bytes_per_conn: int = attrs.field(default=32 << 20, validator=_positive_int)
+    join_attempts_per_prefix: int = attrs.field(default=120, validator=_positive_int)
+    join_failures_relay: int = attrs.field(default=600, validator=_positive_int)
+    join_failure_window: float = attrs.field(default=3600.0, validator=_positive_time)
+    join_failures_per_addr: int = attrs.field(default=3, validator=_positive_int)
+    join_failures_per_prefix: int = attrs.field(default=10, validator=_positive_int)
 
     @property
     def live_code_limit(self) -> int:
@@ -72,3 +121,13 @@ class RelayConfig:
         if self.max_live_codes is not None:
             return min(self.max_live_codes, 10**self.code_digits)
         return 10**self.code_digits // 10
+
+    @property
+    def auto_session_limit(self) -> int:
+        """Sessions that auto-created sessions may hold, all together."""
+        return self.max_sessions * self.auto_share_percent // 100
+
+    @property
+    def auto_queue_bytes(self) -> int:
+        """Stored bytes that auto-created sessions may hold, all together."""
+        return self.queue_total_bytes * self.auto_share_percent // 100

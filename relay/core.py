@@ -5,7 +5,7 @@ out the `Send`/`Close`/`Persist` actions it returns (see `relay.actions` for
 the ordering contract). The core does no I/O, never blocks, and reads time and
 randomness only from the `clock` and `rng` it is given::
 
-    core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)
+    core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)  # observer=...
     core.restore(snapshot)            # once, before the first connect
     core.connect(conn_id, address)    # -> list[Action]
     core.receive(conn_id, message)    # one data message, str or bytes
@@ -76,8 +76,13 @@ Choices where PROTOCOL is silent
 * JOIN without `data.publicKey` is refused (`bad_frame`) before the code is
   looked up, so the code is not lost; any key string is passed on, escaped.
 * JOIN rate limit: every JOIN that reaches the code lookup counts, per
-  connection and per address; one over the limit gets `ERROR rate_limited`
-  without any lookup. `address` is whatever the shell passes (the peer IP).
+  connection, address and prefix; one over the limit gets `ERROR rate_limited`
+  without any lookup. `address` is whatever the shell passes (the peer IP),
+  counted by `relay.addresses.address_key`/`prefix_key`. Failed lookups also
+  count relay-wide: while `join_failures_relay` failed within
+  `join_failure_window`, an address/prefix that itself failed
+  `join_failures_per_addr`/`_prefix` times gets `rate_limited` without a
+  lookup; one that did not still gets its lookup (so the right code works).
 * Node/compat JOIN_REQUEST `clientID`: `<unix-ms>_<16 hex>`, one per
   connection. JOINED goes to the member with that clientID, or to every
   other member when JOIN_ACCEPT names none (node and compat alike); an
@@ -85,8 +90,18 @@ Choices where PROTOCOL is silent
 * INVITE_CREATE (node/compat): checks any of prime/generator/publicKey that
   is present (even-length hex; group 14 prime; generator 2; 3 <= key <= p-3)
   before anything else, then mints a code only if the session has none live.
-* Live codes are capped (`RelayConfig.live_code_limit`); past the cap
-  CREATE_SESSION and INVITE_CREATE get `ERROR rate_limited`.
+* Quotas: live codes, sessions and stored bytes are capped relay-wide and
+  shared out per address and prefix (`relay.limits.SharedQuota`), and capped
+  per connection. Past them CREATE_SESSION and INVITE_CREATE get `ERROR
+  rate_limited`, as does a MSG/REATTACH that would create a session; a MSG
+  that would be stored gets `DELIVERED_FAILED queue_full`. A session
+  auto-created by MSG/REATTACH also draws on the smaller auto-created quotas
+  (`auto_share_percent`), for as long as it lives. A session counts for the
+  connection and address that created it, a live code for the one that
+  minted it, a stored frame for the one that sent it (a requeued frame too);
+  each count goes down when the thing is freed, consumed, expired or
+  deleted, and `restore` rebuilds the per-address counts from the address
+  keys the store keeps. Each refusal is reported to `observer.limit_hit`.
 * Joining more than `max_sessions_per_conn` sessions (CREATE_SESSION, JOIN,
   REATTACH, or a MSG that would add the sender) gets `ERROR rate_limited`.
 * LEAVE from a non-member is a no-op. LEAVE tells the remaining members
@@ -111,7 +126,9 @@ Choices where PROTOCOL is silent
 
 from __future__ import annotations
 
+import functools
 import heapq
+import ipaddress
 import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
@@ -163,8 +180,10 @@ from .actions import (
     Send,
     Snapshot,
 )
+from .addresses import address_key, prefix_key
 from .config import RelayConfig
-from .limits import KeyedWindows, Window
+from .limits import KeyedWindows, SharedQuota, Window
+from .observe import NullObserver, Observer
 
 __all__ = ["RelayCore", "RelayConfig"]
 
@@ -184,12 +203,53 @@ class Random(Protocol):
     def randbelow(self, n: int) -> int: ...
 
 
+_Who = tuple[str, Hashable]  # (address key, prefix key): who holds a quota's share
+
+
+def _key(address: Hashable) -> str:
+    """The address key quotas count by, as text (it is stored with frames)."""
+    key = address_key(address)
+    return key if isinstance(key, str) else repr(key)
+
+
+@functools.lru_cache(maxsize=8192)
+def _conn_who(address: Hashable) -> _Who:
+    """A connecting peer's (address key, prefix key); the same pair `_who`
+    derives from the key alone. Cached: parsing an IPv6 address costs tens of
+    microseconds, and busy peers reconnect from the same address."""
+    key = _key(address)
+    return (key, prefix_key(address) if isinstance(address, str) else key)
+
+
+@functools.lru_cache(maxsize=8192)
+def _who(key: str) -> _Who:
+    """(address key, prefix key) for an address key, e.g. as restored from the
+    store: ``"2001:db8:1:2::/64"`` -> its /48, ``"192.0.2.7"`` -> its /24;
+    anything that is not an IP address is its own prefix."""
+    try:
+        network = ipaddress.ip_network(key, strict=False)
+    except ValueError:
+        return (key, key)
+    return (key, prefix_key(str(network.network_address)))
+
+
 class _Conn:
-    __slots__ = ("id", "address", "sessions", "errors", "joins", "client_id", "replay")
+    __slots__ = (
+        "id", "address", "who", "key", "prefix", "sessions", "errors", "joins", "client_id", "replay",
+        "codes", "made", "stored",
+    )
 
     def __init__(self, conn_id: ConnId, address: Hashable) -> None:
         self.id = conn_id
         self.address = address
+        self.who = _conn_who(address)
+        self.key = self.who[0]  # IPv4 address, IPv6 /64
+        self.prefix = self.who[1]  # IPv4 /24, IPv6 /48
+        # quotas of this connection: live codes it minted, existing sessions it
+        # created, stored bytes of the frames it sent
+        self.codes = 0
+        self.made = 0
+        self.stored = 0
         self.sessions: dict[str, None] = {}  # SIDs, in the order joined
         self.errors = Window()
         self.joins = Window()
@@ -202,9 +262,10 @@ class _Conn:
 class _Stored:
     """A MSG kept in a session queue."""
 
-    __slots__ = ("seq", "from_side", "from_conn", "msg_id", "text", "size", "expires_at")
+    __slots__ = ("seq", "from_side", "from_conn", "msg_id", "text", "size", "expires_at", "sender")
 
-    def __init__(self, seq, from_side, from_conn, msg_id, text, size, expires_at) -> None:
+    def __init__(self, seq, from_side, from_conn, msg_id, text, size, expires_at, sender) -> None:
+        self.sender: _Who | None = sender  # who sent it (quotas)
         self.seq: int = seq
         self.from_side: str | None = from_side
         self.from_conn: ConnId | None = from_conn  # None once restored from the store
@@ -217,15 +278,23 @@ class _Stored:
 class _Session:
     __slots__ = (
         "sid", "members", "sides", "queue", "by_id", "queued_bytes", "next_seq",
-        "code", "frame_due", "pending_joins",
+        "code", "frame_due", "pending_joins", "auto", "owner", "owner_conn", "code_owner",
+        "code_conn",
     )
 
     # A relay keeps many idle sessions (an unused invite code lives 10 minutes),
     # so what most sessions never use is created on first use: `sides` is a
     # tuple (at most max_sides_per_session), `by_id` and `pending_joins` are
     # None while empty.
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, auto: bool, owner: _Who | None, owner_conn: ConnId | None) -> None:
         self.sid = sid
+        # quotas: how it was made (auto-created by MSG/REATTACH, or invited)
+        # and by whom; who minted its live code
+        self.auto = auto
+        self.owner = owner
+        self.owner_conn = owner_conn
+        self.code_owner: _Who | None = None
+        self.code_conn: ConnId | None = None
         self.members: dict[ConnId, str | None] = {}  # conn -> declared side
         self.sides: tuple[str, ...] = ()
         self.queue: dict[int, _Stored] = {}  # seq -> frame, in seq order
@@ -269,10 +338,12 @@ class RelayCore:
         *,
         clock: Callable[[], float],
         rng: Random,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config if config is not None else RelayConfig()
         self._clock = clock
         self._rng = rng
+        self._observer: Observer = observer if observer is not None else NullObserver()
         self._dialect = self.config.dialect
         self._conns: dict[ConnId, _Conn] = {}
         self._sessions: dict[str, _Session] = {}
@@ -284,6 +355,7 @@ class RelayCore:
         self._addr_joins = KeyedWindows(self.config.join_window)
         self._queued = 0  # stored frames, all sessions
         self._queued_bytes = 0
+        self._init_quotas()
         self._handlers: dict[type, Callable[[_Conn, Any], list[Action]]] = {
             Msg: self._on_msg,
             Received: self._on_received,
@@ -303,8 +375,13 @@ class RelayCore:
     def restore(self, snapshot: Snapshot) -> None:
         """Load what the store holds. Call once, before the first `connect`."""
         now = self._clock()
+
+        def who(key: str | None) -> _Who | None:
+            return None if key is None else _who(key)
+
         for saved in snapshot.sessions:
-            self._sessions.setdefault(saved.sid, _Session(saved.sid))
+            if saved.sid not in self._sessions:
+                self._add_session(_Session(saved.sid, saved.auto, who(saved.owner), None))
         for saved in snapshot.sides:
             sess = self._sessions.get(saved.sid)
             if sess is not None and saved.side not in sess.sides:
@@ -315,18 +392,20 @@ class RelayCore:
                 continue
             if sess.code is not None:
                 self._codes.pop(sess.code, None)
+                self._release_code(sess)
             self._codes[saved.code] = (saved.sid, saved.expires_at)
             sess.code = saved.code
+            self._hold_code(sess, who(saved.owner), None)
         for saved in sorted(snapshot.frames, key=lambda f: (f.sid, f.seq)):
             sess = self._sessions.get(saved.sid)
-            if sess is None:
-                sess = self._sessions[saved.sid] = _Session(saved.sid)
+            if sess is None:  # frames without their session row: count as auto-created
+                sess = self._add_session(_Session(saved.sid, True, None, None))
             if saved.seq in sess.queue:
                 continue
             self._enqueue(
                 sess,
                 _Stored(saved.seq, saved.from_side, None, saved.msg_id, saved.text,
-                        _size(saved.text), saved.expires_at),
+                        _size(saved.text), saved.expires_at, who(saved.sender)),
             )
             sess.next_seq = max(sess.next_seq, saved.seq + 1)
         for sess in self._sessions.values():
@@ -372,9 +451,11 @@ class RelayCore:
             if sess.by_id and any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
                 continue
             size = _size(token.text)
-            if self._queue_full(sess, size):
+            sender = None if token.sender is None else _who(token.sender)
+            if self._store_refusal(sess, size, sender, self._conns.get(token.from_conn)):
                 continue  # bounded like any queue (PROTOCOL 2.4)
-            self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size, actions)
+            self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size,
+                        sender, actions)
         return actions
 
     def refuse_too_large(self, conn_id: ConnId) -> list[Action]:
@@ -431,7 +512,7 @@ class RelayCore:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
-            sess = self._new_session(sid, actions)
+            sess = self._new_session(sid, conn, True, actions)
         members = sess.members
         side = members.get(cid, _ABSENT)
         if side is _ABSENT:
@@ -457,13 +538,15 @@ class RelayCore:
             msg_id = payload[:24] if payload else ""
         if replaying or not receivers or (sided and msg_id):
             size = _size(text)
-            if self._queue_full(sess, size):
+            refusal = self._store_refusal(sess, size, conn.who, conn)
+            if refusal is not None:
+                self._observer.limit_hit(refusal, conn.key)
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
                 return actions
-            self._store(sess, side, cid, msg_id, text, size, actions)
+            self._store(sess, side, cid, msg_id, text, size, conn.who, actions)
         if receivers or replaying:
-            token = Requeue(sid, side, cid, msg_id, text)
+            token = Requeue(sid, side, cid, msg_id, text, conn.key)
             for m in receivers:
                 actions.append(Send(m, text, token if members[m] is None else None))
             actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id)))
@@ -503,7 +586,7 @@ class RelayCore:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
-            sess = self._new_session(sid, actions)
+            sess = self._new_session(sid, conn, True, actions)
         elif side is not None and self._sides_full(sess, side):
             return self._too_many_sides(conn, sid)
         elif cid not in sess.members and len(conn.sessions) >= self.config.max_sessions_per_conn:
@@ -545,7 +628,8 @@ class RelayCore:
             budget -= stored.size
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
-                token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
+                token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text,
+                                stored.sender and stored.sender[0])
                 actions.append(Send(cid, stored.text, token))
                 done.append(stored)
             else:
@@ -583,17 +667,20 @@ class RelayCore:
             return self._bad_side(conn)
         if len(conn.sessions) >= self.config.max_sessions_per_conn:
             return self._too_many_sessions(conn, "")
+        refusal = self._session_quota_refusal(conn, "", auto=False)
+        if refusal:
+            return refusal
         mint = self._dialect != "node"
-        if mint and len(self._codes) >= self.config.live_code_limit:
+        if mint and self._code_refusal(conn):
             return self._codes_exhausted(conn, "")
         actions: list[Action] = []
-        sess = self._new_session(self._new_sid(), actions)
+        sess = self._new_session(self._new_sid(), conn, False, actions)
         self._attach(conn, sess, side, actions)
         sid = sess.sid
         if self._dialect != "go":
             actions.append(Send(conn.id, encode_text(SessionCreated(sid))))
         if mint:
-            code = self._mint_code(sess, actions)
+            code = self._mint_code(sess, conn, actions)
             actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
         return actions
 
@@ -605,16 +692,13 @@ class RelayCore:
             return self._error(conn, ErrorCode.BAD_FRAME, "JOIN needs data.publicKey")
         cfg = self.config
         now = self._clock()
-        if (
-            conn.joins.count(now, cfg.join_window) >= cfg.join_attempts_per_conn
-            or self._addr_joins.count(conn.address, now) >= cfg.join_attempts_per_addr
-        ):
-            return self._error(conn, ErrorCode.RATE_LIMITED, "too many JOIN attempts, wait a minute")
-        conn.joins.add(now)
-        self._addr_joins.add(conn.address, now)
+        refusal = self._join_refusal(conn, now)
+        if refusal:
+            return refusal
         code = frame.code
         entry = self._codes.get(code)
         if entry is None or entry[1] <= now:
+            self._join_failed(conn, now)
             # PROTOCOL 2.3 gives this reply's exact form; the go dialect keeps
             # Go's bytes (no `code`), the others add `bad_code` (2.4).
             return self._error(conn, ErrorCode.BAD_CODE, BAD_CODE_MESSAGE, show_code=cfg.dialect != "go")
@@ -627,6 +711,7 @@ class RelayCore:
             return self._too_many_sessions(conn, sid)
         del self._codes[code]
         sess.code = None
+        self._release_code(sess)
         actions: list[Action] = [Persist(DeleteCode(code))]
         self._attach(conn, sess, side, actions)
         if self._dialect == "go":
@@ -689,10 +774,10 @@ class RelayCore:
             if self._codes[sess.code][1] > self._clock():
                 return actions  # a live code: no reply, so the Node client cannot loop
             self._expire_code(sess.code, actions)
-        if len(self._codes) >= self.config.live_code_limit:
+        if self._code_refusal(conn):
             actions.extend(self._codes_exhausted(conn, sid))
             return actions
-        code = self._mint_code(sess, actions)
+        code = self._mint_code(sess, conn, actions)
         actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
         return actions
 
@@ -752,8 +837,10 @@ class RelayCore:
         for sid in freed:
             del self._idle[sid]
             sess = self._sessions.pop(sid)
+            self._forget_session(sess)
             if sess.code is not None:
                 del self._codes[sess.code]
+                self._release_code(sess)
             if sess.frame_due is not None:
                 self._scheduled -= 1
             actions.append(Persist(DeleteSession(sid)))
@@ -764,6 +851,7 @@ class RelayCore:
             heapq.heapify(self._frame_heap)
 
         self._addr_joins.prune(now)
+        self._prune_join_windows(now)
         return actions
 
     def stats(self) -> dict[str, int]:
@@ -791,6 +879,7 @@ class RelayCore:
             "addr_windows": len(self._addr_joins),
             "queued": self._queued,
             "queued_bytes": self._queued_bytes,
+            **self._quota_sizes(),
         }
 
     # ------------------------------------------------------------ helpers
@@ -832,7 +921,7 @@ class RelayCore:
             return self._error(conn, ErrorCode.BAD_FRAME, "sid too long")
         if len(conn.sessions) >= self.config.max_sessions_per_conn:
             return self._too_many_sessions(conn, sid)
-        return []
+        return self._session_quota_refusal(conn, sid, auto=True)
 
     def _sides_full(self, sess: _Session, side: str) -> bool:
         return side not in sess.sides and len(sess.sides) >= self.config.max_sides_per_session
@@ -843,9 +932,11 @@ class RelayCore:
             if sid not in self._sessions:
                 return sid
 
-    def _new_session(self, sid: str, actions: list[Action]) -> _Session:
-        sess = self._sessions[sid] = _Session(sid)
-        actions.append(Persist(SaveSession(sid, self._clock())))
+    def _new_session(self, sid: str, conn: _Conn, auto: bool, actions: list[Action]) -> _Session:
+        """A session `conn` makes (quotas checked by the caller); `auto`: by naming
+        an unknown SID rather than with CREATE_SESSION."""
+        sess = self._add_session(_Session(sid, auto, conn.who, conn.id))
+        actions.append(Persist(SaveSession(sid, self._clock(), auto, conn.key)))
         return sess
 
     def _attach(self, conn: _Conn, sess: _Session, side: str | None, actions: list[Action]) -> None:
@@ -877,8 +968,8 @@ class RelayCore:
             sess.members = {}
             sess.queue = {}
 
-    def _mint_code(self, sess: _Session, actions: list[Action]) -> str:
-        """A fresh code for `sess` (the caller checked the live-code cap)."""
+    def _mint_code(self, sess: _Session, conn: _Conn, actions: list[Action]) -> str:
+        """A fresh code for `sess`, minted by `conn` (the caller checked the quotas)."""
         digits = self.config.code_digits
         space = 10**digits
         while True:
@@ -888,7 +979,8 @@ class RelayCore:
         expires_at = self._clock() + self.config.code_ttl
         self._codes[code] = (sess.sid, expires_at)
         sess.code = code
-        actions.append(Persist(SaveCode(code, sess.sid, expires_at)))
+        self._hold_code(sess, conn.who, conn.id)
+        actions.append(Persist(SaveCode(code, sess.sid, expires_at, conn.key)))
         return code
 
     def _expire_code(self, code: str, actions: list[Action]) -> None:
@@ -896,6 +988,7 @@ class RelayCore:
         sess = self._sessions.get(sid)
         if sess is not None and sess.code == code:
             sess.code = None
+            self._release_code(sess)
         actions.append(Persist(DeleteCode(code)))
 
     def _client_id(self, conn: _Conn) -> str:
@@ -908,20 +1001,13 @@ class RelayCore:
             self._client_ids[client_id] = conn.id
         return conn.client_id
 
-    def _store(self, sess, from_side, from_conn, msg_id, text, size, actions) -> None:
+    def _store(self, sess, from_side, from_conn, msg_id, text, size, sender, actions) -> None:
         seq = sess.next_seq
         sess.next_seq = seq + 1
         expires_at = self._clock() + self.config.frame_ttl
-        self._enqueue(sess, _Stored(seq, from_side, from_conn, msg_id, text, size, expires_at))
-        actions.append(Persist(SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at)))
-
-    def _queue_full(self, sess: _Session, size: int) -> bool:
-        cfg = self.config
-        return (
-            len(sess.queue) >= cfg.queue_max_frames
-            or sess.queued_bytes + size > cfg.queue_max_bytes
-            or self._queued_bytes + size > cfg.queue_total_bytes
-        )
+        self._enqueue(sess, _Stored(seq, from_side, from_conn, msg_id, text, size, expires_at, sender))
+        key = None if sender is None else sender[0]
+        actions.append(Persist(SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at, key)))
 
     def _enqueue(self, sess: _Session, stored: _Stored) -> None:
         sess.queue[stored.seq] = stored
@@ -932,6 +1018,7 @@ class RelayCore:
         sess.queued_bytes += stored.size
         self._queued += 1
         self._queued_bytes += stored.size
+        self._hold_bytes(sess, stored)
         self._idle.pop(sess.sid, None)
         self._schedule(sess, stored.expires_at)
 
@@ -957,7 +1044,202 @@ class RelayCore:
         sess.queued_bytes -= stored.size
         self._queued -= 1
         self._queued_bytes -= stored.size
+        self._release_bytes(sess, stored)
         actions.append(Persist(DeleteFrame(sess.sid, stored.seq)))
+
+
+    # ------------------------------------------------------------- quotas
+    #
+    # Who holds what, for the quotas no client can exhaust (README "Relay:
+    # quotas and invite-code guessing"). Per connection: plain ints on _Conn.
+    # Per address and relay-wide: one SharedQuota per resource; auto-created
+    # sessions also draw on their own, smaller quotas. A session remembers
+    # its owner (and its code's), a stored frame its sender, so every count
+    # goes down where the thing it counts goes away.
+
+    def _init_quotas(self) -> None:
+        cfg = self.config
+
+        def quota(cap: int) -> SharedQuota:
+            return SharedQuota(
+                cap,
+                key_percent=cfg.address_share_percent,
+                prefix_percent=cfg.prefix_share_percent,
+                reserve_percent=cfg.reserve_percent,
+                reserve_keys=cfg.reserve_addresses,
+                reserve_prefixes=cfg.reserve_prefixes,
+            )
+
+        self._code_quota = quota(cfg.live_code_limit)
+        self._session_quota = quota(cfg.max_sessions)
+        self._auto_session_quota = quota(cfg.auto_session_limit)
+        self._byte_quota = quota(cfg.queue_total_bytes)
+        self._auto_byte_quota = quota(cfg.auto_queue_bytes)
+        self._prefix_joins = KeyedWindows(cfg.join_window)
+        self._failed_joins = Window()  # failed JOINs relay-wide
+        self._addr_failures = KeyedWindows(cfg.join_failure_window)
+        self._prefix_failures = KeyedWindows(cfg.join_failure_window)
+
+    def _quota_sizes(self) -> dict[str, int]:
+        return {
+            "quota_codes": self._code_quota.total,
+            "quota_code_keys": len(self._code_quota),
+            "quota_sessions": self._session_quota.total,
+            "quota_session_keys": len(self._session_quota),
+            "quota_auto_sessions": self._auto_session_quota.total,
+            "quota_auto_session_keys": len(self._auto_session_quota),
+            "quota_bytes": self._byte_quota.total,
+            "quota_byte_keys": len(self._byte_quota),
+            "quota_auto_bytes": self._auto_byte_quota.total,
+            "quota_auto_byte_keys": len(self._auto_byte_quota),
+            "prefix_windows": len(self._prefix_joins),
+            "failed_joins": len(self._failed_joins.times),
+            "addr_failure_windows": len(self._addr_failures),
+            "prefix_failure_windows": len(self._prefix_failures),
+        }
+
+    @staticmethod
+    def _quota_refusal(quota: SharedQuota, who: _Who | None, amount: int, kind: str) -> str | None:
+        """None, or the limit's name: `kind` (relay-wide), `kind_per_address`
+        (the address's or prefix's share), `kind_reserve` (the kept-back part)."""
+        why = quota.refusal(who, amount)
+        if why is None:
+            return None
+        if why == SharedQuota.FULL:
+            return kind
+        return kind + ("_per_address" if why == SharedQuota.SHARE else "_reserve")
+
+    def _session_quota_refusal(self, conn: _Conn, sid: str, *, auto: bool) -> list[Action]:
+        """[] if `conn` may create one more session, else the ERROR."""
+        if conn.made >= self.config.sessions_per_conn:
+            kind: str | None = "sessions_per_conn"
+        else:
+            kind = self._quota_refusal(self._session_quota, conn.who, 1, "sessions")
+            if kind is None and auto:
+                kind = self._quota_refusal(self._auto_session_quota, conn.who, 1, "auto_sessions")
+        if kind is None:
+            return []
+        self._observer.limit_hit(kind, conn.key)
+        return self._error(conn, ErrorCode.RATE_LIMITED, "too many sessions, try later", sid)
+
+    def _code_refusal(self, conn: _Conn) -> bool:
+        """Whether `conn` may not mint one more live code (reported if so)."""
+        if conn.codes >= self.config.live_codes_per_conn:
+            kind: str | None = "live_codes_per_conn"
+        else:
+            kind = self._quota_refusal(self._code_quota, conn.who, 1, "live_codes")
+        if kind is None:
+            return False
+        self._observer.limit_hit(kind, conn.key)
+        return True
+
+    def _store_refusal(self, sess: _Session, size: int, who: _Who | None, conn: _Conn | None) -> str | None:
+        """None if a frame of `size` bytes from `who` (`conn`) may be stored in
+        `sess`, else the name of the limit it would break."""
+        cfg = self.config
+        if len(sess.queue) >= cfg.queue_max_frames or sess.queued_bytes + size > cfg.queue_max_bytes:
+            return "session_queue"
+        if conn is not None and conn.stored + size > cfg.queue_bytes_per_conn:
+            return "store_quota_per_conn"
+        kind = self._quota_refusal(self._byte_quota, who, size, "store_quota")
+        if kind is None and sess.auto:
+            kind = self._quota_refusal(self._auto_byte_quota, who, size, "auto_store_quota")
+        return kind
+
+    def _add_session(self, sess: _Session) -> _Session:
+        self._sessions[sess.sid] = sess
+        self._session_quota.add(sess.owner, 1)
+        if sess.auto:
+            self._auto_session_quota.add(sess.owner, 1)
+        conn = self._conns.get(sess.owner_conn)
+        if conn is not None:
+            conn.made += 1
+        return sess
+
+    def _forget_session(self, sess: _Session) -> None:
+        self._session_quota.sub(sess.owner, 1)
+        if sess.auto:
+            self._auto_session_quota.sub(sess.owner, 1)
+        conn = self._conns.get(sess.owner_conn)
+        if conn is not None and conn.made:  # (a reused connection id starts from 0)
+            conn.made -= 1
+
+    def _hold_code(self, sess: _Session, owner: _Who | None, conn_id: ConnId | None) -> None:
+        sess.code_owner = owner
+        sess.code_conn = conn_id
+        self._code_quota.add(owner, 1)
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            conn.codes += 1
+
+    def _release_code(self, sess: _Session) -> None:
+        """`sess` lost its live code (consumed, expired, replaced, freed)."""
+        self._code_quota.sub(sess.code_owner, 1)
+        conn = self._conns.get(sess.code_conn)
+        if conn is not None and conn.codes:
+            conn.codes -= 1
+        sess.code_owner = None
+        sess.code_conn = None
+
+    def _hold_bytes(self, sess: _Session, stored: _Stored) -> None:
+        self._byte_quota.add(stored.sender, stored.size)
+        if sess.auto:
+            self._auto_byte_quota.add(stored.sender, stored.size)
+        conn = self._conns.get(stored.from_conn)
+        if conn is not None:
+            conn.stored += stored.size
+
+    def _release_bytes(self, sess: _Session, stored: _Stored) -> None:
+        self._byte_quota.sub(stored.sender, stored.size)
+        if sess.auto:
+            self._auto_byte_quota.sub(stored.sender, stored.size)
+        conn = self._conns.get(stored.from_conn)
+        if conn is not None:
+            conn.stored = max(0, conn.stored - stored.size)
+
+    # Invite-code guessing. Every JOIN that reaches the code lookup counts per
+    # connection, address and prefix (join_window). Failed lookups count
+    # relay-wide and per address and prefix (join_failure_window). While the
+    # relay-wide failures are at join_failures_relay the relay is *guarded*:
+    # an address or prefix that already failed join_failures_per_addr/_prefix
+    # times in the window gets no lookup at all; one that did not still does,
+    # so a person with the right code gets in at once even during an attack,
+    # and an attacker gets about join_failures_relay guesses per window plus a
+    # few per fresh address and prefix (README has the arithmetic).
+
+    def _join_refusal(self, conn: _Conn, now: float) -> list[Action]:
+        """[] if this JOIN may look its code up (and count it), else the ERROR."""
+        cfg = self.config
+        key = conn.key
+        prefix = conn.prefix
+        if (
+            conn.joins.count(now, cfg.join_window) >= cfg.join_attempts_per_conn
+            or self._addr_joins.count(key, now) >= cfg.join_attempts_per_addr
+            or self._prefix_joins.count(prefix, now) >= cfg.join_attempts_per_prefix
+        ):
+            self._observer.limit_hit("join_rate", key)
+            return self._error(conn, ErrorCode.RATE_LIMITED, "too many JOIN attempts, wait a minute")
+        if self._failed_joins.count(now, cfg.join_failure_window) >= cfg.join_failures_relay and (
+            self._addr_failures.count(key, now) >= cfg.join_failures_per_addr
+            or self._prefix_failures.count(prefix, now) >= cfg.join_failures_per_prefix
+        ):
+            self._observer.limit_hit("join_failures", key)
+            return self._error(conn, ErrorCode.RATE_LIMITED, "too many failed JOINs, try later")
+        conn.joins.add(now)
+        self._addr_joins.add(key, now)
+        self._prefix_joins.add(prefix, now)
+        return []
+
+    def _join_failed(self, conn: _Conn, now: float) -> None:
+        self._failed_joins.add(now)
+        self._addr_failures.add(conn.key, now)
+        self._prefix_failures.add(conn.prefix, now)
+
+    def _prune_join_windows(self, now: float) -> None:
+        self._prefix_joins.prune(now)
+        self._failed_joins.count(now, self.config.join_failure_window)
+        self._addr_failures.prune(now)
+        self._prefix_failures.prune(now)
 
 
 _ABSENT: Any = object()

@@ -19,6 +19,9 @@ taken at once, so a second relay pointed at the same file fails at start-up
 instead of silently sharing (and corrupting the meaning of) the state. The OS
 releases the lock if the relay is killed.
 
+Schema version 2 added who made what, for the relay's quotas (see
+`_ADDED_COLUMNS`); a version-1 store is upgraded in place when opened.
+
 `Store(":memory:")` is a working in-memory database (handy for tests); the
 relay itself runs without any store for `--store :memory:`.
 """
@@ -45,7 +48,21 @@ from .actions import (
 __all__ = ["Store", "StoreError", "MEMORY", "default_store_path"]
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Columns added after version 1, (table, column, declaration). A version-1 store
+# gets them on open (ALTER TABLE ADD COLUMN keeps every row); its sessions load
+# as auto-created (`auto` 1: the store did not record how they were made, and
+# counting them as auto keeps a store filled by made-up SIDs from taking the
+# invited sessions' quota) and its rows with no owner/sender count toward the
+# relay-wide quotas only. The address keys are what the per-address quotas
+# count by (IPv4 address, IPv6 /64), deleted with their row.
+_ADDED_COLUMNS = (
+    ("sessions", "auto", "INTEGER NOT NULL DEFAULT 1"),
+    ("sessions", "owner", "TEXT"),
+    ("codes", "owner", "TEXT"),
+    ("frames", "sender", "TEXT"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -144,6 +161,10 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -156,9 +177,9 @@ class Store:
         """Everything stored, frames in (sid, seq) order."""
         db = self._db
         sessions = tuple(
-            SaveSession(sid, created_at)
-            for sid, created_at in db.execute(
-                "SELECT sid, created_at FROM sessions ORDER BY created_at, rowid"
+            SaveSession(sid, created_at, bool(auto), owner)
+            for sid, created_at, auto, owner in db.execute(
+                "SELECT sid, created_at, auto, owner FROM sessions ORDER BY created_at, rowid"
             )
         )
         sides = tuple(
@@ -166,15 +187,16 @@ class Store:
             for sid, side in db.execute("SELECT sid, side FROM sides ORDER BY rowid")
         )
         codes = tuple(
-            SaveCode(code, sid, expires_at)
-            for code, sid, expires_at in db.execute(
-                "SELECT code, sid, expires_at FROM codes ORDER BY rowid"
+            SaveCode(code, sid, expires_at, owner)
+            for code, sid, expires_at, owner in db.execute(
+                "SELECT code, sid, expires_at, owner FROM codes ORDER BY rowid"
             )
         )
         frames = tuple(
-            SaveFrame(sid, seq, from_side, msg_id, text, expires_at)
-            for sid, seq, from_side, msg_id, text, expires_at in db.execute(
-                "SELECT sid, seq, from_side, msg_id, text, expires_at FROM frames ORDER BY sid, seq"
+            SaveFrame(sid, seq, from_side, msg_id, text, expires_at, sender)
+            for sid, seq, from_side, msg_id, text, expires_at, sender in db.execute(
+                "SELECT sid, seq, from_side, msg_id, text, expires_at, sender"
+                " FROM frames ORDER BY sid, seq"
             )
         )
         return Snapshot(sessions=sessions, sides=sides, codes=codes, frames=frames)
@@ -226,9 +248,10 @@ class Store:
 
 def _save_session(db: sqlite3.Connection, op: SaveSession) -> None:
     db.execute(
-        "INSERT INTO sessions (sid, created_at) VALUES (?, ?) "
-        "ON CONFLICT (sid) DO UPDATE SET created_at = excluded.created_at",
-        (op.sid, op.created_at),
+        "INSERT INTO sessions (sid, created_at, auto, owner) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (sid) DO UPDATE SET created_at = excluded.created_at, "
+        "auto = excluded.auto, owner = excluded.owner",
+        (op.sid, op.created_at, int(op.auto), op.owner),
     )
 
 
@@ -244,8 +267,8 @@ def _save_side(db: sqlite3.Connection, op: SaveSide) -> None:
 def _save_code(db: sqlite3.Connection, op: SaveCode) -> None:
     # A code is unique among live codes; a re-issued code replaces the old row.
     db.execute(
-        "INSERT OR REPLACE INTO codes (code, sid, expires_at) VALUES (?, ?, ?)",
-        (op.code, op.sid, op.expires_at),
+        "INSERT OR REPLACE INTO codes (code, sid, expires_at, owner) VALUES (?, ?, ?, ?)",
+        (op.code, op.sid, op.expires_at, op.owner),
     )
 
 
@@ -255,9 +278,9 @@ def _delete_code(db: sqlite3.Connection, op: DeleteCode) -> None:
 
 def _save_frame(db: sqlite3.Connection, op: SaveFrame) -> None:
     db.execute(
-        "INSERT OR REPLACE INTO frames (sid, seq, from_side, msg_id, text, expires_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (op.sid, op.seq, op.from_side, op.msg_id, op.text, op.expires_at),
+        "INSERT OR REPLACE INTO frames (sid, seq, from_side, msg_id, text, expires_at, sender) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (op.sid, op.seq, op.from_side, op.msg_id, op.text, op.expires_at, op.sender),
     )
 
 

@@ -212,3 +212,67 @@ class Harness:
     def persisted(self) -> list[Any]:
         """The store ops of the last call."""
         return [a.op for a in self.last if isinstance(a, Persist)]
+
+
+def check_quota_accounting(core: RelayCore) -> None:
+    """Assert the core's quota counters equal a recount of what it holds.
+
+    Per address, per prefix and relay-wide (live codes, sessions and auto-created
+    sessions, stored bytes all and of auto-created sessions) and per
+    connection; every count held is positive (a key at 0 is forgotten).
+    """
+    from collections import Counter
+
+    codes: Counter = Counter()
+    sessions: Counter = Counter()
+    auto_sessions: Counter = Counter()
+    stored: Counter = Counter()
+    auto_stored: Counter = Counter()
+    conn_codes: Counter = Counter()
+    conn_made: Counter = Counter()
+    conn_stored: Counter = Counter()
+    totals = Counter()
+    for sess in core._sessions.values():
+        totals["sessions"] += 1
+        sessions[sess.owner] += 1
+        conn_made[sess.owner_conn] += 1
+        if sess.auto:
+            totals["auto_sessions"] += 1
+            auto_sessions[sess.owner] += 1
+        if sess.code is not None:
+            totals["codes"] += 1
+            codes[sess.code_owner] += 1
+            conn_codes[sess.code_conn] += 1
+        else:
+            assert sess.code_owner is None and sess.code_conn is None
+        for frame in sess.queue.values():
+            totals["bytes"] += frame.size
+            stored[frame.sender] += frame.size
+            conn_stored[frame.from_conn] += frame.size
+            if sess.auto:
+                totals["auto_bytes"] += frame.size
+                auto_stored[frame.sender] += frame.size
+    assert totals["codes"] == len(core._codes)
+    for quota, counted, total in (
+        (core._code_quota, codes, totals["codes"]),
+        (core._session_quota, sessions, totals["sessions"]),
+        (core._auto_session_quota, auto_sessions, totals["auto_sessions"]),
+        (core._byte_quota, stored, totals["bytes"]),
+        (core._auto_byte_quota, auto_stored, totals["auto_bytes"]),
+    ):
+        assert quota.total == total, (quota.total, total)
+        assert all(v > 0 for v in quota.held.values()), quota.held
+        assert all(v > 0 for v in quota.prefix_held.values()), quota.prefix_held
+        by_key: Counter = Counter()
+        by_prefix: Counter = Counter()
+        for who, amount in counted.items():
+            if who is not None and amount:
+                by_key[who[0]] += amount
+                by_prefix[who[1]] += amount
+        assert quota.held == dict(by_key), (quota.held, by_key)
+        assert quota.prefix_held == dict(by_prefix), (quota.prefix_held, by_prefix)
+    assert core._queued_bytes == totals["bytes"]
+    for conn_id, conn in core._conns.items():
+        assert (conn.codes, conn.made, conn.stored) == (
+            conn_codes[conn_id], conn_made[conn_id], conn_stored[conn_id]
+        ), conn_id

@@ -1063,7 +1063,7 @@ def test_unknown_session_is_no_session_with_sid(kind):
 
 
 def test_live_code_cap():
-    h = Harness(max_live_codes=2)
+    h = Harness(max_live_codes=2, address_share_percent=100, prefix_share_percent=100, reserve_percent=0)  # the relay-wide cap alone
     h.connect(1)
     create(h)
     create(h)
@@ -1184,7 +1184,7 @@ def test_invite_create_replaces_code_expired_before_the_tick():
 
 
 def test_invite_create_respects_live_code_cap():
-    h = Harness(dialect="node", max_live_codes=1)
+    h = Harness(dialect="node", max_live_codes=1, address_share_percent=100, prefix_share_percent=100, reserve_percent=0)  # the relay-wide cap alone
     h.connect(1)
     create(h)
     h.send(1, {"t": "CREATE_SESSION"})
@@ -1362,7 +1362,8 @@ def test_a_receiver_gone_mid_replay_keeps_the_rest_queued():
 
 
 def test_the_relay_wide_queue_bound_refuses_with_queue_full():
-    h = Harness(queue_total_bytes=1000)
+    h = Harness(queue_total_bytes=1000, address_share_percent=100, prefix_share_percent=100, reserve_percent=0,
+                auto_share_percent=100)  # the relay-wide bound alone
     for n, sid in enumerate(["s1", "s2"]):
         h.connect(n + 1)
     h.send(1, msg("s1", "a", payload="00" * 300))

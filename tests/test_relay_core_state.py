@@ -19,7 +19,10 @@ the clock jumps. Checked on every step:
 * what was persisted equals what the core holds; the core's membership equals
   the model's;
 * once every client is gone and every TTL has passed (the `drain` rule, and
-  at the end of every run), every internal structure and the store are empty.
+  at the end of every run), every internal structure and the store are empty;
+* the quota counters (per connection, address, prefix and relay-wide) equal a
+  recount of what the core holds, so none ever goes negative or leaks
+  (`QuotaMachine` runs the same rules with quotas small enough to bite).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from parley.relay.actions import DeleteFrame, Persist, SaveFrame, Send
 from parley.relay.config import RelayConfig
-from parley.relay.testing import FakeRandom, Harness, error_code
+from parley.relay.testing import FakeRandom, Harness, check_quota_accounting, error_code
 
 SIDES = st.sampled_from([None, "A", "B", "A", "B", "C"])
 PICK = st.integers(min_value=0, max_value=1 << 16)
@@ -50,10 +53,12 @@ def pick(items, index):
 
 
 class RelayMachine(RuleBasedStateMachine):
+    config = CONFIG
+
     @initialize(dialect=st.sampled_from(["compat", "go", "node"]), seed=st.integers(0, 2**32))
     def start(self, dialect, seed):
         # a small replay chunk: every REATTACH backlog is paced, drained at once
-        self.h = Harness(RelayConfig(dialect=dialect, replay_chunk_bytes=150, **CONFIG), rng=FakeRandom(seed), auto_drain=True)
+        self.h = Harness(RelayConfig(dialect=dialect, replay_chunk_bytes=150, **self.config), rng=FakeRandom(seed), auto_drain=True)
         self.dialect = dialect
         self.next_conn = 1
         self.next_msg = 1
@@ -402,6 +407,11 @@ class RelayMachine(RuleBasedStateMachine):
         assert actual == {c: m for c, m in self.member.items() if m}
         assert set(core._conns) == set(self.live)
 
+    @invariant()
+    def quota_counts_match(self):
+        if hasattr(self, "h"):
+            check_quota_accounting(self.h.core)
+
     def teardown(self):
         if hasattr(self, "h"):
             event(f"MSGs in the run: {min(self.next_msg // 10 * 10, 50)}+")
@@ -413,3 +423,23 @@ RelayMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestRelayMachine = RelayMachine.TestCase
+
+
+class QuotaMachine(RelayMachine):
+    """The same rules with every quota small enough to be hit often."""
+
+    config = dict(
+        CONFIG, max_live_codes=8, max_sessions=12, auto_share_percent=50, queue_total_bytes=3000,
+        live_codes_per_conn=2, sessions_per_conn=3, queue_bytes_per_conn=1500,
+        address_share_percent=50, prefix_share_percent=80, reserve_percent=25,
+        reserve_addresses=2, reserve_prefixes=1, join_attempts_per_prefix=10,
+        join_failures_relay=5, join_failures_per_addr=2, join_failures_per_prefix=3,
+        join_failure_window=120,
+    )
+
+
+QuotaMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestQuotaMachine = QuotaMachine.TestCase
