@@ -92,6 +92,16 @@ Choices where PROTOCOL is silent
 * LEAVE from a non-member is a no-op. LEAVE tells the remaining members
   `PEER_OFFLINE` and, for a sided leaver, drops the stored frames that were
   for its side (everything not sent by that side).
+* How an invite handshake ends (protocol/EXTENSIONS.md, "Relay: invite codes
+  that end"; only parley clients send LEAVE or declare sides, so legacy
+  clients see nothing new): a code that expires unused is announced to the
+  session's sided members (`ERROR code_expired`); a LEAVE that empties a
+  session deletes its live code; a LEAVE while sided joiners wait for an
+  answer (JOIN done, no JOIN_ACCEPT/JOIN_DENY yet, no MSG from them) tells
+  them `ERROR peer_left`; a sided JOIN_ACCEPT that reaches nobody is answered
+  `ERROR peer_left` (the joiner is gone for good: it learns the SID only from
+  that answer). A disconnect deletes no code: a parley inviter reconnects and
+  REATTACHes to it, a legacy one keeps Go's behaviour.
 * PING and PONG from a client are ignored; a relay-to-client frame type
   (DELIVERED, JOINED, ...) from a client is `unknown_type`.
 * The ERROR that reaches `error_limit` within `error_window` is sent, then the
@@ -145,6 +155,7 @@ from parley.protocol import (
     parse,
     parse_canonical_msg,
 )
+from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 
 from .actions import (
     Action,
@@ -217,7 +228,7 @@ class _Stored:
 class _Session:
     __slots__ = (
         "sid", "members", "sides", "queue", "by_id", "queued_bytes", "next_seq",
-        "code", "frame_due", "pending_joins",
+        "code", "frame_due", "pending_joins", "waiting",
     )
 
     # A relay keeps many idle sessions (an unused invite code lives 10 minutes),
@@ -235,6 +246,8 @@ class _Session:
         self.code: str | None = None
         self.frame_due: float | None = None  # this session's entry in the expiry heap
         self.pending_joins: dict[ConnId, str] | None = None  # joiner -> JOIN_REQUEST text
+        # sided joiners whose JOIN went through and who wait for JOIN_ACCEPT/JOIN_DENY
+        self.waiting: dict[ConnId, None] | None = None
 
 
 def _size(text: str) -> int:
@@ -434,6 +447,8 @@ class RelayCore:
             sess = self._new_session(sid, actions)
         members = sess.members
         side = members.get(cid, _ABSENT)
+        if sess.waiting is not None:
+            self._stop_waiting(sess, cid)  # a joiner that sends has its key
         if side is _ABSENT:
             if len(conn.sessions) >= self.config.max_sessions_per_conn:
                 return self._too_many_sessions(conn, sid)
@@ -642,6 +657,8 @@ class RelayCore:
             if sess.pending_joins is None:
                 sess.pending_joins = {}
             sess.pending_joins[cid] = text
+        if side is not None:
+            self._joiner_waits(sess, cid)
         return actions
 
     def _on_join_accept(self, conn: _Conn, frame: JoinAccept) -> list[Action]:
@@ -661,6 +678,7 @@ class RelayCore:
                 others = [target] if target in sess.members and target != cid else []
             text = encode_text(Joined(sid, frame.data))
             actions.extend(Send(m, text) for m in others)
+        self._answered(conn, sess, not actions, actions)
         return actions
 
     def _on_join_deny(self, conn: _Conn, frame: JoinDeny) -> list[Action]:
@@ -669,7 +687,9 @@ class RelayCore:
         if sess is None:
             return self._no_session(conn, sid)
         text = encode_text(JoinDenied(sid))
-        return [Send(m, text) for m in sess.members if m != conn.id]
+        actions: list[Action] = [Send(m, text) for m in sess.members if m != conn.id]
+        self._answered(conn, sess, False, actions)
+        return actions
 
     def _on_invite_create(self, conn: _Conn, frame: InviteCreate) -> list[Action]:
         if self._dialect == "go":
@@ -705,8 +725,10 @@ class RelayCore:
         if cid not in sess.members:
             return []
         actions: list[Action] = []
+        was_waiting = sess.waiting is not None and cid in sess.waiting
         side = self._detach(cid, sess, actions)
         del conn.sessions[sid]
+        self._left_handshake(sess, was_waiting, actions)
         if conn.replay is not None:
             conn.replay.pop(sid, None)
         if side is not None and sess.queue:
@@ -727,7 +749,7 @@ class RelayCore:
                 break
             expired.append(code)
         for code in expired:
-            self._expire_code(code, actions)
+            self._code_ran_out(code, actions)
 
         heap = self._frame_heap
         while heap and heap[0][0] <= now:
@@ -865,6 +887,8 @@ class RelayCore:
         side = sess.members.pop(conn_id)
         if sess.pending_joins:
             sess.pending_joins.pop(conn_id, None)
+        if sess.waiting is not None:
+            self._stop_waiting(sess, conn_id)
         if sess.members:
             text = encode_text(PeerOffline(sess.sid))
             actions.extend(Send(m, text) for m in sess.members)
@@ -897,6 +921,62 @@ class RelayCore:
         if sess is not None and sess.code == code:
             sess.code = None
         actions.append(Persist(DeleteCode(code)))
+
+    # ----------------------------------------- how an invite handshake ends
+    # protocol/EXTENSIONS.md, "Relay: invite codes that end". Every notice
+    # goes to sided connections only (parley clients): legacy clients see
+    # exactly what they saw before. The notices are ERROR frames with a
+    # parley-only code, never counted against the receiver's error limit.
+
+    def _notice(self, conn_id: ConnId, sid: str, code: str, message: str) -> Send:
+        return Send(conn_id, encode_text(ErrorFrame(message, code=code, sid=sid)))
+
+    def _code_ran_out(self, code: str, actions: list[Action]) -> None:
+        """A live code reached its TTL unused: delete it and tell the session's
+        sided members (the inviter), so nobody waits for a join that cannot come."""
+        sid = self._codes[code][0]
+        sess = self._sessions.get(sid)
+        current = sess is not None and sess.code == code
+        self._expire_code(code, actions)
+        if current:
+            for m, m_side in sess.members.items():
+                if m_side is not None:
+                    actions.append(self._notice(m, sid, CODE_EXPIRED, "invite code expired before anyone joined"))
+
+    def _joiner_waits(self, sess: _Session, cid: ConnId) -> None:
+        """A sided joiner now waits for an answer (JOIN_ACCEPT or JOIN_DENY)."""
+        if sess.waiting is None:
+            sess.waiting = {}
+        sess.waiting[cid] = None
+
+    def _stop_waiting(self, sess: _Session, cid: ConnId) -> None:
+        waiting = sess.waiting
+        if waiting is not None and cid in waiting:
+            del waiting[cid]
+            if not waiting:
+                sess.waiting = None
+
+    def _answered(self, conn: _Conn, sess: _Session, reached_nobody: bool, actions: list[Action]) -> None:
+        """JOIN_ACCEPT or JOIN_DENY went through: nobody waits any more. A sided
+        inviter whose JOIN_ACCEPT reached nobody learns the joiner is gone (it
+        cannot come back: a joiner learns the SID only from that answer)."""
+        sess.waiting = None
+        if reached_nobody and sess.members.get(conn.id) is not None:
+            actions.append(self._notice(
+                conn.id, sess.sid, PEER_LEFT, "the person who joined has left; nobody received the answer"
+            ))
+
+    def _left_handshake(self, sess: _Session, leaver_was_waiting: bool, actions: list[Action]) -> None:
+        """After a LEAVE (a parley client quitting on purpose, for good): joiners
+        still waiting for the leaver's answer are told; a live code whose session
+        has no member left is deleted, so a joiner gets the invalid-code error
+        at once instead of waiting for an answer that cannot come."""
+        if sess.waiting and not leaver_was_waiting:
+            for joiner in sess.waiting:
+                actions.append(self._notice(joiner, sess.sid, PEER_LEFT, "the inviter left before answering"))
+            sess.waiting = None
+        if not sess.members and sess.code is not None:
+            self._expire_code(sess.code, actions)
 
     def _client_id(self, conn: _Conn) -> str:
         if conn.client_id is None:
