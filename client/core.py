@@ -29,6 +29,28 @@ The handshake in the three roles (PROTOCOL 1.3, 1.4, 2.2, 2.4):
   failures.
 * resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side}}`.
 
+How a handshake ends (issue #12 item 8; relay side in protocol/EXTENSIONS.md,
+"Relay: invite codes that end"). "parley relay" means a relay that sends the
+parley-only notices `code_expired` / `peer_left` to clients that declared a
+side; "Go relay" is the legacy reference relay (no code expiry, no notices;
+LEAVE is ignored). A handshake that ends without a key leaves nothing in the
+state file (the entry is written first when the key exists).
+
+| # | step, what happens | inviter sees / does | joiner sees / does |
+|---|---|---|---|
+| 1 | code expires unused (parley relay, `--code-ttl`) | `code_expired` -> "expired before anyone joined; run 'parley invite' again", exit 1 | (none yet) a JOIN gets "Invalid or expired code" -> "ask for a new one", exit 1 |
+| 2 | same, Go relay (codes never expire) | waits until `invite --timeout` (default 600 s) -> LEAVE (ignored), "nobody joined within ...; run 'parley invite' again", exit 1 | a later JOIN consumes the code; nobody answers; `join --timeout` -> "ask for a new invite code", exit 1 |
+| 3 | inviter Ctrl-C while waiting for a join | `cancel()`: LEAVE{sid}; "invite cancelled"; exit 130 | parley relay: code deleted, JOIN -> "Invalid or expired code" at once. Go relay: as row 2 |
+| 4 | inviter Ctrl-C while asked `accept?` | `cancel()`: LEAVE{sid}, JOIN_DENY{sid}; exit 130 | parley relay: PEER_OFFLINE + `peer_left` -> "the inviter left before answering". Go relay: JOIN_DENIED -> "declined"; exit 1 |
+| 5 | inviter answers no, or Ctrl-D at `accept?` | JOIN_DENY; "declined; this invite is closed"; exit 1 | JOIN_DENIED -> "declined", exit 1 |
+| 6 | inviter quits after accepting | key saved before JOIN_ACCEPT; a chat quit (session kept) | key saved on the answer; a chat; `peer offline` when the inviter goes |
+| 7 | joiner Ctrl-C / `--timeout` before the answer (JOIN sent) | PEER_OFFLINE while asked -> "the person who joined left"; nothing kept, exit 1; if it already answered: parley relay `peer_left` (JOIN_ACCEPT reached nobody) -> entry removed ("after your answer"), exit 1; Go relay: keeps the session, shows `peer offline` | exit 130 / 1 ("ask for a new invite code"); an answer that arrived before its connection closed completes the handshake (both keep the key) |
+| 8 | joiner Ctrl-C before JOIN went out | still waiting (code not used) | exit 130, nothing sent |
+| 9 | inviter's connection drops / relay restarts while waiting | reconnects, REATTACH{sid}: the code lives on (parley relay with its store; a relay that lost it: until `--timeout`) | JOIN works once the inviter is back (a JOIN meanwhile waits at the relay) |
+| 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
+| 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
+| 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
+
 After the key exists: messages are encrypted once, saved in the entry's
 `pending` list, and only then sent; they are resent byte-identical after every
 reconnect, and after `PEER_ONLINE` if the relay said `DELIVERED_FAILED`,
@@ -82,6 +104,7 @@ from parley.protocol import (
     JoinDeny,
     Joined,
     JoinRequest,
+    Leave,
     Msg,
     PeerOffline,
     PeerOnline,
@@ -95,6 +118,7 @@ from parley.protocol import (
     encode_text,
     parse,
 )
+from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 from parley.state import new_entry
 
 from . import crypto
@@ -103,6 +127,7 @@ from .events import (
     Action,
     Close,
     FailureKind,
+    ForgetState,
     HandshakeFailed,
     InviteReady,
     JoinRequested,
@@ -405,6 +430,36 @@ class ClientCore:
         self._leaving = True
         return []
 
+    def cancel(self) -> list[Action]:
+        """The user gives up before the handshake finished (Ctrl-C, a timeout).
+
+        Call before `leave()`, while the connection is still open. What goes
+        out (see "How a handshake ends" above):
+
+        * inviter waiting for a join: `LEAVE{sid}`; a parley relay deletes the
+          code, so a joiner gets "Invalid or expired code" at once;
+        * inviter asked `accept?`: `LEAVE{sid}` then `JOIN_DENY{sid}`; a parley
+          relay tells a parley joiner `peer_left`, and any relay (Go too)
+          sends the joiner `JOIN_DENIED`, so nobody waits for an answer;
+        * joiner: nothing (it does not know the SID yet); the closing
+          connection is its departure (the inviter gets PEER_OFFLINE). An
+          answer that arrives before the connection closes still completes
+          the handshake, so both sides hold the key.
+
+        Returns no frames when not connected or when there is nothing to end.
+        """
+        if self.mode is not Mode.INVITE or self.phase not in (Phase.CREATING, Phase.INVITED, Phase.DECIDING):
+            return []
+        request, self._request = self._request, None
+        self.phase = Phase.FAILED
+        self._leaving = True
+        if not self.is_connected or self.sid is None:
+            return []
+        actions: list[Action] = [self._send(Leave(self.sid))]
+        if request is not None:
+            actions.append(self._send(JoinDeny(self.sid, client_id=request.client_id)))
+        return actions
+
     def disconnected(self) -> list[Action]:
         """The connection is gone; frames sent on it may or may not have arrived."""
         self.is_connected = False
@@ -596,6 +651,9 @@ class ClientCore:
         return []
 
     def _on_error(self, frame: ErrorFrame) -> list[Action]:
+        ending = self._handshake_ending(frame)
+        if ending is not None:
+            return ending
         if self.phase is Phase.JOINING:
             if frame.message == INVALID_CODE_MESSAGE or frame.code == "bad_code":
                 return self._fail(FailureKind.INVALID_CODE)
@@ -604,9 +662,45 @@ class ClientCore:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
         return [Show(RelayError(_one_line(frame.message), frame.code))]
 
+    def _handshake_ending(self, frame: ErrorFrame) -> list[Action] | None:
+        """A parley relay's notice that the handshake ended (protocol/EXTENSIONS.md,
+        "Relay: invite codes that end"), or None if `frame` is no such notice."""
+        code = frame.code
+        if code == CODE_EXPIRED:
+            if self.mode is Mode.INVITE and self.phase in (Phase.CREATING, Phase.INVITED) and self._ours_sid(frame):
+                return self._fail(FailureKind.CODE_EXPIRED)
+            return None
+        if code != PEER_LEFT:
+            return None
+        if self.phase is Phase.JOINING:
+            # The joiner does not know the SID yet; its connection is in this session only.
+            return self._fail(FailureKind.INVITER_LEFT)
+        if self.mode is Mode.INVITE and self._ours_sid(frame):
+            if self.phase is Phase.DECIDING:
+                self._request = None
+                return self._fail(FailureKind.JOINER_LEFT)
+            if self.phase is Phase.READY:
+                # Our JOIN_ACCEPT reached nobody: only we hold this key. Forget it.
+                assert self.sid is not None
+                return [ForgetState(self.sid), *self._fail(FailureKind.JOINER_LEFT, "after your answer")]
+        return None
+
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:
+        if self.phase is Phase.JOINING and self.sid is None:
+            # The inviter's presence while we wait (its connection dropped or came
+            # back); it may still answer, so this only informs.
+            online = isinstance(frame, PeerOnline)
+            if self.peer_online is online:
+                return []
+            self.peer_online = online
+            return [Show(PeerPresence(frame.sid, online))]
         if not self._ours_sid(frame):
             return []
+        if self.phase is Phase.DECIDING and isinstance(frame, PeerOffline):
+            # The joiner went before we answered. A joiner never comes back (it
+            # learns the SID only from the answer), so the invite is over.
+            self._request = None
+            return self._fail(FailureKind.JOINER_LEFT)
         online = isinstance(frame, PeerOnline)
         actions: list[Action] = []
         changed = self.peer_online is not online
