@@ -47,7 +47,7 @@ state file (the entry is written first when the key exists).
 | 7 | joiner Ctrl-C / `--timeout` before the answer (JOIN sent) | PEER_OFFLINE while asked -> "the person who joined left"; nothing kept, exit 1; if it already answered: parley relay `peer_left` (JOIN_ACCEPT reached nobody) -> entry removed ("after your answer"), exit 1; Go relay: keeps the session, shows `peer offline` | exit 130 / 1 ("ask for a new invite code"); an answer that arrived before its connection closed completes the handshake (both keep the key) |
 | 8 | joiner Ctrl-C before JOIN went out | still waiting (code not used) | exit 130, nothing sent |
 | 9 | inviter's connection drops / relay restarts while waiting | reconnects, REATTACH{sid}: the code lives on (parley relay with its store; a relay that lost it: until `--timeout`) | JOIN works once the inviter is back (a JOIN meanwhile waits at the relay) |
-| 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
+| 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; presence is counted again from the relay's PEER_ONLINE frames (its own old connection may be among them); the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
 | 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
 | 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
 
@@ -257,6 +257,10 @@ class ClientCore:
         self._private_key: str | None = None
         self._public_key: str | None = None
         self._request: JoinRequest | None = None
+        # While asked `accept?`: other connections in the session as far as we
+        # know (the joiner; after a reconnect, whatever PEER_ONLINE counts, which
+        # may include our own old connection until the relay notices it is gone).
+        self._others = 0
         self._accept_unsent: JoinAccept | None = None
         self._invite_create_sent = False
         self._leaving = False
@@ -418,6 +422,8 @@ class ClientCore:
             return [self._send(Join(code=self._code, public_key=self._public_key, side=self.side))]
         assert self.sid is not None
         actions: list[Action] = [self._send(Reattach(self.sid, side=self.side))]
+        if self.phase is Phase.DECIDING:
+            self._others = 0  # the relay's PEER_ONLINE frames count them again
         if self._accept_unsent is not None:
             actions.append(self._send(self._accept_unsent))
             self._accept_unsent = None
@@ -614,6 +620,7 @@ class ClientCore:
             deny = self._send(JoinDeny(frame.sid, client_id=frame.client_id))
             return [deny, *self._fail(FailureKind.BAD_PEER_KEY, "the joiner sent an invalid public key")]
         self._request = frame
+        self._others = 1  # the joiner, who just sent it
         self.phase = Phase.DECIDING
         return [Show(JoinRequested(frame.sid))]
 
@@ -696,11 +703,13 @@ class ClientCore:
             return [Show(PeerPresence(frame.sid, online))]
         if not self._ours_sid(frame):
             return []
-        if self.phase is Phase.DECIDING and isinstance(frame, PeerOffline):
-            # The joiner went before we answered. A joiner never comes back (it
-            # learns the SID only from the answer), so the invite is over.
-            self._request = None
-            return self._fail(FailureKind.JOINER_LEFT)
+        if self.phase is Phase.DECIDING:
+            self._others += 1 if isinstance(frame, PeerOnline) else -1
+            if self._others <= 0 and isinstance(frame, PeerOffline):
+                # The joiner went before we answered. A joiner never comes back (it
+                # learns the SID only from the answer), so the invite is over.
+                self._request = None
+                return self._fail(FailureKind.JOINER_LEFT)
         online = isinstance(frame, PeerOnline)
         actions: list[Action] = []
         changed = self.peer_online is not online

@@ -245,3 +245,29 @@ def test_every_ending_says_what_to_do_next():
         assert "parley invite" in failure_message(HandshakeFailed(kind))
     for kind in (FailureKind.INVITER_LEFT, FailureKind.INVALID_CODE, FailureKind.INTERRUPTED):
         assert "new" in failure_message(HandshakeFailed(kind)) or "fresh" in failure_message(HandshakeFailed(kind))
+
+
+# --- rows 10, 11: connections that drop while asked -------------------------------------------------
+
+
+def test_inviter_reconnect_while_asked_counts_presence_again():
+    """After a reconnect the relay announces every other member, our own old
+    connection too until it notices it is gone: its PEER_OFFLINE is no ending."""
+    core = deciding()
+    core.disconnected()
+    assert types(core.connected()) == ["REATTACH"]
+    core.frame_received(wire("PEER_ONLINE", SID))  # the joiner
+    core.frame_received(wire("PEER_ONLINE", SID))  # our old connection
+    assert failed(core.frame_received(wire("PEER_OFFLINE", SID))) is None
+    assert core.phase is Phase.DECIDING
+    assert failed(core.frame_received(wire("PEER_OFFLINE", SID))) is FailureKind.JOINER_LEFT
+
+
+def test_accept_held_over_a_reconnect_that_reaches_nobody_forgets_the_key():
+    core = deciding()
+    core.disconnected()
+    out = core.accept_join()
+    assert isinstance(out[0], SaveState) and types(out) == []  # saved, the answer waits
+    assert types(core.connected()) == ["REATTACH", "JOIN_ACCEPT"]
+    out = core.frame_received(notice("peer_left"))
+    assert out[0] == ForgetState(SID) and failed(out) is FailureKind.JOINER_LEFT
