@@ -11,6 +11,7 @@ expire.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from parley.conformance.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 60
 CODE_RE = r"invite code: (\d+)"
+VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
 
 
 async def start(nursery: trio.Nursery, url: str, name: str, cwd: Path, *args: str) -> ParleyProcess:
@@ -122,3 +124,27 @@ async def test_invite_timeout_against_the_go_relay(tmp_path, go_relay_binary):
             assert await alice.wait(timeout=10) == 1
             assert "nobody joined within 2s" in alice.stderr_text
             assert "parley invite' again" in alice.stderr_text
+
+
+async def test_relay_restart_while_the_inviter_waits_keeps_the_code(tmp_path):
+    """Row 9: the inviter reconnects and REATTACHes; the relay's store kept the
+    code, so a joiner after the restart gets through (no fresh code needed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "relay.sqlite3"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            with ParleyRelay(port=port, store=store) as relay:
+                url = relay.url
+                alice = await start(nursery, url, "alice", tmp_path / "a", "invite", "--yes")
+                code = (await alice.expect(CODE_RE)).group(1)
+            await alice.expect(r"^\* connection to the relay lost$")
+            with ParleyRelay(port=port, store=store) as relay2:
+                assert relay2.url == url
+                await alice.expect(r"^\* reconnected to ", timeout=20)
+                bob = await start(nursery, url, "bob", tmp_path / "b", "join", code)
+                vb = (await bob.expect(VERIFY_RE)).group(1)
+                assert (await alice.expect(VERIFY_RE)).group(1) == vb
+                await alice.stop()
+                await bob.stop()
