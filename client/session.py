@@ -152,7 +152,7 @@ class Session:
         with trio.move_on_after(CANCEL_TIMEOUT):
             actions = await self.runner.call(self.core.cancel)
             if actions:
-                self.terminal.info("invite cancelled: its code no longer works")
+                self.terminal.info("invite cancelled; nobody will answer its code")
 
     async def chat(self) -> None:
         """Read lines and send them until /quit or end of input."""
