@@ -46,7 +46,7 @@ state file (the entry is written first when the key exists).
 | 6 | inviter quits after accepting | key saved before JOIN_ACCEPT; a chat quit (session kept) | key saved on the answer; a chat; `peer offline` when the inviter goes |
 | 7 | joiner Ctrl-C / `--timeout` before the answer (JOIN sent) | PEER_OFFLINE while asked -> "the person who joined left"; nothing kept, exit 1; if it already answered: parley relay `peer_left` (JOIN_ACCEPT reached nobody) -> entry removed ("after your answer"), exit 1; Go relay: keeps the session, shows `peer offline` | exit 130 / 1 ("ask for a new invite code"); an answer that arrived before its connection closed completes the handshake (both keep the key) |
 | 8 | joiner Ctrl-C before JOIN went out | still waiting (code not used) | exit 130, nothing sent |
-| 9 | inviter's connection drops / relay restarts while waiting | reconnects, REATTACH{sid}: the code lives on (parley relay with its store; a relay that lost it: until `--timeout`) | JOIN works once the inviter is back (a JOIN meanwhile waits at the relay) |
+| 9 | inviter's connection drops / relay restarts while waiting | reconnects, REATTACH{sid}: the code lives on (parley relay with its store; a relay that lost it: until `--timeout`); if a joiner used the code and left meanwhile, parley relay: `peer_left` on the REATTACH -> "left while you were disconnected", exit 1 (Go relay: until `--timeout`) | JOIN works once the inviter is back (a JOIN meanwhile waits at the relay) |
 | 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; presence is counted again from the relay's PEER_ONLINE frames (its own old connection may be among them); the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
 | 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
 | 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
@@ -146,7 +146,7 @@ from .verify import verification_string
 
 __all__ = [
     "ClientCore", "Mode", "Phase", "ClientError", "NotReady", "MessageTooLong", "SEEN_LIMIT",
-    "INVALID_CODE_MESSAGE", "short_sid", "iv_of",
+    "INVALID_CODE_MESSAGE", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY", "short_sid", "iv_of",
 ]
 
 log = logging.getLogger("parley.client.core")
@@ -158,6 +158,9 @@ SIDE_BYTES = 16
 ACK_TIMEOUT = 10.0
 MAX_TEXT_BYTES = 256 * 1024
 INVALID_CODE_MESSAGE = "Invalid or expired code"
+# HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
+JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
+JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
 
 
 def short_sid(sid: str) -> str:
@@ -683,13 +686,17 @@ class ClientCore:
             # The joiner does not know the SID yet; its connection is in this session only.
             return self._fail(FailureKind.INVITER_LEFT)
         if self.mode is Mode.INVITE and self._ours_sid(frame):
+            if self.phase is Phase.INVITED:
+                # Someone used the code while we were disconnected and left before
+                # the relay could hand us the request: the code is used up.
+                return self._fail(FailureKind.JOINER_LEFT, JOINER_LEFT_WHILE_AWAY)
             if self.phase is Phase.DECIDING:
                 self._request = None
                 return self._fail(FailureKind.JOINER_LEFT)
             if self.phase is Phase.READY:
                 # Our JOIN_ACCEPT reached nobody: only we hold this key. Forget it.
                 assert self.sid is not None
-                return [ForgetState(self.sid), *self._fail(FailureKind.JOINER_LEFT, "after your answer")]
+                return [ForgetState(self.sid), *self._fail(FailureKind.JOINER_LEFT, JOINER_LEFT_AFTER_ANSWER)]
         return None
 
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:

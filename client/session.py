@@ -58,8 +58,8 @@ def failure_message(failure: HandshakeFailed) -> str:
     if kind is FailureKind.INVITER_LEFT:
         return "the inviter left before answering your join request; ask them for a fresh invite code"
     if kind is FailureKind.JOINER_LEFT:
-        when = " before your answer reached them" if failure.detail else " before you answered"
-        return (f"the person who joined left{when}; no session was set up and nothing was kept "
+        when = failure.detail or "before you answered"
+        return (f"the person who joined left {when}; no session was set up and nothing was kept "
                 "(run 'parley invite' again for a fresh code)")
     return f"the relay refused: {failure.detail or 'unknown error'}"
 

@@ -225,6 +225,15 @@ class _Stored:
         self.expires_at: float = expires_at
 
 
+class _JoinGone:
+    """A pending JOIN_REQUEST whose sided joiner left before it could be delivered."""
+
+    __slots__ = ("side",)
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+
+
 class _Session:
     __slots__ = (
         "sid", "members", "sides", "queue", "by_id", "queued_bytes", "next_seq",
@@ -245,7 +254,8 @@ class _Session:
         self.next_seq = 1
         self.code: str | None = None
         self.frame_due: float | None = None  # this session's entry in the expiry heap
-        self.pending_joins: dict[ConnId, str] | None = None  # joiner -> JOIN_REQUEST text
+        # joiner -> JOIN_REQUEST text, or the side of a sided joiner that left before delivery
+        self.pending_joins: dict[ConnId, str | _JoinGone] | None = None
         # sided joiners whose JOIN went through and who wait for JOIN_ACCEPT/JOIN_DENY
         self.waiting: dict[ConnId, None] | None = None
 
@@ -532,7 +542,9 @@ class RelayCore:
         self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
-                if joiner != cid and (side is None or sess.members[joiner] != side):
+                if isinstance(text, _JoinGone):
+                    self._tell_join_gone(sess, joiner, text.side, cid, side, actions)
+                elif joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
                     del sess.pending_joins[joiner]
             if not sess.pending_joins:
@@ -885,8 +897,8 @@ class RelayCore:
         """Take a member out of `sess` (it left or its connection went) and tell
         the others; returns the side it had."""
         side = sess.members.pop(conn_id)
-        if sess.pending_joins:
-            sess.pending_joins.pop(conn_id, None)
+        if sess.pending_joins and conn_id in sess.pending_joins:
+            self._join_gone_unheard(sess, conn_id, side)
         if sess.waiting is not None:
             self._stop_waiting(sess, conn_id)
         if sess.members:
@@ -965,6 +977,31 @@ class RelayCore:
             actions.append(self._notice(
                 conn.id, sess.sid, PEER_LEFT, "the person who joined has left; nobody received the answer"
             ))
+
+    def _join_gone_unheard(self, sess: _Session, joiner: ConnId, side: str | None) -> None:
+        """A joiner left before its JOIN_REQUEST could be delivered (the inviter
+        was offline). A sided joiner's request becomes a marker (`_JoinGone`), so the
+        inviter's next sided REATTACH learns that its code was used and the
+        person is gone, instead of waiting for a join that cannot come; a
+        legacy joiner's request is just dropped, as before."""
+        if side is None:
+            del sess.pending_joins[joiner]
+            if not sess.pending_joins:
+                sess.pending_joins = None
+        else:
+            sess.pending_joins[joiner] = _JoinGone(side)
+
+    def _tell_join_gone(
+        self, sess: _Session, joiner: ConnId, joiner_side: str, cid: ConnId, side: str | None,
+        actions: list[Action],
+    ) -> None:
+        """On REATTACH: a sided reattacher of another side hears `peer_left` for a
+        joiner that came and went while it was away (once); others hear nothing."""
+        if side is not None and side != joiner_side:
+            actions.append(self._notice(
+                cid, sess.sid, PEER_LEFT, "someone used the invite code and left while you were away"
+            ))
+            del sess.pending_joins[joiner]
 
     def _left_handshake(self, sess: _Session, leaver_was_waiting: bool, actions: list[Action]) -> None:
         """After a LEAVE (a parley client quitting on purpose, for good): joiners

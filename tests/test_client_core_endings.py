@@ -271,3 +271,12 @@ def test_accept_held_over_a_reconnect_that_reaches_nobody_forgets_the_key():
     assert types(core.connected()) == ["REATTACH", "JOIN_ACCEPT"]
     out = core.frame_received(notice("peer_left"))
     assert out[0] == ForgetState(SID) and failed(out) is FailureKind.JOINER_LEFT
+
+
+def test_inviter_back_after_a_joiner_came_and_went_is_told():
+    core = inviting()
+    core.disconnected()
+    assert types(core.connected()) == ["REATTACH"]
+    out = core.frame_received(notice("peer_left"))
+    assert failed(out) is FailureKind.JOINER_LEFT
+    assert "while you were disconnected" in failure_message(shows(out, HandshakeFailed)[0])

@@ -222,3 +222,41 @@ def test_waiting_joiners_leave_no_trace():
     h.disconnect(1)
     h.tick(100_000)
     assert not any(h.core._structure_sizes().values())
+
+
+# --- a joiner that came and went while the inviter was away ---------------------------------------
+
+
+def test_sided_joiner_gone_before_its_request_was_delivered_is_told_on_reattach():
+    h, sid, code = invited("compat")
+    h.disconnect(1)
+    assert join(h, 2, code, "B") == {}  # consumed; the request waits
+    h.disconnect(2)
+    h.connect(3)
+    out = h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
+    assert kinds(out, 3) == ["ERROR:peer_left"]
+    assert h.core._sessions[sid].pending_joins is None
+    h.connect(4)  # told once
+    out = h.send(4, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
+    assert kinds(out, 3) == kinds(out, 4) == ["PEER_ONLINE"]
+
+
+def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
+    h, sid, code = invited("compat")
+    h.disconnect(1)
+    join(h, 2, code, "B")
+    h.disconnect(2)
+    h.connect(3)
+    assert h.send(3, {"t": "REATTACH", "sid": sid}) == {}
+    h.connect(4)  # the marker waits for a sided inviter
+    assert kinds(h.send(4, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}}), 4) == [
+        "PEER_ONLINE", "ERROR:peer_left"]
+
+
+def test_the_joiners_own_side_is_not_told_its_own_departure():
+    h, sid, code = invited("compat")
+    h.disconnect(1)
+    join(h, 2, code, "B")
+    h.disconnect(2)
+    h.connect(3)
+    assert h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "B"}}) == {}
