@@ -100,8 +100,10 @@ Choices where PROTOCOL is silent
   answer (JOIN done, no JOIN_ACCEPT/JOIN_DENY yet, no MSG from them) tells
   them `ERROR peer_left`; a sided JOIN_ACCEPT that reaches nobody is answered
   `ERROR peer_left` (the joiner is gone for good: it learns the SID only from
-  that answer). A disconnect deletes no code: a parley inviter reconnects and
-  REATTACHes to it, a legacy one keeps Go's behaviour.
+  that answer), and so is the next sided REATTACH (of another side) after a
+  sided joiner left before its pending JOIN_REQUEST was delivered. A
+  disconnect deletes no code: a parley inviter reconnects and REATTACHes to
+  it, a legacy one keeps Go's behaviour.
 * PING and PONG from a client are ignored; a relay-to-client frame type
   (DELIVERED, JOINED, ...) from a client is `unknown_type`.
 * The ERROR that reaches `error_limit` within `error_window` is sent, then the
