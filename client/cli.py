@@ -15,6 +15,7 @@ Ctrl-C before a chat started). No traceback unless `--verbose`.
 from __future__ import annotations
 
 import functools
+import math
 import importlib
 import json
 import logging
@@ -41,6 +42,10 @@ __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
 DEFAULT_RELAY = "ws://127.0.0.1:9000/"
 DEFAULT_NAME = "parley"
 DEFAULT_JOIN_TIMEOUT = 300.0
+# As long as a parley relay keeps an unused code by default (--code-ttl 600):
+# against a relay whose codes never expire (the Go relay) the inviter still
+# gives up, and against a parley relay the relay's notice normally comes first.
+DEFAULT_INVITE_TIMEOUT = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
 
 log = logging.getLogger("parley.client")
@@ -224,21 +229,37 @@ def _run(async_fn: Any, *args: Any) -> Any:
 
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_INVITE_TIMEOUT, show_default=True,
+              envvar="PARLEY_INVITE_TIMEOUT",
+              help="Seconds to wait for someone to join before cancelling the code [env PARLEY_INVITE_TIMEOUT].")
 @session_options
-def invite(opts: Options, yes: bool) -> None:
+def invite(opts: Options, yes: bool, timeout: float) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
     store = opts.store()
-    _run(_invite, opts, store, yes)
+    _run(_invite, opts, store, yes, timeout)
 
 
-async def _invite(opts: Options, store: StateStore, yes: bool) -> None:
+class NobodyJoined(ClientError):
+    pass
+
+
+async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
     core = ClientCore.invite()
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
     session = Session(core, opts.relay, store, terminal)
+    timed_out = False
 
     async def flow() -> None:
+        nonlocal timed_out
+        first = True
         while True:
-            event = await session.next_event(JoinRequested, KeyEstablished, HandshakeFailed)
+            # Only the wait for a join is bounded; a person deciding is not hurried.
+            with trio.move_on_after(timeout if first else math.inf) as scope:
+                event = await session.next_event(JoinRequested, KeyEstablished, HandshakeFailed)
+            if scope.cancelled_caught:
+                timed_out = True
+                return  # Session.run gives the invite up (LEAVE) before closing
+            first = False
             if isinstance(event, HandshakeFailed):
                 return
             if isinstance(event, KeyEstablished):
@@ -258,6 +279,10 @@ async def _invite(opts: Options, store: StateStore, yes: bool) -> None:
         await session.chat()
 
     await session.run(flow)
+    if timed_out:
+        raise NobodyJoined(
+            f"nobody joined within {timeout:g}s; the invite is cancelled (run 'parley invite' again for a fresh code)"
+        )
 
 
 # --- join ---------------------------------------------------------------------
@@ -275,7 +300,8 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @main.command()
 @click.argument("code", callback=_check_code)
 @click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_JOIN_TIMEOUT, show_default=True,
-              help="Seconds to wait for the other person to accept.")
+              envvar="PARLEY_JOIN_TIMEOUT",
+              help="Seconds to wait for the other person to accept [env PARLEY_JOIN_TIMEOUT].")
 @session_options
 def join(opts: Options, code: str, timeout: float) -> None:
     """Join the session an invite CODE names, then chat."""

@@ -29,6 +29,28 @@ The handshake in the three roles (PROTOCOL 1.3, 1.4, 2.2, 2.4):
   failures.
 * resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side}}`.
 
+How a handshake ends (issue #12 item 8; relay side in protocol/EXTENSIONS.md,
+"Relay: invite codes that end"). "parley relay" means a relay that sends the
+parley-only notices `code_expired` / `peer_left` to clients that declared a
+side; "Go relay" is the legacy reference relay (no code expiry, no notices;
+LEAVE is ignored). A handshake that ends without a key leaves nothing in the
+state file (the entry is written first when the key exists).
+
+| # | step, what happens | inviter sees / does | joiner sees / does |
+|---|---|---|---|
+| 1 | code expires unused (parley relay, `--code-ttl`) | `code_expired` -> "expired before anyone joined; run 'parley invite' again", exit 1 | (none yet) a JOIN gets "Invalid or expired code" -> "ask for a new one", exit 1 |
+| 2 | same, Go relay (codes never expire) | waits until `invite --timeout` (default 600 s) -> LEAVE (ignored), "nobody joined within ...; run 'parley invite' again", exit 1 | a later JOIN consumes the code; nobody answers; `join --timeout` -> "ask for a new invite code", exit 1 |
+| 3 | inviter Ctrl-C while waiting for a join | `cancel()`: LEAVE{sid}; "invite cancelled"; exit 130 | parley relay: code deleted, JOIN -> "Invalid or expired code" at once. Go relay: as row 2 |
+| 4 | inviter Ctrl-C while asked `accept?` | `cancel()`: LEAVE{sid}, JOIN_DENY{sid}; exit 130 | parley relay: PEER_OFFLINE + `peer_left` -> "the inviter left before answering". Go relay: JOIN_DENIED -> "declined"; exit 1 |
+| 5 | inviter answers no, or Ctrl-D at `accept?` | JOIN_DENY; "declined; this invite is closed"; exit 1 | JOIN_DENIED -> "declined", exit 1 |
+| 6 | inviter quits after accepting | key saved before JOIN_ACCEPT; a chat quit (session kept) | key saved on the answer; a chat; `peer offline` when the inviter goes |
+| 7 | joiner Ctrl-C / `--timeout` before the answer (JOIN sent) | PEER_OFFLINE while asked -> "the person who joined left"; nothing kept, exit 1; if it already answered: parley relay `peer_left` (JOIN_ACCEPT reached nobody) -> entry removed ("after your answer"), exit 1; Go relay: keeps the session, shows `peer offline` | exit 130 / 1 ("ask for a new invite code"); an answer that arrived before its connection closed completes the handshake (both keep the key) |
+| 8 | joiner Ctrl-C before JOIN went out | still waiting (code not used) | exit 130, nothing sent |
+| 9 | inviter's connection drops / relay restarts while waiting | reconnects, REATTACH{sid}: the code lives on (parley relay with its store; a relay that lost it: until `--timeout`); if a joiner used the code and left meanwhile, parley relay: `peer_left` on the REATTACH -> "left while you were disconnected", exit 1 (Go relay: until `--timeout`) | JOIN works once the inviter is back (a JOIN meanwhile waits at the relay) |
+| 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; presence is counted again from the relay's PEER_ONLINE frames (its own old connection may be among them); the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
+| 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
+| 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
+
 After the key exists: messages are encrypted once, saved in the entry's
 `pending` list, and only then sent; they are resent byte-identical after every
 reconnect, and after `PEER_ONLINE` if the relay said `DELIVERED_FAILED`,
@@ -82,6 +104,7 @@ from parley.protocol import (
     JoinDeny,
     Joined,
     JoinRequest,
+    Leave,
     Msg,
     PeerOffline,
     PeerOnline,
@@ -95,6 +118,7 @@ from parley.protocol import (
     encode_text,
     parse,
 )
+from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 from parley.state import new_entry
 
 from . import crypto
@@ -103,6 +127,7 @@ from .events import (
     Action,
     Close,
     FailureKind,
+    ForgetState,
     HandshakeFailed,
     InviteReady,
     JoinRequested,
@@ -121,7 +146,7 @@ from .verify import verification_string
 
 __all__ = [
     "ClientCore", "Mode", "Phase", "ClientError", "NotReady", "MessageTooLong", "SEEN_LIMIT",
-    "INVALID_CODE_MESSAGE", "short_sid", "iv_of",
+    "INVALID_CODE_MESSAGE", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY", "short_sid", "iv_of",
 ]
 
 log = logging.getLogger("parley.client.core")
@@ -133,6 +158,9 @@ SIDE_BYTES = 16
 ACK_TIMEOUT = 10.0
 MAX_TEXT_BYTES = 256 * 1024
 INVALID_CODE_MESSAGE = "Invalid or expired code"
+# HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
+JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
+JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
 
 
 def short_sid(sid: str) -> str:
@@ -232,6 +260,10 @@ class ClientCore:
         self._private_key: str | None = None
         self._public_key: str | None = None
         self._request: JoinRequest | None = None
+        # While asked `accept?`: other connections in the session as far as we
+        # know (the joiner; after a reconnect, whatever PEER_ONLINE counts, which
+        # may include our own old connection until the relay notices it is gone).
+        self._others = 0
         self._accept_unsent: JoinAccept | None = None
         self._invite_create_sent = False
         self._leaving = False
@@ -393,6 +425,8 @@ class ClientCore:
             return [self._send(Join(code=self._code, public_key=self._public_key, side=self.side))]
         assert self.sid is not None
         actions: list[Action] = [self._send(Reattach(self.sid, side=self.side))]
+        if self.phase is Phase.DECIDING:
+            self._others = 0  # the relay's PEER_ONLINE frames count them again
         if self._accept_unsent is not None:
             actions.append(self._send(self._accept_unsent))
             self._accept_unsent = None
@@ -404,6 +438,36 @@ class ClientCore:
         """The user is leaving: the connection about to close is no failure."""
         self._leaving = True
         return []
+
+    def cancel(self) -> list[Action]:
+        """The user gives up before the handshake finished (Ctrl-C, a timeout).
+
+        Call before `leave()`, while the connection is still open. What goes
+        out (see "How a handshake ends" above):
+
+        * inviter waiting for a join: `LEAVE{sid}`; a parley relay deletes the
+          code, so a joiner gets "Invalid or expired code" at once;
+        * inviter asked `accept?`: `LEAVE{sid}` then `JOIN_DENY{sid}`; a parley
+          relay tells a parley joiner `peer_left`, and any relay (Go too)
+          sends the joiner `JOIN_DENIED`, so nobody waits for an answer;
+        * joiner: nothing (it does not know the SID yet); the closing
+          connection is its departure (the inviter gets PEER_OFFLINE). An
+          answer that arrives before the connection closes still completes
+          the handshake, so both sides hold the key.
+
+        Returns no frames when not connected or when there is nothing to end.
+        """
+        if self.mode is not Mode.INVITE or self.phase not in (Phase.CREATING, Phase.INVITED, Phase.DECIDING):
+            return []
+        request, self._request = self._request, None
+        self.phase = Phase.FAILED
+        self._leaving = True
+        if not self.is_connected or self.sid is None:
+            return []
+        actions: list[Action] = [self._send(Leave(self.sid))]
+        if request is not None:
+            actions.append(self._send(JoinDeny(self.sid, client_id=request.client_id)))
+        return actions
 
     def disconnected(self) -> list[Action]:
         """The connection is gone; frames sent on it may or may not have arrived."""
@@ -559,6 +623,7 @@ class ClientCore:
             deny = self._send(JoinDeny(frame.sid, client_id=frame.client_id))
             return [deny, *self._fail(FailureKind.BAD_PEER_KEY, "the joiner sent an invalid public key")]
         self._request = frame
+        self._others = 1  # the joiner, who just sent it
         self.phase = Phase.DECIDING
         return [Show(JoinRequested(frame.sid))]
 
@@ -596,6 +661,9 @@ class ClientCore:
         return []
 
     def _on_error(self, frame: ErrorFrame) -> list[Action]:
+        ending = self._handshake_ending(frame)
+        if ending is not None:
+            return ending
         if self.phase is Phase.JOINING:
             if frame.message == INVALID_CODE_MESSAGE or frame.code == "bad_code":
                 return self._fail(FailureKind.INVALID_CODE)
@@ -604,9 +672,51 @@ class ClientCore:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
         return [Show(RelayError(_one_line(frame.message), frame.code))]
 
+    def _handshake_ending(self, frame: ErrorFrame) -> list[Action] | None:
+        """A parley relay's notice that the handshake ended (protocol/EXTENSIONS.md,
+        "Relay: invite codes that end"), or None if `frame` is no such notice."""
+        code = frame.code
+        if code == CODE_EXPIRED:
+            if self.mode is Mode.INVITE and self.phase in (Phase.CREATING, Phase.INVITED) and self._ours_sid(frame):
+                return self._fail(FailureKind.CODE_EXPIRED)
+            return None
+        if code != PEER_LEFT:
+            return None
+        if self.phase is Phase.JOINING:
+            # The joiner does not know the SID yet; its connection is in this session only.
+            return self._fail(FailureKind.INVITER_LEFT)
+        if self.mode is Mode.INVITE and self._ours_sid(frame):
+            if self.phase is Phase.INVITED:
+                # Someone used the code while we were disconnected and left before
+                # the relay could hand us the request: the code is used up.
+                return self._fail(FailureKind.JOINER_LEFT, JOINER_LEFT_WHILE_AWAY)
+            if self.phase is Phase.DECIDING:
+                self._request = None
+                return self._fail(FailureKind.JOINER_LEFT)
+            if self.phase is Phase.READY:
+                # Our JOIN_ACCEPT reached nobody: only we hold this key. Forget it.
+                assert self.sid is not None
+                return [ForgetState(self.sid), *self._fail(FailureKind.JOINER_LEFT, JOINER_LEFT_AFTER_ANSWER)]
+        return None
+
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:
+        if self.phase is Phase.JOINING and self.sid is None:
+            # The inviter's presence while we wait (its connection dropped or came
+            # back); it may still answer, so this only informs.
+            online = isinstance(frame, PeerOnline)
+            if self.peer_online is online:
+                return []
+            self.peer_online = online
+            return [Show(PeerPresence(frame.sid, online))]
         if not self._ours_sid(frame):
             return []
+        if self.phase is Phase.DECIDING:
+            self._others += 1 if isinstance(frame, PeerOnline) else -1
+            if self._others <= 0 and isinstance(frame, PeerOffline):
+                # The joiner went before we answered. A joiner never comes back (it
+                # learns the SID only from the answer), so the invite is over.
+                self._request = None
+                return self._fail(FailureKind.JOINER_LEFT)
         online = isinstance(frame, PeerOnline)
         actions: list[Action] = []
         changed = self.peer_online is not online

@@ -11,6 +11,8 @@ Every core method returns a list of actions, to be carried out in order:
 * `Show(event)`: tell the user (and the command driving the session).
 * `Close()`: the session is over (a failed handshake, a denied join); the
   shell stops reconnecting and leaves.
+* `ForgetState(sid)`: remove this session's entry from the state file (a
+  handshake that ended after our key was saved, with nobody else holding it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Union
 import attrs
 
 __all__ = [
-    "SaveState", "SendFrame", "Show", "Close", "Action",
+    "SaveState", "SendFrame", "Show", "Close", "ForgetState", "Action",
     "Status", "FailureKind",
     "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
     "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
@@ -54,7 +56,12 @@ class Close:
     pass
 
 
-Action = Union[SaveState, SendFrame, Show, Close]
+@attrs.frozen
+class ForgetState:
+    sid: str
+
+
+Action = Union[SaveState, SendFrame, Show, Close, ForgetState]
 
 
 # --- events ----------------------------------------------------------------
@@ -81,6 +88,9 @@ class FailureKind(str, enum.Enum):
     BAD_PEER_KEY = "bad_peer_key"  # the peer's public key failed validation
     INTERRUPTED = "interrupted"  # the connection dropped mid-handshake
     RELAY_ERROR = "relay_error"  # any other ERROR during the handshake
+    CODE_EXPIRED = "code_expired"  # our invite code expired unused (parley relay)
+    INVITER_LEFT = "inviter_left"  # the inviter gave up before answering our join
+    JOINER_LEFT = "joiner_left"  # the joiner went before the handshake finished
 
     def __str__(self) -> str:
         return self.value

@@ -36,7 +36,7 @@ from trio_websocket import (
 )
 
 from .core import ClientCore, ClientError, short_sid
-from .events import Action, Close, MessageIn, SaveState, SendFrame, Show, Undecryptable
+from .events import Action, Close, ForgetState, MessageIn, SaveState, SendFrame, Show, Undecryptable
 from .store import StateStore
 
 __all__ = ["Runner", "RelayUnreachable", "ConnectionNotice", "backoff_delays"]
@@ -179,6 +179,8 @@ class Runner:
                 self.on_event(action.event)
             elif isinstance(action, Close):
                 self.close()
+            elif isinstance(action, ForgetState):
+                self.store.forget_entry(action.sid)
 
     def _show_all(self, events: list[Any]) -> None:
         for event in events:

@@ -26,6 +26,7 @@ __all__ = ["Session", "HandshakeError", "Interrupted", "failure_message"]
 
 CLOSE_GRACE = 3.0
 DRAIN_TIMEOUT = 2.0
+CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto the wire
 
 
 class HandshakeError(ClientError):
@@ -52,6 +53,14 @@ def failure_message(failure: HandshakeFailed) -> str:
         return f"handshake aborted: {failure.detail or 'the peer sent an invalid public key'}"
     if kind is FailureKind.INTERRUPTED:
         return "the connection to the relay dropped during the handshake; ask for a new invite code"
+    if kind is FailureKind.CODE_EXPIRED:
+        return "the invite code expired before anyone joined; run 'parley invite' again for a fresh code"
+    if kind is FailureKind.INVITER_LEFT:
+        return "the inviter left before answering your join request; ask them for a fresh invite code"
+    if kind is FailureKind.JOINER_LEFT:
+        when = failure.detail or "before you answered"
+        return (f"the person who joined left {when}; no session was set up and nothing was kept "
+                "(run 'parley invite' again for a fresh code)")
     return f"the relay refused: {failure.detail or 'unknown error'}"
 
 
@@ -113,6 +122,7 @@ class Session:
             nursery.start_soon(run_runner)
             nursery.start_soon(self._watch_sigint, nursery.cancel_scope)
             await flow()
+            await self.give_up()
             self.runner.close()
             # The runner closes the WebSocket and then cancels the rest; never wait forever.
             await trio.sleep(CLOSE_GRACE)
@@ -131,7 +141,18 @@ class Session:
                     scope.cancel()  # second Ctrl-C: leave now
                     return
                 self.interrupted = True
+                await self.give_up()
                 self.runner.close()
+
+    async def give_up(self) -> None:
+        """End an unfinished handshake on purpose (`ClientCore.cancel`): the
+        invite's code dies at the relay and a waiting joiner is told, rather
+        than left waiting for its timeout. Bounded: a stuck connection only
+        delays the exit by `CANCEL_TIMEOUT`. A no-op once the key exists."""
+        with trio.move_on_after(CANCEL_TIMEOUT):
+            actions = await self.runner.call(self.core.cancel)
+            if actions:
+                self.terminal.info("invite cancelled; nobody will answer its code")
 
     async def chat(self) -> None:
         """Read lines and send them until /quit or end of input."""

@@ -72,6 +72,15 @@ class StateStore:
             save_state(self.path, current, at_commit)
             self.state = current
 
+    def forget_entry(self, sid: str) -> None:
+        """Remove one session's entry (if present), keeping the rest of the file."""
+        with self._locked():
+            current = load_state(self.path)
+            if sid in current:
+                del current[sid]
+                save_state(self.path, current)
+            self.state = current
+
     # --- lookup -------------------------------------------------------------
 
     def find(self, query: str | None) -> str:

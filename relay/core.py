@@ -107,6 +107,18 @@ Choices where PROTOCOL is silent
 * LEAVE from a non-member is a no-op. LEAVE tells the remaining members
   `PEER_OFFLINE` and, for a sided leaver, drops the stored frames that were
   for its side (everything not sent by that side).
+* How an invite handshake ends (protocol/EXTENSIONS.md, "Relay: invite codes
+  that end"; only parley clients send LEAVE or declare sides, so legacy
+  clients see nothing new): a code that expires unused is announced to the
+  session's sided members (`ERROR code_expired`); a LEAVE that empties a
+  session deletes its live code; a LEAVE while sided joiners wait for an
+  answer (JOIN done, no JOIN_ACCEPT/JOIN_DENY yet, no MSG from them) tells
+  them `ERROR peer_left`; a sided JOIN_ACCEPT that reaches nobody is answered
+  `ERROR peer_left` (the joiner is gone for good: it learns the SID only from
+  that answer), and so is the next sided REATTACH (of another side) after a
+  sided joiner left before its pending JOIN_REQUEST was delivered. A
+  disconnect deletes no code: a parley inviter reconnects and REATTACHes to
+  it, a legacy one keeps Go's behaviour.
 * PING and PONG from a client are ignored; a relay-to-client frame type
   (DELIVERED, JOINED, ...) from a client is `unknown_type`.
 * The ERROR that reaches `error_limit` within `error_window` is sent, then the
@@ -162,6 +174,7 @@ from parley.protocol import (
     parse,
     parse_canonical_msg,
 )
+from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 
 from .actions import (
     Action,
@@ -275,11 +288,20 @@ class _Stored:
         self.expires_at: float = expires_at
 
 
+class _JoinGone:
+    """A pending JOIN_REQUEST whose sided joiner left before it could be delivered."""
+
+    __slots__ = ("side",)
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+
+
 class _Session:
     __slots__ = (
         "sid", "members", "sides", "queue", "by_id", "queued_bytes", "next_seq",
         "code", "frame_due", "pending_joins", "auto", "owner", "owner_conn", "code_owner",
-        "code_conn",
+        "code_conn", "waiting",
     )
 
     # A relay keeps many idle sessions (an unused invite code lives 10 minutes),
@@ -303,7 +325,10 @@ class _Session:
         self.next_seq = 1
         self.code: str | None = None
         self.frame_due: float | None = None  # this session's entry in the expiry heap
-        self.pending_joins: dict[ConnId, str] | None = None  # joiner -> JOIN_REQUEST text
+        # joiner -> JOIN_REQUEST text, or the side of a sided joiner that left before delivery
+        self.pending_joins: dict[ConnId, str | _JoinGone] | None = None
+        # sided joiners whose JOIN went through and who wait for JOIN_ACCEPT/JOIN_DENY
+        self.waiting: dict[ConnId, None] | None = None
 
 
 def _size(text: str) -> int:
@@ -515,6 +540,8 @@ class RelayCore:
             sess = self._new_session(sid, conn, True, actions)
         members = sess.members
         side = members.get(cid, _ABSENT)
+        if sess.waiting is not None:
+            self._stop_waiting(sess, cid)  # a joiner that sends has its key
         if side is _ABSENT:
             if len(conn.sessions) >= self.config.max_sessions_per_conn:
                 return self._too_many_sessions(conn, sid)
@@ -600,7 +627,9 @@ class RelayCore:
         self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
-                if joiner != cid and (side is None or sess.members[joiner] != side):
+                if isinstance(text, _JoinGone):
+                    self._tell_join_gone(sess, joiner, text.side, cid, side, actions)
+                elif joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
                     del sess.pending_joins[joiner]
             if not sess.pending_joins:
@@ -727,6 +756,8 @@ class RelayCore:
             if sess.pending_joins is None:
                 sess.pending_joins = {}
             sess.pending_joins[cid] = text
+        if side is not None:
+            self._joiner_waits(sess, cid)
         return actions
 
     def _on_join_accept(self, conn: _Conn, frame: JoinAccept) -> list[Action]:
@@ -746,6 +777,7 @@ class RelayCore:
                 others = [target] if target in sess.members and target != cid else []
             text = encode_text(Joined(sid, frame.data))
             actions.extend(Send(m, text) for m in others)
+        self._answered(conn, sess, not actions, actions)
         return actions
 
     def _on_join_deny(self, conn: _Conn, frame: JoinDeny) -> list[Action]:
@@ -754,7 +786,9 @@ class RelayCore:
         if sess is None:
             return self._no_session(conn, sid)
         text = encode_text(JoinDenied(sid))
-        return [Send(m, text) for m in sess.members if m != conn.id]
+        actions: list[Action] = [Send(m, text) for m in sess.members if m != conn.id]
+        self._answered(conn, sess, False, actions)
+        return actions
 
     def _on_invite_create(self, conn: _Conn, frame: InviteCreate) -> list[Action]:
         if self._dialect == "go":
@@ -790,8 +824,10 @@ class RelayCore:
         if cid not in sess.members:
             return []
         actions: list[Action] = []
+        was_waiting = sess.waiting is not None and cid in sess.waiting
         side = self._detach(cid, sess, actions)
         del conn.sessions[sid]
+        self._left_handshake(sess, was_waiting, actions)
         if conn.replay is not None:
             conn.replay.pop(sid, None)
         if side is not None and sess.queue:
@@ -812,7 +848,7 @@ class RelayCore:
                 break
             expired.append(code)
         for code in expired:
-            self._expire_code(code, actions)
+            self._code_ran_out(code, actions)
 
         heap = self._frame_heap
         while heap and heap[0][0] <= now:
@@ -954,8 +990,10 @@ class RelayCore:
         """Take a member out of `sess` (it left or its connection went) and tell
         the others; returns the side it had."""
         side = sess.members.pop(conn_id)
-        if sess.pending_joins:
-            sess.pending_joins.pop(conn_id, None)
+        if sess.pending_joins and conn_id in sess.pending_joins:
+            self._join_gone_unheard(sess, conn_id, side)
+        if sess.waiting is not None:
+            self._stop_waiting(sess, conn_id)
         if sess.members:
             text = encode_text(PeerOffline(sess.sid))
             actions.extend(Send(m, text) for m in sess.members)
@@ -990,6 +1028,87 @@ class RelayCore:
             sess.code = None
             self._release_code(sess)
         actions.append(Persist(DeleteCode(code)))
+
+    # ----------------------------------------- how an invite handshake ends
+    # protocol/EXTENSIONS.md, "Relay: invite codes that end". Every notice
+    # goes to sided connections only (parley clients): legacy clients see
+    # exactly what they saw before. The notices are ERROR frames with a
+    # parley-only code, never counted against the receiver's error limit.
+
+    def _notice(self, conn_id: ConnId, sid: str, code: str, message: str) -> Send:
+        return Send(conn_id, encode_text(ErrorFrame(message, code=code, sid=sid)))
+
+    def _code_ran_out(self, code: str, actions: list[Action]) -> None:
+        """A live code reached its TTL unused: delete it and tell the session's
+        sided members (the inviter), so nobody waits for a join that cannot come."""
+        sid = self._codes[code][0]
+        sess = self._sessions.get(sid)
+        current = sess is not None and sess.code == code
+        self._expire_code(code, actions)
+        if current:
+            for m, m_side in sess.members.items():
+                if m_side is not None:
+                    actions.append(self._notice(m, sid, CODE_EXPIRED, "invite code expired before anyone joined"))
+
+    def _joiner_waits(self, sess: _Session, cid: ConnId) -> None:
+        """A sided joiner now waits for an answer (JOIN_ACCEPT or JOIN_DENY)."""
+        if sess.waiting is None:
+            sess.waiting = {}
+        sess.waiting[cid] = None
+
+    def _stop_waiting(self, sess: _Session, cid: ConnId) -> None:
+        waiting = sess.waiting
+        if waiting is not None and cid in waiting:
+            del waiting[cid]
+            if not waiting:
+                sess.waiting = None
+
+    def _answered(self, conn: _Conn, sess: _Session, reached_nobody: bool, actions: list[Action]) -> None:
+        """JOIN_ACCEPT or JOIN_DENY went through: nobody waits any more. A sided
+        inviter whose JOIN_ACCEPT reached nobody learns the joiner is gone (it
+        cannot come back: a joiner learns the SID only from that answer)."""
+        sess.waiting = None
+        if reached_nobody and sess.members.get(conn.id) is not None:
+            actions.append(self._notice(
+                conn.id, sess.sid, PEER_LEFT, "the person who joined has left; nobody received the answer"
+            ))
+
+    def _join_gone_unheard(self, sess: _Session, joiner: ConnId, side: str | None) -> None:
+        """A joiner left before its JOIN_REQUEST could be delivered (the inviter
+        was offline). A sided joiner's request becomes a marker (`_JoinGone`), so the
+        inviter's next sided REATTACH learns that its code was used and the
+        person is gone, instead of waiting for a join that cannot come; a
+        legacy joiner's request is just dropped, as before."""
+        if side is None:
+            del sess.pending_joins[joiner]
+            if not sess.pending_joins:
+                sess.pending_joins = None
+        else:
+            sess.pending_joins[joiner] = _JoinGone(side)
+
+    def _tell_join_gone(
+        self, sess: _Session, joiner: ConnId, joiner_side: str, cid: ConnId, side: str | None,
+        actions: list[Action],
+    ) -> None:
+        """On REATTACH: a sided reattacher of another side hears `peer_left` for a
+        joiner that came and went while it was away (once); others hear nothing."""
+        if side is not None and side != joiner_side:
+            actions.append(self._notice(
+                cid, sess.sid, PEER_LEFT, "someone used the invite code and left while you were away"
+            ))
+            del sess.pending_joins[joiner]
+
+    def _left_handshake(self, sess: _Session, leaver_was_waiting: bool, actions: list[Action]) -> None:
+        """After a LEAVE (a parley client quitting on purpose, for good): joiners
+        still waiting for the leaver's answer are told; a live code whose session
+        has no member left is deleted, so a joiner gets the invalid-code error
+        at once instead of waiting for an answer that cannot come."""
+        if sess.waiting and not leaver_was_waiting:
+            for joiner in sess.waiting:
+                actions.append(self._notice(joiner, sess.sid, PEER_LEFT, "the inviter left before answering"))
+            sess.waiting = None
+        if not sess.members and sess.code is not None:
+            self._expire_code(sess.code, actions)
 
     def _client_id(self, conn: _Conn) -> str:
         if conn.client_id is None:

@@ -151,7 +151,10 @@ class RelayMachine(RuleBasedStateMachine):
         self.got.pop(conn, None)
 
     def errors(self, out, conn):
-        return [error_code(json.loads(t)) for t in out.get(conn, []) if t.startswith('{"t":"ERROR"')]
+        """The refusals sent to `conn`: ERRORs, except the notices that tell a sided
+        client how a handshake ended (protocol/EXTENSIONS.md), which refuse nothing."""
+        codes = [error_code(json.loads(t)) for t in out.get(conn, []) if t.startswith('{"t":"ERROR"')]
+        return [c for c in codes if c not in ("code_expired", "peer_left")]
 
     # ------------------------------------------------------------- rules
 
