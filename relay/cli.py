@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from . import logging as relay_logging
 from .config import RelayConfig
 from .core import RelayCore
 from .server import RelayServer, ServerConfig
-from .store import MEMORY, Store, StoreError, default_store_path
+from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
 from .transport import TransportConfig
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
@@ -101,13 +102,15 @@ def build_relay(
     transport_options: dict[str, Any] | None = None,
     server_options: dict[str, Any] | None = None,
     core: Any = None,
+    store_init: bool = False,
+    store_check: str = "full",
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
     Raises StoreError / ValueError with a one-line message. The caller closes
     the store after `serve()` returns.
     """
-    store_obj = None if store == MEMORY else Store(store)
+    store_obj = None if store == MEMORY else Store(store, init=store_init, check=store_check)
     try:
         transport = TransportConfig(
             max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
@@ -219,6 +222,24 @@ def _env_default(ctx: click.Context, name: str) -> bool:
 @_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
               type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
               help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
+@_option("--store-init", envvar="PARLEY_RELAY_STORE_INIT", is_flag=True, default=False,
+              show_envvar=True,
+              help="Accept an existing EMPTY store file as a new store (refused otherwise: a truncated "
+                   "store looks the same). Never touches a store with data.")
+@_option("--store-check", envvar="PARLEY_RELAY_STORE_CHECK", type=click.Choice(CHECKS),
+              default="full", show_default=True, show_envvar=True,
+              help="Check the store at start-up, before writing: full (integrity_check), quick "
+                   "(quick_check) or off (huge stores).")
+@_option("--store-retry-min", envvar="PARLEY_RELAY_STORE_RETRY_MIN", metavar="SECONDS",
+              type=click.FloatRange(0.001, 60), default=0.1, show_default=True, show_envvar=True,
+              help="First retry of a failed store commit (disk full, read-only, I/O error); doubles each time.")
+@_option("--store-retry-max", envvar="PARLEY_RELAY_STORE_RETRY_MAX", metavar="SECONDS",
+              type=click.FloatRange(0.001, 600), default=5.0, show_default=True, show_envvar=True,
+              help="Longest wait between retries of a failed store commit.")
+@_option("--store-hold", envvar="PARLEY_RELAY_STORE_HOLD", metavar="SECONDS",
+              type=click.FloatRange(0, 3600), default=5.0, show_default=True, show_envvar=True,
+              help="How long replies that wait for a failing store are held; then unsaved messages "
+                   "get DELIVERED_FAILED store_unavailable.")
 def relay(
     host: str,
     port: int,
@@ -234,6 +255,11 @@ def relay(
     code_ttl: float,
     session_ttl: float,
     queue_bytes: int,
+    store_init: bool,
+    store_check: str,
+    store_retry_min: float,
+    store_retry_max: float,
+    store_hold: float,
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -250,6 +276,8 @@ def relay(
             port = addr_port
     if bool(certfile) != bool(keyfile):
         raise _OneLineError("--certfile and --keyfile go together", 2)
+    if store_retry_min > store_retry_max:
+        raise _OneLineError("--store-retry-min must not exceed --store-retry-max", 2)
     relay_logging.configure(log_level.lower())
     store = store_path or str(default_store_path())
     try:
@@ -269,6 +297,13 @@ def relay(
                 "session_ttl": session_ttl,
                 "queue_max_bytes": queue_bytes,
             },
+            server_options={
+                "store_retry_min": store_retry_min,
+                "store_retry_max": store_retry_max,
+                "store_hold": store_hold,
+            },
+            store_init=store_init,
+            store_check=store_check,
         )
     except (StoreError, ValueError, TypeError) as exc:
         raise _OneLineError(str(exc)) from None
@@ -296,7 +331,10 @@ def relay(
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
             sys.exit(130)
-        # a failure inside the relay (e.g. the store): already logged
+        # a failure inside the relay: already logged. SQLite's own text may
+        # quote stored values: never shown.
+        if isinstance(leaf, sqlite3.Error):
+            raise _OneLineError(f"relay stopped: {describe_error(leaf)}") from None
         raise _OneLineError(f"relay stopped: {type(leaf).__name__}: {leaf}") from None
     finally:
         if store_obj is not None:
