@@ -674,3 +674,22 @@ async def _survive_and_recover(tmp_path: Path, where: Path, fault: str) -> None:
     with Store(store) as db:
         frames = [f for f in db.load().frames if f.sid == sid]
     assert [f.msg_id for f in frames] == ["m1"]
+
+
+async def test_shutdown_with_the_store_down_is_bounded_and_acknowledges_nothing(caplog):
+    caplog.set_level(logging.INFO, logger="parley.relay")
+    options = {"store_retry_min": 0.02, "store_retry_max": 0.1, "store_hold": 60.0, "shutdown_timeout": 0.5}
+    with trio.fail_after(10):
+        async with flaky_relay(**options) as (server, port, store):
+            a, b, sid = await _sided_pair(port)
+            await b.close(1000)
+            await a.recv_json()
+            store.failing = True
+            await a.send_json(msg(sid, "m1"))
+            await _until(lambda: not server.store_healthy)
+            started = trio.current_time()
+            server.request_shutdown()
+            while (got := await a.recv())[0] == "text":
+                assert json.loads(got[1])["t"] != "QUEUED"
+    assert trio.current_time() - started < 3  # shutdown_timeout + one retry, not 30 s
+    assert any("unavailable at shutdown: 1 op(s) not saved" in r.getMessage() for r in caplog.records)
