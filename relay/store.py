@@ -358,10 +358,14 @@ class Store:
     def apply(self, ops: Iterable[StoreOp]) -> int:
         """Write `ops` in order, in one transaction; returns how many were applied.
 
-        Either all of them are committed or none (the exception propagates).
+        Either all of them are committed or none (the exception propagates,
+        e.g. sqlite3.OperationalError for a full disk, and the same ops can be
+        applied again later).
         """
         db = self._db
         count = 0
+        if db.in_transaction:  # a ROLLBACK that failed last time (I/O error): retry it first
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
