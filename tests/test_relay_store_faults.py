@@ -693,3 +693,105 @@ async def test_shutdown_with_the_store_down_is_bounded_and_acknowledges_nothing(
                 assert json.loads(got[1])["t"] != "QUEUED"
     assert trio.current_time() - started < 3  # shutdown_timeout + one retry, not 30 s
     assert any("unavailable at shutdown: 1 op(s) not saved" in r.getMessage() for r in caplog.records)
+
+
+# =====================================================================
+# the core's state machine, with store outages and abandoned acks
+
+
+from hypothesis import HealthCheck, event, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import precondition, rule  # noqa: E402
+
+from .test_relay_core_state import PICK, RelayMachine  # noqa: E402
+
+
+class FaultyRelayMachine(RelayMachine):
+    """RelayMachine (tests/test_relay_core_state.py: every invariant there,
+    incl. "what was persisted equals what the core holds") with the store
+    going down and up at any step, and acks abandoned the way the shell
+    does once it gives up holding them (`abandon_frame`)."""
+
+    @rule()
+    def store_down(self):
+        self.h.core.set_store_available(False)
+
+    @rule()
+    def store_up(self):
+        self.h.core.set_store_available(True)
+
+    @precondition(lambda self: self.live and self.sids)
+    @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]),
+          abandon=st.sampled_from([False, False, True]))
+    def message(self, c, s, with_id, own, abandon=False):
+        conn = pick_(self.live, c)
+        sid = pick_(self.member[conn] if own and self.member[conn] else self.sids, s)
+        n = self.next_msg
+        self.next_msg += 1
+        payload = f"{n:024x}" + "ee" * 20
+        msg_id = f"m{n}" if with_id else payload[:24]
+        data = {"payload": payload}
+        if with_id:
+            data["msgID"] = msg_id
+        side = self.member[conn].get(sid)
+        self.msgs[msg_id] = (sid, side, conn, n)
+        available = self.h.core.store_available
+        actions = self.h.core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": data}))
+        replies = [a for a in actions if type(a).__name__ == "Send" and a.conn == conn]
+        ack = replies[0] if len(replies) == 1 else None
+        kept = ack.kept if ack is not None else None
+        if abandon and kept is not None:
+            # the shell held this ack, the store went down, it gave up holding
+            actions = [a for a in actions if a is not ack]
+            self.call(actions)
+            self.h.core.set_store_available(False)
+            if conn not in self.live:
+                return
+            replacement = self.h.core.abandon_frame(conn, kept)
+            assert replacement is not None, "a frame just stored is still kept"
+            out = self.call(replacement, may_drop=True)
+            assert [json.loads(t) for t in out[conn]] == [{
+                "t": "DELIVERED_FAILED", "sid": sid,
+                "data": {"msgID": kept.msg_id, "reason": "store_unavailable"} if kept.msg_id
+                else {"reason": "store_unavailable"},
+            }]
+            self.awaiting.discard(msg_id)
+            self.member[conn].setdefault(sid, None)
+            event("ack abandoned")
+            return
+        out = self.call(actions)
+        if conn not in self.live:
+            return
+        assert ack is not None
+        reply = json.loads(ack.text)
+        event(f"MSG answered {reply['t']}{'' if available else ' (store down)'}")
+        if reply["t"] in ("QUEUED", "DELIVERED"):
+            saves = [a for a in actions if isinstance(a, Persist) and isinstance(a.op, SaveFrame)]
+            assert (kept is not None) == bool(saves)
+            assert available or not saves, "stored while the store is down"
+        if reply["t"] == "DELIVERED_FAILED" and reply["data"]["reason"] == "store_unavailable":
+            assert not available
+            assert not any(isinstance(a, Persist) for a in actions)
+            self.awaiting.discard(msg_id)  # forwarded live (if at all), not kept
+            if sid in self.h.core._sessions:
+                self.member[conn].setdefault(sid, None)
+            return
+        if reply["t"] != "ERROR":
+            self.member[conn].setdefault(sid, None)
+        if reply["t"] == "QUEUED":
+            self.undelivered_queued.add(msg_id)
+        if reply["t"] == "DELIVERED_FAILED":
+            assert reply["data"]["reason"] == "queue_full"
+            assert set(out) == {conn}
+
+
+def pick_(items, index):
+    items = list(items)
+    return items[index % len(items)]
+
+
+FaultyRelayMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=80, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestFaultyRelayMachine = FaultyRelayMachine.TestCase
