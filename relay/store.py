@@ -300,11 +300,16 @@ class Store:
                 )
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    db.execute(statement)  # IF NOT EXISTS: no write when there
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # A store that is up to date is not written to: a relay restarted
+            # on a full or read-only disk starts, and its first commit fails
+            # (and is retried) instead of the start-up.
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     # -- reading ---------------------------------------------------------------

@@ -795,3 +795,63 @@ FaultyRelayMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestFaultyRelayMachine = FaultyRelayMachine.TestCase
+
+
+async def test_relay_process_restarts_on_a_full_disk(tmp_path):
+    """A restart on a full disk used to die at start-up (the schema check
+    wrote); now the relay starts, refuses what needs the store, answers a
+    held QUEUED DELIVERED_FAILED after --store-hold, and recovers."""
+    where = tmp_path / "mnt"
+    if not _mount_tmpfs(where, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        await _restart_on_full_disk(tmp_path, where)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+
+
+async def _restart_on_full_disk(tmp_path: Path, where: Path) -> None:
+    store = where / "relay.sqlite3"
+    first = RelayProcess(tmp_path, "--store", str(store), name="first")
+    try:
+        port = await first.started()
+        with trio.fail_after(20):
+            a = await RawWS.open(port)
+            await a.send_json({"t": "CREATE_SESSION", "data": {"side": "side-a"}})
+            sid = (await a.recv_json())["sid"]
+            first.proc.send_signal(signal.SIGTERM)
+            assert await first.wait() == 0
+    finally:
+        first.stop()
+    filler = _fill(where)
+    options = ("--store-retry-max", "0.2", "--store-hold", "0.5")
+    second = RelayProcess(tmp_path, "--store", str(store), *options, name="second")
+    try:
+        port = await second.started()
+        with trio.fail_after(30):
+            a = await RawWS.open(port)
+            await a.send_json({"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})  # no write
+            await a.send_json(msg(sid, "m1"))
+            assert await a.recv_json() == failed(sid, "m1")  # held, then released unsaved
+            c = await RawWS.open(port)
+            await c.send_json({"t": "CREATE_SESSION"})
+            assert (await c.recv_json())["data"]["code"] == "unavailable"
+            filler.unlink()
+            with trio.fail_after(10):
+                while True:
+                    await a.send_json(msg(sid, "m1"))
+                    reply = await a.recv_json()
+                    if reply["t"] == "QUEUED":
+                        break
+                    assert reply == failed(sid, "m1")
+                    await trio.sleep(0.1)
+            second.proc.send_signal(signal.SIGTERM)
+            assert await second.wait() == 0
+    finally:
+        filler.unlink(missing_ok=True)
+        second.stop()
+    log = second.log_path.read_text()
+    assert "Traceback" not in log and sid not in log
+    assert "store unavailable" in log and "store recovered" in log
+    with Store(store) as db:
+        assert [f.msg_id for f in db.load().frames] == ["m1"]
