@@ -28,7 +28,9 @@ Faults (see README "Relay: store faults"):
   `PRAGMA integrity_check` (`check="full"`, about 150 ms for 100k frames,
   a fifth of what `load()` costs anyway), `quick_check` or none. A damaged
   store is a `StoreDamaged` whose one-line message names the recovery
-  command; `load()` reports rows that do not decode the same way.
+  command; `load()` reports rows that do not decode the same way. An
+  up-to-date store is not written at all while opening, so a relay
+  restarted on a full disk starts (its first commit fails and is retried).
 * `apply()` lets `sqlite3.Error` through (disk full, read-only, I/O error):
   the transaction is rolled back and the same ops can be applied again; the
   server retries them (`relay.server`).
