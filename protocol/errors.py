@@ -16,6 +16,7 @@ class ErrorCode(str, enum.Enum):
     NO_SESSION = "no_session"
     BAD_CODE = "bad_code"
     BAD_PARAMS = "bad_params"
+    UNAVAILABLE = "unavailable"  # parley: the relay's store is failing (protocol/EXTENSIONS.md)
 
     def __str__(self) -> str:
         return self.value

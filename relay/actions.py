@@ -52,6 +52,10 @@ class Send:
     conn: ConnId
     text: str  # one complete TEXT message, as `parley.protocol.encode_text` writes it
     requeue: Requeue | None = None  # set on a MSG forwarded to a legacy receiver
+    # On a QUEUED/DELIVERED ack: the stored frame it promises. If the store
+    # cannot commit it in time, the shell does not send this ack but asks
+    # `RelayCore.abandon_frame` (DELIVERED_FAILED store_unavailable instead).
+    kept: SaveFrame | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

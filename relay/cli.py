@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import signal
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from . import logging as relay_logging
 from .config import RelayConfig
 from .core import RelayCore
 from .server import RelayServer, ServerConfig
-from .store import MEMORY, Store, StoreError, default_store_path
+from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
 from .transport import TransportConfig, normalize_origin
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
@@ -104,6 +105,8 @@ def build_relay(
     server_options: dict[str, Any] | None = None,
     core: Any = None,
     observer: Any = None,
+    store_init: bool = False,
+    store_check: str = "full",
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
@@ -112,7 +115,7 @@ def build_relay(
     StoreError / ValueError with a one-line message. The caller closes the
     store after `serve()` returns.
     """
-    store_obj = None if store == MEMORY else Store(store)
+    store_obj = None if store == MEMORY else Store(store, init=store_init, check=store_check)
     try:
         transport = TransportConfig(
             max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
@@ -352,6 +355,24 @@ _QUOTA_FIELDS = {
                    "gets 403; requests without one (CLI, Node, Go clients) are not affected. "
                    "[default: none]")
 @_quota_options
+@_option("--store-init", envvar="PARLEY_RELAY_STORE_INIT", is_flag=True, default=False,
+              show_envvar=True,
+              help="Accept an existing EMPTY store file as a new store (refused otherwise: a truncated "
+                   "store looks the same). Never touches a store with data.")
+@_option("--store-check", envvar="PARLEY_RELAY_STORE_CHECK", type=click.Choice(CHECKS),
+              default="full", show_default=True, show_envvar=True,
+              help="Check the store at start-up, before writing: full (integrity_check), quick "
+                   "(quick_check) or off (huge stores).")
+@_option("--store-retry-min", envvar="PARLEY_RELAY_STORE_RETRY_MIN", metavar="SECONDS",
+              type=click.FloatRange(0.001, 60), default=0.1, show_default=True, show_envvar=True,
+              help="First retry of a failed store commit (disk full, read-only, I/O error); doubles each time.")
+@_option("--store-retry-max", envvar="PARLEY_RELAY_STORE_RETRY_MAX", metavar="SECONDS",
+              type=click.FloatRange(0.001, 600), default=5.0, show_default=True, show_envvar=True,
+              help="Longest wait between retries of a failed store commit.")
+@_option("--store-hold", envvar="PARLEY_RELAY_STORE_HOLD", metavar="SECONDS",
+              type=click.FloatRange(0, 3600), default=5.0, show_default=True, show_envvar=True,
+              help="How long replies that wait for a failing store are held; then unsaved messages "
+                   "get DELIVERED_FAILED store_unavailable.")
 def relay(
     host: str,
     port: int,
@@ -374,6 +395,11 @@ def relay(
     handshakes_per_address: int,
     handshake_timeout: float,
     allowed_origins: tuple[str, ...],
+    store_init: bool,
+    store_check: str,
+    store_retry_min: float,
+    store_retry_max: float,
+    store_hold: float,
     **quotas: Any,
 ) -> None:
     """Run the parley relay."""
@@ -395,6 +421,8 @@ def relay(
         origins = parse_origins(allowed_origins)
     except ValueError as exc:
         raise _OneLineError(str(exc), 2) from None
+    if store_retry_min > store_retry_max:
+        raise _OneLineError("--store-retry-min must not exceed --store-retry-max", 2)
     relay_logging.configure(log_level.lower())
     store = store_path or str(default_store_path())
     try:
@@ -425,8 +453,13 @@ def relay(
                 "max_handshakes": max_handshakes,
                 "handshakes_per_address": handshakes_per_address,
                 "raise_fd_limit": True,
+                "store_retry_min": store_retry_min,
+                "store_retry_max": store_retry_max,
+                "store_hold": store_hold,
             },
             quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
+            store_init=store_init,
+            store_check=store_check,
         )
     except (StoreError, ValueError, TypeError) as exc:
         raise _OneLineError(str(exc)) from None
@@ -454,7 +487,10 @@ def relay(
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
             sys.exit(130)
-        # a failure inside the relay (e.g. the store): already logged
+        # a failure inside the relay: already logged. SQLite's own text may
+        # quote stored values: never shown.
+        if isinstance(leaf, sqlite3.Error):
+            raise _OneLineError(f"relay stopped: {describe_error(leaf)}") from None
         raise _OneLineError(f"relay stopped: {type(leaf).__name__}: {leaf}") from None
     finally:
         if store_obj is not None:

@@ -134,6 +134,30 @@ Choices where PROTOCOL is silent
 * A text message holding lone surrogates (not UTF-8) gets `bad_json`, as a
   binary one that does not decode does in the parser.
 * The core does not send PING; the shell's heartbeat does.
+
+Store unavailable (README "Relay: store faults")
+------------------------------------------------
+The shell calls `set_store_available(False)` while its commits fail. Until
+`set_store_available(True)` the core makes no NEW durable state: every path
+that would emit SaveSession/SaveSide/SaveCode/SaveFrame or consume a code is
+refused at once, so nothing piles up behind a broken disk and nothing is
+promised that cannot be kept:
+* a MSG that must be stored (no eligible receiver, a receiver still being
+  replayed to, or a new session) gets `DELIVERED_FAILED{msgID,
+  reason:"store_unavailable"}` and is not forwarded;
+* a MSG whose only reason to be stored is a sided receiver (kept until its
+  RECEIVED) is still forwarded live, but not stored, and the sender gets
+  `DELIVERED_FAILED store_unavailable` instead of `DELIVERED`: the relay
+  promises nothing, the sender keeps it pending and the receiver's RECEIVED
+  settles it (a parley client resends otherwise; receivers drop duplicates);
+* CREATE_SESSION, JOIN (before the code is looked up: the code stays valid
+  and the attempt is not counted), INVITE_CREATE that would mint a code, and
+  REATTACH that would create a session or add a side get
+  `ERROR{code:"unavailable"}`;
+* `requeue` keeps nothing (a legacy receiver's frames were never promised).
+What only deletes (RECEIVED, LEAVE, expiry, a legacy REATTACH replay) goes
+on: the deletes wait in the shell's pending list and commit on recovery.
+`abandon_frame` forgets a stored frame whose ack the shell gave up holding.
 """
 
 from __future__ import annotations
@@ -204,6 +228,8 @@ CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
 BAD_CODE_MESSAGE = "Invalid or expired code"
 QUEUE_FULL = "queue_full"
+STORE_UNAVAILABLE = "store_unavailable"
+UNAVAILABLE_MESSAGE = "the relay cannot save anything right now (storage problem); try again in a minute"
 
 _SIDE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
@@ -381,6 +407,7 @@ class RelayCore:
         self._queued = 0  # stored frames, all sessions
         self._queued_bytes = 0
         self._init_quotas()
+        self._store_ok = True  # False while the shell's store commits fail
         self._handlers: dict[type, Callable[[_Conn, Any], list[Action]]] = {
             Msg: self._on_msg,
             Received: self._on_received,
@@ -469,6 +496,8 @@ class RelayCore:
         at least once, as nothing acknowledges it.
         """
         actions: list[Action] = []
+        if not self._store_ok:
+            return actions  # nothing was promised; nothing new while the store is down
         for token in tokens:
             sess = self._sessions.get(token.sid)
             if sess is None:
@@ -481,6 +510,37 @@ class RelayCore:
                 continue  # bounded like any queue (PROTOCOL 2.4)
             self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size,
                         sender, actions)
+        return actions
+
+    def set_store_available(self, available: bool) -> None:
+        """The shell's store commits fail (False) or work again (True); see
+        "Store unavailable" in the module docstring."""
+        self._store_ok = bool(available)
+
+    @property
+    def store_available(self) -> bool:
+        return self._store_ok
+
+    def abandon_frame(self, conn_id: ConnId, op: SaveFrame) -> list[Action] | None:
+        """The shell gave up holding the ack promising the frame `op` (its
+        store stayed down too long): forget the frame and answer `conn_id`
+        `DELIVERED_FAILED store_unavailable` instead.
+
+        The DeleteFrame goes after the SaveFrame in the shell's pending list,
+        so memory and (eventually) the store agree that the frame is gone, and
+        the sender, told so, sends it again. Returns None when the frame is
+        not kept any more (handed to a legacy REATTACHer, or RECEIVED): then
+        it was delivered, and the original ack may go out as it is.
+        """
+        sess = self._sessions.get(op.sid)
+        stored = sess.queue.get(op.seq) if sess is not None else None
+        if stored is None or stored.text != op.text:
+            return None
+        actions: list[Action] = []
+        self._drop(sess, stored, actions)
+        self._maybe_idle(sess, self._clock())
+        failed = DeliveredFailed(op.sid, msg_id=op.msg_id or None, reason=STORE_UNAVAILABLE)
+        actions.append(Send(conn_id, encode_text(failed)))
         return actions
 
     def refuse_too_large(self, conn_id: ConnId) -> list[Action]:
@@ -537,6 +597,8 @@ class RelayCore:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
+            if not self._store_ok:
+                return [self._store_failed(cid, sid, declared_id, payload)]
             sess = self._new_session(sid, conn, True, actions)
         members = sess.members
         side = members.get(cid, _ABSENT)
@@ -563,7 +625,17 @@ class RelayCore:
         msg_id = declared_id
         if msg_id is None:
             msg_id = payload[:24] if payload else ""
+        kept = None
         if replaying or not receivers or (sided and msg_id):
+            if not self._store_ok:
+                if replaying or not receivers:
+                    actions.append(self._store_failed(cid, sid, declared_id, payload))
+                    return actions
+                # live to sided receivers, but not kept: promise nothing
+                for m in receivers:
+                    actions.append(Send(m, text))
+                actions.append(self._store_failed(cid, sid, declared_id, payload))
+                return actions
             size = _size(text)
             refusal = self._store_refusal(sess, size, conn.who, conn)
             if refusal is not None:
@@ -571,14 +643,14 @@ class RelayCore:
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
                 return actions
-            self._store(sess, side, cid, msg_id, text, size, conn.who, actions)
+            kept = self._store(sess, side, cid, msg_id, text, size, conn.who, actions)
         if receivers or replaying:
             token = Requeue(sid, side, cid, msg_id, text, conn.key)
             for m in receivers:
                 actions.append(Send(m, text, token if members[m] is None else None))
-            actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id)))
+            actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id), None, kept))
         else:
-            actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None)))
+            actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None), None, kept))
         return actions
 
     def _on_received(self, conn: _Conn, frame: Received) -> list[Action]:
@@ -609,6 +681,8 @@ class RelayCore:
             return self._bad_side(conn)
         actions: list[Action] = []
         sess = self._sessions.get(sid)
+        if not self._store_ok and (sess is None or (side is not None and side not in sess.sides)):
+            return self._unavailable(conn, sid)  # would need a new session or side
         if sess is None:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
@@ -699,6 +773,8 @@ class RelayCore:
         refusal = self._session_quota_refusal(conn, "", auto=False)
         if refusal:
             return refusal
+        if not self._store_ok:
+            return self._unavailable(conn, "")
         mint = self._dialect != "node"
         if mint and self._code_refusal(conn):
             return self._codes_exhausted(conn, "")
@@ -719,6 +795,8 @@ class RelayCore:
             return self._bad_side(conn)
         if not frame.public_key:
             return self._error(conn, ErrorCode.BAD_FRAME, "JOIN needs data.publicKey")
+        if not self._store_ok:
+            return self._unavailable(conn, "")  # before the lookup: the code stays usable
         cfg = self.config
         now = self._clock()
         refusal = self._join_refusal(conn, now)
@@ -807,6 +885,9 @@ class RelayCore:
         if sess.code is not None:
             if self._codes[sess.code][1] > self._clock():
                 return actions  # a live code: no reply, so the Node client cannot loop
+        if not self._store_ok:
+            return self._unavailable(conn, sid)
+        if sess.code is not None:
             self._expire_code(sess.code, actions)
         if self._code_refusal(conn):
             actions.extend(self._codes_exhausted(conn, sid))
@@ -948,6 +1029,18 @@ class RelayCore:
 
     def _too_many_sides(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.BAD_PARAMS, "too many sides in this session", sid)
+
+    def _unavailable(self, conn: _Conn, sid: str) -> list[Action]:
+        # Not the client's fault: not counted towards error_limit.
+        if len(sid) > self.config.max_sid_length:
+            sid = ""
+        frame = ErrorFrame(UNAVAILABLE_MESSAGE, code=ErrorCode.UNAVAILABLE.value, sid=sid)
+        return [Send(conn.id, encode_text(frame))]
+
+    def _store_failed(self, cid: ConnId, sid: str, declared_id: str | None, payload: str | None) -> Send:
+        msg_id = declared_id if declared_id is not None else (payload[:24] if payload else "")
+        failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=STORE_UNAVAILABLE)
+        return Send(cid, encode_text(failed))
 
     def _codes_exhausted(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.RATE_LIMITED, "too many invite codes in use, try later", sid)
@@ -1120,13 +1213,15 @@ class RelayCore:
             self._client_ids[client_id] = conn.id
         return conn.client_id
 
-    def _store(self, sess, from_side, from_conn, msg_id, text, size, sender, actions) -> None:
+    def _store(self, sess, from_side, from_conn, msg_id, text, size, sender, actions) -> SaveFrame:
         seq = sess.next_seq
         sess.next_seq = seq + 1
         expires_at = self._clock() + self.config.frame_ttl
         self._enqueue(sess, _Stored(seq, from_side, from_conn, msg_id, text, size, expires_at, sender))
         key = None if sender is None else sender[0]
-        actions.append(Persist(SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at, key)))
+        op = SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at, key)
+        actions.append(Persist(op))
+        return op
 
     def _enqueue(self, sess: _Session, stored: _Stored) -> None:
         sess.queue[stored.seq] = stored

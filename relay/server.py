@@ -58,6 +58,45 @@ Shutdown (`request_shutdown()`): stop accepting, close every connection with
 1001 (behind anything held for it), wait for them (bounded), let the store
 commit everything pending, close the store. The core is not told about
 these disconnects: the durable state is exactly what was acknowledged.
+
+Store faults (README "Relay: store faults"). A commit that raises
+`sqlite3.Error` (disk full, read-only, I/O error, a page gone bad) never
+stops the relay:
+
+* The batch goes back to the head of the pending list (the transaction was
+  rolled back) and is retried, with whatever queued up behind it, after
+  `store_retry_min` seconds, doubling up to `store_retry_max`. Op numbers
+  and tickets are unchanged, so held sends still wait for exactly their ops.
+* On the first failure `store_healthy` turns False, one line is logged
+  (`describe_error`: class, SQLite code name and fixed text, never a row
+  value) and the core is told `set_store_available(False)`: from then on it
+  creates no new durable state (new sessions, codes, stored MSGs are refused
+  at once with ERROR `unavailable` / DELIVERED_FAILED `store_unavailable`),
+  so the pending list only grows by deletes, which are bounded by what the
+  core already holds; readers are therefore not paused for the backlog
+  while the store is down. Live MSGs that need no store keep flowing.
+* Held sends stay held: a QUEUED/DELIVERED is never sent before its frame
+  is committed. After `store_hold` seconds of failure the shell gives up
+  holding ("release"): each held ack that promises a frame (`Send.kept`) is
+  replaced by what `RelayCore.abandon_frame` returns (the frame forgotten,
+  its DeleteFrame queued after its SaveFrame, DELIVERED_FAILED
+  store_unavailable to the sender, who sends it again); every other held
+  action goes out as it is. From then until recovery sends are not held
+  (the core only emits deletes, which no send depends on). A core without
+  `set_store_available`/`abandon_frame` keeps its sends held until recovery.
+  What is durable stays what the core holds: memory = committed + pending,
+  pending is never dropped while the relay runs, and after recovery the
+  store equals the core's state. What a crash during the outage can lose is
+  exactly the pending ops: never an acknowledged frame; at worst a session
+  or invite code created in the moment before the fault was seen (its
+  SESSION_CREATED/INVITE_CODE released by the give-up), or a consumed
+  invite code coming back until it expires.
+* The first commit that succeeds again sets `store_healthy`, tells the core
+  `set_store_available(True)`, releases the held sends and logs one line.
+* At shutdown with the store down, the flush waits one more retry at most;
+  what is still pending is not saved (and nothing acknowledged needs it).
+* `last_commit_seconds` (and `commit_observer(seconds, ops)`, if set) give
+  each successful commit's duration, for metrics.
 """
 
 from __future__ import annotations
@@ -67,6 +106,7 @@ import itertools
 import logging
 import os
 import re
+import sqlite3
 import ssl
 import time
 from collections import deque
@@ -83,7 +123,7 @@ from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid
 from .memory import TrimPolicy, release_free_memory
 from .observe import NullObserver, Observer
-from .store import Store
+from .store import Store, describe_error
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
 __all__ = ["ServerConfig", "RelayServer", "server_version", "make_ssl_context"]
@@ -113,6 +153,9 @@ class ServerConfig:
     tick_interval: float = 1.0
     store_backlog: int = 20000  # pending store ops before readers pause
     store_batch: int = 5000  # max ops per transaction
+    store_retry_min: float = 0.1  # first retry of a failed commit, seconds
+    store_retry_max: float = 5.0  # retries back off (x2) up to this
+    store_hold: float = 5.0  # a failing store holds sends this long, then releases them
     shutdown_timeout: float = 5.0
     stats_interval: float = 60.0
     # connection edge (see the module docstring; README "Relay: connections and upgrades")
@@ -248,6 +291,18 @@ class RelayServer:
         self._room_event = trio.Event()
         self._store_limiter = trio.CapacityLimiter(1)
         self.backlogged = False
+        # store faults (see the module docstring)
+        self.store_healthy = True  # False while commits fail (the edge's /readyz reads it)
+        self._down_since = 0.0  # trio clock
+        self._down_attempts = 0
+        self._unheld = False  # store down past store_hold: sends are not held
+        # A core with the store-unavailable mode (RelayCore); with another
+        # core, sends stay held until the store recovers, however long.
+        self._core_knows_store = callable(getattr(core, "set_store_available", None)) and callable(
+            getattr(core, "abandon_frame", None)
+        )
+        self.last_commit_seconds = 0.0  # duration of the last successful commit
+        self.commit_observer: Callable[[float, int], None] | None = None  # (seconds, ops)
         # lifecycle
         self._shutdown = trio.Event()
         self._shutting_down = False
@@ -263,6 +318,9 @@ class RelayServer:
             "store_batches": 0,
             "store_ops": 0,
             "store_pauses": 0,
+            "store_failures": 0,  # failed commit attempts
+            "store_outages": 0,
+            "held_released": 0,  # held actions given up on (store down past store_hold)
             "core_errors": 0,
             "memory_trims": 0,
         }
@@ -292,6 +350,7 @@ class RelayServer:
             "store_pending": len(self._pending),
             "refused": self.admission.refused if self.admission is not None else 0,
             "accept_errors": self._accept_tally.total,
+            "store_down": int(not self.store_healthy),
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -617,10 +676,15 @@ class RelayServer:
                     continue
                 self._pending.append(action.op)
                 self._op_seq += 1
-                ticket = self._op_seq
+                if not self._unheld:
+                    ticket = self._op_seq
                 if self._store_wake is not None:
                     self._store_wake.set()
-                if len(self._pending) >= self._config.store_backlog and not self.backlogged:
+                if (
+                    len(self._pending) >= self._config.store_backlog
+                    and not self.backlogged
+                    and (self.store_healthy or not self._core_knows_store)
+                ):
                     self.backlogged = True
                     self.counters["store_pauses"] += 1
                     self._room_event = trio.Event()
@@ -673,6 +737,7 @@ class RelayServer:
         store = self._store
         assert store is not None
         batch_max = self._config.store_batch
+        delay = 0.0
         while True:
             if not self._pending:
                 self._store_wake = trio.Event()
@@ -684,18 +749,37 @@ class RelayServer:
             started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(store.apply, batch, limiter=self._store_limiter)
+            except sqlite3.Error as exc:
+                # Rolled back: the same ops go first again. Their sends stay held.
+                self._pending[:0] = batch
+                self.counters["store_failures"] += 1
+                if self.store_healthy:
+                    self._store_down(exc)
+                    delay = self._config.store_retry_min
+                else:
+                    self._down_attempts += 1
+                    delay = min(delay * 2, self._config.store_retry_max)
+                await self._wait_to_retry(delay)
+                continue
             except Exception as exc:
-                # Nothing acknowledged depends on this batch yet (its sends are
-                # held). Better stop than keep relaying with promises unkept.
-                log.critical("store commit failed (%s): stopping the relay", type(exc).__name__)
+                # Not the store but a bug (an op it cannot write): stop rather
+                # than retry it forever. Its sends are still held.
+                log.critical("store commit failed (%s): stopping the relay", describe_error(exc))
                 raise
+            elapsed = time.monotonic() - started
+            self.last_commit_seconds = elapsed
             self._committed += len(batch)
             self.counters["store_batches"] += 1
             self.counters["store_ops"] += len(batch)
+            if self.commit_observer is not None:
+                try:
+                    self.commit_observer(elapsed, len(batch))
+                except Exception:
+                    log.exception("commit observer failed")
             if self._debug:
-                log.debug(
-                    "store committed %d op(s) in %.1f ms", len(batch), (time.monotonic() - started) * 1000
-                )
+                log.debug("store committed %d op(s) in %.1f ms", len(batch), elapsed * 1000)
+            if not self.store_healthy:
+                self._store_up()
             with self._outbox:
                 self._release()
             if self.backlogged and len(self._pending) < self._config.store_backlog // 2:
@@ -704,14 +788,106 @@ class RelayServer:
             self._commit_event.set()
             self._commit_event = trio.Event()
 
+    def _store_down(self, exc: BaseException) -> None:
+        self.store_healthy = False
+        self._down_since = trio.current_time()
+        self._down_attempts = 1
+        self.counters["store_outages"] += 1
+        log.error(
+            "store unavailable: %s; retrying every %g-%g s with %d op(s) pending; new sessions, "
+            "codes and stored messages are refused meanwhile, live messages keep flowing",
+            describe_error(exc), self._config.store_retry_min, self._config.store_retry_max,
+            len(self._pending),
+        )
+        self._tell_core(False)
+        if self.backlogged and self._core_knows_store:
+            # only deletes queue up from now on (see the module docstring)
+            self.backlogged = False
+            self._room_event.set()
+
+    def _store_up(self) -> None:
+        self.store_healthy = True
+        self._unheld = False
+        self._tell_core(True)
+        log.warning(
+            "store recovered after %.1f s (%d failed attempt(s)); %d op(s) still pending",
+            trio.current_time() - self._down_since, self._down_attempts, len(self._pending),
+        )
+
+    def _tell_core(self, available: bool) -> None:
+        if not self._core_knows_store:
+            return
+        try:
+            self._core.set_store_available(available)
+        except Exception:
+            self.counters["core_errors"] += 1
+            log.exception("relay core failed on set_store_available")
+
+    async def _wait_to_retry(self, delay: float) -> None:
+        retry_at = trio.current_time() + delay
+        if not self._unheld and self._core_knows_store:
+            give_up_at = self._down_since + self._config.store_hold
+            if give_up_at <= retry_at:
+                await trio.sleep_until(give_up_at)
+                self._release_held()
+        await trio.sleep_until(retry_at)
+
+    def _release_held(self) -> None:
+        """The store stayed down for `store_hold`: stop holding (see the
+        module docstring). Acks of unsaved frames become DELIVERED_FAILED."""
+        if self.store_healthy or not self._core_knows_store:
+            return
+        self._unheld = True
+        held, self._held = self._held, {}
+        released = replaced = 0
+        abandon = self._core.abandon_frame
+        with self._outbox:
+            for conn_id, queue in held.items():
+                for _, action in queue:
+                    released += 1
+                    conns = self._conns if not self._shutting_down else self._live
+                    kept = action.kept if type(action) is Send else None
+                    if kept is not None and conn_id in conns:
+                        try:
+                            actions = abandon(conn_id, kept)
+                        except Exception:
+                            self.counters["core_errors"] += 1
+                            log.exception("relay core failed on abandon_frame")
+                            actions = None
+                        if actions is not None:
+                            replaced += 1
+                            self._apply(actions, core=not self._shutting_down)
+                            continue
+                    self._deliver(action, conns)
+            while self._doomed:
+                self._drop(self._doomed.pop())
+        self.counters["held_released"] += released
+        if released:
+            log.warning(
+                "store still unavailable after %.1f s: released %d held frame(s) on %d connection(s), "
+                "%d unsaved message(s) answered DELIVERED_FAILED store_unavailable",
+                trio.current_time() - self._down_since, released, len(held), replaced,
+            )
+
     async def _flush_store(self) -> None:
         if self._store is None:
             return
         with trio.move_on_after(30) as scope:
             while self._committed < self._op_seq:
-                await self._commit_event.wait()
-        if scope.cancelled_caught:
-            log.error("store flush timed out with %d op(s) pending", self._op_seq - self._committed)
+                if self.store_healthy:
+                    await self._commit_event.wait()
+                    continue
+                # down: one more retry at most, then stop without it
+                with trio.move_on_after(self._config.store_retry_max + 1):
+                    await self._commit_event.wait()
+                if not self.store_healthy:
+                    break
+        if self._committed < self._op_seq:
+            log.error(
+                "store %s at shutdown: %d op(s) not saved (no QUEUED or DELIVERED was sent for them)",
+                "flush timed out" if scope.cancelled_caught else "unavailable",
+                self._op_seq - self._committed,
+            )
 
     # -- periodic ---------------------------------------------------------------------
 
