@@ -5,11 +5,17 @@ Global options (each with an environment variable):
     --name NAME       PARLEY_NAME       state file state-NAME.json   (default: parley)
     --relay URL       PARLEY_RELAY      relay WebSocket URL          (default: ws://127.0.0.1:9000/)
     --state-dir DIR   PARLEY_STATE_DIR  where the state file lives   (default: current directory)
+    --connect-timeout S   PARLEY_CONNECT_TIMEOUT   TCP+TLS+upgrade bound  (default: 5)
+    --liveness-timeout S  PARLEY_LIVENESS_TIMEOUT  silence before reconnecting (default: 35; 0: off)
+    --cafile PEM          PARLEY_CAFILE            CAs trusted for wss:// (default: the system's)
 
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
-Ctrl-C before a chat started). No traceback unless `--verbose`.
+Ctrl-C before a chat started). No traceback unless `--verbose`. Every such
+line is terminal-safe (`parley.client.safetext`): it may quote what a relay
+or a server said. A closed standard output (`parley sessions | head -1`)
+ends any command quietly with exit status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import functools
 import importlib
 import json
 import logging
+import os
 import re
+import ssl
 import sys
 import traceback
 from typing import Any
@@ -29,12 +37,21 @@ import trio
 
 from parley.state import StateError, state_path
 
+from .connect import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LIVENESS_TIMEOUT,
+    BadRelayURL,
+    ConnectSettings,
+    parse_relay_url,
+    ssl_context_for,
+)
 from .core import ClientCore, ClientError, short_sid
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, Status
 from .runner import RelayUnreachable, Runner
 from .session import Session
 from .store import SessionInfo, StateStore
-from .terminal import Terminal
+from .safetext import one_line, safe_text
+from .terminal import OutputClosed, Terminal, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
 
@@ -42,6 +59,7 @@ DEFAULT_RELAY = "ws://127.0.0.1:9000/"
 DEFAULT_NAME = "parley"
 DEFAULT_JOIN_TIMEOUT = 300.0
 DEFAULT_SEND_TIMEOUT = 10.0
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command killed by a closed pipe
 
 log = logging.getLogger("parley.client")
 
@@ -67,7 +85,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
     """The exception a person should hear about, out of (nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
         leaves = [_first_leaf(e) for e in exc.exceptions]
-        for preferred in (ClientError, StateError, KeyboardInterrupt):
+        for preferred in (OutputClosed, BrokenPipeError, ClientError, StateError, KeyboardInterrupt):
             for leaf in leaves:
                 if isinstance(leaf, preferred):
                     return leaf
@@ -91,12 +109,14 @@ class ParleyGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs.pop("standalone_mode", None)
+        use_replacing_output()
         verbose = "-v" in (args if args is not None else sys.argv[1:]) or "--verbose" in (
             args if args is not None else sys.argv[1:]
         )
         try:
             rv = super().main(args=args, prog_name=prog_name or "parley", standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
+            _flush_or_quiet()
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
@@ -112,6 +132,8 @@ class ParleyGroup(click.Group):
             leaf = _first_leaf(exc)
             if isinstance(leaf, SystemExit):
                 raise leaf from None
+            if isinstance(leaf, (OutputClosed, BrokenPipeError)):
+                _quiet_exit()
             if isinstance(leaf, (KeyboardInterrupt, click.Abort)):
                 _fail("interrupted", 130)
             if isinstance(leaf, (ClientError, StateError)):
@@ -119,16 +141,46 @@ class ParleyGroup(click.Group):
             if verbose:
                 traceback.print_exception(exc)
             _fail(f"unexpected error: {type(leaf).__name__}: {_flat(str(leaf))} (run with -v for details)", 1)
+        _flush_or_quiet()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _flat(text: str) -> str:
-    return " ".join(text.split())
+    return one_line(text, 2000)
+
+
+def _quiet_exit() -> None:
+    """Standard output is gone: no more writes to it (not even at exit), status 141."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_PIPE)
+
+
+def _flush_or_quiet() -> None:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ConnectionResetError, ValueError):
+        _quiet_exit()
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"parley: {message}", err=True)
+    try:
+        click.echo(f"parley: {safe_text(message)}", err=True)
+    except (OSError, ValueError):
+        pass  # stderr is closed too: the exit status is all that is left
     sys.exit(code)
+
+
+def _echo(text: str) -> None:
+    """One line on stdout; a closed stdout ends the command (exit 141)."""
+    try:
+        click.echo(text)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise OutputClosed("standard output is closed") from exc
 
 
 @attrs.frozen
@@ -137,6 +189,7 @@ class Options:
     relay: str
     state_dir: str
     verbose: bool
+    connect: ConnectSettings = ConnectSettings()
 
     def store(self) -> StateStore:
         store = StateStore(state_path(self.state_dir, self.name))
@@ -149,8 +202,21 @@ class Options:
 
 
 def _check_relay_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not re.match(r"wss?://[^/\s]+", value or ""):
-        raise click.BadParameter(f"{value!r} is not a ws:// or wss:// URL", ctx=ctx, param=param)
+    try:
+        parse_relay_url(value)
+    except BadRelayURL as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def _check_cafile(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        ssl_context_for(value)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise click.BadParameter(f"cannot use {value!r} as CA file: {why}", ctx=ctx, param=param) from None
     return value
 
 
@@ -166,9 +232,20 @@ _STATE_DIR_HELP = "Directory of the state file."
               callback=_check_relay_url, help=_RELAY_HELP)
 @click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True,
               type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
+@click.option("--connect-timeout", envvar="PARLEY_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1),
+              default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
+              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together.")
+@click.option("--liveness-timeout", envvar="PARLEY_LIVENESS_TIMEOUT", type=click.FloatRange(min=0),
+              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True,
+              help="Seconds without any frame from the relay (it PINGs every 10 s) before the "
+                   "connection is taken for dead and reopened; 0 turns this off.")
+@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile,
+              type=click.Path(dir_okay=False),
+              help="PEM file of the CA certificates to trust for a wss:// relay (default: the system's).")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
-def main(ctx: click.Context, name: str, relay: str, state_dir: str, verbose: bool) -> None:
+def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
+         liveness_timeout: float, cafile: str | None, verbose: bool) -> None:
     """End-to-end encrypted chat through a blind relay, started with an invite code.
 
     The global options may also be given after the command
@@ -180,7 +257,8 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, verbose: boo
         stream=sys.stderr,
     )
     logging.getLogger("trio-websocket").setLevel(logging.INFO)
-    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose)
+    settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
+    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -234,7 +312,7 @@ def invite(opts: Options, yes: bool) -> None:
 async def _invite(opts: Options, store: StateStore, yes: bool) -> None:
     core = ClientCore.invite()
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
 
     async def flow() -> None:
         while True:
@@ -290,7 +368,7 @@ class NoAnswer(ClientError):
 async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
     core = ClientCore.join(code)
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
 
     async def flow() -> None:
@@ -324,7 +402,7 @@ def chat(opts: Options, sid: str | None) -> None:
 
 async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     role = core.entry.get("role")
     terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({role})" if isinstance(role, str) else ""))
     if core.verification:
@@ -367,7 +445,7 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
     core = ClientCore.resume(sid, store.state[sid], receive=False)
     status, msg_id = _run(_send, opts, store, core, text, timeout)
     word = "queued by the relay for the offline peer" if status is Status.QUEUED else "delivered"
-    click.echo(f"message {msg_id[:8]} {word}")
+    _echo(f"message {msg_id[:8]} {word}")
 
 
 async def _send(
@@ -383,7 +461,7 @@ async def _send(
                 outcome.append(event)
                 done.set()
 
-    runner = Runner(core, opts.relay, store, on_event, reconnect=False)
+    runner = Runner(core, opts.relay, store, on_event, reconnect=False, settings=opts.connect)
     await runner.call(core.start)
     msg_id = await runner.send_text(text)  # saved before any connection exists
     target.append(msg_id)
@@ -425,14 +503,14 @@ def sessions(opts: Options, as_json: bool) -> None:
     store = opts.store()
     infos = [SessionInfo.of(sid, entry) for sid, entry in store.state.items() if isinstance(entry, dict)]
     if as_json:
-        click.echo(json.dumps(infos, indent=2))
+        # ensure_ascii: every control character in a relay-made SID is a \u escape
+        _echo(json.dumps(infos, indent=2, ensure_ascii=True))
         return
     if not infos:
-        click.echo(f"no sessions in {store.path}")
+        _echo(f"no sessions in {safe_text(str(store.path))}")
         return
-    click.echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
+    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
     for info in infos:
         peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
-        click.echo(
-            f"{info['short']:<10} {'yes' if info['key'] else 'no':<4} {info['role'] or '-':<8} {peer:<8} {info['pending']}"
-        )
+        role = safe_text(info["role"] or "-")
+        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} {info['pending']}")

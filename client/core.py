@@ -117,6 +117,7 @@ from .events import (
     Status,
     Undecryptable,
 )
+from .safetext import safe_text
 from .verify import verification_string
 
 __all__ = [
@@ -136,9 +137,9 @@ INVALID_CODE_MESSAGE = "Invalid or expired code"
 
 
 def short_sid(sid: str) -> str:
-    """A log- and screen-friendly SID: the first 8 chars of its random part."""
+    """A log- and screen-friendly SID: the first 8 chars of its random part, terminal-safe."""
     tail = sid.rpartition("_")[2] or sid
-    return tail[:8]
+    return safe_text(tail[:8])
 
 
 def iv_of(payload: str) -> str:
