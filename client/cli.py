@@ -234,14 +234,16 @@ _STATE_DIR_HELP = "Directory of the state file."
               type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
 @click.option("--connect-timeout", envvar="PARLEY_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1),
               default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
-              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together.")
+              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together "
+                   "(env PARLEY_CONNECT_TIMEOUT).")
 @click.option("--liveness-timeout", envvar="PARLEY_LIVENESS_TIMEOUT", type=click.FloatRange(min=0),
               default=DEFAULT_LIVENESS_TIMEOUT, show_default=True,
               help="Seconds without any frame from the relay (it PINGs every 10 s) before the "
-                   "connection is taken for dead and reopened; 0 turns this off.")
+                   "connection is taken for dead and reopened; 0 turns this off (env PARLEY_LIVENESS_TIMEOUT).")
 @click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile,
               type=click.Path(dir_okay=False),
-              help="PEM file of the CA certificates to trust for a wss:// relay (default: the system's).")
+              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's "
+                   "(env PARLEY_CAFILE).")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,

@@ -58,7 +58,8 @@ def use_replacing_output() -> None:
     """Characters stdout/stderr cannot encode become `?` instead of raising (and losing the line)."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None and getattr(stream, "errors", "") == "strict":
+        # strict raises; surrogateescape (a C/POSIX locale's) raises for any non-ASCII character
+        if reconfigure is not None and getattr(stream, "errors", "") in ("strict", "surrogateescape"):
             try:
                 reconfigure(errors="replace")
             except (ValueError, OSError):  # closed or detached: nothing to configure
