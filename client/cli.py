@@ -20,6 +20,7 @@ ends any command quietly with exit status 141, as SIGPIPE would.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -51,7 +52,7 @@ from .runner import RelayUnreachable, Runner
 from .session import Session
 from .store import SessionInfo, StateStore
 from .safetext import one_line, safe_text
-from .terminal import OutputClosed, Terminal, use_replacing_output
+from .terminal import OutputClosed, Terminal, input_encoding, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
 
@@ -93,6 +94,14 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextlib.contextmanager
+def _pipe_guard() -> Any:
+    try:
+        yield
+    except BrokenPipeError as exc:
+        raise OutputClosed("standard output is closed") from exc
+
+
 class ParleyGroup(click.Group):
     """A click group with lazily added optional subcommands and one-line errors."""
 
@@ -106,6 +115,15 @@ class ParleyGroup(click.Group):
         if command is None and cmd_name in _OPTIONAL_COMMANDS:
             command = _load_optional(cmd_name)
         return command
+
+    # click turns a broken pipe into a silent exit 1; parley says 141 (see _quiet_exit)
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _pipe_guard():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _pipe_guard():
+            return super().invoke(ctx)
 
     def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs.pop("standalone_mode", None)
@@ -437,9 +455,13 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
     if text is None:
         if sys.stdin.isatty():
             raise click.UsageError("no TEXT given and standard input is a terminal")
-        text = sys.stdin.read()
+        # the terminal's encoding; bytes that do not decode become U+FFFD, never a crash
+        text = sys.stdin.buffer.read().decode(input_encoding(), "replace")
         if text.endswith("\n"):
             text = text[:-1]
+    else:
+        # argv bytes that did not decode are kept by Python as lone surrogates: make them U+FFFD
+        text = os.fsencode(text).decode(sys.getfilesystemencoding(), "replace")
     if text == "":
         raise click.UsageError("nothing to send (empty message)")
     store = opts.store()

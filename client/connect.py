@@ -193,7 +193,7 @@ def _tls_reason(exc: BaseException) -> str:
     return "the server closed the connection during the TLS handshake"
 
 
-def _upgrade_reason(watched: _Watched, url: RelayURL) -> str:
+def _upgrade_reason(watched: _Watched, url: RelayURL, invalid: bool = False) -> str:
     """Why the upgrade ended without an answer, from the bytes the server sent."""
     head = watched.head
     if head[:1] in (b"\x15", b"\x16") and head[1:2] == b"\x03":
@@ -203,6 +203,8 @@ def _upgrade_reason(watched: _Watched, url: RelayURL) -> str:
         return f"the server answered {one_line(status, 80)!r}, not a WebSocket upgrade"
     if head:
         return "the server answered something that is not HTTP; is it a relay?"
+    if invalid:
+        return "the server's answer is not a valid WebSocket upgrade; is it a relay?"
     hint = "; is it a wss:// (TLS) relay?" if not url.tls else ""
     return f"the server closed the connection without answering the upgrade{hint}"
 
@@ -243,6 +245,7 @@ async def open_relay(url: str | RelayURL, settings: ConnectSettings,
     timeout = settings.connect_timeout if settings.connect_timeout > 0 else math.inf
     stage = "TCP connect"
     raw: trio.abc.Stream | None = None
+    watched: _Watched | None = None
     ws: WebSocketConnection | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -298,6 +301,9 @@ async def open_relay(url: str | RelayURL, settings: ConnectSettings,
         leaf = _single(group)
         if leaf is None:
             raise
+        if ws is None and watched is not None and isinstance(leaf, Exception) and not isinstance(leaf, ConnectFailed):
+            # wsproto/h11 could not make sense of the answer (a malformed status line, ...)
+            raise ConnectFailed(_upgrade_reason(watched, target, invalid=True)) from None
         raise leaf from None  # the body's own exception, as if there were no nursery
     finally:
         if ws is None and raw is not None:
