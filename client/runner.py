@@ -109,6 +109,16 @@ def _reason(exc: BaseException) -> str:
     return fallback or type(exc).__name__
 
 
+def _close_reason(close: Any) -> str | None:
+    """How the relay closed the WebSocket (RFC 6455 7.4), its reason text made terminal-safe."""
+    code = getattr(close, "code", None)
+    if not isinstance(code, int) or code == 1006:
+        return None  # no close frame: the TCP connection just ended
+    text = getattr(close, "reason", None)
+    why = f": {one_line(text, 120)}" if isinstance(text, str) and text.strip() else ""
+    return f"the relay closed the connection ({code}{why})"
+
+
 class Runner:
     def __init__(
         self,
@@ -266,7 +276,9 @@ class Runner:
                 reason = str(exc)
                 log.info("connection dropped: %s", reason)
             except ConnectionClosed as exc:
-                log.debug("connection closed (code %s)", getattr(exc.reason, "code", None))
+                code = getattr(exc.reason, "code", None)
+                log.debug("connection closed (code %s)", code)
+                reason = _close_reason(exc.reason)
             if self._closing.is_set() or not self.reconnect:
                 return
             if self._was_up:

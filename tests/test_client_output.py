@@ -380,3 +380,89 @@ def test_relay_url_parse_keeps_ipv6():
     assert parse_relay_url("ws://[::1]:9000/x?y=1") == RelayURL(False, "::1", 9000, "/x?y=1")
     assert parse_relay_url("wss://relay.example") == RelayURL(True, "relay.example", 443, "/")
     assert RelayURL(False, "::1", 9000, "/").host_header == "[::1]:9000"
+
+
+async def test_close_reason_from_the_relay_is_shown_safely(tmp_path):
+    keyed_state(tmp_path)
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # REATTACH
+        await ws.aclose(code=1008, reason="\x1b[2J\x1b[5mgo away")
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=f"ws://127.0.0.1:{server.port}/", name="bob",
+                                            cwd=tmp_path)
+            await bob.expect(r"^\* reconnecting in [0-9.]+s \(the relay closed the connection "
+                             r"\(1008: \\x1b\[2J\\x1b\[5mgo away\)\)$")
+            await bob.stop()
+            nursery.cancel_scope.cancel()
+    assert_clean("\n".join(bob.lines) + bob.stderr_text)
+
+
+# --- 9/10 siblings -------------------------------------------------------------------------------
+
+
+async def test_send_text_argument_that_is_not_utf8(tmp_path):
+    """argv bytes that do not decode (Python keeps them as lone surrogates) are sent as U+FFFD."""
+    with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
+                                              cwd=tmp_path / "a")
+            code = (await alice.expect(CODE_RE)).group(1)
+            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
+            await bob.expect(VERIFY_RE)
+            await alice.expect(r"^\* type a message")
+            (sid,) = state_of(tmp_path / "b", "bob").keys()
+            proc = await trio.run_process(
+                [sys.executable.encode(), b"-m", b"parley.client", b"--relay", relay.url.encode(), b"--name", b"bob",
+                 b"--state-dir", str(tmp_path / "b").encode(), b"send", sid.encode(), b"caf\xe9 ok"],
+                capture_stdout=True, capture_stderr=True, check=False, env=clean_env({"LC_ALL": "C.UTF-8"}))
+            assert proc.returncode == 0, proc.stderr
+            await alice.expect("^peer: caf\ufffd ok$")
+            await alice.stop()
+            await bob.stop()
+
+
+async def test_stdout_closed_during_a_chat_ends_it(tmp_path):
+    """The reader of a chat's output goes away: the next line ends the chat (141), state saved."""
+    with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
+                                              cwd=tmp_path / "a")
+            code = (await alice.expect(CODE_RE)).group(1)
+            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
+            await bob.expect(VERIFY_RE)
+            await bob.stop()
+            read_end, write_end = os.pipe()
+            stdin_r, stdin_w = os.pipe()
+            chat = subprocess.Popen(
+                [sys.executable, "-m", "parley.client", "--relay", relay.url, "--name", "bob", "--state-dir",
+                 str(tmp_path / "b"), "chat"], stdin=stdin_r, stdout=write_end, stderr=subprocess.PIPE,
+                env=clean_env())
+            os.close(write_end)
+            os.close(stdin_r)
+            try:
+                with os.fdopen(read_end, "rb") as out:
+                    seen = b""
+                    while b"connected to" not in seen:
+                        chunk = await trio.to_thread.run_sync(out.read1, 4096)
+                        assert chunk, seen
+                        seen += chunk
+                await alice.expect(r"^\* peer online$")
+                await alice.type("nobody reads this")
+                with trio.fail_after(15):
+                    while chat.poll() is None:
+                        await trio.sleep(0.05)
+                assert chat.returncode == 141
+                assert chat.stderr is not None and chat.stderr.read() == b""
+            finally:
+                os.close(stdin_w)
+                if chat.poll() is None:
+                    chat.kill()
+                chat.wait()
+                if chat.stderr is not None:
+                    chat.stderr.close()
+            await alice.stop()
