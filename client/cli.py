@@ -424,7 +424,7 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     terminal = Terminal(relay_url=opts.relay)
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     role = core.entry.get("role")
-    terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({role})" if isinstance(role, str) else ""))
+    terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({safe_text(role)})" if isinstance(role, str) else ""))
     if core.verification:
         terminal.info(f"verification: {core.verification}")
     waiting = len(core.pending_ids()) + len(core.entry.get("outbox") or [])

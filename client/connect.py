@@ -187,8 +187,10 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(err, ssl.SSLError):
         code = str(err.reason or "")
         if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
-                    "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNEXPECTED_EOF_WHILE_READING"):
+                    "UNKNOWN_PROTOCOL", "HTTP_REQUEST"):
             return "the server does not speak TLS on this port; try ws://"
+        if code == "UNEXPECTED_EOF_WHILE_READING":
+            return "the server closed the connection during the TLS handshake"
         return f"TLS handshake failed: {one_line(code or str(err), 120)}"
     return "the server closed the connection during the TLS handshake"
 

@@ -113,7 +113,7 @@ class Terminal:
     def show(self, event: Any) -> None:
         if isinstance(event, ConnectionNotice):
             if event.kind == "connected":
-                self.info(("reconnected to " if self._was_connected else "connected to ") + event.url)
+                self.info(("reconnected to " if self._was_connected else "connected to ") + safe_text(event.url))
                 self._was_connected = True
             elif event.kind == "lost":
                 self.info("connection to the relay lost")
@@ -123,7 +123,7 @@ class Terminal:
         elif isinstance(event, InviteReady):
             code = shown_invite_code(event.code)
             self.info(f"invite code: {code}")
-            self.info(f"the other person runs:  {self.join_hint}{code}")
+            self.info(f"the other person runs:  {safe_text(self.join_hint)}{code}")
             self.info("waiting for them to join (Ctrl-C to give up)")
         elif isinstance(event, JoinRequested):
             self.info(f"someone used the code to join session {shown_sid(event.sid)}")
