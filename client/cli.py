@@ -459,9 +459,6 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
         text = sys.stdin.buffer.read().decode(input_encoding(), "replace")
         if text.endswith("\n"):
             text = text[:-1]
-    else:
-        # argv bytes that did not decode are kept by Python as lone surrogates: make them U+FFFD
-        text = os.fsencode(text).decode(sys.getfilesystemencoding(), "replace")
     if text == "":
         raise click.UsageError("nothing to send (empty message)")
     store = opts.store()

@@ -406,7 +406,10 @@ async def test_close_reason_from_the_relay_is_shown_safely(tmp_path):
 
 
 async def test_send_text_argument_that_is_not_utf8(tmp_path):
-    """argv bytes that do not decode (Python keeps them as lone surrogates) are sent as U+FFFD."""
+    """argv bytes that do not decode (Python keeps them as lone surrogates) are sent as U+FFFD.
+
+    (A regression guard: `crypto.encrypt_payload` already replaces lone surrogates.)
+    """
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
