@@ -310,6 +310,30 @@ def session_options(fn: Any) -> Any:
             raise click.BadParameter(str(exc), ctx=ctx, param_hint="--name") from None
         return fn(opts, **kwargs)
 
+    return _link_options(wrapper)
+
+
+def _link_options(fn: Any) -> Any:
+    """`--connect-timeout/--liveness-timeout/--cafile` after the command too (override the global ones)."""
+
+    @click.option("--connect-timeout", "sub_connect_timeout", type=click.FloatRange(min=0.1), default=None,
+                  help="As the global option.")
+    @click.option("--liveness-timeout", "sub_liveness_timeout", type=click.FloatRange(min=0), default=None,
+                  help="As the global option.")
+    @click.option("--cafile", "sub_cafile", default=None, callback=_check_cafile, type=click.Path(dir_okay=False),
+                  help="As the global option.")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, sub_connect_timeout: float | None, sub_liveness_timeout: float | None,
+                sub_cafile: str | None, **kwargs: Any) -> Any:
+        opts: Options = ctx.obj
+        changes = {key: value for key, value in (("connect_timeout", sub_connect_timeout),
+                                                 ("liveness_timeout", sub_liveness_timeout),
+                                                 ("cafile", sub_cafile)) if value is not None}
+        if changes:
+            ctx.obj = attrs.evolve(opts, connect=attrs.evolve(opts.connect, **changes))
+        return fn(**kwargs)
+
     return wrapper
 
 

@@ -52,8 +52,6 @@ __all__ = ["Runner", "RelayUnreachable", "ConnectionNotice", "backoff_delays"]
 
 log = logging.getLogger("parley.client.runner")
 
-CONNECT_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 2.0
 TICK_INTERVAL = 1.0
 
 

@@ -189,6 +189,17 @@ async def test_stalled_upgrade_is_bounded_and_said(tmp_path, command):
     assert took < 10, took
 
 
+async def test_connect_timeout_after_the_command(tmp_path):
+    keyed_state(tmp_path)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = await tcp_server(nursery, silent)
+            rc, _out, err, took = await run_parley(
+                ["--name", "bob", "--relay", f"ws://127.0.0.1:{port}/", "chat", "--connect-timeout", "0.5"], tmp_path)
+            nursery.cancel_scope.cancel()
+    assert rc == 1 and "no answer to the WebSocket upgrade within 0.5s" in only_line(err)
+
+
 async def test_stalled_upgrade_default_bound_is_5s(tmp_path):
     keyed_state(tmp_path)
     with trio.fail_after(TEST_TIMEOUT):
@@ -303,17 +314,18 @@ async def test_self_signed_certificate_is_named(tmp_path, tls_relay):
     assert took < 10
 
 
-@pytest.mark.parametrize("how", ["option", "env"])
+@pytest.mark.parametrize("how", ["option", "option-after-command", "env"])
 async def test_cafile_trusts_the_relay(tmp_path, tls_relay, how):
     relay, cert = tls_relay
     url = f"wss://127.0.0.1:{relay.port}/"
-    args, env = (["--cafile", str(cert)], {}) if how == "option" else ([], {"PARLEY_CAFILE": str(cert)})
+    args, env = (["--cafile", str(cert)], {}) if how != "env" else ([], {"PARLEY_CAFILE": str(cert)})
+    before, after = (args, []) if how != "option-after-command" else ([], args)
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, [*args, "invite", "--yes"], relay=url, name="alice",
+            alice = await ParleyProcess.start(nursery, [*before, "invite", "--yes", *after], relay=url, name="alice",
                                               cwd=tmp_path / "a", extra_env=env)
             code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, [*args, "join", code], relay=url, name="bob",
+            bob = await ParleyProcess.start(nursery, [*before, "join", code, *after], relay=url, name="bob",
                                             cwd=tmp_path / "b", extra_env=env)
             va = (await alice.expect(VERIFY_RE)).group(1)
             assert (await bob.expect(VERIFY_RE)).group(1) == va
