@@ -129,11 +129,14 @@ class Runner:
         connect_timeout: float | None = None,
         backoff: Callable[[], Any] = backoff_delays,
         settings: ConnectSettings | None = None,
+        check_output: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
         self.url = url
         self.store = store
         self.on_event = on_event
+        # raises (e.g. `OutputClosed`) if a received message could not be shown now
+        self.check_output = check_output
         self.reconnect = reconnect
         settings = settings or ConnectSettings()
         if connect_timeout is not None:
@@ -194,6 +197,10 @@ class Runner:
                     incoming.append(nxt.event)
                     i += 1
                 if incoming:
+                    if self.check_output is not None:
+                        # before the save: a message nobody can see is not recorded as seen,
+                        # so the relay delivers it again next time
+                        self.check_output()
                     self.store.save_entry(action.sid, action.entry,
                                           at_commit=lambda events=incoming: self._show_all(events))
                 else:

@@ -76,7 +76,8 @@ class Session:
         self.core = core
         self.terminal = terminal
         self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
-        self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings)
+        self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings,
+                             check_output=terminal.check_open)
         self.stdin = StdinLines()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False

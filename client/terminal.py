@@ -12,7 +12,10 @@ Characters the output encoding cannot show (a Latin-1 or ASCII locale) are
 replaced (`?`), never a reason to drop a line: the CLI sets
 `errors="replace"` on stdout (`use_replacing_output`). A closed stdout
 (`parley chat | head`) raises `OutputClosed`, so the command ends (quietly,
-exit 141 as for SIGPIPE) instead of going on with nobody reading.
+exit 141 as for SIGPIPE) instead of going on with nobody reading. Before a
+received message is recorded as seen, `Terminal.check_open` asks poll(2)
+whether anyone still reads; if not, the message is neither recorded nor
+acknowledged, and the relay delivers it again to the next run.
 
 Input: `StdinLines` reads file descriptor 0 in a worker thread with
 `os.read` (no Python-level lock, so an abandoned read never blocks the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import select
 import sys
 from typing import Any, TextIO
 
@@ -106,6 +110,22 @@ class Terminal:
             raise OutputClosed("standard output is closed") from exc
         except ValueError as exc:  # "I/O operation on closed file"
             raise OutputClosed("standard output is closed") from exc
+
+    def check_open(self) -> None:
+        """`OutputClosed` if stdout is a pipe or terminal whose other end is gone (poll(2): POLLERR/POLLHUP).
+
+        Asked before a received message is recorded as seen, so one that nobody could read is
+        delivered again by the relay next time instead of being lost.
+        """
+        try:
+            fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a file (tests' StringIO): nothing to ask
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        for _fd, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                raise OutputClosed("standard output is closed")
 
     def info(self, text: str) -> None:
         self.line(f"* {text}")

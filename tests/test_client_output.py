@@ -430,7 +430,8 @@ async def test_send_text_argument_that_is_not_utf8(tmp_path):
 
 
 async def test_stdout_closed_during_a_chat_ends_it(tmp_path):
-    """The reader of a chat's output goes away: the next line ends the chat (141), state saved."""
+    """The reader of a chat's output goes away: the next message ends the chat (141), and is not lost:
+    the next chat shows it."""
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
@@ -450,7 +451,7 @@ async def test_stdout_closed_during_a_chat_ends_it(tmp_path):
             try:
                 with os.fdopen(read_end, "rb") as out:
                     seen = b""
-                    while b"connected to" not in seen:
+                    while b"* peer online" not in seen:  # then nothing more is printed until the message
                         chunk = await trio.to_thread.run_sync(out.read1, 4096)
                         assert chunk, seen
                         seen += chunk
@@ -468,4 +469,7 @@ async def test_stdout_closed_during_a_chat_ends_it(tmp_path):
                 chat.wait()
                 if chat.stderr is not None:
                     chat.stderr.close()
+            again = await ParleyProcess.start(nursery, ["chat"], relay=relay.url, name="bob", cwd=tmp_path / "b")
+            await again.expect("^peer: nobody reads this$")
+            await again.stop()
             await alice.stop()
