@@ -259,6 +259,8 @@ async def test_dead_path_is_noticed_and_the_queued_message_arrives(tmp_path):
             await bob.expect(VERIFY_RE)
             await alice.expect(r"^\* type a message")
             await bob.expect(r"^\* type a message")
+            await trio.sleep(3)  # idle, but PINGed every 0.5 s: no false alarm
+            assert not bob.seen(r"connection to the relay lost")
             accepted = proxy.accepted
             proxy.cut()
             t0 = time.monotonic()
@@ -271,6 +273,32 @@ async def test_dead_path_is_noticed_and_the_queued_message_arrives(tmp_path):
             assert bob.seen("^peer: ") == ["peer: sent while bob's path was dead"]
             await bob.type("and back")
             await alice.expect("^peer: and back$")
+            await alice.stop()
+            await bob.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def test_dead_path_to_the_go_relay(tmp_path, go_relay_binary):
+    """The Go relay PINGs too: an idle live link is kept, a dead one is left and reopened."""
+    from parley.conformance.golang import GoRelay
+
+    with GoRelay(go_relay_binary, ping_interval=0.5) as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            proxy = await StallableProxy(relay.port).start(nursery)
+            via = f"ws://127.0.0.1:{proxy.port}/"
+            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
+                                              cwd=tmp_path / "a")
+            code = (await alice.expect(CODE_RE)).group(1)
+            bob = await ParleyProcess.start(nursery, ["join", code], relay=via, name="bob", cwd=tmp_path / "b",
+                                            extra_env={"PARLEY_LIVENESS_TIMEOUT": "2"})
+            await bob.expect(VERIFY_RE)
+            await trio.sleep(4)  # idle, but PINGed: no false alarm
+            assert not bob.seen(r"connection to the relay lost")
+            proxy.cut()
+            await bob.expect(r"^\* connection to the relay lost$", timeout=10)
+            await bob.expect(r"^\* reconnected to ", timeout=10)
+            await alice.type("after the dead path")
+            await bob.expect("^peer: after the dead path$", timeout=10)
             await alice.stop()
             await bob.stop()
             nursery.cancel_scope.cancel()
