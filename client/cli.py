@@ -5,21 +5,30 @@ Global options (each with an environment variable):
     --name NAME       PARLEY_NAME       state file state-NAME.json   (default: parley)
     --relay URL       PARLEY_RELAY      relay WebSocket URL          (default: ws://127.0.0.1:9000/)
     --state-dir DIR   PARLEY_STATE_DIR  where the state file lives   (default: current directory)
+    --connect-timeout S   PARLEY_CONNECT_TIMEOUT   TCP+TLS+upgrade bound  (default: 5)
+    --liveness-timeout S  PARLEY_LIVENESS_TIMEOUT  silence before reconnecting (default: 35; 0: off)
+    --cafile PEM          PARLEY_CAFILE            CAs trusted for wss:// (default: the system's)
 
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
-Ctrl-C before a chat started). No traceback unless `--verbose`.
+Ctrl-C before a chat started). No traceback unless `--verbose`. Every such
+line is terminal-safe (`parley.client.safetext`): it may quote what a relay
+or a server said. A closed standard output (`parley sessions | head -1`)
+ends any command quietly with exit status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import importlib
 import json
 import logging
+import os
 import re
+import ssl
 import sys
 import traceback
 from typing import Any
@@ -30,12 +39,21 @@ import trio
 
 from parley.state import StateError, state_path
 
+from .connect import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LIVENESS_TIMEOUT,
+    BadRelayURL,
+    ConnectSettings,
+    parse_relay_url,
+    ssl_context_for,
+)
 from .core import ClientCore, ClientError, short_sid
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, Status
 from .runner import RelayUnreachable, Runner
 from .session import Session
 from .store import SessionInfo, StateStore
-from .terminal import Terminal
+from .safetext import one_line, safe_text
+from .terminal import OutputClosed, Terminal, input_encoding, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
 
@@ -47,6 +65,7 @@ DEFAULT_JOIN_TIMEOUT = 300.0
 # gives up, and against a parley relay the relay's notice normally comes first.
 DEFAULT_INVITE_TIMEOUT = 600.0
 DEFAULT_SEND_TIMEOUT = 10.0
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command killed by a closed pipe
 
 log = logging.getLogger("parley.client")
 
@@ -72,12 +91,20 @@ def _first_leaf(exc: BaseException) -> BaseException:
     """The exception a person should hear about, out of (nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
         leaves = [_first_leaf(e) for e in exc.exceptions]
-        for preferred in (ClientError, StateError, KeyboardInterrupt):
+        for preferred in (OutputClosed, BrokenPipeError, ClientError, StateError, KeyboardInterrupt):
             for leaf in leaves:
                 if isinstance(leaf, preferred):
                     return leaf
         return leaves[0] if leaves else exc
     return exc
+
+
+@contextlib.contextmanager
+def _pipe_guard() -> Any:
+    try:
+        yield
+    except BrokenPipeError as exc:
+        raise OutputClosed("standard output is closed") from exc
 
 
 class ParleyGroup(click.Group):
@@ -94,14 +121,25 @@ class ParleyGroup(click.Group):
             command = _load_optional(cmd_name)
         return command
 
+    # click turns a broken pipe into a silent exit 1; parley says 141 (see _quiet_exit)
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _pipe_guard():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _pipe_guard():
+            return super().invoke(ctx)
+
     def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs.pop("standalone_mode", None)
+        use_replacing_output()
         verbose = "-v" in (args if args is not None else sys.argv[1:]) or "--verbose" in (
             args if args is not None else sys.argv[1:]
         )
         try:
             rv = super().main(args=args, prog_name=prog_name or "parley", standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
+            _flush_or_quiet()
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
@@ -117,6 +155,8 @@ class ParleyGroup(click.Group):
             leaf = _first_leaf(exc)
             if isinstance(leaf, SystemExit):
                 raise leaf from None
+            if isinstance(leaf, (OutputClosed, BrokenPipeError)):
+                _quiet_exit()
             if isinstance(leaf, (KeyboardInterrupt, click.Abort)):
                 _fail("interrupted", 130)
             if isinstance(leaf, (ClientError, StateError)):
@@ -124,16 +164,46 @@ class ParleyGroup(click.Group):
             if verbose:
                 traceback.print_exception(exc)
             _fail(f"unexpected error: {type(leaf).__name__}: {_flat(str(leaf))} (run with -v for details)", 1)
+        _flush_or_quiet()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _flat(text: str) -> str:
-    return " ".join(text.split())
+    return one_line(text, 2000)
+
+
+def _quiet_exit() -> None:
+    """Standard output is gone: no more writes to it (not even at exit), status 141."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_PIPE)
+
+
+def _flush_or_quiet() -> None:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ConnectionResetError, ValueError):
+        _quiet_exit()
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"parley: {message}", err=True)
+    try:
+        click.echo(f"parley: {safe_text(message)}", err=True)
+    except (OSError, ValueError):
+        pass  # stderr is closed too: the exit status is all that is left
     sys.exit(code)
+
+
+def _echo(text: str) -> None:
+    """One line on stdout; a closed stdout ends the command (exit 141)."""
+    try:
+        click.echo(text)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise OutputClosed("standard output is closed") from exc
 
 
 @attrs.frozen
@@ -142,6 +212,7 @@ class Options:
     relay: str
     state_dir: str
     verbose: bool
+    connect: ConnectSettings = ConnectSettings()
 
     def store(self) -> StateStore:
         store = StateStore(state_path(self.state_dir, self.name))
@@ -154,8 +225,21 @@ class Options:
 
 
 def _check_relay_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not re.match(r"wss?://[^/\s]+", value or ""):
-        raise click.BadParameter(f"{value!r} is not a ws:// or wss:// URL", ctx=ctx, param=param)
+    try:
+        parse_relay_url(value)
+    except BadRelayURL as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def _check_cafile(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        ssl_context_for(value)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise click.BadParameter(f"cannot use {value!r} as CA file: {why}", ctx=ctx, param=param) from None
     return value
 
 
@@ -171,9 +255,22 @@ _STATE_DIR_HELP = "Directory of the state file."
               callback=_check_relay_url, help=_RELAY_HELP)
 @click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True,
               type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
+@click.option("--connect-timeout", envvar="PARLEY_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1),
+              default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
+              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together "
+                   "(env PARLEY_CONNECT_TIMEOUT).")
+@click.option("--liveness-timeout", envvar="PARLEY_LIVENESS_TIMEOUT", type=click.FloatRange(min=0),
+              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True,
+              help="Seconds without any frame from the relay (it PINGs every 10 s) before the "
+                   "connection is taken for dead and reopened; 0 turns this off (env PARLEY_LIVENESS_TIMEOUT).")
+@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile,
+              type=click.Path(dir_okay=False),
+              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's "
+                   "(env PARLEY_CAFILE).")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
-def main(ctx: click.Context, name: str, relay: str, state_dir: str, verbose: bool) -> None:
+def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
+         liveness_timeout: float, cafile: str | None, verbose: bool) -> None:
     """End-to-end encrypted chat through a blind relay, started with an invite code.
 
     The global options may also be given after the command
@@ -185,7 +282,8 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, verbose: boo
         stream=sys.stderr,
     )
     logging.getLogger("trio-websocket").setLevel(logging.INFO)
-    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose)
+    settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
+    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -217,6 +315,30 @@ def session_options(fn: Any) -> Any:
             raise click.BadParameter(str(exc), ctx=ctx, param_hint="--name") from None
         return fn(opts, **kwargs)
 
+    return _link_options(wrapper)
+
+
+def _link_options(fn: Any) -> Any:
+    """`--connect-timeout/--liveness-timeout/--cafile` after the command too (override the global ones)."""
+
+    @click.option("--connect-timeout", "sub_connect_timeout", type=click.FloatRange(min=0.1), default=None,
+                  help="As the global option.")
+    @click.option("--liveness-timeout", "sub_liveness_timeout", type=click.FloatRange(min=0), default=None,
+                  help="As the global option.")
+    @click.option("--cafile", "sub_cafile", default=None, callback=_check_cafile, type=click.Path(dir_okay=False),
+                  help="As the global option.")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, sub_connect_timeout: float | None, sub_liveness_timeout: float | None,
+                sub_cafile: str | None, **kwargs: Any) -> Any:
+        opts: Options = ctx.obj
+        changes = {key: value for key, value in (("connect_timeout", sub_connect_timeout),
+                                                 ("liveness_timeout", sub_liveness_timeout),
+                                                 ("cafile", sub_cafile)) if value is not None}
+        if changes:
+            ctx.obj = attrs.evolve(opts, connect=attrs.evolve(opts.connect, **changes))
+        return fn(**kwargs)
+
     return wrapper
 
 
@@ -246,7 +368,7 @@ class NobodyJoined(ClientError):
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
     core = ClientCore.invite()
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
 
     async def flow() -> None:
@@ -316,7 +438,7 @@ class NoAnswer(ClientError):
 async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
     core = ClientCore.join(code)
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
 
     async def flow() -> None:
@@ -350,9 +472,9 @@ def chat(opts: Options, sid: str | None) -> None:
 
 async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     role = core.entry.get("role")
-    terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({role})" if isinstance(role, str) else ""))
+    terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({safe_text(role)})" if isinstance(role, str) else ""))
     if core.verification:
         terminal.info(f"verification: {core.verification}")
     waiting = len(core.pending_ids()) + len(core.entry.get("outbox") or [])
@@ -383,7 +505,8 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
     if text is None:
         if sys.stdin.isatty():
             raise click.UsageError("no TEXT given and standard input is a terminal")
-        text = sys.stdin.read()
+        # the terminal's encoding; bytes that do not decode become U+FFFD, never a crash
+        text = sys.stdin.buffer.read().decode(input_encoding(), "replace")
         if text.endswith("\n"):
             text = text[:-1]
     if text == "":
@@ -393,7 +516,7 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
     core = ClientCore.resume(sid, store.state[sid], receive=False)
     status, msg_id = _run(_send, opts, store, core, text, timeout)
     word = "queued by the relay for the offline peer" if status is Status.QUEUED else "delivered"
-    click.echo(f"message {msg_id[:8]} {word}")
+    _echo(f"message {msg_id[:8]} {word}")
 
 
 async def _send(
@@ -409,7 +532,7 @@ async def _send(
                 outcome.append(event)
                 done.set()
 
-    runner = Runner(core, opts.relay, store, on_event, reconnect=False)
+    runner = Runner(core, opts.relay, store, on_event, reconnect=False, settings=opts.connect)
     await runner.call(core.start)
     msg_id = await runner.send_text(text)  # saved before any connection exists
     target.append(msg_id)
@@ -451,14 +574,14 @@ def sessions(opts: Options, as_json: bool) -> None:
     store = opts.store()
     infos = [SessionInfo.of(sid, entry) for sid, entry in store.state.items() if isinstance(entry, dict)]
     if as_json:
-        click.echo(json.dumps(infos, indent=2))
+        # ensure_ascii: every control character in a relay-made SID is a \u escape
+        _echo(json.dumps(infos, indent=2, ensure_ascii=True))
         return
     if not infos:
-        click.echo(f"no sessions in {store.path}")
+        _echo(f"no sessions in {safe_text(str(store.path))}")
         return
-    click.echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
+    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
     for info in infos:
         peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
-        click.echo(
-            f"{info['short']:<10} {'yes' if info['key'] else 'no':<4} {info['role'] or '-':<8} {peer:<8} {info['pending']}"
-        )
+        role = safe_text(info["role"] or "-")
+        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} {info['pending']}")

@@ -142,6 +142,7 @@ from .events import (
     Status,
     Undecryptable,
 )
+from .safetext import safe_text
 from .verify import verification_string
 
 __all__ = [
@@ -164,9 +165,9 @@ JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
 
 
 def short_sid(sid: str) -> str:
-    """A log- and screen-friendly SID: the first 8 chars of its random part."""
+    """A log- and screen-friendly SID: the first 8 chars of its random part, terminal-safe."""
     tail = sid.rpartition("_")[2] or sid
-    return tail[:8]
+    return safe_text(tail[:8])
 
 
 def iv_of(payload: str) -> str:

@@ -14,9 +14,16 @@ Core calls and the actions they return are serialised by one lock, so the
 order of frames on the wire is the order the core produced them in (which the
 matching of a Go relay's untagged acks relies on).
 
+Connections are opened by `parley.client.connect.open_relay`: TCP, TLS and
+the upgrade together bounded by `settings.connect_timeout`, each failure with
+its reason. While connected, silence from the relay for
+`settings.liveness_timeout` (no frame, not even its PING) means the path is
+dead without a FIN or RST: the connection is dropped and reopened, and the
+core REATTACHes and resends what is pending.
+
 The first connection failing raises `RelayUnreachable`; later ones are retried
 with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
-`reconnect=False`.
+`reconnect=False`; each retry is reported with the reason of the failure.
 """
 
 from __future__ import annotations
@@ -26,16 +33,18 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     ConnectionTimeout,
     HandshakeError,
-    open_websocket_url,
 )
 
+from .connect import ConnectFailed, ConnectSettings, LinkDead, open_relay, recv_or_dead, ssl_context_for
 from .core import ClientCore, ClientError, short_sid
+from .safetext import one_line
 from .events import Action, Close, ForgetState, MessageIn, SaveState, SendFrame, Show, Undecryptable
 from .store import StateStore
 
@@ -43,8 +52,6 @@ __all__ = ["Runner", "RelayUnreachable", "ConnectionNotice", "backoff_delays"]
 
 log = logging.getLogger("parley.client.runner")
 
-CONNECT_TIMEOUT = 5.0
-CLOSE_TIMEOUT = 2.0
 TICK_INTERVAL = 1.0
 
 
@@ -100,6 +107,16 @@ def _reason(exc: BaseException) -> str:
     return fallback or type(exc).__name__
 
 
+def _close_reason(close: Any) -> str | None:
+    """How the relay closed the WebSocket (RFC 6455 7.4), its reason text made terminal-safe."""
+    code = getattr(close, "code", None)
+    if not isinstance(code, int) or code == 1006:
+        return None  # no close frame: the TCP connection just ended
+    text = getattr(close, "reason", None)
+    why = f": {one_line(text, 120)}" if isinstance(text, str) and text.strip() else ""
+    return f"the relay closed the connection ({code}{why})"
+
+
 class Runner:
     def __init__(
         self,
@@ -109,15 +126,24 @@ class Runner:
         on_event: Callable[[Any], None],
         *,
         reconnect: bool = True,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         backoff: Callable[[], Any] = backoff_delays,
+        settings: ConnectSettings | None = None,
+        check_output: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
         self.url = url
         self.store = store
         self.on_event = on_event
+        # raises (e.g. `OutputClosed`) if a received message could not be shown now
+        self.check_output = check_output
         self.reconnect = reconnect
-        self.connect_timeout = connect_timeout
+        settings = settings or ConnectSettings()
+        if connect_timeout is not None:
+            settings = attrs.evolve(settings, connect_timeout=connect_timeout)
+        self.settings = settings
+        self.connect_timeout = settings.connect_timeout
+        self._ssl_context: Any = None
         self._backoff = backoff
         self._lock = trio.Lock()
         self._ws: Any = None
@@ -171,6 +197,10 @@ class Runner:
                     incoming.append(nxt.event)
                     i += 1
                 if incoming:
+                    if self.check_output is not None:
+                        # before the save: a message nobody can see is not recorded as seen,
+                        # so the relay delivers it again next time
+                        self.check_output()
                     self.store.save_entry(action.sid, action.entry,
                                           at_commit=lambda events=incoming: self._show_all(events))
                 else:
@@ -241,27 +271,34 @@ class Runner:
         delays = self._backoff()
         while not self._closing.is_set():
             self._was_up = False
+            reason: str | None = None
             try:
                 await self._one_connection()
-            except (HandshakeError, OSError) as exc:
+            except (ConnectFailed, HandshakeError, OSError) as exc:
+                reason = exc.reason if isinstance(exc, ConnectFailed) else one_line(_reason(exc), 160)
                 if not self.connected.is_set():
-                    raise RelayUnreachable(f"cannot reach the relay at {self.url}: {_reason(exc)}") from None
-                log.debug("reconnect failed: %s", type(exc).__name__)
+                    raise RelayUnreachable(f"cannot reach the relay at {self.url}: {reason}") from None
+                log.debug("reconnect failed: %s", reason)
+            except LinkDead as exc:
+                reason = str(exc)
+                log.info("connection dropped: %s", reason)
             except ConnectionClosed as exc:
-                log.debug("connection closed (code %s)", getattr(exc.reason, "code", None))
+                code = getattr(exc.reason, "code", None)
+                log.debug("connection closed (code %s)", code)
+                reason = _close_reason(exc.reason)
             if self._closing.is_set() or not self.reconnect:
                 return
             if self._was_up:
                 delays = self._backoff()
             delay = next(delays)
-            self.on_event(ConnectionNotice("retry", self.url, delay=delay))
+            self.on_event(ConnectionNotice("retry", self.url, delay=delay, reason=reason))
             with trio.move_on_after(delay):
                 await self._closing.wait()
 
     async def _one_connection(self) -> None:
-        async with open_websocket_url(
-            self.url, connect_timeout=self.connect_timeout, disconnect_timeout=CLOSE_TIMEOUT
-        ) as ws:
+        if self._ssl_context is None and self.url.lower().startswith("wss:"):
+            self._ssl_context = ssl_context_for(self.settings.cafile)
+        async with open_relay(self.url, self.settings, self._ssl_context) as ws:
             self._was_up = True
             async with self._lock:
                 self._epoch += 1
@@ -276,7 +313,7 @@ class Runner:
                     # reported once the session's first frames (REATTACH ...) are out
                     self.on_event(ConnectionNotice("connected", self.url))
                     while True:
-                        message = await ws.get_message()
+                        message = await recv_or_dead(ws, self.settings.liveness_timeout)
                         await self.call(self.core.frame_received, message)
             finally:
                 self._read_scope = None

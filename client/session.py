@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .connect import ConnectSettings
 from .core import ClientCore, ClientError
 from .events import FailureKind, HandshakeFailed
 from .runner import Runner
@@ -79,11 +80,13 @@ class Session:
         terminal: Terminal,
         *,
         reconnect: bool = True,
+        settings: ConnectSettings | None = None,
     ) -> None:
         self.core = core
         self.terminal = terminal
         self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
-        self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect)
+        self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings,
+                             check_output=terminal.check_open)
         self.stdin = StdinLines()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False

@@ -1,26 +1,41 @@
 """Line-oriented terminal I/O for the chat commands.
 
 Output: one event per line, status lines start with `* `, incoming messages
-with `peer: `. Text from the peer is made safe for a terminal: control
-characters (escape sequences included) are shown as `\\xNN`/`\\uNNNN`, so a
-peer cannot move the cursor or rewrite what is on screen.
+with `peer: `. Every string from outside (the peer's text, and whatever the
+relay sends: msgIDs, SIDs, invite codes, error codes and messages, reasons)
+goes through `parley.client.safetext`: control characters (escape sequences
+included) are shown as `\\xNN`/`\\uNNNN`, values with a shape are shown only
+if they have it, so neither a peer nor a relay can move the cursor or rewrite
+what is on screen.
+
+Characters the output encoding cannot show (a Latin-1 or ASCII locale) are
+replaced (`?`), never a reason to drop a line: the CLI sets
+`errors="replace"` on stdout (`use_replacing_output`). A closed stdout
+(`parley chat | head`) raises `OutputClosed`, so the command ends (quietly,
+exit 141 as for SIGPIPE) instead of going on with nobody reading. Before a
+received message is recorded as seen, `Terminal.check_open` asks poll(2)
+whether anyone still reads; if not, the message is neither recorded nor
+acknowledged, and the relay delivers it again to the next run.
 
 Input: `StdinLines` reads file descriptor 0 in a worker thread with
 `os.read` (no Python-level lock, so an abandoned read never blocks the
-interpreter's exit), splits it into lines and hands them to Trio through a
-channel; typing therefore never blocks receiving.
+interpreter's exit), decodes it with the terminal's encoding (that of
+`sys.stdin`: the locale's, or `PYTHONIOENCODING`; undecodable bytes become
+U+FFFD), splits it into lines and hands them to Trio through a channel;
+typing therefore never blocks receiving.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import select
 import sys
 from typing import Any, TextIO
 
 import trio
 
-from .core import short_sid
+from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 from .events import (
     AckOverdue,
     HandshakeFailed,
@@ -36,23 +51,32 @@ from .events import (
 )
 from .runner import ConnectionNotice
 
-__all__ = ["Terminal", "StdinLines", "safe_text"]
+__all__ = ["Terminal", "StdinLines", "safe_text", "OutputClosed", "use_replacing_output", "input_encoding"]
 
 
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+class OutputClosed(Exception):
+    """Standard output is closed (a pipe whose reader left); the command should end quietly."""
 
 
-def safe_text(text: str) -> str:
-    """Printable characters as they are; tabs kept; other controls escaped."""
-    out = []
-    for ch in text:
-        if ch == "\t" or ch.isprintable() or (ch == " "):
-            out.append(ch)
-        else:
-            out.append(_escape(ch))
-    return "".join(out)
+def use_replacing_output() -> None:
+    """Characters stdout/stderr cannot encode become `?` instead of raising (and losing the line)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        # strict raises; surrogateescape (a C/POSIX locale's) raises for any non-ASCII character
+        if reconfigure is not None and getattr(stream, "errors", "") in ("strict", "surrogateescape"):
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):  # closed or detached: nothing to configure
+                pass
+
+
+def input_encoding() -> str:
+    """The encoding typed text arrives in: stdin's (locale or PYTHONIOENCODING), else UTF-8."""
+    encoding = getattr(sys.stdin, "encoding", None) if sys.stdin is not None else None
+    try:
+        return codecs.lookup(encoding).name if encoding else "utf-8"
+    except LookupError:
+        return "utf-8"
 
 
 _STATUS_WORDS = {
@@ -75,11 +99,33 @@ class Terminal:
         self._was_connected = False
 
     def line(self, text: str) -> None:
+        """Write one line; `OutputClosed` if nobody reads stdout any more."""
         try:
             self.out.write(text + "\n")
             self.out.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+        except UnicodeError:  # a stream without errors="replace": show what it can
+            encoding = getattr(self.out, "encoding", None) or "ascii"
+            self.line((text).encode(encoding, "replace").decode(encoding, "replace"))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise OutputClosed("standard output is closed") from exc
+        except ValueError as exc:  # "I/O operation on closed file"
+            raise OutputClosed("standard output is closed") from exc
+
+    def check_open(self) -> None:
+        """`OutputClosed` if stdout is a pipe or terminal whose other end is gone (poll(2): POLLERR/POLLHUP).
+
+        Asked before a received message is recorded as seen, so one that nobody could read is
+        delivered again by the relay next time instead of being lost.
+        """
+        try:
+            fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a file (tests' StringIO): nothing to ask
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        for _fd, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                raise OutputClosed("standard output is closed")
 
     def info(self, text: str) -> None:
         self.line(f"* {text}")
@@ -87,20 +133,22 @@ class Terminal:
     def show(self, event: Any) -> None:
         if isinstance(event, ConnectionNotice):
             if event.kind == "connected":
-                self.info(("reconnected to " if self._was_connected else "connected to ") + event.url)
+                self.info(("reconnected to " if self._was_connected else "connected to ") + safe_text(event.url))
                 self._was_connected = True
             elif event.kind == "lost":
                 self.info("connection to the relay lost")
             elif event.kind == "retry":
-                self.info(f"reconnecting in {event.delay:.1f}s")
+                why = f" ({one_line(event.reason, 160)})" if event.reason else ""
+                self.info(f"reconnecting in {event.delay:.1f}s{why}")
         elif isinstance(event, InviteReady):
-            self.info(f"invite code: {event.code}")
-            self.info(f"the other person runs:  {self.join_hint}{event.code}")
+            code = shown_invite_code(event.code)
+            self.info(f"invite code: {code}")
+            self.info(f"the other person runs:  {safe_text(self.join_hint)}{code}")
             self.info("waiting for them to join (Ctrl-C to give up)")
         elif isinstance(event, JoinRequested):
-            self.info(f"someone used the code to join session {short_sid(event.sid)}")
+            self.info(f"someone used the code to join session {shown_sid(event.sid)}")
         elif isinstance(event, KeyEstablished):
-            self.info(f"secure session {short_sid(event.sid)} established ({event.role})")
+            self.info(f"secure session {shown_sid(event.sid)} established ({event.role})")
             self.info(f"verification: {event.verification}")
             self.info("compare it with your peer (voice, in person); a different string means someone is in between")
         elif isinstance(event, MessageIn):
@@ -110,17 +158,18 @@ class Terminal:
         elif isinstance(event, MessageStatus):
             words = _STATUS_WORDS.get(event.status, str(event.status))
             if event.reason and event.status is Status.FAILED:
-                words = f"not delivered ({safe_text(event.reason)[:80]}); will retry"
-            self.info(f"message {event.msg_id[:8]}: {words}")
+                words = f"not delivered ({one_line(event.reason, 80)}); will retry"
+            self.info(f"message {shown_msg_id(event.msg_id)}: {words}")
         elif isinstance(event, AckOverdue):
-            self.info(f"message {event.msg_id[:8]}: no answer from the relay yet")
+            self.info(f"message {shown_msg_id(event.msg_id)}: no answer from the relay yet")
         elif isinstance(event, PeerPresence):
             self.info("peer online" if event.online else "peer offline")
         elif isinstance(event, RelayError):
-            code = f" ({event.code})" if event.code else ""
-            self.info(f"relay error{code}: {safe_text(event.message)}")
+            shape = shown_error_code(event.code)
+            code = f" ({shape})" if shape else ""
+            self.info(f"relay error{code}: {one_line(event.message, 200)}")
         elif isinstance(event, Undecryptable):
-            self.info(f"a message ({event.msg_id[:8]}) could not be decrypted and was dropped")
+            self.info(f"a message ({shown_msg_id(event.msg_id)}) could not be decrypted and was dropped")
         elif isinstance(event, HandshakeFailed):
             pass  # reported by the command as its exit message
 
@@ -128,13 +177,14 @@ class Terminal:
 class StdinLines:
     """Lines from fd 0, read in a thread; `None` marks end of input (Ctrl-D)."""
 
-    def __init__(self, fd: int = 0) -> None:
+    def __init__(self, fd: int = 0, encoding: str | None = None) -> None:
         self.fd = fd
+        self.encoding = encoding or input_encoding()
         self._send, self._recv = trio.open_memory_channel[str | None](64)
         self._started = False
 
     async def run(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = codecs.getincrementaldecoder(self.encoding)(errors="replace")
         buffer = ""
         async with self._send:
             while True:
