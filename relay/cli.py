@@ -25,6 +25,8 @@ import trio
 from . import logging as relay_logging
 from .config import RelayConfig
 from .core import RelayCore
+from .metrics import MetricsBindError
+from .observe import LimitReporter, Observer
 from .server import RelayServer, ServerConfig
 from .store import MEMORY, Store, StoreError, default_store_path
 from .transport import TransportConfig
@@ -101,13 +103,21 @@ def build_relay(
     transport_options: dict[str, Any] | None = None,
     server_options: dict[str, Any] | None = None,
     core: Any = None,
+    observer: Observer | None = None,
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
+
+    `observer` hears about limit hits (core and shell); by default a
+    `LimitReporter` that counts them for metrics and logs them rate-limited,
+    showing addresses as `server_options["log_addresses"]` says.
 
     Raises StoreError / ValueError with a one-line message. The caller closes
     the store after `serve()` returns.
     """
     store_obj = None if store == MEMORY else Store(store)
+    if observer is None:
+        mode = (server_options or {}).get("log_addresses", ServerConfig.log_addresses)
+        observer = LimitReporter(show=lambda who: relay_logging.shown_address(who, mode))
     try:
         transport = TransportConfig(
             max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
@@ -119,7 +129,9 @@ def build_relay(
             options.setdefault(
                 "replay_chunk_bytes", min(1 << 20, max(1, transport.effective_send_buffer_bytes // 4))
             )
-            core = RelayCore(_core_config(dialect, max_frame, options), clock=time.time, rng=secrets)
+            core = RelayCore(
+                _core_config(dialect, max_frame, options), clock=time.time, rng=secrets, observer=observer
+            )
         if store_obj is not None:
             snapshot = store_obj.load()
             core.restore(snapshot)
@@ -138,6 +150,7 @@ def build_relay(
                 transport=transport,
                 **(server_options or {}),
             ),
+            observer=observer,
         )
     except BaseException:
         if store_obj is not None:
@@ -219,6 +232,21 @@ def _env_default(ctx: click.Context, name: str) -> bool:
 @_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
               type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
               help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
+@_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
+              type=click.IntRange(0, 65535), default=None, show_envvar=True,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "
+                   "port, logged).")
+@_option("--metrics-host", envvar="PARLEY_RELAY_METRICS_HOST", default="127.0.0.1",
+              show_default=True, show_envvar=True,
+              help="Address the metrics endpoint listens on (loopback: metrics are for the operator).")
+@_option("--log-format", envvar="PARLEY_RELAY_LOG_FORMAT",
+              type=click.Choice(relay_logging.FORMATS, case_sensitive=False), default="text",
+              show_default=True, show_envvar=True,
+              help="Log lines as text, or as one JSON object per line.")
+@_option("--log-addresses", envvar="PARLEY_RELAY_LOG_ADDRESSES",
+              type=click.Choice(relay_logging.ADDRESS_MODES, case_sensitive=False), default="prefix",
+              show_default=True, show_envvar=True,
+              help="Client addresses in logs: full, prefix (IPv4 /24, IPv6 /48) or none.")
 def relay(
     host: str,
     port: int,
@@ -234,6 +262,10 @@ def relay(
     code_ttl: float,
     session_ttl: float,
     queue_bytes: int,
+    metrics_port: int | None,
+    metrics_host: str,
+    log_format: str,
+    log_addresses: str,
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -250,7 +282,7 @@ def relay(
             port = addr_port
     if bool(certfile) != bool(keyfile):
         raise _OneLineError("--certfile and --keyfile go together", 2)
-    relay_logging.configure(log_level.lower())
+    relay_logging.configure(log_level.lower(), log_format.lower())
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
@@ -268,6 +300,11 @@ def relay(
                 "code_ttl": code_ttl,
                 "session_ttl": session_ttl,
                 "queue_max_bytes": queue_bytes,
+            },
+            server_options={
+                "metrics_host": metrics_host,
+                "metrics_port": metrics_port,
+                "log_addresses": log_addresses.lower(),
             },
         )
     except (StoreError, ValueError, TypeError) as exc:
@@ -291,6 +328,8 @@ def relay(
         sys.exit(130)
     except (OSError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
+        if isinstance(leaf, MetricsBindError):
+            raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, OSError) and not server.listeners:
             where = format_url(bind_host or "0.0.0.0", port, server.tls)
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None

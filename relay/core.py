@@ -13,6 +13,13 @@ randomness only from the `clock` and `rng` it is given::
     core.tick()                       # about once a second
     core.stats()                      # counts only, safe to log
 
+Counters for metrics (read at scrape time, never reset; plain dict
+increments so the hot path pays no metrics library): `frames_in[t]` counts
+client frames by wire type (`"invalid"`: unparseable or refused before
+parsing), `frames_out[t]` the frames the core hands to connections by type,
+`errors_sent[code]` the ERRORs sent by `data.code`. Limits that refuse or cut
+something are reported to the injected `observer` (`relay.observe`).
+
 `clock` must return Unix time in seconds: SIDs carry it and the deadlines in
 the store outlive the process. `rng` needs `token_hex(n)` and `randbelow(n)`.
 Connection ids must not be reused while the core lives (a stored frame
@@ -136,6 +143,7 @@ from parley.protocol import (
     PeerOnline,
     Ping,
     Pong,
+    REGISTRY,
     ProtocolError,
     Reattach,
     Received,
@@ -146,6 +154,7 @@ from parley.protocol import (
     parse_canonical_msg,
 )
 
+from .addresses import address_key
 from .actions import (
     Action,
     Close,
@@ -165,6 +174,7 @@ from .actions import (
 )
 from .config import RelayConfig
 from .limits import KeyedWindows, Window
+from .observe import NullObserver, Observer
 
 __all__ = ["RelayCore", "RelayConfig"]
 
@@ -269,10 +279,17 @@ class RelayCore:
         *,
         clock: Callable[[], float],
         rng: Random,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config if config is not None else RelayConfig()
         self._clock = clock
         self._rng = rng
+        self.observer: Observer = observer if observer is not None else NullObserver()
+        # metrics counters (see the module docstring); every wire type is a
+        # key from the start, so the hot path is a plain `+=`
+        self.frames_in: dict[str, int] = dict.fromkeys((*REGISTRY, "invalid"), 0)
+        self.frames_out: dict[str, int] = dict.fromkeys(REGISTRY, 0)
+        self.errors_sent: dict[str, int] = dict.fromkeys((c.value for c in ErrorCode), 0)
         self._dialect = self.config.dialect
         self._conns: dict[ConnId, _Conn] = {}
         self._sessions: dict[str, _Session] = {}
@@ -392,21 +409,27 @@ class RelayCore:
             return []  # closed by the core, or unknown: nothing to answer
         limit = self.config.max_frame
         if len(message) > limit:
+            self.frames_in["invalid"] += 1
             return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         fast = parse_canonical_msg(message)  # the hot path: a MSG in forwarding form
         if fast is not None:
+            self.frames_in["MSG"] += 1
             return self._relay_msg(conn, *fast)
         if isinstance(message, str) and not message.isascii():
             try:
                 encoded = message.encode("utf-8")
             except UnicodeEncodeError:
+                self.frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.BAD_JSON, "message is not UTF-8")
             if len(encoded) > limit:
+                self.frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         try:
             frame = parse(message)
         except ProtocolError as exc:
+            self.frames_in["invalid"] += 1
             return self._error(conn, exc.code, exc.message)
+        self.frames_in[frame.TYPE] += 1
         handler = self._handlers.get(type(frame))
         if handler is None:
             return self._error(conn, ErrorCode.UNKNOWN_TYPE, "frame type not accepted by the relay")
@@ -460,6 +483,7 @@ class RelayCore:
             if self._queue_full(sess, size):
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
+                self.frames_out["DELIVERED_FAILED"] += 1
                 return actions
             self._store(sess, side, cid, msg_id, text, size, actions)
         if receivers or replaying:
@@ -467,8 +491,12 @@ class RelayCore:
             for m in receivers:
                 actions.append(Send(m, text, token if members[m] is None else None))
             actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id)))
+            out = self.frames_out
+            out["MSG"] += len(receivers)
+            out["DELIVERED"] += 1
         else:
             actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None)))
+            self.frames_out["QUEUED"] += 1
         return actions
 
     def _on_received(self, conn: _Conn, frame: Received) -> list[Action]:
@@ -489,6 +517,7 @@ class RelayCore:
         for m, m_side in sess.members.items():
             if m != cid and (side is None or m_side != side):
                 actions.append(Send(m, text))
+                self.frames_out["RECEIVED"] += 1
         return actions
 
     def _on_reattach(self, conn: _Conn, frame: Reattach) -> list[Action]:
@@ -514,11 +543,13 @@ class RelayCore:
             if m != cid:
                 actions.append(Send(m, online))
                 actions.append(Send(cid, online))
+                self.frames_out["PEER_ONLINE"] += 2
         self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
                 if joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
+                    self.frames_out["JOIN_REQUEST"] += 1
                     del sess.pending_joins[joiner]
             if not sess.pending_joins:
                 sess.pending_joins = None
@@ -543,6 +574,7 @@ class RelayCore:
                 cursor = seq
                 break
             budget -= stored.size
+            self.frames_out["MSG"] += 1
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
                 token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
@@ -592,9 +624,11 @@ class RelayCore:
         sid = sess.sid
         if self._dialect != "go":
             actions.append(Send(conn.id, encode_text(SessionCreated(sid))))
+            self.frames_out["SESSION_CREATED"] += 1
         if mint:
             code = self._mint_code(sess, actions)
             actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
+            self.frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_join(self, conn: _Conn, frame: Join) -> list[Action]:
@@ -609,6 +643,7 @@ class RelayCore:
             conn.joins.count(now, cfg.join_window) >= cfg.join_attempts_per_conn
             or self._addr_joins.count(conn.address, now) >= cfg.join_attempts_per_addr
         ):
+            self.observer.limit_hit("join_rate", address_key(conn.address))
             return self._error(conn, ErrorCode.RATE_LIMITED, "too many JOIN attempts, wait a minute")
         conn.joins.add(now)
         self._addr_joins.add(conn.address, now)
@@ -637,6 +672,7 @@ class RelayCore:
         for m in sess.members:
             if m != cid:
                 actions.append(Send(m, text))
+                self.frames_out["JOIN_REQUEST"] += 1
                 break
         else:
             if sess.pending_joins is None:
@@ -655,12 +691,14 @@ class RelayCore:
         if self._dialect != "node":
             text = encode_text(frame)
             actions.extend(Send(m, text) for m in others)
+            self.frames_out["JOIN_ACCEPT"] += len(others)
         if self._dialect != "go":
             if frame.client_id is not None:
                 target = self._client_ids.get(frame.client_id)
                 others = [target] if target in sess.members and target != cid else []
             text = encode_text(Joined(sid, frame.data))
             actions.extend(Send(m, text) for m in others)
+            self.frames_out["JOINED"] += len(others)
         return actions
 
     def _on_join_deny(self, conn: _Conn, frame: JoinDeny) -> list[Action]:
@@ -669,7 +707,9 @@ class RelayCore:
         if sess is None:
             return self._no_session(conn, sid)
         text = encode_text(JoinDenied(sid))
-        return [Send(m, text) for m in sess.members if m != conn.id]
+        actions: list[Action] = [Send(m, text) for m in sess.members if m != conn.id]
+        self.frames_out["JOIN_DENIED"] += len(actions)
+        return actions
 
     def _on_invite_create(self, conn: _Conn, frame: InviteCreate) -> list[Action]:
         if self._dialect == "go":
@@ -694,6 +734,7 @@ class RelayCore:
             return actions
         code = self._mint_code(sess, actions)
         actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
+        self.frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_leave(self, conn: _Conn, frame: Leave) -> list[Action]:
@@ -803,9 +844,12 @@ class RelayCore:
             sid = ""
         frame = ErrorFrame(message, code=code.value if show_code else None, sid=sid)
         actions: list[Action] = [Send(conn.id, encode_text(frame))]
+        self.frames_out["ERROR"] += 1
+        self.errors_sent[code.value] += 1
         cfg = self.config
         now = self._clock()
         if conn.errors.count(now, cfg.error_window) + 1 >= cfg.error_limit:
+            self.observer.limit_hit("error_limit", address_key(conn.address))
             actions.append(Close(conn.id, CLOSE_POLICY, CLOSE_REASON_ERRORS))
             actions.extend(self.disconnect(conn.id))
         else:
@@ -868,6 +912,7 @@ class RelayCore:
         if sess.members:
             text = encode_text(PeerOffline(sess.sid))
             actions.extend(Send(m, text) for m in sess.members)
+            self.frames_out["PEER_OFFLINE"] += len(sess.members)
         return side
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:
