@@ -13,12 +13,13 @@ randomness only from the `clock` and `rng` it is given::
     core.tick()                       # about once a second
     core.stats()                      # counts only, safe to log
 
-Counters for metrics (read at scrape time, never reset; plain dict
-increments so the hot path pays no metrics library): `frames_in[t]` counts
-client frames by wire type (`"invalid"`: unparseable or refused before
-parsing), `frames_out[t]` the frames the core hands to connections by type,
-`errors_sent[code]` the ERRORs sent by `data.code`. Limits that refuse or cut
-something are reported to the injected `observer` (`relay.observe`).
+Counters for metrics: `counters()` (read at scrape time, never reset) gives
+client frames received by wire type (`"invalid"`: unparseable or refused
+before parsing), frames the core handed to connections by type, and ERRORs
+sent by `data.code`. They are plain int increments where things happen (the
+forwarded-MSG hot path: int attributes, which cost less than dict items), so
+relaying pays no metrics library. Limits that refuse or cut something are
+reported to the injected `observer` (`relay.observe`).
 
 `clock` must return Unix time in seconds: SIDs carry it and the deadlines in
 the store outlive the process. `rng` needs `token_hex(n)` and `randbelow(n)`.
@@ -285,11 +286,17 @@ class RelayCore:
         self._clock = clock
         self._rng = rng
         self.observer: Observer = observer if observer is not None else NullObserver()
-        # metrics counters (see the module docstring); every wire type is a
-        # key from the start, so the hot path is a plain `+=`
-        self.frames_in: dict[str, int] = dict.fromkeys((*REGISTRY, "invalid"), 0)
-        self.frames_out: dict[str, int] = dict.fromkeys(REGISTRY, 0)
-        self.errors_sent: dict[str, int] = dict.fromkeys((c.value for c in ErrorCode), 0)
+        # metrics counters (see `counters()`); every wire type is a key from
+        # the start, so counting is a plain `+=`
+        self._frames_in: dict[str, int] = dict.fromkeys((*REGISTRY, "invalid"), 0)
+        self._frames_out: dict[str, int] = dict.fromkeys(REGISTRY, 0)
+        self._errors_sent: dict[str, int] = dict.fromkeys((c.value for c in ErrorCode), 0)
+        # The forwarded-MSG hot path counts in two int attributes only; every
+        # MSG ends in exactly one of DELIVERED, QUEUED, DELIVERED_FAILED or a
+        # refusal, so counters() derives the MSGs received from those.
+        self._live_msgs_out = 0
+        self._delivered_out = 0
+        self._msgs_refused = 0
         self._dialect = self.config.dialect
         self._conns: dict[ConnId, _Conn] = {}
         self._sessions: dict[str, _Session] = {}
@@ -400,6 +407,7 @@ class RelayCore:
         conn = self._conns.get(conn_id)
         if conn is None:
             return []
+        self._frames_in["invalid"] += 1
         return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
 
     def receive(self, conn_id: ConnId, message: str | bytes) -> list[Action]:
@@ -409,27 +417,27 @@ class RelayCore:
             return []  # closed by the core, or unknown: nothing to answer
         limit = self.config.max_frame
         if len(message) > limit:
-            self.frames_in["invalid"] += 1
+            self._frames_in["invalid"] += 1
             return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         fast = parse_canonical_msg(message)  # the hot path: a MSG in forwarding form
         if fast is not None:
-            self.frames_in["MSG"] += 1
-            return self._relay_msg(conn, *fast)
+            return self._relay_msg(conn, *fast)  # counted by its outcome
         if isinstance(message, str) and not message.isascii():
             try:
                 encoded = message.encode("utf-8")
             except UnicodeEncodeError:
-                self.frames_in["invalid"] += 1
+                self._frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.BAD_JSON, "message is not UTF-8")
             if len(encoded) > limit:
-                self.frames_in["invalid"] += 1
+                self._frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         try:
             frame = parse(message)
         except ProtocolError as exc:
-            self.frames_in["invalid"] += 1
+            self._frames_in["invalid"] += 1
             return self._error(conn, exc.code, exc.message)
-        self.frames_in[frame.TYPE] += 1
+        if frame.TYPE != "MSG":  # a MSG is counted by its outcome (_relay_msg)
+            self._frames_in[frame.TYPE] += 1
         handler = self._handlers.get(type(frame))
         if handler is None:
             return self._error(conn, ErrorCode.UNKNOWN_TYPE, "frame type not accepted by the relay")
@@ -453,12 +461,14 @@ class RelayCore:
         if sess is None:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
+                self._msgs_refused += 1
                 return refusal
             sess = self._new_session(sid, actions)
         members = sess.members
         side = members.get(cid, _ABSENT)
         if side is _ABSENT:
             if len(conn.sessions) >= self.config.max_sessions_per_conn:
+                self._msgs_refused += 1
                 return self._too_many_sessions(conn, sid)
             self._attach(conn, sess, None, actions)
             side = None
@@ -483,7 +493,7 @@ class RelayCore:
             if self._queue_full(sess, size):
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
-                self.frames_out["DELIVERED_FAILED"] += 1
+                self._frames_out["DELIVERED_FAILED"] += 1
                 return actions
             self._store(sess, side, cid, msg_id, text, size, actions)
         if receivers or replaying:
@@ -491,12 +501,11 @@ class RelayCore:
             for m in receivers:
                 actions.append(Send(m, text, token if members[m] is None else None))
             actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id)))
-            out = self.frames_out
-            out["MSG"] += len(receivers)
-            out["DELIVERED"] += 1
+            self._live_msgs_out += len(receivers)
+            self._delivered_out += 1
         else:
             actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None)))
-            self.frames_out["QUEUED"] += 1
+            self._frames_out["QUEUED"] += 1
         return actions
 
     def _on_received(self, conn: _Conn, frame: Received) -> list[Action]:
@@ -517,7 +526,7 @@ class RelayCore:
         for m, m_side in sess.members.items():
             if m != cid and (side is None or m_side != side):
                 actions.append(Send(m, text))
-                self.frames_out["RECEIVED"] += 1
+                self._frames_out["RECEIVED"] += 1
         return actions
 
     def _on_reattach(self, conn: _Conn, frame: Reattach) -> list[Action]:
@@ -543,13 +552,13 @@ class RelayCore:
             if m != cid:
                 actions.append(Send(m, online))
                 actions.append(Send(cid, online))
-                self.frames_out["PEER_ONLINE"] += 2
+                self._frames_out["PEER_ONLINE"] += 2
         self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
                 if joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
-                    self.frames_out["JOIN_REQUEST"] += 1
+                    self._frames_out["JOIN_REQUEST"] += 1
                     del sess.pending_joins[joiner]
             if not sess.pending_joins:
                 sess.pending_joins = None
@@ -574,7 +583,7 @@ class RelayCore:
                 cursor = seq
                 break
             budget -= stored.size
-            self.frames_out["MSG"] += 1
+            self._frames_out["MSG"] += 1
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
                 token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text)
@@ -624,11 +633,11 @@ class RelayCore:
         sid = sess.sid
         if self._dialect != "go":
             actions.append(Send(conn.id, encode_text(SessionCreated(sid))))
-            self.frames_out["SESSION_CREATED"] += 1
+            self._frames_out["SESSION_CREATED"] += 1
         if mint:
             code = self._mint_code(sess, actions)
             actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
-            self.frames_out["INVITE_CODE"] += 1
+            self._frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_join(self, conn: _Conn, frame: Join) -> list[Action]:
@@ -672,7 +681,7 @@ class RelayCore:
         for m in sess.members:
             if m != cid:
                 actions.append(Send(m, text))
-                self.frames_out["JOIN_REQUEST"] += 1
+                self._frames_out["JOIN_REQUEST"] += 1
                 break
         else:
             if sess.pending_joins is None:
@@ -691,14 +700,14 @@ class RelayCore:
         if self._dialect != "node":
             text = encode_text(frame)
             actions.extend(Send(m, text) for m in others)
-            self.frames_out["JOIN_ACCEPT"] += len(others)
+            self._frames_out["JOIN_ACCEPT"] += len(others)
         if self._dialect != "go":
             if frame.client_id is not None:
                 target = self._client_ids.get(frame.client_id)
                 others = [target] if target in sess.members and target != cid else []
             text = encode_text(Joined(sid, frame.data))
             actions.extend(Send(m, text) for m in others)
-            self.frames_out["JOINED"] += len(others)
+            self._frames_out["JOINED"] += len(others)
         return actions
 
     def _on_join_deny(self, conn: _Conn, frame: JoinDeny) -> list[Action]:
@@ -708,7 +717,7 @@ class RelayCore:
             return self._no_session(conn, sid)
         text = encode_text(JoinDenied(sid))
         actions: list[Action] = [Send(m, text) for m in sess.members if m != conn.id]
-        self.frames_out["JOIN_DENIED"] += len(actions)
+        self._frames_out["JOIN_DENIED"] += len(actions)
         return actions
 
     def _on_invite_create(self, conn: _Conn, frame: InviteCreate) -> list[Action]:
@@ -734,7 +743,7 @@ class RelayCore:
             return actions
         code = self._mint_code(sess, actions)
         actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
-        self.frames_out["INVITE_CODE"] += 1
+        self._frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_leave(self, conn: _Conn, frame: Leave) -> list[Action]:
@@ -819,6 +828,20 @@ class RelayCore:
             "join_addresses": len(self._addr_joins),  # seen JOINing within join_window
         }
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Totals since start, for metrics: ``frames_in`` (client frames by wire
+        type; ``invalid``: refused unparsed), ``frames_out`` (frames sent by
+        type; the shell's heartbeat PINGs are not the core's) and
+        ``errors_sent`` (ERRORs by `data.code`, PROTOCOL 2.4). Fresh dicts."""
+        frames_out = dict(self._frames_out)
+        frames_out["MSG"] += self._live_msgs_out
+        frames_out["DELIVERED"] += self._delivered_out
+        frames_in = dict(self._frames_in)
+        frames_in["MSG"] = (
+            self._delivered_out + frames_out["QUEUED"] + frames_out["DELIVERED_FAILED"] + self._msgs_refused
+        )
+        return {"frames_in": frames_in, "frames_out": frames_out, "errors_sent": dict(self._errors_sent)}
+
     def _structure_sizes(self) -> dict[str, int]:
         """Sizes of every internal container, for leak tests."""
         return {
@@ -844,8 +867,8 @@ class RelayCore:
             sid = ""
         frame = ErrorFrame(message, code=code.value if show_code else None, sid=sid)
         actions: list[Action] = [Send(conn.id, encode_text(frame))]
-        self.frames_out["ERROR"] += 1
-        self.errors_sent[code.value] += 1
+        self._frames_out["ERROR"] += 1
+        self._errors_sent[code.value] += 1
         cfg = self.config
         now = self._clock()
         if conn.errors.count(now, cfg.error_window) + 1 >= cfg.error_limit:
@@ -912,7 +935,7 @@ class RelayCore:
         if sess.members:
             text = encode_text(PeerOffline(sess.sid))
             actions.extend(Send(m, text) for m in sess.members)
-            self.frames_out["PEER_OFFLINE"] += len(sess.members)
+            self._frames_out["PEER_OFFLINE"] += len(sess.members)
         return side
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:

@@ -1,8 +1,8 @@
 """Prometheus metrics for the relay: counted in plain ints, exported at scrape.
 
 Relaying code never calls `prometheus_client`: the core and the shell count
-in plain ints and dicts where things happen (`RelayCore.frames_in`,
-`frames_out`, `errors_sent`; `RelayServer.counters`; `LimitReporter.counts`;
+in plain ints and dicts where things happen (`RelayCore.counters()`;
+`RelayServer.counters`; `LimitReporter.counts`;
 the `Histogram`s below), and `RelayCollector.collect()` reads them only when
 someone scrapes. A scrape therefore costs the relay one short synchronous
 walk over a few dicts; a message costs it a dict increment.
@@ -57,6 +57,7 @@ MAX_REQUEST_HEAD = 8192  # bytes of request head accepted
 # releases name a 1.0.0 type as "latest" that older servers do not know.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _REASONS = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class Histogram:
@@ -138,14 +139,18 @@ class RelayCollector(Collector):
         ):
             if key in cstats:
                 yield GaugeMetricFamily(p + name, doc, value=cstats[key])
+        try:
+            core_counters = core.counters()
+        except Exception:  # a core that keeps none (a test's fake core)
+            core_counters = {}
         for attr, name, label, doc in (
             ("frames_in", "frames_in", "type", "Client frames received, by wire type ('invalid': unparseable)."),
             ("frames_out", "frames_out", "type", "Frames the core sent to clients, by wire type (heartbeat PINGs not included)."),
             ("errors_sent", "errors_sent", "code", "ERROR frames sent, by data.code (PROTOCOL 2.4)."),
         ):
-            values = getattr(core, attr, None)
+            values = core_counters.get(attr)
             if isinstance(values, dict):
-                yield _labelled(p + name, doc, label, dict(values))
+                yield _labelled(p + name, doc, label, values)
         counts = getattr(server.observer, "counts", None)
         if isinstance(counts, dict):
             yield _labelled(p + "limit_hits", "Times a limit refused or cut something, by kind.",
@@ -232,15 +237,19 @@ async def serve_metrics(
 
 async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            conn.receive_data(data)
-            continue
-        break
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            break
+    except h11.RemoteProtocolError:
+        await stream.send_all(_BAD_REQUEST)
+        return
     if not isinstance(event, h11.Request):
         return
     target = event.target.split(b"?", 1)[0]

@@ -593,10 +593,14 @@ class RelayServer:
             core_stats = self._core.stats()
         except Exception:
             core_stats = {}
+        try:
+            counters = self._core.counters()
+        except Exception:  # a core that keeps none
+            counters = {}
         totals = {
-            "in": sum(getattr(self._core, "frames_in", {}).values()),
-            "out": sum(getattr(self._core, "frames_out", {}).values()),
-            "errors": sum(getattr(self._core, "errors_sent", {}).values()),
+            "in": sum(counters.get("frames_in", {}).values()),
+            "out": sum(counters.get("frames_out", {}).values()),
+            "errors": sum(counters.get("errors_sent", {}).values()),
             "limits": sum(getattr(self.observer, "counts", {}).values()),
         }
         last = self._last_stats
