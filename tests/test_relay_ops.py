@@ -582,3 +582,73 @@ def test_command_json_logs_metrics_port_and_curl(tmp_path):
     assert [o["event"] for o in events].count("close") == 2
     assert all(o["addr"] == "-" for o in events)
     assert not any("127.0.0.1" in line for line in lines if "metrics on http" not in line)
+
+
+def test_command_options_env_vars_and_help(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    for key in list(os.environ):
+        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
+            monkeypatch.delenv(key)
+    calls: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_relay(**kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    logger = logging.getLogger("parley.relay")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
+    try:
+        CliRunner().invoke(relay_cli.relay, ["--store", ":memory:"])
+        assert calls[-1]["server_options"] == {
+            "metrics_host": "127.0.0.1", "metrics_port": None, "log_addresses": "prefix"}
+        CliRunner().invoke(relay_cli.relay, ["--store", ":memory:", "--metrics-port", "9100",
+                                             "--metrics-host", "::1", "--log-addresses", "none"])
+        assert calls[-1]["server_options"] == {
+            "metrics_host": "::1", "metrics_port": 9100, "log_addresses": "none"}
+        CliRunner().invoke(relay_cli.relay, ["--store", ":memory:"], env={
+            "PARLEY_RELAY_METRICS_PORT": "0", "PARLEY_RELAY_LOG_ADDRESSES": "full",
+            "PARLEY_RELAY_LOG_FORMAT": "json"})
+        assert calls[-1]["server_options"]["metrics_port"] == 0
+        assert calls[-1]["server_options"]["log_addresses"] == "full"
+        assert isinstance(logger.handlers[-1].formatter, JsonFormatter)
+        bad = CliRunner().invoke(relay_cli.relay, ["--log-format", "xml"])
+        assert bad.exit_code == 2 and "parley relay: error:" in bad.output
+        result = CliRunner().invoke(relay_cli.relay, ["--help"])
+        for name in ("METRICS_PORT", "METRICS_HOST", "LOG_FORMAT", "LOG_ADDRESSES"):
+            assert f"PARLEY_RELAY_{name}" in result.output
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
+
+
+def test_command_metrics_port_in_use_one_line(monkeypatch):
+    from click.testing import CliRunner
+
+    from parley.relay import cli as relay_cli
+
+    for key in list(os.environ):
+        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
+            monkeypatch.delenv(key)
+    logger = logging.getLogger("parley.relay")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        mport = sock.getsockname()[1]
+        result = CliRunner().invoke(relay_cli.relay, ["--port", "0", "--store", ":memory:",
+                                                      "--metrics-port", str(mport)])
+    finally:
+        sock.close()
+        logger.handlers[:], logger.propagate, logger.level = saved
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"parley relay: error: cannot listen for metrics on 127.0.0.1:{mport}: "
+                     + lines[0].rsplit(": ", 1)[1]]
+    assert "Traceback" not in result.output
