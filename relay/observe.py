@@ -59,6 +59,9 @@ class LimitReporter:
     LRU dict of at most `max_offenders` entries (oldest activity forgotten
     first), so a flood of distinct addresses costs bounded memory: a
     forgotten offender is simply logged afresh when it is seen again.
+    `flush()` (the server calls it every `interval` seconds) logs the hits
+    still left out for offenders that went quiet and forgets offenders with
+    nothing left to report, so memory follows the recent offenders only.
 
     `show` turns `who` into what the log may print (see
     `relay.logging.shown_address`); `clock` is monotonic seconds.
@@ -113,6 +116,27 @@ class LimitReporter:
                     "limit hit: %s by %s", kind, shown,
                     extra={"fields": {"kind": kind, "who": shown}},
                 )
+        except Exception:  # reporting must never break relaying
+            pass
+
+    def flush(self) -> None:
+        """Log the left-out hits whose line is due; forget quiet offenders."""
+        try:
+            now = self._clock()
+            for key, entry in list(self._recent.items()):
+                if now - entry[0] < self._interval:
+                    continue
+                if entry[1]:
+                    kind, who = key
+                    shown = self._show(who)
+                    self._log.info(
+                        "limit hit: %s by %s (%d more since the last line)", kind, shown, entry[1],
+                        extra={"fields": {"kind": kind, "who": shown, "since_last": entry[1]}},
+                    )
+                    entry[0] = now
+                    entry[1] = 0
+                else:
+                    del self._recent[key]
         except Exception:  # reporting must never break relaying
             pass
 

@@ -97,6 +97,7 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     log_addresses: str = "prefix"  # full | prefix | none (relay.logging.shown_address)
     loop_lag_interval: float = 1.0  # seconds the lag probe sleeps
+    observer_flush_interval: float = 60.0  # seconds between observer.flush() calls
 
 
 def make_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -240,6 +241,7 @@ class RelayServer:
             tick_scope = trio.CancelScope()
             services.start_soon(self._tick_loop, tick_scope)
             services.start_soon(self._stats_loop)
+            services.start_soon(self._flush_observer_loop)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 await conns.start(self._listen, listeners)
@@ -584,6 +586,15 @@ class RelayServer:
             await trio.sleep(interval)
             if log.isEnabledFor(logging.INFO):
                 self.log_stats()
+
+    async def _flush_observer_loop(self) -> None:
+        """Let a rate-limited observer log what it held back (`LimitReporter.flush`)."""
+        flush = getattr(self.observer, "flush", None)
+        if flush is None:
+            return
+        while True:
+            await trio.sleep(self._config.observer_flush_interval)
+            flush()
 
     def stats_line(self) -> tuple[str, dict[str, Any]]:
         """The periodic stats line (README "Relay: metrics and logs" documents

@@ -652,3 +652,23 @@ def test_command_metrics_port_in_use_one_line(monkeypatch):
     assert lines == [f"parley relay: error: cannot listen for metrics on 127.0.0.1:{mport}: "
                      + lines[0].rsplit(": ", 1)[1]]
     assert "Traceback" not in result.output
+
+
+def test_limit_reporter_flush_reports_left_out_hits_and_forgets_quiet_offenders(caplog):
+    caplog.set_level(logging.INFO, logger="parley.relay")
+    clock = FakeClock(0.0)
+    reporter = LimitReporter(clock=clock)
+    for _ in range(4):
+        reporter.limit_hit("join_rate", "192.0.2.1")
+    reporter.limit_hit("join_rate", "192.0.2.2")
+    clock.advance(30)
+    reporter.flush()  # not due yet
+    assert len(caplog.records) == 2 and len(reporter) == 2
+    clock.advance(30)
+    reporter.flush()
+    assert caplog.records[-1].getMessage() == "limit hit: join_rate by 192.0.2.1 (3 more since the last line)"
+    assert len(caplog.records) == 3
+    assert len(reporter) == 1  # 192.0.2.2 had nothing left out: forgotten
+    clock.advance(60)
+    reporter.flush()
+    assert len(reporter) == 0 and len(caplog.records) == 3
