@@ -454,7 +454,11 @@ class RelayCore:
     def _relay_msg(
         self, conn: _Conn, sid: str, declared_id: str | None, payload: str | None, text: str
     ) -> list[Action]:
-        """A MSG: `text` is the frame as forwarded, `declared_id` its data.msgID."""
+        """A MSG: `text` is the frame as forwarded, `declared_id` its data.msgID.
+
+        Counting (see `counters()`): every return counts the MSG once, as
+        DELIVERED, QUEUED or DELIVERED_FAILED sent, or else in
+        `_msgs_refused`; a new early return must do the same."""
         cid = conn.id
         actions: list[Action] = []
         sess = self._sessions.get(sid)
