@@ -672,3 +672,84 @@ def test_limit_reporter_flush_reports_left_out_hits_and_forgets_quiet_offenders(
     clock.advance(60)
     reporter.flush()
     assert len(reporter) == 0 and len(caplog.records) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_core_counters_match_a_random_walk(seed):
+    """Random frames from several connections, reconnects, ticks and drains:
+    the counters always equal what the core really sent and was given."""
+    import random
+
+    rnd = random.Random(seed)
+    dialect = ("compat", "go", "node")[seed % 3]
+    h = Harness(queue_max_frames=3, max_frame=600, error_limit=6, join_attempts_per_conn=4,
+                replay_chunk_bytes=200, dialect=dialect)
+    sids: list[str] = []
+    codes: list[str] = []
+    live: set[int] = set()
+    next_conn = 1
+    received = 0
+
+    def learn(out: dict) -> None:
+        for texts in out.values():
+            for text in texts:
+                frame = json.loads(text)
+                if frame.get("sid") and frame["sid"] not in sids:
+                    sids.append(frame["sid"])
+                if frame["t"] == "INVITE_CODE":
+                    codes.append(frame["data"]["code"])
+                if frame["t"] == "JOIN_REQUEST" and "clientID" in frame["data"]:
+                    codes.append("cid:" + frame["data"]["clientID"])
+
+    for _ in range(400):
+        roll = rnd.random()
+        if roll < 0.08 or not live:
+            h.connect(next_conn, f"192.0.2.{next_conn % 5}")
+            live.add(next_conn)
+            next_conn += 1
+            continue
+        conn = rnd.choice(sorted(live))
+        if roll < 0.14:
+            learn(h.disconnect(conn))
+            live.discard(conn)
+            continue
+        if roll < 0.17:
+            learn(h.tick(rnd.choice([0, 1, 700, 8 * 86400])))
+            continue
+        if roll < 0.20:
+            learn(h.drained(conn))
+            continue
+        sid = rnd.choice(sids) if sids and rnd.random() < 0.9 else "1_ab"
+        side = rnd.choice([None, "a", "b"])
+        data: dict[str, Any] = {"side": side} if side else {}
+        cids = [c[4:] for c in codes if c.startswith("cid:")]
+        plain = [c for c in codes if not c.startswith("cid:")]
+        choice = rnd.choice([
+            lambda: {"t": "CREATE_SESSION", **({"data": data} if data else {})},
+            lambda: {"t": "REATTACH", "sid": sid, **({"data": data} if data else {})},
+            lambda: '{"t":"MSG","sid":"%s","data":{"payload":"p%d","msgID":"m%d"}}' % (sid, rnd.randrange(9), rnd.randrange(5)),
+            lambda: {"t": "MSG", "sid": sid, "data": {"payload": "x" * rnd.randrange(300)}},
+            lambda: {"t": "RECEIVED", "sid": sid, "data": {"msgID": f"m{rnd.randrange(5)}"}},
+            lambda: {"t": "JOIN", "data": {"code": rnd.choice(plain or ["000000"]), "publicKey": "ab", **data}},
+            lambda: {"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "cd", **({"clientID": rnd.choice(cids)} if cids else {})}},
+            lambda: {"t": "JOIN_DENY", "sid": sid},
+            lambda: {"t": "INVITE_CREATE", "sid": sid},
+            lambda: {"t": "LEAVE", "sid": sid},
+            lambda: {"t": "PONG"},
+            lambda: rnd.choice(["{", "[]", '{"t":"DELIVERED"}', "y" * 700, '{"t":"MSG"}']),
+        ])
+        message = choice()
+        if rnd.random() < 0.03:
+            if conn in h.core._conns:
+                received += 1
+            learn(h.run(h.core.refuse_too_large(conn)))
+            live -= set(h.closed)
+            continue
+        if conn in h.core._conns:
+            received += 1
+        learn(h.send(conn, message))
+        live -= set(h.closed)
+    counters = h.core.counters()
+    assert sum(counters["frames_in"].values()) == received
+    assert {k: v for k, v in counters["frames_out"].items() if v} == dict(_sent(h))
+    assert {k: v for k, v in counters["errors_sent"].items() if v} == dict(_errors(h))
