@@ -157,6 +157,10 @@ class RelayCollector(Collector):
                             "kind", dict(counts))
         yield GaugeMetricFamily(p + "store_pending_ops", "Store operations waiting for a commit.",
                                 value=sstats["store_pending"])
+        healthy = getattr(server, "store_healthy", None)  # a server that watches its store says so
+        if isinstance(healthy, bool):
+            yield GaugeMetricFamily(p + "store_healthy", "1 while the store commits, 0 while it fails.",
+                                    value=int(healthy))
         yield server.store_commit_seconds.family(
             p + "store_commit_seconds", "Time of one store commit (one SQLite transaction).")
         yield server.loop_lag_seconds.family(

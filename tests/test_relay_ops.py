@@ -398,6 +398,30 @@ async def test_metrics_endpoint_refuses_other_paths_and_methods():
             await silent.aclose()
 
 
+def test_collector_reads_a_fake_core_and_store_health():
+    """A core without counters (a test's fake) still gives the shell's metrics;
+    a server that reports `store_healthy` gets a gauge for it."""
+    from prometheus_client import generate_latest
+
+    class Bare:
+        def stats(self):
+            return {}
+
+    server = RelayServer(Bare(), None, ServerConfig())
+    text = generate_latest(relay_metrics.make_registry(server, process=False)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert value(families, relay_metrics.PREFIX + "open_connections") == 0
+    assert relay_metrics.PREFIX + "frames_in" not in families
+
+    class Watched(RelayServer):
+        store_healthy = False  # as the store-fault work reports it
+
+    server = Watched(Bare(), None, ServerConfig())
+    text = generate_latest(relay_metrics.make_registry(server, process=False)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert value(families, relay_metrics.PREFIX + "store_healthy") == 0
+
+
 async def test_two_relays_in_one_process_have_their_own_metrics():
     with trio.fail_after(15):
         async with running_relay() as (one, port1), running_relay() as (two, port2):
