@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parley.relay import metrics as relay_metrics
 from parley.relay.cli import build_relay
-from parley.relay.logging import JsonFormatter, configure, frame_type_of, shown_address
+from parley.relay.logging import JsonFormatter, frame_type_of, shown_address
 from parley.relay.observe import LimitReporter, RecordingObserver
 from parley.relay.server import RelayServer, ServerConfig
 from parley.relay.testing import FakeClock, Harness
