@@ -27,6 +27,8 @@ import trio
 from . import logging as relay_logging
 from .config import RelayConfig
 from .core import RelayCore
+from .metrics import MetricsBindError
+from .observe import LimitReporter, Observer
 from .server import RelayServer, ServerConfig
 from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
 from .transport import TransportConfig, normalize_origin
@@ -104,18 +106,26 @@ def build_relay(
     transport_options: dict[str, Any] | None = None,
     server_options: dict[str, Any] | None = None,
     core: Any = None,
-    observer: Any = None,
+    observer: Observer | None = None,
     store_init: bool = False,
     store_check: str = "full",
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
     `core_options` and `quota_options` are `RelayConfig` fields (the quotas'
-    kept apart only so each part of the CLI passes its own). Raises
-    StoreError / ValueError with a one-line message. The caller closes the
-    store after `serve()` returns.
+    kept apart only so each part of the CLI passes its own).
+
+    `observer` hears about limit hits (core and shell); by default a
+    `LimitReporter` that counts them for metrics and logs them rate-limited,
+    showing addresses as `server_options["log_addresses"]` says.
+
+    Raises StoreError / ValueError with a one-line message. The caller closes
+    the store after `serve()` returns.
     """
     store_obj = None if store == MEMORY else Store(store, init=store_init, check=store_check)
+    if observer is None:
+        mode = (server_options or {}).get("log_addresses", ServerConfig.log_addresses)
+        observer = LimitReporter(show=lambda who: relay_logging.shown_address(who, mode))
     try:
         transport = TransportConfig(
             max_frame=max_frame, ping_interval=ping_interval, **(transport_options or {})
@@ -373,6 +383,21 @@ _QUOTA_FIELDS = {
               type=click.FloatRange(0, 3600), default=5.0, show_default=True, show_envvar=True,
               help="How long replies that wait for a failing store are held; then unsaved messages "
                    "get DELIVERED_FAILED store_unavailable.")
+@_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
+              type=click.IntRange(0, 65535), default=None, show_envvar=True,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "
+                   "port, logged).")
+@_option("--metrics-host", envvar="PARLEY_RELAY_METRICS_HOST", default="127.0.0.1",
+              show_default=True, show_envvar=True,
+              help="Address the metrics endpoint listens on (loopback: metrics are for the operator).")
+@_option("--log-format", envvar="PARLEY_RELAY_LOG_FORMAT",
+              type=click.Choice(relay_logging.FORMATS, case_sensitive=False), default="text",
+              show_default=True, show_envvar=True,
+              help="Log lines as text, or as one JSON object per line.")
+@_option("--log-addresses", envvar="PARLEY_RELAY_LOG_ADDRESSES",
+              type=click.Choice(relay_logging.ADDRESS_MODES, case_sensitive=False), default="prefix",
+              show_default=True, show_envvar=True,
+              help="Client addresses in logs: full, prefix (IPv4 /24, IPv6 /48) or none.")
 def relay(
     host: str,
     port: int,
@@ -400,6 +425,10 @@ def relay(
     store_retry_min: float,
     store_retry_max: float,
     store_hold: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    log_format: str,
+    log_addresses: str,
     **quotas: Any,
 ) -> None:
     """Run the parley relay."""
@@ -423,7 +452,7 @@ def relay(
         raise _OneLineError(str(exc), 2) from None
     if store_retry_min > store_retry_max:
         raise _OneLineError("--store-retry-min must not exceed --store-retry-max", 2)
-    relay_logging.configure(log_level.lower())
+    relay_logging.configure(log_level.lower(), log_format.lower())
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
@@ -456,6 +485,9 @@ def relay(
                 "store_retry_min": store_retry_min,
                 "store_retry_max": store_retry_max,
                 "store_hold": store_hold,
+                "metrics_host": metrics_host,
+                "metrics_port": metrics_port,
+                "log_addresses": log_addresses.lower(),
             },
             quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
             store_init=store_init,
@@ -482,6 +514,8 @@ def relay(
         sys.exit(130)
     except (OSError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
+        if isinstance(leaf, MetricsBindError):
+            raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, OSError) and not server.listeners:
             where = format_url(bind_host or "0.0.0.0", port, server.tls)
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None

@@ -13,6 +13,14 @@ randomness only from the `clock` and `rng` it is given::
     core.tick()                       # about once a second
     core.stats()                      # counts only, safe to log
 
+Counters for metrics: `counters()` (read at scrape time, never reset) gives
+client frames received by wire type (`"invalid"`: unparseable or refused
+before parsing), frames the core handed to connections by type, and ERRORs
+sent by `data.code`. They are plain int increments where things happen (the
+forwarded-MSG hot path: int attributes, which cost less than dict items), so
+relaying pays no metrics library. Limits that refuse or cut something are
+reported to the injected `observer` (`relay.observe`).
+
 `clock` must return Unix time in seconds: SIDs carry it and the deadlines in
 the store outlive the process. `rng` needs `token_hex(n)` and `randbelow(n)`.
 Connection ids must not be reused while the core lives (a stored frame
@@ -189,6 +197,7 @@ from parley.protocol import (
     PeerOnline,
     Ping,
     Pong,
+    REGISTRY,
     ProtocolError,
     Reattach,
     Received,
@@ -200,6 +209,7 @@ from parley.protocol import (
 )
 from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 
+from .addresses import address_key
 from .actions import (
     Action,
     Close,
@@ -394,7 +404,18 @@ class RelayCore:
         self.config = config if config is not None else RelayConfig()
         self._clock = clock
         self._rng = rng
-        self._observer: Observer = observer if observer is not None else NullObserver()
+        self.observer: Observer = observer if observer is not None else NullObserver()
+        # metrics counters (see `counters()`); every wire type is a key from
+        # the start, so counting is a plain `+=`
+        self._frames_in: dict[str, int] = dict.fromkeys((*REGISTRY, "invalid"), 0)
+        self._frames_out: dict[str, int] = dict.fromkeys(REGISTRY, 0)
+        self._errors_sent: dict[str, int] = dict.fromkeys((c.value for c in ErrorCode), 0)
+        # The forwarded-MSG hot path counts in two int attributes only; every
+        # MSG ends in exactly one of DELIVERED, QUEUED, DELIVERED_FAILED or a
+        # refusal, so counters() derives the MSGs received from those.
+        self._live_msgs_out = 0
+        self._delivered_out = 0
+        self._msgs_refused = 0
         self._dialect = self.config.dialect
         self._conns: dict[ConnId, _Conn] = {}
         self._sessions: dict[str, _Session] = {}
@@ -540,6 +561,7 @@ class RelayCore:
         self._drop(sess, stored, actions)
         self._maybe_idle(sess, self._clock())
         failed = DeliveredFailed(op.sid, msg_id=op.msg_id or None, reason=STORE_UNAVAILABLE)
+        self._frames_out["DELIVERED_FAILED"] += 1
         actions.append(Send(conn_id, encode_text(failed)))
         return actions
 
@@ -549,6 +571,7 @@ class RelayCore:
         conn = self._conns.get(conn_id)
         if conn is None:
             return []
+        self._frames_in["invalid"] += 1
         return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
 
     def receive(self, conn_id: ConnId, message: str | bytes) -> list[Action]:
@@ -558,21 +581,27 @@ class RelayCore:
             return []  # closed by the core, or unknown: nothing to answer
         limit = self.config.max_frame
         if len(message) > limit:
+            self._frames_in["invalid"] += 1
             return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         fast = parse_canonical_msg(message)  # the hot path: a MSG in forwarding form
         if fast is not None:
-            return self._relay_msg(conn, *fast)
+            return self._relay_msg(conn, *fast)  # counted by its outcome
         if isinstance(message, str) and not message.isascii():
             try:
                 encoded = message.encode("utf-8")
             except UnicodeEncodeError:
+                self._frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.BAD_JSON, "message is not UTF-8")
             if len(encoded) > limit:
+                self._frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         try:
             frame = parse(message)
         except ProtocolError as exc:
+            self._frames_in["invalid"] += 1
             return self._error(conn, exc.code, exc.message)
+        if frame.TYPE != "MSG":  # a MSG is counted by its outcome (_relay_msg)
+            self._frames_in[frame.TYPE] += 1
         handler = self._handlers.get(type(frame))
         if handler is None:
             return self._error(conn, ErrorCode.UNKNOWN_TYPE, "frame type not accepted by the relay")
@@ -589,13 +618,18 @@ class RelayCore:
     def _relay_msg(
         self, conn: _Conn, sid: str, declared_id: str | None, payload: str | None, text: str
     ) -> list[Action]:
-        """A MSG: `text` is the frame as forwarded, `declared_id` its data.msgID."""
+        """A MSG: `text` is the frame as forwarded, `declared_id` its data.msgID.
+
+        Counting (see `counters()`): every return counts the MSG once, as
+        DELIVERED, QUEUED or DELIVERED_FAILED sent, or else in
+        `_msgs_refused`; a new early return must do the same."""
         cid = conn.id
         actions: list[Action] = []
         sess = self._sessions.get(sid)
         if sess is None:
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
+                self._msgs_refused += 1
                 return refusal
             if not self._store_ok:
                 return [self._store_failed(cid, sid, declared_id, payload)]
@@ -606,6 +640,7 @@ class RelayCore:
             self._stop_waiting(sess, cid)  # a joiner that sends has its key
         if side is _ABSENT:
             if len(conn.sessions) >= self.config.max_sessions_per_conn:
+                self._msgs_refused += 1
                 return self._too_many_sessions(conn, sid)
             self._attach(conn, sess, None, actions)
             side = None
@@ -634,14 +669,16 @@ class RelayCore:
                 # live to sided receivers, but not kept: promise nothing
                 for m in receivers:
                     actions.append(Send(m, text))
+                self._live_msgs_out += len(receivers)
                 actions.append(self._store_failed(cid, sid, declared_id, payload))
                 return actions
             size = _size(text)
             refusal = self._store_refusal(sess, size, conn.who, conn)
             if refusal is not None:
-                self._observer.limit_hit(refusal, conn.key)
+                self.observer.limit_hit(refusal, conn.key)
                 failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=QUEUE_FULL)
                 actions.append(Send(cid, encode_text(failed)))
+                self._frames_out["DELIVERED_FAILED"] += 1
                 return actions
             kept = self._store(sess, side, cid, msg_id, text, size, conn.who, actions)
         if receivers or replaying:
@@ -649,8 +686,11 @@ class RelayCore:
             for m in receivers:
                 actions.append(Send(m, text, token if members[m] is None else None))
             actions.append(Send(cid, encode_ack("DELIVERED", sid, declared_id), None, kept))
+            self._live_msgs_out += len(receivers)
+            self._delivered_out += 1
         else:
             actions.append(Send(cid, encode_ack("QUEUED", sid, msg_id or None), None, kept))
+            self._frames_out["QUEUED"] += 1
         return actions
 
     def _on_received(self, conn: _Conn, frame: Received) -> list[Action]:
@@ -671,6 +711,7 @@ class RelayCore:
         for m, m_side in sess.members.items():
             if m != cid and (side is None or m_side != side):
                 actions.append(Send(m, text))
+                self._frames_out["RECEIVED"] += 1
         return actions
 
     def _on_reattach(self, conn: _Conn, frame: Reattach) -> list[Action]:
@@ -698,6 +739,7 @@ class RelayCore:
             if m != cid:
                 actions.append(Send(m, online))
                 actions.append(Send(cid, online))
+                self._frames_out["PEER_ONLINE"] += 2
         self._replay(conn, sess, side, 0, actions)  # a repeated REATTACH starts over
         if sess.pending_joins:
             for joiner, text in list(sess.pending_joins.items()):
@@ -705,6 +747,7 @@ class RelayCore:
                     self._tell_join_gone(sess, joiner, text.side, cid, side, actions)
                 elif joiner != cid and (side is None or sess.members[joiner] != side):
                     actions.append(Send(cid, text))
+                    self._frames_out["JOIN_REQUEST"] += 1
                     del sess.pending_joins[joiner]
             if not sess.pending_joins:
                 sess.pending_joins = None
@@ -729,6 +772,7 @@ class RelayCore:
                 cursor = seq
                 break
             budget -= stored.size
+            self._frames_out["MSG"] += 1
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
                 token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text,
@@ -784,9 +828,11 @@ class RelayCore:
         sid = sess.sid
         if self._dialect != "go":
             actions.append(Send(conn.id, encode_text(SessionCreated(sid))))
+            self._frames_out["SESSION_CREATED"] += 1
         if mint:
             code = self._mint_code(sess, conn, actions)
             actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
+            self._frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_join(self, conn: _Conn, frame: Join) -> list[Action]:
@@ -829,6 +875,7 @@ class RelayCore:
         for m in sess.members:
             if m != cid:
                 actions.append(Send(m, text))
+                self._frames_out["JOIN_REQUEST"] += 1
                 break
         else:
             if sess.pending_joins is None:
@@ -849,12 +896,14 @@ class RelayCore:
         if self._dialect != "node":
             text = encode_text(frame)
             actions.extend(Send(m, text) for m in others)
+            self._frames_out["JOIN_ACCEPT"] += len(others)
         if self._dialect != "go":
             if frame.client_id is not None:
                 target = self._client_ids.get(frame.client_id)
                 others = [target] if target in sess.members and target != cid else []
             text = encode_text(Joined(sid, frame.data))
             actions.extend(Send(m, text) for m in others)
+            self._frames_out["JOINED"] += len(others)
         self._answered(conn, sess, not actions, actions)
         return actions
 
@@ -865,6 +914,7 @@ class RelayCore:
             return self._no_session(conn, sid)
         text = encode_text(JoinDenied(sid))
         actions: list[Action] = [Send(m, text) for m in sess.members if m != conn.id]
+        self._frames_out["JOIN_DENIED"] += len(actions)
         self._answered(conn, sess, False, actions)
         return actions
 
@@ -894,6 +944,7 @@ class RelayCore:
             return actions
         code = self._mint_code(sess, conn, actions)
         actions.append(Send(conn.id, encode_text(InviteCode(sid, code))))
+        self._frames_out["INVITE_CODE"] += 1
         return actions
 
     def _on_leave(self, conn: _Conn, frame: Leave) -> list[Action]:
@@ -983,6 +1034,20 @@ class RelayCore:
             "join_addresses": len(self._addr_joins),  # seen JOINing within join_window
         }
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Totals since start, for metrics: ``frames_in`` (client frames by wire
+        type; ``invalid``: refused unparsed), ``frames_out`` (frames sent by
+        type; the shell's heartbeat PINGs are not the core's) and
+        ``errors_sent`` (ERRORs by `data.code`, PROTOCOL 2.4). Fresh dicts."""
+        frames_out = dict(self._frames_out)
+        frames_out["MSG"] += self._live_msgs_out
+        frames_out["DELIVERED"] += self._delivered_out
+        frames_in = dict(self._frames_in)
+        frames_in["MSG"] = (
+            self._delivered_out + frames_out["QUEUED"] + frames_out["DELIVERED_FAILED"] + self._msgs_refused
+        )
+        return {"frames_in": frames_in, "frames_out": frames_out, "errors_sent": dict(self._errors_sent)}
+
     def _structure_sizes(self) -> dict[str, int]:
         """Sizes of every internal container, for leak tests."""
         return {
@@ -1009,9 +1074,12 @@ class RelayCore:
             sid = ""
         frame = ErrorFrame(message, code=code.value if show_code else None, sid=sid)
         actions: list[Action] = [Send(conn.id, encode_text(frame))]
+        self._frames_out["ERROR"] += 1
+        self._errors_sent[code.value] += 1
         cfg = self.config
         now = self._clock()
         if conn.errors.count(now, cfg.error_window) + 1 >= cfg.error_limit:
+            self.observer.limit_hit("error_limit", address_key(conn.address))
             actions.append(Close(conn.id, CLOSE_POLICY, CLOSE_REASON_ERRORS))
             actions.extend(self.disconnect(conn.id))
         else:
@@ -1035,11 +1103,14 @@ class RelayCore:
         if len(sid) > self.config.max_sid_length:
             sid = ""
         frame = ErrorFrame(UNAVAILABLE_MESSAGE, code=ErrorCode.UNAVAILABLE.value, sid=sid)
+        self._frames_out["ERROR"] += 1
+        self._errors_sent[ErrorCode.UNAVAILABLE.value] += 1
         return [Send(conn.id, encode_text(frame))]
 
     def _store_failed(self, cid: ConnId, sid: str, declared_id: str | None, payload: str | None) -> Send:
         msg_id = declared_id if declared_id is not None else (payload[:24] if payload else "")
         failed = DeliveredFailed(sid, msg_id=msg_id or None, reason=STORE_UNAVAILABLE)
+        self._frames_out["DELIVERED_FAILED"] += 1
         return Send(cid, encode_text(failed))
 
     def _codes_exhausted(self, conn: _Conn, sid: str) -> list[Action]:
@@ -1090,6 +1161,7 @@ class RelayCore:
         if sess.members:
             text = encode_text(PeerOffline(sess.sid))
             actions.extend(Send(m, text) for m in sess.members)
+            self._frames_out["PEER_OFFLINE"] += len(sess.members)
         return side
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:
@@ -1129,6 +1201,8 @@ class RelayCore:
     # parley-only code, never counted against the receiver's error limit.
 
     def _notice(self, conn_id: ConnId, sid: str, code: str, message: str) -> Send:
+        self._frames_out["ERROR"] += 1
+        self._errors_sent[code] = self._errors_sent.get(code, 0) + 1
         return Send(conn_id, encode_text(ErrorFrame(message, code=code, sid=sid)))
 
     def _code_ran_out(self, code: str, actions: list[Action]) -> None:
@@ -1333,7 +1407,7 @@ class RelayCore:
                 kind = self._quota_refusal(self._auto_session_quota, conn.who, 1, "auto_sessions")
         if kind is None:
             return []
-        self._observer.limit_hit(kind, conn.key)
+        self.observer.limit_hit(kind, conn.key)
         return self._error(conn, ErrorCode.RATE_LIMITED, "too many sessions, try later", sid)
 
     def _code_refusal(self, conn: _Conn) -> bool:
@@ -1344,7 +1418,7 @@ class RelayCore:
             kind = self._quota_refusal(self._code_quota, conn.who, 1, "live_codes")
         if kind is None:
             return False
-        self._observer.limit_hit(kind, conn.key)
+        self.observer.limit_hit(kind, conn.key)
         return True
 
     def _store_refusal(self, sess: _Session, size: int, who: _Who | None, conn: _Conn | None) -> str | None:
@@ -1431,13 +1505,13 @@ class RelayCore:
             or self._addr_joins.count(key, now) >= cfg.join_attempts_per_addr
             or self._prefix_joins.count(prefix, now) >= cfg.join_attempts_per_prefix
         ):
-            self._observer.limit_hit("join_rate", key)
+            self.observer.limit_hit("join_rate", key)
             return self._error(conn, ErrorCode.RATE_LIMITED, "too many JOIN attempts, wait a minute")
         if self._failed_joins.count(now, cfg.join_failure_window) >= cfg.join_failures_relay and (
             self._addr_failures.count(key, now) >= cfg.join_failures_per_addr
             or self._prefix_failures.count(prefix, now) >= cfg.join_failures_per_prefix
         ):
-            self._observer.limit_hit("join_failures", key)
+            self.observer.limit_hit("join_failures", key)
             return self._error(conn, ErrorCode.RATE_LIMITED, "too many failed JOINs, try later")
         conn.joins.add(now)
         self._addr_joins.add(key, now)

@@ -3,10 +3,11 @@
 Task layout (one process, one Trio run):
 
 * `serve()` owns two nurseries. The *services* nursery runs the store task
-  (group commits), the tick task (`core.tick()` once a second) and a stats
-  logger; the *connections* nursery runs one accept loop per listening
-  socket and one task per connection (see `transport`: reader + writer task,
-  bounded outgoing buffer).
+  (group commits), the tick task (`core.tick()` once a second), a stats
+  logger, the event-loop lag probe and, with `metrics_port`, the Prometheus
+  endpoint (`relay.metrics`); the *connections* nursery runs one accept loop
+  per listening socket and one task per connection (see `transport`: reader +
+  writer task, bounded outgoing buffer).
 * The core is synchronous and called only from those tasks, never
   concurrently; the actions of one call are applied synchronously, in order,
   before anything else runs, so every connection sees the core's order.
@@ -117,10 +118,11 @@ import attrs
 import trio
 
 from . import admission as adm
+from . import metrics
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
 from .addresses import address_key
 from .fdlimit import connection_capacity, raise_soft_limit
-from .logging import frame_type_of, short_sid
+from .logging import frame_type_of, short_sid, shown_address
 from .memory import TrimPolicy, release_free_memory
 from .observe import NullObserver, Observer
 from .store import Store, describe_error
@@ -166,6 +168,12 @@ class ServerConfig:
     handshakes_per_address: int = 16
     raise_fd_limit: bool = False  # raise the soft RLIMIT_NOFILE to the hard one at start (the CLI does)
 
+    # operating it (README "Relay: metrics and logs")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    log_addresses: str = "prefix"  # full | prefix | none (relay.logging.shown_address)
+    loop_lag_interval: float = 1.0  # seconds the lag probe sleeps
+    observer_flush_interval: float = 60.0  # seconds between observer.flush() calls
 
 # accept() errors: pause the accept loop this long (s) after each one, and log
 # one line per interval (s) with a count, never one per event.
@@ -203,6 +211,9 @@ def make_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
 # no payload, key or code ever reaches the log).
 _RX_TYPE = re.compile(r'\s*\{\s*"t"\s*:\s*"([A-Z_]{1,24})"')
 _SID = re.compile(r'"sid"\s*:\s*"([0-9]{1,16}_[0-9a-f]{1,64})"')
+
+
+_ERROR_CODE = re.compile(r'"code"\s*:\s*"([a-z_]{1,32})"')
 
 
 def _rx_summary(message: str | bytes) -> tuple[str, str]:
@@ -253,7 +264,7 @@ class RelayServer:
     """Runs a `RelayCore` behind WebSocket connections and an optional `Store`."""
 
     def __init__(
-        self, core: Any, store: Store | None, config: ServerConfig, observer: Observer | None = None
+        self, core: Any, store: Store | None, config: ServerConfig, *, observer: Observer | None = None
     ) -> None:
         self._core = core
         self.observer: Observer = observer if observer is not None else NullObserver()
@@ -310,6 +321,13 @@ class RelayServer:
         self._conn_nursery: trio.Nursery | None = None
         self.listeners: list[trio.SocketListener] = []
         self._debug = False
+        self._info = True
+        # operating it: per connection (opened at, shown address, close code)
+        self._conn_info: dict[int, list[Any]] = {}
+        self.store_commit_seconds = metrics.Histogram(metrics.STORE_COMMIT_BUCKETS)
+        self.loop_lag_seconds = metrics.Histogram(metrics.LOOP_LAG_BUCKETS)
+        self.metrics_listeners: list[tuple[str, int]] = []
+        self._last_stats: dict[str, int] = {}
         # counters
         self.counters = {
             "connections": 0,
@@ -326,6 +344,10 @@ class RelayServer:
         }
 
     # -- public --------------------------------------------------------------------
+
+    @property
+    def core(self) -> Any:
+        return self._core
 
     @property
     def tls(self) -> bool:
@@ -356,8 +378,10 @@ class RelayServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `request_shutdown()`; then shut down cleanly and return."""
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._info = log.isEnabledFor(logging.INFO)
         # Bind first, outside any nursery: an address in use is a plain OSError.
         listeners = await trio.open_tcp_listeners(self._config.port, host=self._config.host)
+        metrics_listeners = await self._bind_metrics(listeners)
         if self._config.raise_fd_limit:
             raise_soft_limit()
         try:
@@ -366,7 +390,7 @@ class RelayServer:
             self._spare_fd = None
         self.admission = adm.Admission(self._admission_limits(), self.observer)
         try:
-            await self._serve(listeners, task_status)
+            await self._serve(listeners, metrics_listeners, task_status)
         finally:
             if self._spare_fd is not None:
                 os.close(self._spare_fd)
@@ -396,13 +420,20 @@ class RelayServer:
             refusal_slots=config.fd_reserve // 2,
         )
 
-    async def _serve(self, listeners: list[trio.SocketListener], task_status: Any) -> None:
+    async def _serve(
+        self, listeners: list[trio.SocketListener], metrics_listeners: list[trio.SocketListener],
+        task_status: Any,
+    ) -> None:
         async with trio.open_nursery() as services:
+            if metrics_listeners:
+                await self._start_metrics(services, metrics_listeners)
+            services.start_soon(metrics.watch_loop_lag, self.loop_lag_seconds, self._config.loop_lag_interval)
             if self._store is not None:
                 services.start_soon(self._store_loop)
             tick_scope = trio.CancelScope()
             services.start_soon(self._tick_loop, tick_scope)
             services.start_soon(self._stats_loop)
+            services.start_soon(self._flush_observer_loop)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 await conns.start(self._listen, listeners)
@@ -424,6 +455,31 @@ class RelayServer:
             self.counters["store_ops"],
             self.counters["store_batches"],
         )
+
+    async def _bind_metrics(self, listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
+        """The metrics listeners (none without `metrics_port`), bound before any
+        task starts so a port in use is one clear error."""
+        port = self._config.metrics_port
+        if port is None:
+            return []
+        host = self._config.metrics_host
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            for listener in listeners:  # bound above, not yet owned by anyone
+                await trio.aclose_forcefully(listener)
+            shown = f"[{host}]" if ":" in host else host
+            raise metrics.MetricsBindError(
+                exc.errno, f"cannot listen for metrics on {shown}:{port}: {exc.strerror or exc}"
+            ) from None
+
+    async def _start_metrics(self, services: trio.Nursery, listeners: list[trio.SocketListener]) -> None:
+        registry = metrics.make_registry(self)
+        self.metrics_listeners = await services.start(metrics.serve_metrics, registry, listeners)
+        for host, port in self.metrics_listeners:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics on http://%s:%d/metrics", shown, port,
+                     extra={"fields": {"metrics_host": host, "metrics_port": port}})
 
     # -- listening -------------------------------------------------------------------
 
@@ -580,8 +636,11 @@ class RelayServer:
             conn.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
             return
         self._conns[conn.id] = conn
-        if self._debug:
-            log.debug("conn %d open (%d open)", conn.id, len(self._live))
+        shown = shown_address(conn.address, self._config.log_addresses)
+        self._conn_info[conn.id] = [time.monotonic(), shown, None]
+        if self._info:
+            log.info("conn %d open from %s (%d open)", conn.id, shown, len(self._live),
+                     extra={"fields": {"event": "open", "conn": conn.id, "addr": shown, "open": len(self._live)}})
         self._call(conn, self._core.connect, conn.id, conn.address)
 
     def on_message(self, conn: WsConn, message: str | bytes) -> None:
@@ -589,7 +648,7 @@ class RelayServer:
             return
         if self._debug:
             t, sid = _rx_summary(message)
-            log.debug("conn %d rx %s sid %s %dB", conn.id, t, sid, len(message))
+            log.debug("conn %d %s rx %s sid %s %dB", conn.id, self._shown(conn.id), t, sid, len(message))
         self._call(conn, self._core.receive, conn.id, message)
 
     def on_too_large(self, conn: WsConn, size: int) -> None:
@@ -597,7 +656,8 @@ class RelayServer:
         unread and the connection stays open."""
         self.counters["too_large"] += 1
         if self._debug:
-            log.debug("conn %d sent a message over %d bytes: answered too_large", conn.id, size - 1)
+            log.debug("conn %d %s sent a message over %d bytes: answered too_large",
+                      conn.id, self._shown(conn.id), size - 1)
         self._call(conn, self._core.refuse_too_large, conn.id)
 
     def on_drained(self, conn: WsConn) -> None:
@@ -608,12 +668,27 @@ class RelayServer:
 
     def on_close(self, conn: WsConn) -> None:
         self._live.pop(conn.id, None)
-        if self._debug:
-            log.debug(
-                "conn %d closed (%s): %d msgs in, %d msgs out",
-                conn.id, conn.close_reason, conn.messages_in, conn.messages_out,
+        info = self._conn_info.pop(conn.id, None)
+        if self._info and info is not None:
+            opened, shown, code = info
+            duration = time.monotonic() - opened
+            reason = conn.close_reason or "-"
+            log.info(
+                "conn %d closed from %s after %.1f s: %d msgs in, %d msgs out, %s%s",
+                conn.id, shown, duration, conn.messages_in, conn.messages_out,
+                f"code {code} " if code is not None else "", reason,
+                extra={"fields": {
+                    "event": "close", "conn": conn.id, "addr": shown, "duration_s": round(duration, 3),
+                    "msgs_in": conn.messages_in, "msgs_out": conn.messages_out,
+                    "close_code": code, "reason": reason,
+                }},
             )
         self._drop(conn.id)
+
+    def _shown(self, conn_id: int) -> str:
+        """The address of a connection as the logs may show it."""
+        info = self._conn_info.get(conn_id)
+        return info[1] if info is not None else "-"
 
     # -- core calls and actions ---------------------------------------------------------
 
@@ -703,18 +778,29 @@ class RelayServer:
             conn.notify_when_drained()
         elif kind is Send:
             if self._debug:
-                log.debug(
-                    "conn %d tx %s %dB", conn.id, frame_type_of(action.text), len(action.text)
-                )
+                self._debug_tx(conn, action.text)
             if not conn.send_text(action.text, action.requeue):
                 if conn.close_reason == OVERFLOW:
                     self.counters["overflows"] += 1
-                    log.info("conn %d send buffer full: disconnected", conn.id)
+                    self.observer.limit_hit("send_buffer", address_key(conn.address))
+                    log.info("conn %d %s send buffer full: disconnected", conn.id, self._shown(conn.id))
                 self._doomed.append(conn.id)
         else:
             if self._debug:
-                log.debug("conn %d close %d", conn.id, action.code)
+                log.debug("conn %d %s close %d", conn.id, self._shown(conn.id), action.code)
+            info = self._conn_info.get(conn.id)
+            if info is not None and info[2] is None:
+                info[2] = action.code
             conn.close(action.code, action.reason)
+
+    def _debug_tx(self, conn: WsConn, text: str) -> None:
+        t = frame_type_of(text)
+        if t == "ERROR":
+            m = _ERROR_CODE.search(text, 0, 400)
+            log.debug("conn %d %s tx ERROR %s %dB", conn.id, self._shown(conn.id),
+                      m.group(1) if m else "-", len(text))
+        else:
+            log.debug("conn %d %s tx %s %dB", conn.id, self._shown(conn.id), t, len(text))
 
     def _release(self) -> None:
         committed = self._committed
@@ -768,6 +854,7 @@ class RelayServer:
                 raise
             elapsed = time.monotonic() - started
             self.last_commit_seconds = elapsed
+            self.store_commit_seconds.observe(elapsed)
             self._committed += len(batch)
             self.counters["store_batches"] += 1
             self.counters["store_ops"] += len(batch)
@@ -924,9 +1011,49 @@ class RelayServer:
         while True:
             await trio.sleep(interval)
             if log.isEnabledFor(logging.INFO):
-                try:
-                    core_stats = self._core.stats()
-                except Exception:
-                    core_stats = {}
-                counts = {**self.stats(), **{f"core_{k}": v for k, v in core_stats.items()}}
-                log.info("stats %s", " ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, int)))
+                self.log_stats()
+
+    async def _flush_observer_loop(self) -> None:
+        """Let a rate-limited observer log what it held back (`LimitReporter.flush`)."""
+        flush = getattr(self.observer, "flush", None)
+        if flush is None:
+            return
+        while True:
+            await trio.sleep(self._config.observer_flush_interval)
+            flush()
+
+    def stats_line(self) -> tuple[str, dict[str, Any]]:
+        """The periodic stats line (README "Relay: metrics and logs" documents
+        each field) and its fields; `in`/`out`/`errors`/`limits` count since
+        the previous call, `lag_ms` is the largest loop lag since then."""
+        try:
+            core_stats = self._core.stats()
+        except Exception:
+            core_stats = {}
+        try:
+            counters = self._core.counters()
+        except Exception:  # a core that keeps none
+            counters = {}
+        totals = {
+            "in": sum(counters.get("frames_in", {}).values()),
+            "out": sum(counters.get("frames_out", {}).values()),
+            "errors": sum(counters.get("errors_sent", {}).values()),
+            "limits": sum(getattr(self.observer, "counts", {}).values()),
+        }
+        last = self._last_stats
+        fields: dict[str, Any] = {
+            "open": len(self._live),
+            "sessions": core_stats.get("sessions", 0),
+            "codes": core_stats.get("live_codes", 0),
+            "queued": core_stats.get("queued_frames", 0),
+            "queued_bytes": core_stats.get("queued_bytes", 0),
+            **{k: v - last.get(k, 0) for k, v in totals.items()},
+            "store_pending": len(self._pending),
+            "lag_ms": round(self.loop_lag_seconds.max_since() * 1000, 1),
+        }
+        self._last_stats = totals
+        return " ".join(f"{k}={v}" for k, v in fields.items()), fields
+
+    def log_stats(self) -> None:
+        text, fields = self.stats_line()
+        log.info("stats %s", text, extra={"fields": {"event": "stats", **fields}})

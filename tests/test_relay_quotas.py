@@ -25,7 +25,7 @@ B = "203.0.113.9"  # somebody else
 def harness(**fields) -> Harness:
     h = Harness(**fields)
     h.observer = RecordingObserver()
-    h.core._observer = h.observer
+    h.core.observer = h.observer
     return h
 
 
