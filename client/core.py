@@ -27,7 +27,14 @@ The handshake in the three roles (PROTOCOL 1.3, 1.4, 2.2, 2.4):
   `JOIN_ACCEPT` (Go) or `JOINED` (Node), whichever comes first, the other
   ignored; `ERROR "Invalid or expired code"` and `JOIN_DENIED` are typed
   failures.
-* resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side}}`.
+* resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side,
+  create:"never"}}`. `create:"never"` (parley only, protocol/EXTENSIONS.md)
+  asks a parley relay that does not know the session to answer `ERROR
+  no_session` (for the REATTACH and the MSGs after it) instead of creating
+  it: a session resumed on the wrong relay then fails with
+  `FailureKind.UNKNOWN_SESSION` instead of reporting QUEUED for messages the
+  peer will never get. A Go relay ignores the field. `create_if_unknown=True`
+  (the CLI's `--move-relay`) leaves it out.
 
 After the key exists: messages are encrypted once, saved in the entry's
 `pending` list, and only then sent; they are resent byte-identical after every
@@ -52,6 +59,9 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
     seen           parley: IVs (24 hex) of messages received, the last 10,000.
     sent           parley: IVs of messages we sent, the last 10,000.
     peerOnline     parley: last presence the relay reported (true/false).
+    relay          parley: the relay URL the session was made on (`chat` and
+                   `send` use it; another one needs `--move-relay`, which
+                   records the new one). Entries without it use `--relay`.
 
 Unknown fields in an entry are kept as they are.
 """
@@ -133,6 +143,7 @@ SIDE_BYTES = 16
 ACK_TIMEOUT = 10.0
 MAX_TEXT_BYTES = 256 * 1024
 INVALID_CODE_MESSAGE = "Invalid or expired code"
+NO_SESSION = "no_session"
 
 
 def short_sid(sid: str) -> str:
@@ -215,9 +226,13 @@ class ClientCore:
         keygen: Callable[[], str] = crypto.generate_private_key,
         ack_timeout: float = ACK_TIMEOUT,
         seen_limit: int = SEEN_LIMIT,
+        relay: str | None = None,
+        create_if_unknown: bool = False,
     ) -> None:
         self.mode = mode
         self.sid = sid
+        self.relay = relay  # recorded in the entry with the key (the shell sets it)
+        self.create_if_unknown = create_if_unknown
         self.receive = receive
         self._random = random
         self._clock = clock
@@ -356,6 +371,9 @@ class ClientCore:
             return []
         changed = "side" not in self.entry or self.entry.get("side") != self.side
         self.entry["side"] = self.side
+        if self.create_if_unknown and self.relay is not None and self.entry.get("relay") != self.relay:
+            self.entry["relay"] = self.relay  # --move-relay: this relay is the session's from now on
+            changed = True
         actions: list[Action] = []
         outbox = self.entry.get("outbox")
         adopted: list[str] = []
@@ -392,7 +410,8 @@ class ClientCore:
             self.phase = Phase.JOINING
             return [self._send(Join(code=self._code, public_key=self._public_key, side=self.side))]
         assert self.sid is not None
-        actions: list[Action] = [self._send(Reattach(self.sid, side=self.side))]
+        keyed = self.phase is Phase.READY and not self.create_if_unknown
+        actions: list[Action] = [self._send(Reattach(self.sid, side=self.side, create="never" if keyed else None))]
         if self._accept_unsent is not None:
             actions.append(self._send(self._accept_unsent))
             self._accept_unsent = None
@@ -480,6 +499,33 @@ class ClientCore:
         else:
             actions.append(Show(MessageStatus(self.sid, msg_id, Status.PENDING)))
         return msg_id, actions
+
+    def adopt_pending(self, items: list[dict[str, Any]]) -> list[Action]:
+        """Take over pending messages another parley process saved for this session.
+
+        A `parley send` that found this process owning the session saved its
+        message in the entry (`StateStore.save_entry(claim=False)`) and left it
+        to us: it is sent (now, or on the next connection) exactly as saved,
+        like our own. The file has them already, so nothing is saved here.
+        """
+        if self.phase is not Phase.READY or self.sid is None:
+            return []
+        known = set(self.pending_ids())
+        new_ids: list[str] = []
+        for item in items:
+            msg_id, payload = item.get("msgID"), item.get("payload")
+            if not isinstance(msg_id, str) or not isinstance(payload, str) or msg_id in known:
+                continue
+            known.add(msg_id)
+            self.pending.append({"msgID": msg_id, "payload": payload})
+            self._sent.add(iv_of(payload))
+            self._ours.add(msg_id)
+            new_ids.append(msg_id)
+        if not new_ids:
+            return []
+        if self.is_connected:
+            return self._send_pending(new_ids)
+        return [Show(MessageStatus(self.sid, m, Status.PENDING)) for m in new_ids]
 
     def _encrypt_into_pending(self, text: str) -> str:
         assert self.key is not None
@@ -583,6 +629,8 @@ class ClientCore:
         self.entry["role"] = role
         self.entry["publicKey"] = self._public_key
         self.entry["peerPublicKey"] = peer_public
+        if self.relay is not None:
+            self.entry["relay"] = self.relay
         self.entry.setdefault("pending", [])
         self._private_key = None  # the session key is all we need from here on
         self.verification = verification_string(self._public_key, peer_public)
@@ -602,6 +650,16 @@ class ClientCore:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
         if self.phase is Phase.CREATING:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
+        if (
+            self.phase is Phase.READY
+            and frame.code == NO_SESSION
+            and self.sid is not None
+            and frame.sid == self.sid
+            and not self.create_if_unknown
+        ):
+            # Only a parley relay answers no_session for a keyed session (it was
+            # asked to, with create:"never"); nothing sent there reaches the peer.
+            return self._fail(FailureKind.UNKNOWN_SESSION, self.relay or "")
         return [Show(RelayError(_one_line(frame.message), frame.code))]
 
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:

@@ -81,6 +81,7 @@ class FailureKind(str, enum.Enum):
     BAD_PEER_KEY = "bad_peer_key"  # the peer's public key failed validation
     INTERRUPTED = "interrupted"  # the connection dropped mid-handshake
     RELAY_ERROR = "relay_error"  # any other ERROR during the handshake
+    UNKNOWN_SESSION = "unknown_session"  # a parley relay does not know the (keyed) session
 
     def __str__(self) -> str:
         return self.value

@@ -52,6 +52,13 @@ def failure_message(failure: HandshakeFailed) -> str:
         return f"handshake aborted: {failure.detail or 'the peer sent an invalid public key'}"
     if kind is FailureKind.INTERRUPTED:
         return "the connection to the relay dropped during the handshake; ask for a new invite code"
+    if kind is FailureKind.UNKNOWN_SESSION:
+        return (
+            f"the relay at {failure.detail or 'this address'} does not know this session, so nothing "
+            "sent through it could reach the peer (messages stay saved): leave out --relay to use the "
+            "session's own relay; if the session really lives on this relay now (it was reset or "
+            "moved), add --move-relay"
+        )
     return f"the relay refused: {failure.detail or 'unknown error'}"
 
 

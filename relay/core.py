@@ -49,7 +49,12 @@ and are re-sent in order on every REATTACH, until then.
 Choices where PROTOCOL is silent
 --------------------------------
 * REATTACH and MSG for an unknown SID create the session (as in 1.3), for SIDs
-  up to `max_sid_length` characters; JOIN_ACCEPT, JOIN_DENY, INVITE_CREATE,
+  up to `max_sid_length` characters, unless the REATTACH carried the
+  parley-only `data.create:"never"` (a parley client resuming a keyed
+  session): that REATTACH, and every later MSG for that SID on the same
+  connection while the session does not exist, get `ERROR no_session`
+  (protocol/EXTENSIONS.md). The SIDs refused so are remembered per
+  connection, at most `max_sessions_per_conn` of them; JOIN_ACCEPT, JOIN_DENY, INVITE_CREATE,
   RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
   JOIN_DENY and RECEIVED need not come from a member (as in Go);
   INVITE_CREATE must.
@@ -172,6 +177,7 @@ CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
 BAD_CODE_MESSAGE = "Invalid or expired code"
 QUEUE_FULL = "queue_full"
+NO_CREATE = "never"  # REATTACH data.create: do not create an unknown session (parley only)
 
 _SIDE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
@@ -185,7 +191,7 @@ class Random(Protocol):
 
 
 class _Conn:
-    __slots__ = ("id", "address", "sessions", "errors", "joins", "client_id", "replay")
+    __slots__ = ("id", "address", "sessions", "errors", "joins", "client_id", "replay", "refused")
 
     def __init__(self, conn_id: ConnId, address: Hashable) -> None:
         self.id = conn_id
@@ -197,6 +203,9 @@ class _Conn:
         # sid -> seq of the next stored frame to replay once the connection's
         # buffer has drained (a REATTACH backlog larger than one chunk)
         self.replay: dict[str, int] | None = None
+        # SIDs a parley client asked not to create (REATTACH create:"never")
+        # that did not exist: its MSGs for them are refused too, not auto-created
+        self.refused: set[str] | None = None
 
 
 class _Stored:
@@ -428,6 +437,8 @@ class RelayCore:
         actions: list[Action] = []
         sess = self._sessions.get(sid)
         if sess is None:
+            if conn.refused is not None and sid in conn.refused:
+                return self._no_session(conn, sid)
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
@@ -500,6 +511,8 @@ class RelayCore:
         actions: list[Action] = []
         sess = self._sessions.get(sid)
         if sess is None:
+            if frame.create == NO_CREATE:
+                return self._refuse_unknown(conn, sid)
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
@@ -817,6 +830,15 @@ class RelayCore:
 
     def _no_session(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.NO_SESSION, "no such session", sid)
+
+    def _refuse_unknown(self, conn: _Conn, sid: str) -> list[Action]:
+        """REATTACH create:"never" for a session the relay does not have."""
+        if len(sid) <= self.config.max_sid_length:
+            if conn.refused is None:
+                conn.refused = set()
+            if len(conn.refused) < self.config.max_sessions_per_conn:
+                conn.refused.add(sid)
+        return self._no_session(conn, sid)
 
     def _too_many_sessions(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.RATE_LIMITED, "too many sessions on this connection", sid)
