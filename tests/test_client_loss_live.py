@@ -1,0 +1,220 @@
+"""Issue #12, loss while reporting success, between real processes.
+
+`parley relay` and `parley` clients are child processes on 127.0.0.1 (free
+ports); every case is one the issue reported, or a sibling of it:
+
+1. a session resumed against a relay that does not know it fails, says so,
+   and keeps the message; without --relay a session uses the relay it was
+   made on; an explicit other relay needs --move-relay;
+2. a state directory that cannot be written (immutable: root cannot write
+   either) stops `chat` and `invite` before they connect, with one line;
+3. a `parley send` while `parley chat` of the same session runs hands its
+   message to the chat: nothing lost across a relay restart, and presence
+   stays right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from parley.client.harness import ParleyProcess, clean_env, state_of
+from parley.conformance.relayproc import ParleyRelay
+
+TEST_TIMEOUT = 90
+CODE_RE = r"invite code: (\d+)"
+VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
+
+
+async def run_once(relay: str | None, name: str, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """One `parley` command to its end; `relay=None` gives no --relay."""
+    relay_args = ["--relay", relay] if relay is not None else []
+    proc = await trio.run_process(
+        [sys.executable, "-m", "parley.client", *relay_args, "--name", name, "--state-dir", str(cwd), *args],
+        stdin=b"", capture_stdout=True, capture_stderr=True, check=False, env=clean_env(),
+    )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+async def pair(nursery: trio.Nursery, url: str, tmp: Path) -> str:
+    """alice invites, bob joins, both leave; the SID."""
+    alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=url, name="alice", cwd=tmp / "a")
+    code = (await alice.expect(CODE_RE)).group(1)
+    bob = await ParleyProcess.start(nursery, ["join", code], relay=url, name="bob", cwd=tmp / "b")
+    assert (await alice.expect(VERIFY_RE)).group(1) == (await bob.expect(VERIFY_RE)).group(1)
+    await alice.expect(r"^\* type a message")
+    await bob.expect(r"^\* type a message")
+    assert await alice.stop() == 0 and await bob.stop() == 0
+    (sid,) = [s for s, e in state_of(tmp / "a", "alice").items() if "key" in e]
+    return sid
+
+
+def edit_entry(cwd: Path, name: str, sid: str, **changes: object) -> None:
+    path = cwd / f"state-{name}.json"
+    state = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            state[sid].pop(key, None)
+        else:
+            state[sid][key] = value
+    path.write_text(json.dumps(state, indent=2))
+    os.chmod(path, 0o600)
+
+
+def pending_of(cwd: Path, name: str, sid: str) -> list[str]:
+    return [p["msgID"] for p in state_of(cwd, name)[sid].get("pending", [])]
+
+
+# --- 1. the relay a session lives on ------------------------------------------------------------
+
+
+async def test_a_session_uses_its_relay_and_an_unknown_one_is_not_reported_as_queued(tmp_path):
+    with ParleyRelay() as home, ParleyRelay() as other, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            sid = await pair(nursery, home.url, tmp_path)
+            a, b = tmp_path / "a", tmp_path / "b"
+            assert state_of(a, "alice")[sid]["relay"] == home.url
+            assert state_of(b, "bob")[sid]["relay"] == home.url
+
+            # no --relay: the session's own relay, not the default ws://127.0.0.1:9000/
+            rc, out, err = await run_once(None, "alice", a, "send", sid.rpartition("_")[2][:8], "via its own relay")
+            assert rc == 0, err
+            assert "queued by the relay" in out
+
+            # an explicit other relay: refused before anything is saved or sent
+            rc, out, err = await run_once(other.url, "alice", a, "send", sid, "to another relay")
+            assert rc == 1 and out == ""
+            assert f"was made on relay {home.url}" in err and "--move-relay" in err
+            assert pending_of(a, "alice", sid) == []
+
+            # the issue's case: an entry that does not say (made before, or by the Node client),
+            # resumed against a relay that does not know the session
+            edit_entry(a, "alice", sid, relay=None)
+            rc, out, err = await run_once(other.url, "alice", a, "send", sid, "to unknown relay")
+            assert rc == 1, (out, err)
+            assert "queued" not in out and "delivered" not in out
+            assert f"the relay at {other.url} does not know this session" in err
+            assert len(pending_of(a, "alice", sid)) == 1  # kept
+
+            # chat there: the same, and it stops instead of chatting into the void
+            chat = await ParleyProcess.start(nursery, ["chat"], relay=other.url, name="alice", cwd=a)
+            assert await chat.wait(timeout=15) == 1, chat.describe()
+            assert "does not know this session" in chat.stderr_text
+
+            # on the right relay the kept message goes out with the next send, before it
+            rc, out, err = await run_once(home.url, "alice", a, "send", sid, "last")
+            assert rc == 0, err
+            assert pending_of(a, "alice", sid) == []
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=b)
+            for text in ("via its own relay", "to unknown relay", "last"):
+                await bob.expect(f"^peer: {text}$", timeout=15)
+            assert await bob.stop() == 0
+
+            # --move-relay: the user says the session lives there now; recorded
+            edit_entry(a, "alice", sid, relay=home.url)
+            rc, out, err = await run_once(other.url, "alice", a, "send", "--move-relay", sid, "moved")
+            assert rc == 0, err
+            assert state_of(a, "alice")[sid]["relay"] == other.url
+            assert other.alive() and home.alive()
+
+
+# --- 2. a state directory nobody can write ------------------------------------------------------
+
+
+def chattr(flag: str, path: Path) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+async def test_unwritable_state_directory_stops_before_anything_is_sent(tmp_path):
+    with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            sid = await pair(nursery, relay.url, tmp_path)
+            a, b = tmp_path / "a", tmp_path / "b"
+            if not chattr("+i", a):
+                pytest.skip("chattr +i does not work here (root writes anywhere else); see test_client_loss.py")
+            try:
+                chat = await ParleyProcess.start(nursery, ["chat"], relay=relay.url, name="alice", cwd=a)
+                assert await chat.wait(timeout=15) == 1, chat.describe()
+                assert not chat.seen("connected to"), chat.describe()
+                (line,) = chat.stderr_text.strip().splitlines()
+                assert line.startswith("parley: cannot write the state file in") and str(a) in line
+
+                invite = await ParleyProcess.start(nursery, ["invite"], relay=relay.url, name="alice", cwd=a)
+                assert await invite.wait(timeout=15) == 1, invite.describe()
+                assert not invite.seen("invite code"), invite.describe()
+                assert "cannot write the state file" in invite.stderr_text
+
+                # the peer is told the truth: nobody received it; the relay keeps it
+                rc, out, err = await run_once(relay.url, "bob", b, "send", sid, "while alice is read-only")
+                assert rc == 0 and "queued by the relay" in out, (out, err)
+            finally:
+                chattr("-i", a)
+            chat = await ParleyProcess.start(nursery, ["chat"], relay=relay.url, name="alice", cwd=a)
+            await chat.expect("^peer: while alice is read-only$", timeout=15)
+            assert await chat.stop() == 0
+
+
+# --- 3. two processes, one session ------------------------------------------------------------------
+
+
+async def test_send_while_chat_runs_hands_over_and_survives_a_relay_restart(tmp_path):
+    store = tmp_path / "relay.sqlite3"
+    first = ParleyRelay(store=store).start()
+    port = first.port
+    relays = [first]
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                url = first.url
+                sid = await pair(nursery, url, tmp_path)
+                a, b = tmp_path / "a", tmp_path / "b"
+                owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
+                await owner.expect(r"^\* connected to ", timeout=15)
+                bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
+                await bob.expect(r"^\* connected to ", timeout=15)
+                await owner.expect(r"^\* peer online$", timeout=15)
+
+                # a one-shot send of the same session: handed to the chat, acknowledged through it
+                rc, out, err = await run_once(url, "alice", a, "send", sid, "handed over")
+                assert rc == 0, err
+                assert "sent by the parley process that has this session open" in out
+                await bob.expect("^peer: handed over$", timeout=15)
+                # presence stayed right on both sides: nobody left
+                await trio.sleep(0.5)
+                assert not bob.seen("peer offline") and not owner.seen("peer offline")
+
+                # a second chat of the same session is refused, not run beside it
+                rc, out, err = await run_once(url, "alice", a, "chat")
+                assert rc == 1 and "open in another parley process" in err
+
+                # the issue's case: relay down, send while the chat runs, relay back, peer connects
+                assert await bob.stop() == 0
+                await owner.expect(r"^\* peer offline$", timeout=15)
+                first.kill()
+                rc, out, err = await run_once(url, "alice", a, "send", "--timeout", "2", sid, "kept?")
+                assert rc == 1 and "the message is saved" in err, (out, err)
+                assert len(pending_of(a, "alice", sid)) == 1
+                relays.append(ParleyRelay(store=store, port=port).start())
+                await owner.expect(r"^\* reconnected to ", timeout=30)
+                bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
+                await bob.expect("^peer: kept\\?$", timeout=20)
+                await owner.expect(r"^\* peer online$", timeout=15)
+                for _ in range(100):
+                    if not pending_of(a, "alice", sid):
+                        break
+                    await trio.sleep(0.1)
+                assert pending_of(a, "alice", sid) == []
+                assert await bob.stop() == 0 and await owner.stop() == 0
+                assert not [ln for ln in bob.lines if ln.startswith("peer: ") and ln != "peer: kept?"]
+    finally:
+        for relay in relays:
+            relay.close()
