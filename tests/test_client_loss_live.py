@@ -74,27 +74,13 @@ def pending_of(cwd: Path, name: str, sid: str) -> list[str]:
 # --- 1. the relay a session lives on ------------------------------------------------------------
 
 
-async def test_a_session_uses_its_relay_and_an_unknown_one_is_not_reported_as_queued(tmp_path):
+async def test_a_relay_that_does_not_know_the_session_is_not_reported_as_queued(tmp_path):
+    """The issue's case: an entry that does not name its relay (made before parley recorded it,
+    or by the Node client), resumed against another running relay."""
     with ParleyRelay() as home, ParleyRelay() as other, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             sid = await pair(nursery, home.url, tmp_path)
             a, b = tmp_path / "a", tmp_path / "b"
-            assert state_of(a, "alice")[sid]["relay"] == home.url
-            assert state_of(b, "bob")[sid]["relay"] == home.url
-
-            # no --relay: the session's own relay, not the default ws://127.0.0.1:9000/
-            rc, out, err = await run_once(None, "alice", a, "send", sid.rpartition("_")[2][:8], "via its own relay")
-            assert rc == 0, err
-            assert "queued by the relay" in out
-
-            # an explicit other relay: refused before anything is saved or sent
-            rc, out, err = await run_once(other.url, "alice", a, "send", sid, "to another relay")
-            assert rc == 1 and out == ""
-            assert f"was made on relay {home.url}" in err and "--move-relay" in err
-            assert pending_of(a, "alice", sid) == []
-
-            # the issue's case: an entry that does not say (made before, or by the Node client),
-            # resumed against a relay that does not know the session
             edit_entry(a, "alice", sid, relay=None)
             rc, out, err = await run_once(other.url, "alice", a, "send", sid, "to unknown relay")
             assert rc == 1, (out, err)
@@ -111,17 +97,38 @@ async def test_a_session_uses_its_relay_and_an_unknown_one_is_not_reported_as_qu
             rc, out, err = await run_once(home.url, "alice", a, "send", sid, "last")
             assert rc == 0, err
             assert pending_of(a, "alice", sid) == []
-            bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=b)
-            for text in ("via its own relay", "to unknown relay", "last"):
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=home.url, name="bob", cwd=b)
+            for text in ("to unknown relay", "last"):
                 await bob.expect(f"^peer: {text}$", timeout=15)
             assert await bob.stop() == 0
 
+
+async def test_a_session_uses_the_relay_it_was_made_on(tmp_path):
+    with ParleyRelay() as home, ParleyRelay() as other, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            sid = await pair(nursery, home.url, tmp_path)
+            a, b = tmp_path / "a", tmp_path / "b"
+            assert state_of(a, "alice")[sid]["relay"] == home.url
+            assert state_of(b, "bob")[sid]["relay"] == home.url
+
+            # no --relay: the session's own relay, not the default ws://127.0.0.1:9000/
+            rc, out, err = await run_once(None, "alice", a, "send", sid.rpartition("_")[2][:8], "via its own relay")
+            assert rc == 0, err
+            assert "queued by the relay" in out
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=b)
+            await bob.expect("^peer: via its own relay$", timeout=15)
+            assert await bob.stop() == 0
+
+            # an explicit other relay: refused before anything is saved or sent
+            rc, out, err = await run_once(other.url, "alice", a, "send", sid, "to another relay")
+            assert rc == 1 and out == ""
+            assert f"was made on relay {home.url}" in err and "--move-relay" in err
+            assert pending_of(a, "alice", sid) == []
+
             # --move-relay: the user says the session lives there now; recorded
-            edit_entry(a, "alice", sid, relay=home.url)
             rc, out, err = await run_once(other.url, "alice", a, "send", "--move-relay", sid, "moved")
             assert rc == 0, err
             assert state_of(a, "alice")[sid]["relay"] == other.url
-            assert other.alive() and home.alive()
 
 
 # --- 2. a state directory nobody can write ------------------------------------------------------
@@ -166,10 +173,11 @@ async def test_unwritable_state_directory_stops_before_anything_is_sent(tmp_path
 # --- 3. two processes, one session ------------------------------------------------------------------
 
 
-async def test_send_while_chat_runs_hands_over_and_survives_a_relay_restart(tmp_path):
+async def test_send_while_chat_runs_loses_nothing_across_a_relay_restart(tmp_path):
+    """The issue's case: relay down, `send` while the same session's `chat` runs, relay back,
+    the peer connects: the message reaches the peer and leaves alice's pending list."""
     store = tmp_path / "relay.sqlite3"
     first = ParleyRelay(store=store).start()
-    port = first.port
     relays = [first]
     try:
         with trio.fail_after(TEST_TIMEOUT):
@@ -179,42 +187,47 @@ async def test_send_while_chat_runs_hands_over_and_survives_a_relay_restart(tmp_
                 a, b = tmp_path / "a", tmp_path / "b"
                 owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
                 await owner.expect(r"^\* connected to ", timeout=15)
-                bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
-                await bob.expect(r"^\* connected to ", timeout=15)
-                await owner.expect(r"^\* peer online$", timeout=15)
-
-                # a one-shot send of the same session: handed to the chat, acknowledged through it
-                rc, out, err = await run_once(url, "alice", a, "send", sid, "handed over")
-                assert rc == 0, err
-                assert "sent by the parley process that has this session open" in out
-                await bob.expect("^peer: handed over$", timeout=15)
-                # presence stayed right on both sides: nobody left
-                await trio.sleep(0.5)
-                assert not bob.seen("peer offline") and not owner.seen("peer offline")
-
-                # a second chat of the same session is refused, not run beside it
-                rc, out, err = await run_once(url, "alice", a, "chat")
-                assert rc == 1 and "open in another parley process" in err
-
-                # the issue's case: relay down, send while the chat runs, relay back, peer connects
-                assert await bob.stop() == 0
-                await owner.expect(r"^\* peer offline$", timeout=15)
                 first.kill()
                 rc, out, err = await run_once(url, "alice", a, "send", "--timeout", "2", sid, "kept?")
                 assert rc == 1 and "the message is saved" in err, (out, err)
                 assert len(pending_of(a, "alice", sid)) == 1
-                relays.append(ParleyRelay(store=store, port=port).start())
+                relays.append(ParleyRelay(store=store, port=first.port).start())
                 await owner.expect(r"^\* reconnected to ", timeout=30)
                 bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
                 await bob.expect("^peer: kept\\?$", timeout=20)
-                await owner.expect(r"^\* peer online$", timeout=15)
                 for _ in range(100):
                     if not pending_of(a, "alice", sid):
                         break
                     await trio.sleep(0.1)
                 assert pending_of(a, "alice", sid) == []
                 assert await bob.stop() == 0 and await owner.stop() == 0
-                assert not [ln for ln in bob.lines if ln.startswith("peer: ") and ln != "peer: kept?"]
+                assert [ln for ln in bob.lines if ln.startswith("peer: ")] == ["peer: kept?"]
     finally:
         for relay in relays:
             relay.close()
+
+
+async def test_send_while_chat_runs_keeps_presence_right_and_one_owner(tmp_path):
+    with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            url = relay.url
+            sid = await pair(nursery, url, tmp_path)
+            a, b = tmp_path / "a", tmp_path / "b"
+            owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
+            await owner.expect(r"^\* connected to ", timeout=15)
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
+            await bob.expect(r"^\* connected to ", timeout=15)
+            await owner.expect(r"^\* peer online$", timeout=15)
+
+            rc, out, err = await run_once(url, "alice", a, "send", sid, "handed over")
+            assert rc == 0, err
+            await bob.expect("^peer: handed over$", timeout=15)
+            await trio.sleep(1.0)  # a PEER_OFFLINE would have come by now
+            assert not bob.seen("peer offline"), bob.describe()
+            assert not owner.seen("peer offline"), owner.describe()
+            assert "sent by the parley process that has this session open" in out
+
+            # a second chat of the same session is refused, not run beside it
+            rc, out, err = await run_once(url, "alice", a, "chat")
+            assert rc == 1 and "open in another parley process" in err
+            assert await bob.stop() == 0 and await owner.stop() == 0
