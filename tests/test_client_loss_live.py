@@ -159,6 +159,12 @@ async def test_unwritable_state_directory_stops_before_anything_is_sent(tmp_path
                 assert await invite.wait(timeout=15) == 1, invite.describe()
                 assert not invite.seen("invite code"), invite.describe()
                 assert "cannot write the state file" in invite.stderr_text
+                # join: the same, before the code is used up
+                rc, out, err = await run_once(relay.url, "alice", a, "join", "123456")
+                assert rc == 1 and "cannot write the state file" in err, (out, err)
+                # send: before the message is sent
+                rc, out, err = await run_once(relay.url, "alice", a, "send", sid, "from a read-only place")
+                assert rc == 1 and out == "" and "cannot write the state file" in err, (out, err)
 
                 # the peer is told the truth: nobody received it; the relay keeps it
                 rc, out, err = await run_once(relay.url, "bob", b, "send", sid, "while alice is read-only")
@@ -231,3 +237,33 @@ async def test_send_while_chat_runs_keeps_presence_right_and_one_owner(tmp_path)
             rc, out, err = await run_once(url, "alice", a, "chat")
             assert rc == 1 and "open in another parley process" in err
             assert await bob.stop() == 0 and await owner.stop() == 0
+
+
+# --- 4. state files that are not safe to use -------------------------------------------------------
+
+
+async def test_unsafe_state_files_stop_the_client_before_the_handshake(tmp_path):
+    """No key is made that could not be kept, and a planted file is never read."""
+    with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
+        planted = tmp_path / "planted.json"
+        planted.write_text(json.dumps({"1_planted": {"outbox": [], "key": "ab" * 32}}))
+        linked = tmp_path / "linked"
+        linked.mkdir()
+        (linked / "state-me.json").symlink_to(planted)
+        rc, out, err = await run_once(relay.url, "me", linked, "invite")
+        assert rc == 1 and "invite code" not in out, (out, err)
+        assert "is a symbolic link" in err
+        rc, out, err = await run_once(relay.url, "me", linked, "sessions")
+        assert rc == 1 and "1_planted" not in out and "planted" not in out
+
+        if os.geteuid() == 0:  # a file another user left in a shared (sticky) directory
+            shared = tmp_path / "shared"
+            shared.mkdir()
+            os.chmod(shared, 0o1777)
+            theirs = shared / "state-me.json"
+            theirs.write_text("{}")
+            os.chown(theirs, 65534, 65534)
+            rc, out, err = await run_once(relay.url, "me", shared, "invite", "--yes")
+            assert rc == 1 and "invite code" not in out, (out, err)
+            assert "belongs to another user" in err and "Traceback" not in err
+            assert theirs.read_text() == "{}"
