@@ -204,12 +204,22 @@ class StateStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """An advisory lock on the state directory itself (no lock file left behind)."""
+        """An advisory lock on the state directory itself (no lock file left behind).
+
+        Its own failures are `StateNotWritable`, never a bare OSError, which
+        the runner would take for a lost connection and go on after.
+        """
         directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            raise StateNotWritable(f"cannot open the state directory {directory} ({exc.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise StateNotWritable(f"cannot lock the state directory {directory} ({exc.strerror})") from None
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -181,6 +181,23 @@ def test_received_only_after_the_message_is_saved(tmp_path, monkeypatch):
     assert load_state(path)[SID].get("seen", []) == []  # not recorded either: the relay delivers it again
 
 
+def test_a_save_that_cannot_even_lock_is_a_state_error_not_an_oserror(tmp_path, monkeypatch):
+    """A bare OSError from a save looked like a lost connection to the runner, which reconnected."""
+    import fcntl
+
+    path = state_path(tmp_path, "rx")
+    save_state(path, {SID: entry()})
+    store = StateStore(path)
+    store.load()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(StateNotWritable, match="No locks available"):
+        store.save_entry(SID, entry(peerOnline=True))
+
+
 # --- 1. the relay is remembered; a relay that does not know the session says so -------------------
 
 
