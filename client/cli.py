@@ -333,21 +333,25 @@ def _normal_url(url: str) -> str:
     return url.strip().rstrip("/").lower()
 
 
-def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -> str:
-    """The relay to resume `sid` on: the one its entry records, unless told otherwise.
+def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -> tuple[str, bool]:
+    """The relay to resume `sid` on, and whether it must already know the session.
 
-    An explicit --relay that names another relay is refused without
-    --move-relay; entries made before parley recorded relays use --relay.
+    The one its entry records, unless told otherwise: an explicit --relay
+    that names another relay is refused without --move-relay. Entries made
+    before parley recorded relays (or by the Node client) use --relay, which
+    must then know the session (the core records it once it shows it does).
     """
     recorded = entry.get("relay")
-    if move or not isinstance(recorded, str) or not re.match(r"wss?://[^/\s]+", recorded):
-        return opts.relay
+    if move:
+        return opts.relay, False
+    if not isinstance(recorded, str) or not re.match(r"wss?://[^/\s]+", recorded):
+        return opts.relay, True
     if opts.relay_explicit and _normal_url(opts.relay) != _normal_url(recorded):
         raise WrongRelay(
             f"session {short_sid(sid)} was made on relay {recorded}, not {opts.relay}; leave out --relay "
             "(and PARLEY_RELAY) to use its relay, or add --move-relay if the session really moved there"
         )
-    return recorded
+    return recorded, False
 
 
 def _busy(sid: str) -> SessionBusy:
@@ -365,11 +369,11 @@ def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
     """Resume a session (the only one, or SID / a unique prefix of it) and chat."""
     store = opts.store(writable=True)
     sid = store.find(sid)
-    relay = _session_relay(opts, sid, store.state[sid], move_relay)
+    relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
     if not store.claim(sid):
         raise _busy(sid)
     store.load()  # as it is now that this process owns the session
-    core = ClientCore.resume(sid, store.state[sid], relay=relay, create_if_unknown=move_relay)
+    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay)
     _run(_chat, attrs.evolve(opts, relay=relay), store, core)
 
 
@@ -418,14 +422,15 @@ def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: 
         raise click.UsageError("nothing to send (empty message)")
     store = opts.store(writable=True)
     sid = store.find(sid)
-    relay = _session_relay(opts, sid, store.state[sid], move_relay)
+    relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
     opts = attrs.evolve(opts, relay=relay)
     if store.claim(sid):
         store.load()
-        core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, create_if_unknown=move_relay)
+        core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, must_exist=must_exist,
+                                 adopt_relay=move_relay)
         status, msg_id = _run(_send, opts, store, core, text, timeout)
     else:
-        status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, move_relay)
+        status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, must_exist, move_relay)
     if status is None:
         click.echo(f"message {msg_id[:8]} sent by the parley process that has this session open; "
                    "the relay acknowledged it")
@@ -438,7 +443,7 @@ HANDOVER_POLL = 0.1  # seconds between looks at the state file while another pro
 
 
 async def _hand_over(
-    opts: Options, store: StateStore, sid: str, text: str, timeout: float, move_relay: bool
+    opts: Options, store: StateStore, sid: str, text: str, timeout: float, must_exist: bool, move_relay: bool
 ) -> tuple[Status | None, str]:
     """Another process owns `sid`: save the message for it, then wait until it is acknowledged.
 
@@ -458,7 +463,7 @@ async def _hand_over(
         if store.claim(sid):  # the owner has gone: send it ourselves
             store.load()
             own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
-                                    create_if_unknown=move_relay)
+                                    must_exist=must_exist, adopt_relay=move_relay)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
     raise NotDelivered(
         f"handed to the parley process that has this session open, which has had no acknowledgement "

@@ -27,14 +27,18 @@ The handshake in the three roles (PROTOCOL 1.3, 1.4, 2.2, 2.4):
   `JOIN_ACCEPT` (Go) or `JOINED` (Node), whichever comes first, the other
   ignored; `ERROR "Invalid or expired code"` and `JOIN_DENIED` are typed
   failures.
-* resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side,
-  create:"never"}}`. `create:"never"` (parley only, protocol/EXTENSIONS.md)
-  asks a parley relay that does not know the session to answer `ERROR
-  no_session` (for the REATTACH and the MSGs after it) instead of creating
-  it: a session resumed on the wrong relay then fails with
+* resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side}}`.
+  With `must_exist=True` (the CLI's choice for an entry that does not record
+  its relay, so the relay may be the wrong one) it adds `create:"never"`
+  (parley only, protocol/EXTENSIONS.md): a parley relay that does not know
+  the session answers `ERROR no_session` (to the REATTACH and the MSGs after
+  it) instead of creating it, and the core fails with
   `FailureKind.UNKNOWN_SESSION` instead of reporting QUEUED for messages the
-  peer will never get. A Go relay ignores the field. `create_if_unknown=True`
-  (the CLI's `--move-relay`) leaves it out.
+  peer will never get (a Go relay ignores the field). Once the relay shows it
+  knows the session (presence, an ack, a message for it), its URL is
+  recorded in the entry. An entry's own relay is trusted to be right: if it
+  forgot the session (relays free idle sessions), recreating it there is.
+  `adopt_relay=True` (the CLI's `--move-relay`) records `relay` at start.
 
 After the key exists: messages are encrypted once, saved in the entry's
 `pending` list, and only then sent; they are resent byte-identical after every
@@ -227,12 +231,14 @@ class ClientCore:
         ack_timeout: float = ACK_TIMEOUT,
         seen_limit: int = SEEN_LIMIT,
         relay: str | None = None,
-        create_if_unknown: bool = False,
+        must_exist: bool = False,
+        adopt_relay: bool = False,
     ) -> None:
         self.mode = mode
         self.sid = sid
         self.relay = relay  # recorded in the entry with the key (the shell sets it)
-        self.create_if_unknown = create_if_unknown
+        self.must_exist = must_exist
+        self.adopt_relay = adopt_relay
         self.receive = receive
         self._random = random
         self._clock = clock
@@ -371,7 +377,7 @@ class ClientCore:
             return []
         changed = "side" not in self.entry or self.entry.get("side") != self.side
         self.entry["side"] = self.side
-        if self.create_if_unknown and self.relay is not None and self.entry.get("relay") != self.relay:
+        if self.adopt_relay and self.relay is not None and self.entry.get("relay") != self.relay:
             self.entry["relay"] = self.relay  # --move-relay: this relay is the session's from now on
             changed = True
         actions: list[Action] = []
@@ -410,7 +416,7 @@ class ClientCore:
             self.phase = Phase.JOINING
             return [self._send(Join(code=self._code, public_key=self._public_key, side=self.side))]
         assert self.sid is not None
-        keyed = self.phase is Phase.READY and not self.create_if_unknown
+        keyed = self.phase is Phase.READY and self.must_exist
         actions: list[Action] = [self._send(Reattach(self.sid, side=self.side, create="never" if keyed else None))]
         if self._accept_unsent is not None:
             actions.append(self._send(self._accept_unsent))
@@ -655,12 +661,24 @@ class ClientCore:
             and frame.code == NO_SESSION
             and self.sid is not None
             and frame.sid == self.sid
-            and not self.create_if_unknown
+            and self.must_exist
         ):
             # Only a parley relay answers no_session for a keyed session (it was
             # asked to, with create:"never"); nothing sent there reaches the peer.
             return self._fail(FailureKind.UNKNOWN_SESSION, self.relay or "")
         return [Show(RelayError(_one_line(frame.message), frame.code))]
+
+    def _relay_knows_it(self) -> bool:
+        """A frame for our session came: this relay knows it. Record it if the entry did not say.
+
+        True if the entry changed (the caller saves it, or the next save does).
+        """
+        if not self.must_exist or self.relay is None or self.phase is not Phase.READY:
+            return False
+        if self.entry.get("relay") == self.relay:
+            return False
+        self.entry["relay"] = self.relay
+        return True
 
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:
         if not self._ours_sid(frame):
@@ -669,7 +687,7 @@ class ClientCore:
         actions: list[Action] = []
         changed = self.peer_online is not online
         self.peer_online = online
-        if self.phase is Phase.READY and self.entry.get("peerOnline") is not online:
+        if self._relay_knows_it() or self.phase is Phase.READY and self.entry.get("peerOnline") is not online:
             self.entry["peerOnline"] = online
             actions.append(self._save())
         if changed:
@@ -682,6 +700,7 @@ class ClientCore:
     def _on_ack(self, frame: Delivered | Queued | DeliveredFailed) -> list[Action]:
         if not self._ours_sid(frame) or self.phase is not Phase.READY:
             return []
+        self._relay_knows_it()  # saved with the settled message below, or with the next save
         msg_id = frame.msg_id
         if msg_id is None:
             # A Go relay acks without an id, one ack per MSG, in order.
@@ -720,6 +739,7 @@ class ClientCore:
     def _on_msg(self, frame: Msg) -> list[Action]:
         if not self._ours_sid(frame) or self.phase is not Phase.READY or not self.receive:
             return []
+        self._relay_knows_it()
         payload = frame.payload
         if not isinstance(payload, str) or len(payload) < IV_HEX:
             log.debug("MSG without a usable payload ignored")

@@ -55,9 +55,9 @@ def failure_message(failure: HandshakeFailed) -> str:
     if kind is FailureKind.UNKNOWN_SESSION:
         return (
             f"the relay at {failure.detail or 'this address'} does not know this session, so nothing "
-            "sent through it could reach the peer (messages stay saved): leave out --relay to use the "
-            "session's own relay; if the session really lives on this relay now (it was reset or "
-            "moved), add --move-relay"
+            "sent through it could reach the peer (messages stay saved); run it with the --relay the "
+            "session was made on, or, if this is that relay (relays forget sessions left idle) or the "
+            "session really moved here, add --move-relay"
         )
     return f"the relay refused: {failure.detail or 'unknown error'}"
 

@@ -526,7 +526,7 @@ def test_resume_keeps_side_and_shows_verification_when_known():
     core = make("resume", SID, entry)
     assert core.side == "s" * 32
     assert core.verification == verification_string(PUB_B, PUB_A)
-    assert data_of(sends(core.connected())[0]) == {"side": "s" * 32, "create": "never"}  # issue #12 item 1: create:"never" on resume
+    assert data_of(sends(core.connected())[0]) == {"side": "s" * 32}
 
 
 # --- both roles end to end, through a simulated relay of each dialect ----------------

@@ -213,7 +213,7 @@ def test_core_records_the_relay_with_the_key():
 
 
 def test_core_fails_on_no_session_instead_of_reporting_queued():
-    core = ClientCore.resume(SID, entry(), relay="ws://127.0.0.1:31002/")
+    core = ClientCore.resume(SID, entry(), relay="ws://127.0.0.1:31002/", must_exist=True)
     core.start()
     (reattach,) = core.connected()
     assert json.loads(reattach.text)["data"]["create"] == "never"
@@ -228,7 +228,7 @@ def test_core_fails_on_no_session_instead_of_reporting_queued():
 
 
 def test_core_moving_relay_lets_the_relay_create_the_session():
-    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://b/", create_if_unknown=True)
+    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://b/", adopt_relay=True)
     start = core.start()
     assert core.entry["relay"] == "ws://b/" and start  # recorded with a save
     (reattach,) = core.connected()
@@ -263,6 +263,21 @@ def test_relay_refused_session_is_not_created_by_the_msgs_after_it():
     h.connect(2)  # the peer, also a parley client: still unknown
     out = h.send(2, {"t": "REATTACH", "sid": "s1", "data": {"create": "never"}})
     assert [json.loads(t)["data"]["code"] for t in out[2]] == ["no_session"]
+
+
+def test_core_trusts_the_recorded_relay_and_records_one_that_knows_the_session():
+    # the entry's own relay: no create:"never" (a relay forgets idle sessions; recreating is right)
+    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://a/")
+    core.start()
+    (reattach,) = core.connected()
+    assert "create" not in json.loads(reattach.text)["data"]
+    # an entry that does not say: asked, and recorded once the relay shows it knows the session
+    core = ClientCore.resume(SID, entry(), relay="ws://b/", must_exist=True)
+    core.start()
+    core.connected()
+    out = core.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID}))
+    assert core.entry["relay"] == "ws://b/"
+    assert [a for a in out if getattr(a, "entry", {}).get("relay") == "ws://b/"]
 
 
 # --- 3. merged saves and one owner ------------------------------------------------------------

@@ -97,6 +97,7 @@ async def test_a_relay_that_does_not_know_the_session_is_not_reported_as_queued(
             rc, out, err = await run_once(home.url, "alice", a, "send", sid, "last")
             assert rc == 0, err
             assert pending_of(a, "alice", sid) == []
+            assert state_of(a, "alice")[sid]["relay"] == home.url  # it knew the session: recorded
             bob = await ParleyProcess.start(nursery, ["chat"], relay=home.url, name="bob", cwd=b)
             for text in ("to unknown relay", "last"):
                 await bob.expect(f"^peer: {text}$", timeout=15)
@@ -129,6 +130,20 @@ async def test_a_session_uses_the_relay_it_was_made_on(tmp_path):
             rc, out, err = await run_once(other.url, "alice", a, "send", "--move-relay", sid, "moved")
             assert rc == 0, err
             assert state_of(a, "alice")[sid]["relay"] == other.url
+
+
+async def test_a_session_its_own_relay_forgot_while_idle_is_resumed_there(tmp_path):
+    """Relays free sessions nobody used for a while (--session-ttl): the recorded relay is trusted,
+    so resuming recreates the session there (as before), instead of refusing it."""
+    with ParleyRelay(extra=["--session-ttl", "1"]) as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            sid = await pair(nursery, relay.url, tmp_path)
+            await trio.sleep(3)  # idle past the TTL: the relay has freed the session
+            rc, out, err = await run_once(None, "alice", tmp_path / "a", "send", sid, "after a pause")
+            assert rc == 0 and "queued by the relay" in out, (out, err)
+            bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=tmp_path / "b")
+            await bob.expect("^peer: after a pause$", timeout=15)
+            assert await bob.stop() == 0
 
 
 # --- 2. a state directory nobody can write ------------------------------------------------------
