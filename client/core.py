@@ -514,8 +514,8 @@ class ClientCore:
         to us: it is sent (now, or on the next connection) exactly as saved,
         like our own. The file has them already, so nothing is saved here.
         """
-        if self.phase is not Phase.READY or self.sid is None:
-            return []
+        if self.key is None or self.sid is None:
+            return []  # (a session only gets handed messages once it has its key)
         known = set(self.pending_ids())
         new_ids: list[str] = []
         for item in items:
@@ -529,7 +529,7 @@ class ClientCore:
             new_ids.append(msg_id)
         if not new_ids:
             return []
-        if self.is_connected:
+        if self.is_connected and self.phase is Phase.READY:
             return self._send_pending(new_ids)
         return [Show(MessageStatus(self.sid, m, Status.PENDING)) for m in new_ids]
 

@@ -243,7 +243,7 @@ def test_relay_refuses_unknown_session_when_asked_and_only_then():
     payload = "00" * 40
     out = h.send(1, {"t": "MSG", "sid": "s1", "data": {"payload": payload, "msgID": "m1"}})
     assert [json.loads(t)["data"]["code"] for t in out[1]] == ["no_session"]  # not QUEUED
-    assert h.core.stats()["sessions"] == 0 if "sessions" in h.core.stats() else True
+    assert h.core.stats()["sessions"] == 0 and h.core.stats()["queued_frames"] == 0
     # a legacy client (no create field) still gets Go's auto-create
     h.connect(2)
     assert h.send(2, {"t": "REATTACH", "sid": "s2"}) == {}
@@ -263,6 +263,17 @@ def test_relay_refused_session_is_not_created_by_the_msgs_after_it():
     h.connect(2)  # the peer, also a parley client: still unknown
     out = h.send(2, {"t": "REATTACH", "sid": "s1", "data": {"create": "never"}})
     assert [json.loads(t)["data"]["code"] for t in out[2]] == ["no_session"]
+    assert h.core.stats()["sessions"] == 0
+
+
+def test_relay_remembers_a_bounded_number_of_refused_sessions_per_connection():
+    h = Harness(max_sessions_per_conn=3, error_limit=1000)
+    h.connect(1)
+    for i in range(10):
+        h.send(1, {"t": "REATTACH", "sid": f"s{i}", "data": {"create": "never"}})
+    assert len(h.core._conns[1].refused) == 3  # memory a hostile client cannot grow
+    out = h.send(1, {"t": "MSG", "sid": "s0", "data": {"payload": "00" * 40, "msgID": "m"}})
+    assert [json.loads(t)["data"]["code"] for t in out[1]] == ["no_session"]
 
 
 def test_core_trusts_the_recorded_relay_and_records_one_that_knows_the_session():
