@@ -50,12 +50,12 @@ Choices where PROTOCOL is silent
 --------------------------------
 * REATTACH and MSG for an unknown SID create the session (as in 1.3), for SIDs
   up to `max_sid_length` characters, unless the REATTACH carried the
-  parley-only `data.create:"never"` (a parley client resuming a keyed
-  session): that REATTACH, and every later MSG for that SID on the same
-  connection while the session does not exist, get `ERROR no_session`
-  (protocol/EXTENSIONS.md). The SIDs refused so are remembered per
-  connection, at most `max_sessions_per_conn` of them; JOIN_ACCEPT, JOIN_DENY, INVITE_CREATE,
-  RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
+  parley-only `data.create:"never"` (a parley client not sure this is the
+  session's relay): that REATTACH, and every later MSG for that SID on the
+  same connection while the session does not exist, get `ERROR no_session`
+  (protocol/EXTENSIONS.md); the SIDs refused so are remembered per
+  connection, at most `max_sessions_per_conn` of them. JOIN_ACCEPT,
+  JOIN_DENY, INVITE_CREATE, RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
   JOIN_DENY and RECEIVED need not come from a member (as in Go);
   INVITE_CREATE must.
 * A msgID, for receipts and QUEUED/DELIVERED_FAILED: `data.msgID`, else the
