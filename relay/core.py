@@ -49,15 +49,16 @@ and are re-sent in order on every REATTACH, until then.
 Choices where PROTOCOL is silent
 --------------------------------
 * REATTACH and MSG for an unknown SID create the session (as in 1.3), for SIDs
-  up to `max_sid_length` characters, unless the REATTACH carried the
-  parley-only `data.create:"never"` (a parley client not sure this is the
-  session's relay): that REATTACH, and every later MSG for that SID on the
-  same connection while the session does not exist, get `ERROR no_session`
-  (protocol/EXTENSIONS.md); the SIDs refused so are remembered per
-  connection, at most `max_sessions_per_conn` of them. JOIN_ACCEPT,
-  JOIN_DENY, INVITE_CREATE, RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
+  up to `max_sid_length` characters; JOIN_ACCEPT, JOIN_DENY, INVITE_CREATE,
+  RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
   JOIN_DENY and RECEIVED need not come from a member (as in Go);
   INVITE_CREATE must.
+* But a REATTACH with the parley-only `data.create:"never"` (a parley client
+  not sure this is the session's relay) for an unknown SID gets `ERROR
+  no_session`, and so does every later MSG for that SID on the same
+  connection while the session does not exist (protocol/EXTENSIONS.md); the
+  SIDs refused so are remembered per connection, at most
+  `max_sessions_per_conn` of them.
 * A msgID, for receipts and QUEUED/DELIVERED_FAILED: `data.msgID`, else the
   first 24 characters of `data.payload`. `DELIVERED` carries `data.msgID`
   only when the MSG did (2.3), so Go clients see Go's bytes. A frame with
