@@ -37,7 +37,7 @@ import attrs
 import click
 import trio
 
-from parley.state import StateError, state_path
+from parley.state import StateError, load_state, state_path
 
 from .connect import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -48,10 +48,10 @@ from .connect import (
     ssl_context_for,
 )
 from .core import ClientCore, ClientError, short_sid
-from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, Status
+from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
 from .runner import RelayUnreachable, Runner
-from .session import Session
-from .store import SessionInfo, StateStore
+from .session import HandshakeError, Session
+from .store import SessionBusy, SessionInfo, StateStore
 from .safetext import one_line, safe_text
 from .terminal import OutputClosed, Terminal, input_encoding, use_replacing_output
 
@@ -213,10 +213,18 @@ class Options:
     state_dir: str
     verbose: bool
     connect: ConnectSettings = ConnectSettings()
+    relay_explicit: bool = False  # --relay or PARLEY_RELAY given, not the default
 
-    def store(self) -> StateStore:
+    def store(self, *, writable: bool = False) -> StateStore:
+        """The state file, loaded (and refused if unsafe, see parley.state).
+
+        `writable`: also check that the directory takes a write, before
+        anything is sent, a key made or a message acknowledged.
+        """
         store = StateStore(state_path(self.state_dir, self.name))
         store.load()
+        if writable:
+            store.check_writable()
         return store
 
     def join_hint(self) -> str:
@@ -283,7 +291,9 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_time
     )
     logging.getLogger("trio-websocket").setLevel(logging.INFO)
     settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
-    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings)
+    explicit = ctx.get_parameter_source("relay") is not click.core.ParameterSource.DEFAULT
+    ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings,
+                      relay_explicit=explicit)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -307,6 +317,7 @@ def session_options(fn: Any) -> Any:
             opts,
             name=sub_name if sub_name is not None else opts.name,
             relay=sub_relay if sub_relay is not None else opts.relay,
+            relay_explicit=opts.relay_explicit or sub_relay is not None,
             state_dir=sub_state_dir if sub_state_dir is not None else opts.state_dir,
         )
         try:
@@ -357,7 +368,7 @@ def _run(async_fn: Any, *args: Any) -> Any:
 @session_options
 def invite(opts: Options, yes: bool, timeout: float) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
-    store = opts.store()
+    store = opts.store(writable=True)
     _run(_invite, opts, store, yes, timeout)
 
 
@@ -427,7 +438,7 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @session_options
 def join(opts: Options, code: str, timeout: float) -> None:
     """Join the session an invite CODE names, then chat."""
-    store = opts.store()
+    store = opts.store(writable=True)
     _run(_join, opts, store, code, timeout)
 
 
@@ -459,15 +470,60 @@ async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> 
 # --- chat ---------------------------------------------------------------------
 
 
+_MOVE_HELP = ("Use --relay for this session from now on, even though it was made on another relay "
+              "(the relay may create it if it does not know it).")
+
+
+class WrongRelay(ClientError):
+    pass
+
+
+def _normal_url(url: str) -> str:
+    return url.strip().rstrip("/").lower()
+
+
+def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -> tuple[str, bool]:
+    """The relay to resume `sid` on, and whether it must already know the session.
+
+    The one its entry records, unless told otherwise: an explicit --relay
+    that names another relay is refused without --move-relay. Entries made
+    before parley recorded relays (or by the Node client) use --relay, which
+    must then know the session (the core records it once it shows it does).
+    """
+    recorded = entry.get("relay")
+    if move:
+        return opts.relay, False
+    if not isinstance(recorded, str) or not re.match(r"wss?://[^/\s]+", recorded):
+        return opts.relay, True
+    if opts.relay_explicit and _normal_url(opts.relay) != _normal_url(recorded):
+        raise WrongRelay(
+            f"session {short_sid(sid)} was made on relay {recorded}, not {opts.relay}; leave out --relay "
+            "(and PARLEY_RELAY) to use its relay, or add --move-relay if the session really moved there"
+        )
+    return recorded, False
+
+
+def _busy(sid: str) -> SessionBusy:
+    return SessionBusy(
+        f"session {short_sid(sid)} is open in another parley process (a 'parley chat' or 'parley send' "
+        "of it); use that one, or try again when it has ended"
+    )
+
+
 @main.command()
 @click.argument("sid", required=False)
+@click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
-def chat(opts: Options, sid: str | None) -> None:
+def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
     """Resume a session (the only one, or SID / a unique prefix of it) and chat."""
-    store = opts.store()
+    store = opts.store(writable=True)
     sid = store.find(sid)
-    core = ClientCore.resume(sid, store.state[sid])
-    _run(_chat, opts, store, core)
+    relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
+    if not store.claim(sid):
+        raise _busy(sid)
+    store.load()  # as it is now that this process owns the session
+    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay)
+    _run(_chat, attrs.evolve(opts, relay=relay), store, core)
 
 
 async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
@@ -495,12 +551,15 @@ class NotDelivered(ClientError):
 @click.argument("text", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=DEFAULT_SEND_TIMEOUT, show_default=True,
               help="Seconds to wait for the relay's acknowledgement.")
+@click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
-def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
+def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: bool) -> None:
     """Send one message (TEXT, or standard input) to session SID and wait for the relay's ack.
 
     Exits 0 once the relay says DELIVERED or QUEUED. Otherwise exits 1; the
     message stays saved (encrypted) and goes out with the next send or chat.
+    If another parley process has the session open, the message is handed to
+    it (through the state file) and acknowledged through it.
     """
     if text is None:
         if sys.stdin.isatty():
@@ -511,30 +570,81 @@ def send(opts: Options, sid: str, text: str | None, timeout: float) -> None:
             text = text[:-1]
     if text == "":
         raise click.UsageError("nothing to send (empty message)")
-    store = opts.store()
+    store = opts.store(writable=True)
     sid = store.find(sid)
-    core = ClientCore.resume(sid, store.state[sid], receive=False)
-    status, msg_id = _run(_send, opts, store, core, text, timeout)
+    relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
+    opts = attrs.evolve(opts, relay=relay)
+    if store.claim(sid):
+        store.load()
+        core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, must_exist=must_exist,
+                                 adopt_relay=move_relay)
+        status, msg_id = _run(_send, opts, store, core, text, timeout)
+    else:
+        status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, must_exist, move_relay)
+    if status is None:
+        click.echo(f"message {msg_id[:8]} sent by the parley process that has this session open; "
+                   "the relay acknowledged it")
+        return
     word = "queued by the relay for the offline peer" if status is Status.QUEUED else "delivered"
     _echo(f"message {msg_id[:8]} {word}")
 
 
+HANDOVER_POLL = 0.1  # seconds between looks at the state file while another process sends
+
+
+async def _hand_over(
+    opts: Options, store: StateStore, sid: str, text: str, timeout: float, must_exist: bool, move_relay: bool
+) -> tuple[Status | None, str]:
+    """Another process owns `sid`: save the message for it, then wait until it is acknowledged.
+
+    If the owner ends first, this process takes the session over and sends it itself.
+    """
+    core = ClientCore.resume(sid, store.state[sid], receive=False)
+    msg_id, actions = core.send_text(text)  # not connected: saved, nothing sent
+    for action in actions:
+        if isinstance(action, SaveState):
+            store.save_entry(action.sid, action.entry)
+    deadline = trio.current_time() + timeout
+    while trio.current_time() < deadline:
+        await trio.sleep(HANDOVER_POLL)
+        entry = load_state(store.path).get(sid) or {}
+        if msg_id not in {p.get("msgID") for p in entry.get("pending") or [] if isinstance(p, dict)}:
+            return None, msg_id  # the owner had the relay's ack and saved it
+        if store.claim(sid):  # the owner has gone: send it ourselves
+            store.load()
+            own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
+                                    must_exist=must_exist, adopt_relay=move_relay)
+            return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
+    raise NotDelivered(
+        f"handed to the parley process that has this session open, which has had no acknowledgement "
+        f"from the relay within {timeout:g}s; it keeps trying (the message is saved)"
+    )
+
+
 async def _send(
-    opts: Options, store: StateStore, core: ClientCore, text: str, timeout: float
+    opts: Options, store: StateStore, core: ClientCore, text: str | None, timeout: float,
+    msg_id: str | None = None,
 ) -> tuple[Status, str]:
+    """Send `text` (or the pending message `msg_id`) and wait for its acknowledgement."""
     outcome: list[MessageStatus] = []
     done = trio.Event()
     target: list[str] = []
+    refused: list[HandshakeFailed] = []
 
     def on_event(event: Any) -> None:
         if isinstance(event, MessageStatus) and target and event.msg_id == target[0]:
             if event.status in (Status.DELIVERED, Status.QUEUED, Status.RECEIVED, Status.FAILED):
                 outcome.append(event)
                 done.set()
+        if isinstance(event, HandshakeFailed):  # e.g. a relay that does not know the session
+            refused.append(event)
+            done.set()
 
     runner = Runner(core, opts.relay, store, on_event, reconnect=False, settings=opts.connect)
     await runner.call(core.start)
-    msg_id = await runner.send_text(text)  # saved before any connection exists
+    if text is not None:
+        msg_id = await runner.send_text(text)  # saved before any connection exists
+    assert msg_id is not None
     target.append(msg_id)
     kept = "the message is saved and goes out with the next 'parley send' or 'parley chat'"
     ended_early = False
@@ -553,6 +663,8 @@ async def _send(
             nursery.start_soon(run_runner)
             await done.wait()
             runner.close()
+    if refused:
+        raise NotDelivered(f"{HandshakeError(refused[0])}; the message is saved")
     if not outcome:
         if ended_early:
             raise NotDelivered(f"the relay closed the connection before acknowledging; {kept}")

@@ -28,6 +28,17 @@ The handshake in the three roles (PROTOCOL 1.3, 1.4, 2.2, 2.4):
   ignored; `ERROR "Invalid or expired code"` and `JOIN_DENIED` are typed
   failures.
 * resume (`ClientCore.resume(sid, entry)`): `REATTACH{sid, data:{side}}`.
+  With `must_exist=True` (the CLI's choice for an entry that does not record
+  its relay, so the relay may be the wrong one) it adds `create:"never"`
+  (parley only, protocol/EXTENSIONS.md): a parley relay that does not know
+  the session answers `ERROR no_session` (to the REATTACH and the MSGs after
+  it) instead of creating it, and the core fails with
+  `FailureKind.UNKNOWN_SESSION` instead of reporting QUEUED for messages the
+  peer will never get (a Go relay ignores the field). Once the relay shows it
+  knows the session (presence, an ack, a message for it), its URL is
+  recorded in the entry. An entry's own relay is trusted to be right: if it
+  forgot the session (relays free idle sessions), recreating it there is.
+  `adopt_relay=True` (the CLI's `--move-relay`) records `relay` at start.
 
 How a handshake ends (issue #12 item 8; relay side in protocol/EXTENSIONS.md,
 "Relay: invite codes that end"). "parley relay" means a relay that sends the
@@ -74,6 +85,9 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
     seen           parley: IVs (24 hex) of messages received, the last 10,000.
     sent           parley: IVs of messages we sent, the last 10,000.
     peerOnline     parley: last presence the relay reported (true/false).
+    relay          parley: the relay URL the session was made on (`chat` and
+                   `send` use it; another one needs `--move-relay`, which
+                   records the new one). Entries without it use `--relay`.
 
 Unknown fields in an entry are kept as they are.
 """
@@ -162,6 +176,7 @@ INVALID_CODE_MESSAGE = "Invalid or expired code"
 # HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
 JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
 JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
+NO_SESSION = "no_session"
 
 
 def short_sid(sid: str) -> str:
@@ -244,9 +259,15 @@ class ClientCore:
         keygen: Callable[[], str] = crypto.generate_private_key,
         ack_timeout: float = ACK_TIMEOUT,
         seen_limit: int = SEEN_LIMIT,
+        relay: str | None = None,
+        must_exist: bool = False,
+        adopt_relay: bool = False,
     ) -> None:
         self.mode = mode
         self.sid = sid
+        self.relay = relay  # recorded in the entry with the key (the shell sets it)
+        self.must_exist = must_exist
+        self.adopt_relay = adopt_relay
         self.receive = receive
         self._random = random
         self._clock = clock
@@ -389,6 +410,9 @@ class ClientCore:
             return []
         changed = "side" not in self.entry or self.entry.get("side") != self.side
         self.entry["side"] = self.side
+        if self.adopt_relay and self.relay is not None and self.entry.get("relay") != self.relay:
+            self.entry["relay"] = self.relay  # --move-relay: this relay is the session's from now on
+            changed = True
         actions: list[Action] = []
         outbox = self.entry.get("outbox")
         adopted: list[str] = []
@@ -425,7 +449,8 @@ class ClientCore:
             self.phase = Phase.JOINING
             return [self._send(Join(code=self._code, public_key=self._public_key, side=self.side))]
         assert self.sid is not None
-        actions: list[Action] = [self._send(Reattach(self.sid, side=self.side))]
+        keyed = self.phase is Phase.READY and self.must_exist
+        actions: list[Action] = [self._send(Reattach(self.sid, side=self.side, create="never" if keyed else None))]
         if self.phase is Phase.DECIDING:
             self._others = 0  # the relay's PEER_ONLINE frames count them again
         if self._accept_unsent is not None:
@@ -546,6 +571,33 @@ class ClientCore:
             actions.append(Show(MessageStatus(self.sid, msg_id, Status.PENDING)))
         return msg_id, actions
 
+    def adopt_pending(self, items: list[dict[str, Any]]) -> list[Action]:
+        """Take over pending messages another parley process saved for this session.
+
+        A `parley send` that found this process owning the session saved its
+        message in the entry (`StateStore.save_entry(claim=False)`) and left it
+        to us: it is sent (now, or on the next connection) exactly as saved,
+        like our own. The file has them already, so nothing is saved here.
+        """
+        if self.key is None or self.sid is None:
+            return []  # (a session only gets handed messages once it has its key)
+        known = set(self.pending_ids())
+        new_ids: list[str] = []
+        for item in items:
+            msg_id, payload = item.get("msgID"), item.get("payload")
+            if not isinstance(msg_id, str) or not isinstance(payload, str) or msg_id in known:
+                continue
+            known.add(msg_id)
+            self.pending.append({"msgID": msg_id, "payload": payload})
+            self._sent.add(iv_of(payload))
+            self._ours.add(msg_id)
+            new_ids.append(msg_id)
+        if not new_ids:
+            return []
+        if self.is_connected and self.phase is Phase.READY:
+            return self._send_pending(new_ids)
+        return [Show(MessageStatus(self.sid, m, Status.PENDING)) for m in new_ids]
+
     def _encrypt_into_pending(self, text: str) -> str:
         assert self.key is not None
         msg_id = self._random(MSG_ID_BYTES).hex()
@@ -649,6 +701,8 @@ class ClientCore:
         self.entry["role"] = role
         self.entry["publicKey"] = self._public_key
         self.entry["peerPublicKey"] = peer_public
+        if self.relay is not None:
+            self.entry["relay"] = self.relay
         self.entry.setdefault("pending", [])
         self._private_key = None  # the session key is all we need from here on
         self.verification = verification_string(self._public_key, peer_public)
@@ -671,6 +725,16 @@ class ClientCore:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
         if self.phase is Phase.CREATING:
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
+        if (
+            self.phase is Phase.READY
+            and frame.code == NO_SESSION
+            and self.sid is not None
+            and frame.sid == self.sid
+            and self.must_exist
+        ):
+            # Only a parley relay answers no_session for a keyed session (it was
+            # asked to, with create:"never"); nothing sent there reaches the peer.
+            return self._fail(FailureKind.UNKNOWN_SESSION, self.relay or "")
         return [Show(RelayError(_one_line(frame.message), frame.code))]
 
     def _handshake_ending(self, frame: ErrorFrame) -> list[Action] | None:
@@ -700,6 +764,18 @@ class ClientCore:
                 return [ForgetState(self.sid), *self._fail(FailureKind.JOINER_LEFT, JOINER_LEFT_AFTER_ANSWER)]
         return None
 
+    def _relay_knows_it(self) -> bool:
+        """A frame for our session came: this relay knows it. Record it if the entry did not say.
+
+        True if the entry changed (the caller saves it, or the next save does).
+        """
+        if not self.must_exist or self.relay is None or self.phase is not Phase.READY:
+            return False
+        if self.entry.get("relay") == self.relay:
+            return False
+        self.entry["relay"] = self.relay
+        return True
+
     def _on_presence(self, frame: PeerOnline | PeerOffline) -> list[Action]:
         if self.phase is Phase.JOINING and self.sid is None:
             # The inviter's presence while we wait (its connection dropped or came
@@ -722,7 +798,7 @@ class ClientCore:
         actions: list[Action] = []
         changed = self.peer_online is not online
         self.peer_online = online
-        if self.phase is Phase.READY and self.entry.get("peerOnline") is not online:
+        if self._relay_knows_it() or self.phase is Phase.READY and self.entry.get("peerOnline") is not online:
             self.entry["peerOnline"] = online
             actions.append(self._save())
         if changed:
@@ -735,6 +811,7 @@ class ClientCore:
     def _on_ack(self, frame: Delivered | Queued | DeliveredFailed) -> list[Action]:
         if not self._ours_sid(frame) or self.phase is not Phase.READY:
             return []
+        self._relay_knows_it()  # saved with the settled message below, or with the next save
         msg_id = frame.msg_id
         if msg_id is None:
             # A Go relay acks without an id, one ack per MSG, in order.
@@ -773,6 +850,7 @@ class ClientCore:
     def _on_msg(self, frame: Msg) -> list[Action]:
         if not self._ours_sid(frame) or self.phase is not Phase.READY or not self.receive:
             return []
+        self._relay_knows_it()
         payload = frame.payload
         if not isinstance(payload, str) or len(payload) < IV_HEX:
             log.debug("MSG without a usable payload ignored")

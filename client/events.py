@@ -91,6 +91,7 @@ class FailureKind(str, enum.Enum):
     CODE_EXPIRED = "code_expired"  # our invite code expired unused (parley relay)
     INVITER_LEFT = "inviter_left"  # the inviter gave up before answering our join
     JOINER_LEFT = "joiner_left"  # the joiner went before the handshake finished
+    UNKNOWN_SESSION = "unknown_session"  # a parley relay does not know the (keyed) session
 
     def __str__(self) -> str:
         return self.value

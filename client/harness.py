@@ -74,15 +74,17 @@ class ParleyProcess:
         nursery: trio.Nursery,
         args: list[str],
         *,
-        relay: str,
+        relay: str | None,
         name: str,
         cwd: Path | str,
         extra_env: dict[str, str] | None = None,
     ) -> ParleyProcess:
+        """`relay=None` gives no --relay (the session's recorded relay, or the default)."""
         cwd = Path(cwd)
         cwd.mkdir(parents=True, exist_ok=True)
         env = clean_env(extra_env)
-        argv = [sys.executable, "-m", "parley.client", "--relay", relay, "--name", name, "--state-dir", str(cwd), *args]
+        relay_args = ["--relay", relay] if relay is not None else []
+        argv = [sys.executable, "-m", "parley.client", *relay_args, "--name", name, "--state-dir", str(cwd), *args]
         self = cls(argv, cwd, env)
         self._proc = await trio.lowlevel.open_process(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(cwd), env=env

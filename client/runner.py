@@ -21,6 +21,16 @@ its reason. While connected, silence from the relay for
 dead without a FIN or RST: the connection is dropped and reopened, and the
 core REATTACHes and resends what is pending.
 
+A save that fails (`parley.state.StateNotWritable`) ends `run()` with that
+error: the core's memory is then ahead of the file (it may have recorded a
+message as seen), so going on, or reconnecting, could acknowledge what was
+never kept. Nothing after the failed save (its show, its RECEIVED) is done.
+
+Pending messages that another parley process handed to this one (see
+`StateStore`) are taken over (`ClientCore.adopt_pending`) when a save finds
+them, on every tick, and before a typed message is accepted, so they go out
+in the order they were accepted.
+
 The first connection failing raises `RelayUnreachable`; later ones are retried
 with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
 `reconnect=False`; each retry is reported with the reason of the failure.
@@ -152,6 +162,9 @@ class Runner:
         self._read_scope: trio.CancelScope | None = None
         self._was_up = False
         self.connected = trio.Event()  # set at the first successful connection
+        self._adopted: list[dict[str, Any]] = []  # pending items a save found, for the core
+        if core.relay is None:
+            core.relay = url  # recorded in the session's entry with its key
 
     # --- core calls ---------------------------------------------------------
 
@@ -161,14 +174,32 @@ class Runner:
             epoch = self._epoch
             actions = method(*args)
             await self._apply(actions, epoch)
+            await self._adopt(epoch)
             return actions
 
     async def send_text(self, text: str) -> str:
         async with self._lock:
             epoch = self._epoch
+            self._poll_handovers()  # older messages handed over first: they were accepted first
+            await self._adopt(epoch)
             msg_id, actions = self.core.send_text(text)
             await self._apply(actions, epoch)
+            await self._adopt(epoch)
             return msg_id
+
+    def _poll_handovers(self) -> None:
+        sid = self.core.sid
+        if sid is not None and self.store.owns(sid):
+            self._adopted.extend(self.store.poll(sid))
+
+    async def _adopt(self, epoch: int) -> None:
+        while self._adopted:
+            items, self._adopted = self._adopted, []
+            await self._apply(self.core.adopt_pending(items), epoch)
+
+    def _tick(self) -> list[Action]:
+        self._poll_handovers()
+        return self.core.tick()
 
     def _apply_local(self, actions: list[Action]) -> None:
         """Carry out everything but sends (used where awaiting is not possible).
@@ -201,10 +232,14 @@ class Runner:
                         # before the save: a message nobody can see is not recorded as seen,
                         # so the relay delivers it again next time
                         self.check_output()
-                    self.store.save_entry(action.sid, action.entry,
-                                          at_commit=lambda events=incoming: self._show_all(events))
+                    adopted = self.store.save_entry(action.sid, action.entry,
+                                                    at_commit=lambda events=incoming: self._show_all(events))
                 else:
-                    self.store.save_entry(action.sid, action.entry)
+                    adopted = self.store.save_entry(action.sid, action.entry)
+                self._adopted.extend(adopted)
+                if not self.store.owns(action.sid) and isinstance(action.entry.get("key"), str):
+                    # a session this process just made (invite/join): it is its owner
+                    self.store.claim(action.sid)
             elif isinstance(action, Show):
                 self.on_event(action.event)
             elif isinstance(action, Close):
@@ -265,7 +300,7 @@ class Runner:
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(TICK_INTERVAL)
-            await self.call(self.core.tick)
+            await self.call(self._tick)
 
     async def _connection_loop(self) -> None:
         delays = self._backoff()

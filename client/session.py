@@ -62,6 +62,13 @@ def failure_message(failure: HandshakeFailed) -> str:
         when = failure.detail or "before you answered"
         return (f"the person who joined left {when}; no session was set up and nothing was kept "
                 "(run 'parley invite' again for a fresh code)")
+    if kind is FailureKind.UNKNOWN_SESSION:
+        return (
+            f"the relay at {failure.detail or 'this address'} does not know this session, so nothing "
+            "sent through it could reach the peer (messages stay saved); run it with the --relay the "
+            "session was made on, or, if this is that relay (relays forget sessions left idle) or the "
+            "session really moved here, add --move-relay"
+        )
     return f"the relay refused: {failure.detail or 'unknown error'}"
 
 

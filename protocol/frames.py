@@ -125,6 +125,9 @@ class JoinDeny(Frame):
 class Reattach(Frame):
     sid: str
     side: str | None = data_field("side")
+    # parley only: "never" asks a parley relay to answer ERROR no_session
+    # instead of creating a session it does not know (protocol/EXTENSIONS.md)
+    create: str | None = data_field("create")
 
 
 @frame_type("RECEIVED", Sid.REQUIRED)

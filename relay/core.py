@@ -61,6 +61,12 @@ Choices where PROTOCOL is silent
   RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
   JOIN_DENY and RECEIVED need not come from a member (as in Go);
   INVITE_CREATE must.
+* But a REATTACH with the parley-only `data.create:"never"` (a parley client
+  not sure this is the session's relay) for an unknown SID gets `ERROR
+  no_session`, and so does every later MSG for that SID on the same
+  connection while the session does not exist (protocol/EXTENSIONS.md); the
+  SIDs refused so are remembered per connection, at most
+  `max_sessions_per_conn` of them.
 * A msgID, for receipts and QUEUED/DELIVERED_FAILED: `data.msgID`, else the
   first 24 characters of `data.payload`. `DELIVERED` carries `data.msgID`
   only when the MSG did (2.3), so Go clients see Go's bytes. A frame with
@@ -240,6 +246,7 @@ BAD_CODE_MESSAGE = "Invalid or expired code"
 QUEUE_FULL = "queue_full"
 STORE_UNAVAILABLE = "store_unavailable"
 UNAVAILABLE_MESSAGE = "the relay cannot save anything right now (storage problem); try again in a minute"
+NO_CREATE = "never"  # REATTACH data.create: do not create an unknown session (parley only)
 
 _SIDE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
@@ -285,7 +292,7 @@ def _who(key: str) -> _Who:
 class _Conn:
     __slots__ = (
         "id", "address", "who", "key", "prefix", "sessions", "errors", "joins", "client_id", "replay",
-        "codes", "made", "stored",
+        "codes", "made", "stored", "refused",
     )
 
     def __init__(self, conn_id: ConnId, address: Hashable) -> None:
@@ -306,6 +313,9 @@ class _Conn:
         # sid -> seq of the next stored frame to replay once the connection's
         # buffer has drained (a REATTACH backlog larger than one chunk)
         self.replay: dict[str, int] | None = None
+        # SIDs a parley client asked not to create (REATTACH create:"never")
+        # that did not exist: its MSGs for them are refused too, not auto-created
+        self.refused: set[str] | None = None
 
 
 class _Stored:
@@ -627,6 +637,9 @@ class RelayCore:
         actions: list[Action] = []
         sess = self._sessions.get(sid)
         if sess is None:
+            if conn.refused is not None and sid in conn.refused:
+                self._msgs_refused += 1
+                return self._no_session(conn, sid)
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 self._msgs_refused += 1
@@ -725,6 +738,8 @@ class RelayCore:
         if not self._store_ok and (sess is None or (side is not None and side not in sess.sides)):
             return self._unavailable(conn, sid)  # would need a new session or side
         if sess is None:
+            if frame.create == NO_CREATE:
+                return self._refuse_unknown(conn, sid)
             refusal = self._refuse_new_session(conn, sid)
             if refusal:
                 return refusal
@@ -1091,6 +1106,15 @@ class RelayCore:
 
     def _no_session(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.NO_SESSION, "no such session", sid)
+
+    def _refuse_unknown(self, conn: _Conn, sid: str) -> list[Action]:
+        """REATTACH create:"never" for a session the relay does not have."""
+        if len(sid) <= self.config.max_sid_length:
+            if conn.refused is None:
+                conn.refused = set()
+            if len(conn.refused) < self.config.max_sessions_per_conn:
+                conn.refused.add(sid)
+        return self._no_session(conn, sid)
 
     def _too_many_sessions(self, conn: _Conn, sid: str) -> list[Action]:
         return self._error(conn, ErrorCode.RATE_LIMITED, "too many sessions on this connection", sid)

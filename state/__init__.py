@@ -3,6 +3,9 @@
 from .store import (
     CorruptStateFile,
     StateError,
+    StateNotWritable,
+    UnsafeStateFile,
+    check_writable,
     dumps_state,
     load_state,
     new_entry,
@@ -11,6 +14,6 @@ from .store import (
 )
 
 __all__ = [
-    "CorruptStateFile", "StateError", "dumps_state", "load_state", "new_entry", "save_state",
+    "CorruptStateFile", "StateError", "StateNotWritable", "UnsafeStateFile", "check_writable", "dumps_state", "load_state", "new_entry", "save_state",
     "state_path",
 ]

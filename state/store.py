@@ -11,14 +11,29 @@ Unlike the Node client, parley never loses the file: it is replaced atomically
 (temp file in the same directory, fsync, rename, fsync of the directory),
 created with mode 0600, and a file that does not parse raises
 `CorruptStateFile` and is left exactly as it was.
+
+The file holds session keys, so it is only read when it is safe to
+(`UnsafeStateFile` otherwise, saying what to do): opened with `O_NOFOLLOW`
+(a symbolic link planted in a shared directory is never followed, so a
+planted file's sessions cannot be merged into the user's own), a regular
+file, owned by the user, and not writable by group or others. A save that
+fails raises `StateNotWritable` and leaves the previous file as it was;
+`check_writable(directory)` tries a real write (a temp file, created,
+fsynced and removed) so a client can find out before it makes a key or
+acknowledges a message it could not keep. It writes because `access()`
+answers from permission bits, which root ignores and which say nothing of a
+read-only mount or an immutable directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +41,9 @@ from typing import Any
 __all__ = [
     "StateError",
     "CorruptStateFile",
+    "UnsafeStateFile",
+    "StateNotWritable",
+    "check_writable",
     "state_path",
     "load_state",
     "save_state",
@@ -49,6 +67,23 @@ class CorruptStateFile(StateError):
         super().__init__(f"state file {path} is corrupt ({reason}); it was left untouched")
         self.path = path
         self.reason = reason
+
+
+class UnsafeStateFile(StateError):
+    """The state file exists but is not safe to read (a link, someone else's, writable by others)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"state file {path} {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class StateNotWritable(StateError):
+    """The state file cannot be written (read-only directory or file system, disk full, ...)."""
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
 def state_path(state_dir: str | os.PathLike[str], name: str) -> Path:
@@ -79,15 +114,88 @@ def _check_shape(path: Path, state: Any) -> dict[str, dict[str, Any]]:
     return state
 
 
-def load_state(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """Read a state file; a missing file is an empty state, a bad one raises."""
-    path = Path(path)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _check_safe(path: Path, st: os.stat_result) -> None:
+    """Refuse what another user could have planted or could change under us."""
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeStateFile(path, "is not a regular file; remove it or choose another --name or --state-dir")
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise UnsafeStateFile(
+            path,
+            f"belongs to another user (uid {st.st_uid}, you are uid {uid}); parley only uses its own state "
+            "files: choose another --state-dir (or --name), or ask its owner to remove it",
+        )
+    if st.st_mode & 0o022:
+        who = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if st.st_mode & bit)
+        raise UnsafeStateFile(
+            path,
+            f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}), so its keys cannot be trusted: "
+            f"check it, then run 'chmod 600 {path}'",
+        )
+
+
+def _read_safely(path: Path) -> bytes | None:
+    """The file's bytes, or None if it does not exist; `UnsafeStateFile`/`StateError` otherwise."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
-        return {}
+        return None
     except OSError as exc:
-        raise StateError(f"cannot read state file {path}: {exc.strerror}") from None
+        if exc.errno == errno.ELOOP:
+            raise UnsafeStateFile(
+                path,
+                "is a symbolic link; parley does not follow links for its state file (one planted in a "
+                "shared directory would hand it someone else's sessions): replace the link with the file",
+            ) from None
+        raise StateError(f"cannot read state file {path}: {_describe(exc)}") from None
+    try:
+        _check_safe(path, os.fstat(fd))
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise StateError(f"cannot read state file {path}: {_describe(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+def check_writable(directory: str | os.PathLike[str]) -> None:
+    """Raise `StateNotWritable` unless a file can be created, written and fsynced in `directory`."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".parley-write-check.{secrets.token_hex(6)}.tmp"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.write(fd, b"{}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StateNotWritable(
+            f"cannot write the state file in {directory} ({_describe(exc)}); nothing was sent: "
+            "choose a writable --state-dir"
+        ) from None
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Read a state file; a missing file is an empty state, a bad one raises.
+
+    Raises `UnsafeStateFile` for a symbolic link, a file that is not regular,
+    not the user's, or writable by group/others; `CorruptStateFile` for one
+    that does not parse; `StateError` if it cannot be read.
+    """
+    path = Path(path)
+    raw = _read_safely(path)
+    if raw is None:
+        return {}
     try:
         state = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -131,14 +239,37 @@ def save_state(
     just before the rename that publishes them (the rename happens even if it
     raises). The client shows a received message there: a process killed at
     any instant has then either shown it, or not recorded it as seen.
+
+    A failed write raises `StateNotWritable`; the old file is then unchanged
+    (the rename is the last step) and no temp file is left.
     """
     path = Path(path)
     _check_shape(path, state)
     data = dumps_state(state).encode("utf-8")
+    hook_error: list[BaseException] = []
+
+    def hook() -> None:  # its own errors (say, a closed terminal) are not the file's
+        if at_commit is not None:
+            try:
+                at_commit()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rename
+                hook_error.append(exc)
+
+    try:
+        _write_atomically(path, data, hook)
+    except OSError as exc:
+        raise StateNotWritable(
+            f"cannot save state file {path} ({_describe(exc)}); the previous file is unchanged"
+        ) from None
+    if hook_error:
+        raise hook_error[0]
+
+
+def _write_atomically(path: Path, data: bytes, at_commit: Callable[[], None]) -> None:
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     temp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         try:
             view = memoryview(data)
@@ -148,12 +279,10 @@ def save_state(
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            if at_commit is not None:
-                at_commit()
-        finally:
-            os.replace(temp, path)
+        at_commit()
+        os.replace(temp, path)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
         raise
     _fsync_directory(directory)
