@@ -14,6 +14,8 @@ cost a few arithmetic operations per socket read, never an allocation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["ByteBudget", "TokenBucket"]
 
 
@@ -46,7 +48,8 @@ class TokenBucket:
 
     `charge(n, now)` spends n tokens (the level may go negative: the debt is
     what the caller must wait off) and returns the level; `wait_time` says
-    how long until the level is back at zero.
+    how long until the level is back at zero. `take(n, clock)` is the
+    refuse-or-spend form for per-event use.
     """
 
     __slots__ = ("rate", "burst", "level", "stamp")
@@ -66,6 +69,22 @@ class TokenBucket:
         self.stamp = now
         self.level = level = level - n
         return level
+
+    def take(self, n: int, clock: Callable[[], float]) -> bool:
+        """Spend n tokens if the level allows; the clock is read (and the
+        bucket refilled) only when the level would go below zero, so a
+        caller well inside its budget pays one subtraction. False: over the
+        budget (the level is left below zero)."""
+        level = self.level - n
+        if level < 0:
+            now = clock()
+            level = self.level + (now - self.stamp) * self.rate
+            if level > self.burst:
+                level = self.burst
+            level -= n
+            self.stamp = now
+        self.level = level
+        return level >= 0
 
     def wait_time(self) -> float:
         """Seconds until the level is back at zero (0.0 if it is not below)."""

@@ -54,8 +54,10 @@ import attrs
 import trio
 
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
+from .budgets import ByteBudget
 from .logging import frame_type_of, short_sid
 from .memory import TrimPolicy, release_free_memory
+from .observe import NullObserver, Observer
 from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
@@ -125,14 +127,19 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
 class RelayServer:
     """Runs a `RelayCore` behind WebSocket connections and an optional `Store`."""
 
-    def __init__(self, core: Any, store: Store | None, config: ServerConfig) -> None:
+    def __init__(
+        self, core: Any, store: Store | None, config: ServerConfig, observer: Observer | None = None
+    ) -> None:
         self._core = core
+        self._observer: Observer = observer if observer is not None else NullObserver()
         self._store = store
         self._config = config
         tconf = config.transport
         if not tconf.server_header.startswith(b"parley/"):
             tconf = attrs.evolve(tconf, server_header=f"parley/{server_version()}".encode())
         self._transport = tconf
+        # bytes of unfinished messages, all connections together (wsframe.FrameReader)
+        self._partial_budget = ByteBudget(tconf.partial_bytes_total)
         self._ssl = (
             make_ssl_context(config.certfile, config.keyfile)
             if config.certfile and config.keyfile
@@ -253,7 +260,10 @@ class RelayServer:
         try:
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True, https_compatible=True)
-            await serve_stream(stream, self, self._transport, self._ids.__next__, self._outbox)
+            await serve_stream(
+                stream, self, self._transport, self._ids.__next__, self._outbox,
+                partial_budget=self._partial_budget, observer=self._observer,
+            )
         except Exception:  # a bug in one connection must not take the relay down
             log.exception("connection handler failed")
 
@@ -391,8 +401,11 @@ class RelayServer:
                 log.debug(
                     "conn %d tx %s %dB", conn.id, frame_type_of(action.text), len(action.text)
                 )
+            dead = conn.dead
             if not conn.send_text(action.text, action.requeue):
-                if conn.close_reason == OVERFLOW:
+                # Once per drop: the rest of this action list's sends to it
+                # find it dead (a replay chunk could log a line per frame).
+                if not dead and conn.close_reason == OVERFLOW:
                     self.counters["overflows"] += 1
                     log.info("conn %d send buffer full: disconnected", conn.id)
                 self._doomed.append(conn.id)

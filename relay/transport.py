@@ -47,7 +47,10 @@ import attrs
 import h11
 import trio
 from . import wsframe
-from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
+from .addresses import address_key
+from .budgets import ByteBudget, TokenBucket
+from .observe import NullObserver, Observer
+from .wsframe import BINARY, CLOSE, FAIL, LIMIT, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
 
 __all__ = ["TransportConfig", "Handler", "Outbox", "WsConn", "serve_stream", "PING_TEXT"]
 
@@ -57,6 +60,24 @@ PING_TEXT = '{"t":"PING"}\n'
 OVERFLOW = "send buffer full"  # the close reason of a connection dropped for not reading
 WS_VERSION = b"13"
 _RECV_SIZE = 65536
+
+# What `_handle_events` tells the reader loop.
+_MORE = 0  # all events handled: read more bytes
+_DONE = 1  # the connection is done reading
+_HELD = 2  # the handler is backlogged; `_held_message` waits for `wait_ready`
+_TURN = 3  # this turn's share of events is used up: let other connections run
+
+# Data messages that make the relay do nothing (the core ignores a client's
+# PING and PONG; an empty one is only an error), charged like WebSocket
+# ping/pong frames to the low "idle frames" budget. Matched as whole strings,
+# so the check costs a length test for anything longer.
+_IDLE_MESSAGES = frozenset(
+    m.encode() if raw else m
+    for m in ("", '{"t":"PING"}', '{"t":"PING"}\n', '{"t":"PONG"}', '{"t":"PONG"}\n')
+    for raw in (False, True)
+)
+_IDLE_MAX_LEN = max(len(m) for m in _IDLE_MESSAGES)
+IDLE_FRAMES = "too many frames that do nothing"  # the close reason (1008)
 
 
 @attrs.frozen
@@ -70,6 +91,19 @@ class TransportConfig:
     close_timeout: float = 2.0
     max_handshake_bytes: int = 16384
     server_header: bytes = b"parley"
+    # Per-message and per-read limits (README "Relay: per-message limits").
+    max_fragments: int | None = None  # frames per message; None: max(1024, max_frame // 1024)
+    partial_bytes_total: int = 256 << 20  # bytes of unfinished messages, all connections together
+    turn_frames: int = 64  # events one connection handles before others get a turn
+    frame_rate: float = 100_000.0  # frames/s one connection may send (any kind); over: reads wait
+    idle_frame_rate: float = 10.0  # frames/s that do nothing (ping, pong, empty); over the burst: 1008
+    idle_frame_burst: int = 100
+
+    @property
+    def effective_max_fragments(self) -> int:
+        if self.max_fragments is not None:
+            return self.max_fragments
+        return max(1024, self.max_frame // 1024)
 
     @property
     def effective_idle_timeout(self) -> float:
@@ -158,7 +192,8 @@ class WsConn:
 
     __slots__ = (
         "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
-        "_finished", "_frames", "_handler", "_held_message", "_inflight", "_max_bytes",
+        "_finished", "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
+        "_idle", "_inflight", "_max_bytes", "_observer", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
         "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
@@ -173,6 +208,7 @@ class WsConn:
         frames: FrameReader,
         config: TransportConfig,
         outbox: Outbox,
+        observer: Observer | None = None,
     ) -> None:
         self.id = conn_id
         self.address = address
@@ -215,7 +251,12 @@ class WsConn:
         # `dead`: aborted; nothing more is read or written.
         self.dead = False
         self.close_reason = ""
-        self.last_rx = trio.current_time()
+        self.last_rx = now = trio.current_time()
+        self._observer: Observer = observer if observer is not None else NullObserver()
+        self._turn_frames = config.turn_frames
+        self._frame_rate = TokenBucket(config.frame_rate, config.frame_rate, now)
+        self._frames_seen = 0  # frames.frames already charged to _frame_rate
+        self._idle = TokenBucket(config.idle_frame_rate, config.idle_frame_burst, now)
         self.messages_in = 0
         self.messages_out = 0
         self.bytes_in = 0
@@ -410,12 +451,16 @@ class WsConn:
             self.open = False
             self._finished = True
 
-    def _handle_events(self, handler: Handler) -> bool | None:
-        """Handle the events read so far. True: the connection is done reading;
-        False: more bytes are needed; None: the handler is backlogged and
-        `_held_message` waits for `wait_ready`."""
+    def _handle_events(self, handler: Handler) -> int:
+        """Handle the events read so far, at most `turn_frames` of them.
+        Returns `_MORE` (all handled: read on), `_DONE` (stop reading),
+        `_HELD` (the handler is backlogged: `_held_message` waits for
+        `wait_ready`) or `_TURN` (events are left: yield, then call again)."""
         events = self._events
+        turn = self._next_event + self._turn_frames
         while self._next_event < len(events):
+            if self._next_event >= turn:
+                return _TURN
             event = events[self._next_event]
             self._next_event += 1
             kind = event[0]
@@ -425,15 +470,21 @@ class WsConn:
                 message = event[1]
                 self.messages_in += 1
                 self.bytes_in += len(message)
+                if (
+                    len(message) <= _IDLE_MAX_LEN
+                    and message in _IDLE_MESSAGES
+                    and not self._idle.take(1, trio.current_time)
+                ):
+                    return self._limit("idle_frames", 1008, IDLE_FRAMES)
                 if handler.backlogged:
                     self._held_message = message
-                    return None
+                    return _HELD
                 handler.on_message(self, message)
-            elif kind is PING:
-                if not self._close_sent:
+            elif kind is PING or kind is PONG:
+                if not self._idle.take(1, trio.current_time):
+                    return self._limit("idle_frames", 1008, IDLE_FRAMES)
+                if kind is PING and not self._close_sent:
                     self._queue_control(wsframe.pong_frame(event[1]))
-            elif kind is PONG:
-                pass
             elif kind is TOO_LARGE:
                 if self.open:
                     handler.on_too_large(self, event[1])
@@ -442,16 +493,28 @@ class WsConn:
                 if self._send_close(event[1]):
                     self.close_reason = f"client closed {event[1]}"
                 self.open = False
-                return True
+                return _DONE
             elif kind is FAIL:
                 if self._send_close(event[1], event[2]):
                     self.close_reason = f"protocol error {event[1]}"
                     log.debug("conn %d protocol error, closing %d", self.id, event[1])
                 self.open = False
-                return True
+                return _DONE
+            elif kind is LIMIT:
+                return self._limit(event[1], event[2], event[3])
         self._events = []
         self._next_event = 0
-        return False
+        return _MORE
+
+    def _limit(self, kind: str, code: int, reason: str) -> int:
+        """A read-side limit was hit: close with `code` and stop reading."""
+        self._frames.close()
+        self._observer.limit_hit(kind, address_key(self.address))
+        if self._send_close(code, reason):
+            self.close_reason = f"limit {kind}"
+            log.debug("conn %d over the %s limit, closing %d", self.id, kind, code)
+        self.open = False
+        return _DONE
 
     async def _reader(self, handler: Handler) -> None:
         frames = self._frames
@@ -463,16 +526,24 @@ class WsConn:
         with scope:
             while True:
                 with outbox:
-                    done = self._handle_events(handler)
-                while done is None:  # backlogged: wait, then hand over the held message
+                    state = self._handle_events(handler)
+                while state is not _MORE:
+                    if state is _DONE:
+                        return
+                    if state is _TURN:
+                        # Fairness: one connection's burst of input does not
+                        # hold up every other connection's (issue #11).
+                        await trio.lowlevel.checkpoint()
+                        with outbox:
+                            state = self._handle_events(handler)
+                        continue
+                    # _HELD: wait for the handler, then hand over the held message
                     await handler.wait_ready()
                     message, self._held_message = self._held_message, None
                     with outbox:
                         if self.open and message is not None:
                             handler.on_message(self, message)
-                        done = self._handle_events(handler)
-                if done:
-                    return
+                        state = self._handle_events(handler)
                 if fd is not None:
                     try:
                         if drained:
@@ -496,8 +567,20 @@ class WsConn:
                         self.close_reason = "connection lost"
                     self.open = False
                     return
-                self.last_rx = trio.current_time()
+                self.last_rx = now = trio.current_time()
                 self._events = frames.receive(data)
+                seen = frames.frames
+                rate = self._frame_rate
+                was = rate.level
+                charged = seen - self._frames_seen
+                self._frames_seen = seen
+                if rate.charge(charged, now) < 0:
+                    # Over the frame rate: what this read brought waits the
+                    # debt off before it is handled, and TCP slows the
+                    # sender down meanwhile; nothing is dropped.
+                    if was >= 0:
+                        self._observer.limit_hit("message_rate", address_key(self.address))
+                    await trio.sleep(rate.wait_time())
         # Read deadline reached after we sent a close frame.
         if not self.close_reason:
             self.close_reason = "close timeout"
@@ -731,11 +814,16 @@ async def serve_stream(
     config: TransportConfig,
     next_id: Callable[[], int],
     outbox: Outbox,
+    *,
+    partial_budget: ByteBudget | None = None,
+    observer: Observer | None = None,
 ) -> None:
     """Serve one accepted stream: handshake, then frames until it ends.
 
     `handler.on_open` is called once the upgrade has been sent, and
     `handler.on_close` exactly once afterwards (also on cancellation).
+    `partial_budget`: the relay-wide pool the connection's unfinished
+    messages draw from (given back when it ends); `observer` hears of limit hits.
     """
     conn: WsConn | None = None
     try:
@@ -747,8 +835,10 @@ async def serve_stream(
             return
         response, trailing = result
         address = peer_host(stream)
-        frames = FrameReader(config.max_frame)
-        conn = WsConn(next_id(), address, stream, frames, config, outbox)
+        frames = FrameReader(
+            config.max_frame, max_fragments=config.effective_max_fragments, budget=partial_budget
+        )
+        conn = WsConn(next_id(), address, stream, frames, config, outbox, observer)
         conn._events = frames.receive(trailing) if trailing else []
         conn._out.append(response)  # the 101 goes out first, in the writer's first send
         conn._out_bytes += len(response)
@@ -756,6 +846,7 @@ async def serve_stream(
         try:
             await conn._run(handler)
         finally:
+            frames.close()  # its unfinished message's bytes go back to the budget
             handler.on_close(conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
