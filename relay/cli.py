@@ -219,6 +219,29 @@ def _env_default(ctx: click.Context, name: str) -> bool:
 @_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
               type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
               help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
+# Frames: work and memory per message (README "Relay: per-message limits")
+@_option("--max-fragments", envvar="PARLEY_RELAY_MAX_FRAGMENTS", metavar="N",
+              type=click.IntRange(1), default=None, show_envvar=True,
+              help="Frames one message may span, empty ones included; over it: close 1008. "
+                   "[default: max(1024, max-frame / 1024)]")
+@_option("--partial-bytes-total", envvar="PARLEY_RELAY_PARTIAL_BYTES_TOTAL", metavar="BYTES",
+              type=click.IntRange(0), default=256 << 20, show_default=True, show_envvar=True,
+              help="Bytes of unfinished messages held for all connections together; "
+                   "a connection that would go over it is closed with 1013.")
+@_option("--turn-frames", envvar="PARLEY_RELAY_TURN_FRAMES", metavar="N",
+              type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
+              help="Messages and control frames one connection has handled in a row "
+                   "before the other connections get a turn.")
+@_option("--frame-rate", envvar="PARLEY_RELAY_FRAME_RATE", metavar="PER_SECOND",
+              type=click.FloatRange(1), default=100_000.0, show_default=True, show_envvar=True,
+              help="Frames per second one connection may send (any kind, a second's worth "
+                   "at once); faster senders are read more slowly.")
+@_option("--idle-frame-rate", envvar="PARLEY_RELAY_IDLE_FRAME_RATE", metavar="PER_SECOND",
+              type=click.FloatRange(0.01), default=10.0, show_default=True, show_envvar=True,
+              help="Frames per second that do nothing (ping, pong, empty) one connection may send.")
+@_option("--idle-frame-burst", envvar="PARLEY_RELAY_IDLE_FRAME_BURST", metavar="N",
+              type=click.IntRange(1), default=100, show_default=True, show_envvar=True,
+              help="... of which this many at once; past it: close 1008.")
 def relay(
     host: str,
     port: int,
@@ -234,6 +257,12 @@ def relay(
     code_ttl: float,
     session_ttl: float,
     queue_bytes: int,
+    max_fragments: int | None,
+    partial_bytes_total: int,
+    turn_frames: int,
+    frame_rate: float,
+    idle_frame_rate: float,
+    idle_frame_burst: int,
 ) -> None:
     """Run the parley relay."""
     ctx = click.get_current_context()
@@ -268,6 +297,14 @@ def relay(
                 "code_ttl": code_ttl,
                 "session_ttl": session_ttl,
                 "queue_max_bytes": queue_bytes,
+            },
+            transport_options={
+                "max_fragments": max_fragments,
+                "partial_bytes_total": partial_bytes_total,
+                "turn_frames": turn_frames,
+                "frame_rate": frame_rate,
+                "idle_frame_rate": idle_frame_rate,
+                "idle_frame_burst": idle_frame_burst,
             },
         )
     except (StoreError, ValueError, TypeError) as exc:

@@ -94,7 +94,7 @@ class TransportConfig:
     # Per-message and per-read limits (README "Relay: per-message limits").
     max_fragments: int | None = None  # frames per message; None: max(1024, max_frame // 1024)
     partial_bytes_total: int = 256 << 20  # bytes of unfinished messages, all connections together
-    turn_frames: int = 64  # events one connection handles before others get a turn
+    turn_frames: int = 16  # messages + control frames handled before others get a turn
     frame_rate: float = 100_000.0  # frames/s one connection may send (any kind); over: reads wait
     idle_frame_rate: float = 10.0  # frames/s that do nothing (ping, pong, empty); over the burst: 1008
     idle_frame_burst: int = 100
