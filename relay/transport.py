@@ -14,6 +14,19 @@ One connection = one nursery with two tasks:
   stream is TLS): it then writes the rest as the socket drains, and
   everything queued meanwhile goes behind it.
 
+Work and memory per connection (README "Relay: per-message limits"): the
+reader handles at most `turn_frames` messages and control frames in a row,
+then yields, so one connection's burst delays the others by a turn at most;
+frames that do nothing (WebSocket ping/pong, empty messages, a client's
+`{"t":"PING"}`/`{"t":"PONG"}`) draw from a small per-connection token bucket
+(over it: close 1008); every frame counts against `frame_rate`, and a
+connection over it has its next events handled only once the debt is waited
+off (its socket is not read meanwhile, so TCP slows the sender). The
+`FrameReader` bounds fragments per message (1008) and draws the bytes of
+unfinished messages from the relay-wide `partial_budget` (1013), given back
+when the connection ends. Each limit hit is reported to the `Observer` with
+the peer's address key.
+
 Queueing never blocks: when a connection's buffer is over its bound (bytes or
 messages) the connection is aborted at once (no close frame: the peer is not
 reading anyway) and `send_text` returns False so the caller can tell the core.
