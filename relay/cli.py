@@ -225,9 +225,10 @@ def _env_default(ctx: click.Context, name: str) -> bool:
               help="Frames one message may span, empty ones included; over it: close 1008. "
                    "[default: max(1024, max-frame / 1024)]")
 @_option("--partial-bytes-total", envvar="PARLEY_RELAY_PARTIAL_BYTES_TOTAL", metavar="BYTES",
-              type=click.IntRange(0), default=256 << 20, show_default=True, show_envvar=True,
+              type=click.IntRange(1 << 16), default=256 << 20, show_default=True, show_envvar=True,
               help="Bytes of unfinished messages held for all connections together; "
-                   "a connection that would go over it is closed with 1013.")
+                   "a connection that would go over it is closed with 1013. "
+                   "Keep it several times --max-frame.")
 @_option("--turn-frames", envvar="PARLEY_RELAY_TURN_FRAMES", metavar="N",
               type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
               help="Messages and control frames one connection has handled in a row "
