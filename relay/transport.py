@@ -583,17 +583,21 @@ class WsConn:
                 self.last_rx = now = trio.current_time()
                 self._events = frames.receive(data)
                 seen = frames.frames
-                rate = self._frame_rate
-                was = rate.level
                 charged = seen - self._frames_seen
                 self._frames_seen = seen
-                if rate.charge(charged, now) < 0:
-                    # Over the frame rate: what this read brought waits the
-                    # debt off before it is handled, and TCP slows the
-                    # sender down meanwhile; nothing is dropped.
-                    if was >= 0:
-                        self._observer.limit_hit("message_rate", address_key(self.address))
-                    await trio.sleep(rate.wait_time())
+                rate = self._frame_rate
+                level = rate.level - charged
+                if level >= 0:
+                    rate.level = level  # within the burst: no refill needed yet
+                else:
+                    was = rate.level
+                    if rate.charge(charged, now) < 0:
+                        # Over the frame rate: what this read brought waits
+                        # the debt off before it is handled, and TCP slows
+                        # the sender down meanwhile; nothing is dropped.
+                        if was >= 0:
+                            self._observer.limit_hit("message_rate", address_key(self.address))
+                        await trio.sleep(rate.wait_time())
         # Read deadline reached after we sent a close frame.
         if not self.close_reason:
             self.close_reason = "close timeout"
