@@ -13,8 +13,9 @@ flooders the relay closed (and with what), and the relay's CPU seconds.
 Kinds of flood: `ping` sends `{"t":"PING"}` text frames (the core ignores
 them); `ignored` sends `{"t":"PING","n":1}` (also ignored by the core, but
 not recognisable without parsing: only the relay's fairness protects the
-pair); `wsping` sends WebSocket ping control frames (each answered with a
-pong, which the flooder reads).
+pair); `fragmented` sends the same one byte per frame (18 frames a
+message); `wsping` sends WebSocket ping control frames (each answered with
+a pong, which the flooder reads).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ _KINDS = {
     "ping": (0x1, b'{"t":"PING"}'),
     "ignored": (0x1, b'{"t":"PING","n":1}'),
     "wsping": (0x9, b"x"),
+    "fragmented": (0x1, b'{"t":"PING","n":1}'),  # sent one byte per frame
 }
 
 
-def frame(opcode: int, payload: bytes) -> bytes:
+def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     n = len(payload)
-    head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    first = (0x80 if fin else 0) | opcode
+    head = bytes((first, 0x80 | n)) if n < 126 else struct.pack("!BBH", first, 0xFE, n)
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
@@ -107,7 +110,14 @@ async def measure(port: int, flooders: int, kind: str, seconds: float) -> dict:
     await b.send({"t": "JOIN", "data": {"code": code, "publicKey": "ab"}})
     assert (await a.json())["t"] == "JOIN_REQUEST"
     opcode, payload = _KINDS[kind]
-    burst = frame(opcode, payload) * 256
+    if kind == "fragmented":
+        one = b"".join(
+            frame(opcode if i == 0 else 0, payload[i:i + 1], fin=i == len(payload) - 1)
+            for i in range(len(payload))
+        )
+    else:
+        one = frame(opcode, payload)
+    burst = one * 256
     closed: list[str] = []
     rtts: list[float] = []
 

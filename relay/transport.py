@@ -16,7 +16,8 @@ One connection = one nursery with two tasks:
 
 Work and memory per connection (README "Relay: per-message limits"): the
 reader handles at most `turn_frames` messages and control frames in a row,
-then yields, so one connection's burst delays the others by a turn at most;
+and parses at most `PARSE_TURNS` times as many frames out of one read, then
+yields, so one connection's burst delays the others by a turn at most;
 frames that do nothing (WebSocket ping/pong, empty messages, a client's
 `{"t":"PING"}`/`{"t":"PONG"}`) draw from a small per-connection token bucket
 (over it: close 1008); every frame counts against `frame_rate`, and a
@@ -90,7 +91,14 @@ _IDLE_MESSAGES = frozenset(
     for raw in (False, True)
 )
 _IDLE_MAX_LEN = max(len(m) for m in _IDLE_MESSAGES)
+# Frames one read's parse may take, in turns' worth of frames: what is left
+# is parsed in a later turn, so a read of tiny frames (64 KiB of empty
+# continuation frames is 10,000 of them) is not parsed in one go.
+PARSE_TURNS = 4
 IDLE_FRAMES = "too many frames that do nothing"  # the close reason (1008)
+
+
+_positive = attrs.validators.gt(0)
 
 
 @attrs.frozen
@@ -105,12 +113,17 @@ class TransportConfig:
     max_handshake_bytes: int = 16384
     server_header: bytes = b"parley"
     # Per-message and per-read limits (README "Relay: per-message limits").
-    max_fragments: int | None = None  # frames per message; None: max(1024, max_frame // 1024)
-    partial_bytes_total: int = 256 << 20  # bytes of unfinished messages, all connections together
-    turn_frames: int = 16  # messages + control frames handled before others get a turn
-    frame_rate: float = 100_000.0  # frames/s one connection may send (any kind); over: reads wait
-    idle_frame_rate: float = 10.0  # frames/s that do nothing (ping, pong, empty); over the burst: 1008
-    idle_frame_burst: int = 100
+    # frames per message; None: max(1024, max_frame // 1024)
+    max_fragments: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    # bytes of unfinished messages, all connections together
+    partial_bytes_total: int = attrs.field(default=256 << 20, validator=attrs.validators.ge(0))
+    # messages + control frames one connection handles before the others get a turn
+    turn_frames: int = attrs.field(default=16, validator=_positive)
+    # frames/s one connection may send (any kind); over it its reads wait
+    frame_rate: float = attrs.field(default=100_000.0, validator=_positive)
+    # frames/s that do nothing (ping, pong, empty), and how many at once; over: 1008
+    idle_frame_rate: float = attrs.field(default=10.0, validator=_positive)
+    idle_frame_burst: int = attrs.field(default=100, validator=_positive)
 
     @property
     def effective_max_fragments(self) -> int:
@@ -557,7 +570,12 @@ class WsConn:
                         if self.open and message is not None:
                             handler.on_message(self, message)
                         state = self._handle_events(handler)
-                if fd is not None:
+                if frames.pending:
+                    # The last read held more frames than one turn may parse:
+                    # the rest is parsed on in the next turn.
+                    await trio.lowlevel.checkpoint()
+                    data = None
+                elif fd is not None:
                     try:
                         if drained:
                             await trio.lowlevel.wait_readable(fd)
@@ -575,13 +593,17 @@ class WsConn:
                         data = await stream.receive_some(_RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
-                if not data:
-                    if not self.close_reason:
-                        self.close_reason = "connection lost"
-                    self.open = False
-                    return
-                self.last_rx = now = trio.current_time()
-                self._events = frames.receive(data)
+                if data is None:
+                    now = trio.current_time()
+                    self._events = frames.receive(b"")
+                else:
+                    if not data:
+                        if not self.close_reason:
+                            self.close_reason = "connection lost"
+                        self.open = False
+                        return
+                    self.last_rx = now = trio.current_time()
+                    self._events = frames.receive(data)
                 seen = frames.frames
                 charged = seen - self._frames_seen
                 self._frames_seen = seen
@@ -853,7 +875,10 @@ async def serve_stream(
         response, trailing = result
         address = peer_host(stream)
         frames = FrameReader(
-            config.max_frame, max_fragments=config.effective_max_fragments, budget=partial_budget
+            config.max_frame,
+            max_fragments=config.effective_max_fragments,
+            budget=partial_budget,
+            frames_per_call=config.turn_frames * PARSE_TURNS,
         )
         conn = WsConn(next_id(), address, stream, frames, config, outbox, observer)
         conn._events = frames.receive(trailing) if trailing else []

@@ -90,14 +90,19 @@ class FrameReader:
         *,
         max_fragments: int | None = None,
         budget: ByteBudget | None = None,
+        frames_per_call: int | None = None,
     ) -> None:
         self._max = max_message
         self._max_fragments = max_fragments if max_fragments is not None else 1 << 62
+        self._per_call = frames_per_call if frames_per_call is not None else 1 << 62
         self._budget = budget
         self._drawn = 0  # bytes drawn from the budget now
-        # An unfinished frame, kept between calls; always starts at a frame
-        # boundary (see `receive` for why that makes every byte's cost constant).
+        # Bytes kept between calls, from `_pos` on: an unfinished frame, or
+        # frames not parsed yet because a call parsed `frames_per_call`
+        # (`pending`). See `receive` for why every byte's cost is constant.
         self._buf = bytearray()
+        self._pos = 0
+        self.pending = False  # complete frames wait in the buffer: call receive(b"")
         self._fragment_op: int | None = None  # opcode of the fragmented message in progress
         self._message = bytearray()  # its unmasked payload so far
         self._fragments = 0  # its frames so far
@@ -110,18 +115,23 @@ class FrameReader:
 
     @property
     def held(self) -> int:
-        """Bytes held between calls: the unfinished frame plus the unfinished message."""
-        return len(self._buf) + len(self._message)
+        """Bytes held between calls: buffered frames plus the unfinished message."""
+        return len(self._buf) - self._pos + len(self._message)
 
     def receive(self, data: bytes | bytearray) -> list[tuple]:
         """Feed bytes; return the events they complete, in order. After a
-        CLOSE, FAIL or LIMIT event nothing more is read.
+        CLOSE, FAIL or LIMIT event nothing more is read. One call parses at
+        most `frames_per_call` frames; the rest waits in the buffer, `pending`
+        is set, and `receive(b"")` goes on with it (a caller sharing a thread
+        between connections can thus bound the work of one turn).
 
         Cost is linear in the bytes fed, however they are chunked: whole frames
-        are parsed straight out of `data`; only an unfinished frame at its end
-        is kept (appended to the partial buffer), and a frame is parsed out of
-        the partial buffer only once it is complete, so no byte is copied more
-        than twice (in, and out with the payload)."""
+        are parsed straight out of `data`; only what is left at its end is kept
+        (appended to the buffer, read from an offset), and a frame is parsed
+        out of the buffer only once it is complete. The buffer is compacted
+        only when a call ends inside an unfinished frame, which then moves to
+        the front once; so no byte is copied more than twice (in, and to the
+        front) besides its payload's unmasking."""
         if self._done:
             return []
         if self._skip:
@@ -133,13 +143,17 @@ class FrameReader:
         events: list[tuple] = []
         buf = self._buf
         if buf:
-            buf += data
-            self.copied += len(data)
+            if data:
+                buf += data
+                self.copied += len(data)
             source: bytes | bytearray = buf
+            start = self._pos
         else:
             source = data
+            start = 0
+        self.pending = False
         try:
-            pos = self._parse(source, events)
+            pos = self._parse(source, start, events)
         except _Fail as fail:
             if fail.limit:
                 events.append((LIMIT, fail.limit, fail.code, fail.reason))
@@ -153,17 +167,22 @@ class FrameReader:
         if source is buf:
             if pos >= len(buf):
                 buf.clear()
+                self._pos = 0
+            elif self.pending:
+                self._pos = pos  # parsed on from there by the next call
             elif pos:
                 # The rest is one unfinished frame: it is moved to the front
                 # once, and parsed from there only when it is complete.
                 del buf[:pos]
+                self._pos = 0
                 self.copied += len(buf)
         elif pos < len(source):
             buf += memoryview(source)[pos:]
+            self._pos = 0
             self.copied += len(source) - pos
         budget = self._budget
         if budget is not None:
-            held = len(buf) + len(self._message)
+            held = len(buf) - self._pos + len(self._message)
             delta = held - self._drawn
             if delta > 0:
                 if not budget.take(delta):
@@ -179,18 +198,23 @@ class FrameReader:
     def close(self) -> None:
         """Stop reading: drop what is held and give its bytes back to the budget."""
         self._done = True
+        self.pending = False
         self._buf = bytearray()
+        self._pos = 0
         self._message = bytearray()
         if self._drawn:
             if self._budget is not None:
                 self._budget.give(self._drawn)
             self._drawn = 0
 
-    def _parse(self, buf: bytes | bytearray, events: list[tuple]) -> int:
-        pos = 0
+    def _parse(self, buf: bytes | bytearray, pos: int, events: list[tuple]) -> int:
         n = len(buf)
         count = 0  # frames parsed (a local: this loop is the relay's hot path)
+        per_call = self._per_call
         while n - pos >= 2:
+            if count >= per_call:
+                self.pending = True
+                break
             b0 = buf[pos]
             b1 = buf[pos + 1]
             if b0 & 0x70:

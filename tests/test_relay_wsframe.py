@@ -388,12 +388,13 @@ pieces_st = st.lists(st.binary(max_size=40), min_size=1, max_size=8)
     st.integers(1, 300),
     st.integers(1, 8),
     st.integers(0, 400),
+    st.one_of(st.none(), st.integers(1, 5)),
 )
-def test_same_messages_as_wsproto_until_a_limit(messages, chunk, max_fragments, budget_bytes):
+def test_same_messages_as_wsproto_until_a_limit(messages, chunk, max_fragments, budget_bytes, per_call):
     """Random fragmentation (empty fragments included) and chunking, with a
-    fragment bound and a small relay-wide budget: the events are wsproto's up
-    to the first LIMIT, the reader never holds more than it drew, and every
-    drawn byte is back once the stream ends."""
+    fragment bound, a small relay-wide budget and a cap on frames per call:
+    the events are wsproto's up to the first LIMIT, the reader never holds
+    more than it drew, and every drawn byte is back once the stream ends."""
     wire = b""
     for opcode, pieces, with_ping in messages:
         if opcode == 1:
@@ -403,10 +404,14 @@ def test_same_messages_as_wsproto_until_a_limit(messages, chunk, max_fragments, 
             if with_ping and i == 0:
                 wire += frame(9, b"pp")
     budget = ByteBudget(budget_bytes)
-    reader = FrameReader(1 << 20, max_fragments=max_fragments, budget=budget)
+    reader = FrameReader(1 << 20, max_fragments=max_fragments, budget=budget, frames_per_call=per_call)
     ours = []
     for i in range(0, len(wire), chunk):
         ours += reader.receive(wire[i:i + chunk])
+        while reader.pending:
+            before = reader.frames
+            ours += reader.receive(b"")
+            assert reader.frames - before <= per_call
         assert budget.held == (0 if ours and ours[-1][0] == LIMIT else reader.held)
     expected = _wsproto_messages(wire)
     if ours and ours[-1][0] == LIMIT:
@@ -419,6 +424,19 @@ def test_same_messages_as_wsproto_until_a_limit(messages, chunk, max_fragments, 
         assert ours == expected
     reader.close()
     assert budget.held == 0
+
+
+def test_frames_per_call_bound_one_call_and_the_rest_waits():
+    wire = b"".join(frame(1, b"%d" % i) for i in range(100)) + frame(1, b"x" * 50)[:20]
+    reader = FrameReader(1 << 20, frames_per_call=30)
+    calls = [reader.receive(wire)]
+    while reader.pending:
+        calls.append(reader.receive(b""))
+    assert [len(c) for c in calls] == [30, 30, 30, 10]
+    assert [e[1] for c in calls for e in c] == [str(i) for i in range(100)]
+    assert reader.held == 20  # the unfinished frame, moved to the front once
+    assert reader.receive(frame(1, b"x" * 50)[20:]) == [(TEXT, "x" * 50)]
+    assert reader.copied <= len(wire) + 50
 
 
 # --- the token bucket -----------------------------------------------------------------------
