@@ -19,9 +19,10 @@ counted off as it arrives.
 
 What it holds, and the limits on it (each a `LIMIT` event naming the limit,
 then nothing more is read): at most one message's worth of bytes per
-connection (`max_message`, plus a frame header), in two growable buffers (an
-unfinished frame, and the payload of an unfinished fragmented message), never
-one object per fragment; at most `max_fragments` frames per message, empty
+connection (`max_message`, plus a frame header, plus the unparsed rest of
+one call's bytes when `frames_per_call` cut a call short), in two growable
+buffers (bytes not parsed yet, and the payload of an unfinished fragmented
+message), never one object per fragment; at most `max_fragments` frames per message, empty
 ones included (1008, "fragments"); and, when a relay-wide `ByteBudget` is
 given, what it holds between calls is drawn from it (none left: 1013,
 "partial_bytes"). Each byte fed costs the same whatever the chunking: a
@@ -78,7 +79,8 @@ class FrameReader:
     LIMIT "fragments", 1008). `budget`: a relay-wide `ByteBudget` that the
     bytes held between calls (an unfinished frame, a message's fragments so
     far) are drawn from (exhausted: LIMIT "partial_bytes", 1013); `close()`
-    gives them back.
+    gives them back. `frames_per_call`: frames one `receive` call parses at
+    most (the rest waits: `pending`, then `receive(b"")`).
 
     Counters (plain ints, for the transport and tests): `frames` parsed,
     `copied` bytes moved into or inside the partial-frame buffer.
