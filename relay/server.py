@@ -401,11 +401,10 @@ class RelayServer:
                 log.debug(
                     "conn %d tx %s %dB", conn.id, frame_type_of(action.text), len(action.text)
                 )
-            dead = conn.dead
-            if not conn.send_text(action.text, action.requeue):
+            if not conn.send_text(action.text, action.requeue) and conn.id not in self._doomed:
                 # Once per drop: the rest of this action list's sends to it
-                # find it dead (a replay chunk could log a line per frame).
-                if not dead and conn.close_reason == OVERFLOW:
+                # fail too (a replay chunk would log a line per frame).
+                if conn.close_reason == OVERFLOW:
                     self.counters["overflows"] += 1
                     log.info("conn %d send buffer full: disconnected", conn.id)
                 self._doomed.append(conn.id)
