@@ -219,7 +219,7 @@ class WsConn:
     __slots__ = (
         "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
         "_finished", "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
-        "_idle", "_inflight", "_max_bytes", "_observer", "_turn_frames",
+        "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
         "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
@@ -282,6 +282,7 @@ class WsConn:
         self._turn_frames = config.turn_frames
         self._frame_rate = TokenBucket(config.frame_rate, config.frame_rate, now)
         self._frames_seen = 0  # frames.frames already charged to _frame_rate
+        self._rate_mark = int(config.frame_rate) + 1  # frames.frames at which to charge again
         self._idle = TokenBucket(config.idle_frame_rate, config.idle_frame_burst, now)
         self.messages_in = 0
         self.messages_out = 0
@@ -483,31 +484,37 @@ class WsConn:
         `_HELD` (the handler is backlogged: `_held_message` waits for
         `wait_ready`) or `_TURN` (events are left: yield, then call again)."""
         events = self._events
-        turn = self._next_event + self._turn_frames
-        while self._next_event < len(events):
-            if self._next_event >= turn:
-                return _TURN
-            event = events[self._next_event]
-            self._next_event += 1
+        i = self._next_event
+        n = len(events)
+        end = i + self._turn_frames
+        if end > n:
+            end = n
+        while i < end:
+            event = events[i]
+            i += 1
             kind = event[0]
             if kind is TEXT or kind is BINARY:
                 if not self.open:
                     continue  # we are closing: data is no longer read
                 message = event[1]
                 self.messages_in += 1
-                self.bytes_in += len(message)
+                size = len(message)
+                self.bytes_in += size
                 if (
-                    len(message) <= _IDLE_MAX_LEN
+                    size <= _IDLE_MAX_LEN
                     and message in _IDLE_MESSAGES
                     and not self._idle.take(1, trio.current_time)
                 ):
+                    self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
                 if handler.backlogged:
+                    self._next_event = i
                     self._held_message = message
                     return _HELD
                 handler.on_message(self, message)
             elif kind is PING or kind is PONG:
                 if not self._idle.take(1, trio.current_time):
+                    self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
                 if kind is PING and not self._close_sent:
                     self._queue_control(wsframe.pong_frame(event[1]))
@@ -515,22 +522,46 @@ class WsConn:
                 if self.open:
                     handler.on_too_large(self, event[1])
             elif kind is CLOSE:
+                self._next_event = i
                 # The client closed: the same code back, no reason.
                 if self._send_close(event[1]):
                     self.close_reason = f"client closed {event[1]}"
                 self.open = False
                 return _DONE
             elif kind is FAIL:
+                self._next_event = i
                 if self._send_close(event[1], event[2]):
                     self.close_reason = f"protocol error {event[1]}"
                     log.debug("conn %d protocol error, closing %d", self.id, event[1])
                 self.open = False
                 return _DONE
             elif kind is LIMIT:
+                self._next_event = i
                 return self._limit(event[1], event[2], event[3])
+        if i < n:
+            self._next_event = i
+            return _TURN
         self._events = []
         self._next_event = 0
         return _MORE
+
+    def _charge_frames(self) -> float:
+        """Charge the frames parsed since the last charge to `frame_rate`;
+        returns how long to wait (0.0: within the rate). The next charge is
+        due once the frames counted now as left in the bucket are parsed, so
+        a connection within its burst pays one comparison per read."""
+        seen = self._frames.frames
+        rate = self._frame_rate
+        was = rate.level
+        level = rate.charge(seen - self._frames_seen, trio.current_time())
+        self._frames_seen = seen
+        if level >= 0:
+            self._rate_mark = seen + int(level) + 1
+            return 0.0
+        self._rate_mark = seen + 1
+        if was >= 0:
+            self._observer.limit_hit("message_rate", address_key(self.address))
+        return rate.wait_time()
 
     def _limit(self, kind: str, code: int, reason: str) -> int:
         """A read-side limit was hit: close with `code` and stop reading."""
@@ -594,7 +625,6 @@ class WsConn:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                 if data is None:
-                    now = trio.current_time()
                     self._events = frames.receive(b"")
                 else:
                     if not data:
@@ -602,24 +632,17 @@ class WsConn:
                             self.close_reason = "connection lost"
                         self.open = False
                         return
-                    self.last_rx = now = trio.current_time()
+                    self.last_rx = trio.current_time()
                     self._events = frames.receive(data)
-                seen = frames.frames
-                charged = seen - self._frames_seen
-                self._frames_seen = seen
-                rate = self._frame_rate
-                level = rate.level - charged
-                if level >= 0:
-                    rate.level = level  # within the burst: no refill needed yet
-                else:
-                    was = rate.level
-                    if rate.charge(charged, now) < 0:
+                if frames.frames >= self._rate_mark:
+                    # The tokens counted at the last charge are spent: charge
+                    # (refilling for the time since) and count again.
+                    wait = self._charge_frames()
+                    if wait:
                         # Over the frame rate: what this read brought waits
                         # the debt off before it is handled, and TCP slows
                         # the sender down meanwhile; nothing is dropped.
-                        if was >= 0:
-                            self._observer.limit_hit("message_rate", address_key(self.address))
-                        await trio.sleep(rate.wait_time())
+                        await trio.sleep(wait)
         # Read deadline reached after we sent a close frame.
         if not self.close_reason:
             self.close_reason = "close timeout"

@@ -183,7 +183,7 @@ class FrameReader:
             self._pos = 0
             self.copied += len(source) - pos
         budget = self._budget
-        if budget is not None:
+        if budget is not None and (self._drawn or buf or self._message):
             held = len(buf) - self._pos + len(self._message)
             delta = held - self._drawn
             if delta > 0:
