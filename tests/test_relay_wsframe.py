@@ -449,6 +449,16 @@ def test_token_bucket():
     assert bucket.wait_time() == pytest.approx(0.2)
     assert bucket.charge(0, 100.2) == pytest.approx(0)
     assert bucket.charge(0, 200.0) == 5  # never more than the burst
+    # take: the clock is read only when the level would go below zero
+    reads = []
+
+    def clock() -> float:
+        reads.append(1)
+        return 200.5
+
+    assert all(bucket.take(1, clock) for _ in range(5)) and not reads
+    assert bucket.take(3, clock) and len(reads) == 1  # refilled for 0.5 s: 5 tokens
+    assert not bucket.take(10, clock)
     with pytest.raises(ValueError):
         TokenBucket(rate=0, burst=1, now=0)
     with pytest.raises(ValueError):
