@@ -398,6 +398,30 @@ _QUOTA_FIELDS = {
               type=click.Choice(relay_logging.ADDRESS_MODES, case_sensitive=False), default="prefix",
               show_default=True, show_envvar=True,
               help="Client addresses in logs: full, prefix (IPv4 /24, IPv6 /48) or none.")
+# Frames: work and memory per message (README "Relay: per-message limits")
+@_option("--max-fragments", envvar="PARLEY_RELAY_MAX_FRAGMENTS", metavar="N",
+              type=click.IntRange(1), default=None, show_envvar=True,
+              help="Frames one message may span, empty ones included; over it: close 1008. "
+                   "[default: max(1024, max-frame / 1024)]")
+@_option("--partial-bytes-total", envvar="PARLEY_RELAY_PARTIAL_BYTES_TOTAL", metavar="BYTES",
+              type=click.IntRange(1 << 16), default=256 << 20, show_default=True, show_envvar=True,
+              help="Bytes of unfinished messages held for all connections together; "
+                   "a connection that would go over it is closed with 1013. "
+                   "Keep it several times --max-frame.")
+@_option("--turn-frames", envvar="PARLEY_RELAY_TURN_FRAMES", metavar="N",
+              type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
+              help="Messages and control frames one connection has handled in a row "
+                   "before the other connections get a turn.")
+@_option("--frame-rate", envvar="PARLEY_RELAY_FRAME_RATE", metavar="PER_SECOND",
+              type=click.FloatRange(1), default=100_000.0, show_default=True, show_envvar=True,
+              help="Frames per second one connection may send (any kind, a second's worth "
+                   "at once); faster senders are read more slowly.")
+@_option("--idle-frame-rate", envvar="PARLEY_RELAY_IDLE_FRAME_RATE", metavar="PER_SECOND",
+              type=click.FloatRange(0.01), default=10.0, show_default=True, show_envvar=True,
+              help="Frames per second that do nothing (ping, pong, empty) one connection may send.")
+@_option("--idle-frame-burst", envvar="PARLEY_RELAY_IDLE_FRAME_BURST", metavar="N",
+              type=click.IntRange(1), default=100, show_default=True, show_envvar=True,
+              help="... of which this many at once; past it: close 1008.")
 def relay(
     host: str,
     port: int,
@@ -429,6 +453,12 @@ def relay(
     metrics_host: str,
     log_format: str,
     log_addresses: str,
+    max_fragments: int | None,
+    partial_bytes_total: int,
+    turn_frames: int,
+    frame_rate: float,
+    idle_frame_rate: float,
+    idle_frame_burst: int,
     **quotas: Any,
 ) -> None:
     """Run the parley relay."""
@@ -474,6 +504,12 @@ def relay(
             transport_options={
                 "handshake_timeout": handshake_timeout,
                 "allowed_origins": origins,
+                "max_fragments": max_fragments,
+                "partial_bytes_total": partial_bytes_total,
+                "turn_frames": turn_frames,
+                "frame_rate": frame_rate,
+                "idle_frame_rate": idle_frame_rate,
+                "idle_frame_burst": idle_frame_burst,
             },
             server_options={
                 "max_connections": max_connections,

@@ -121,6 +121,7 @@ from . import admission as adm
 from . import metrics
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
 from .addresses import address_key
+from .budgets import ByteBudget
 from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid, shown_address
 from .memory import TrimPolicy, release_free_memory
@@ -281,6 +282,8 @@ class RelayServer:
         if not tconf.server_header.startswith(b"parley/"):
             tconf = attrs.evolve(tconf, server_header=f"parley/{server_version()}".encode())
         self._transport = tconf
+        # bytes of unfinished messages, all connections together (wsframe.FrameReader)
+        self._partial_budget = ByteBudget(tconf.partial_bytes_total)
         self._ssl = (
             make_ssl_context(config.certfile, config.keyfile)
             if config.certfile and config.keyfile
@@ -587,7 +590,10 @@ class RelayServer:
             stream: trio.abc.Stream = trio.SocketStream(client)
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True, https_compatible=True)
-            await serve_stream(stream, self, self._transport, self._ids.__next__, self._outbox, edge)
+            await serve_stream(
+                stream, self, self._transport, self._ids.__next__, self._outbox, edge,
+                partial_budget=self._partial_budget, observer=self.observer,
+            )
         except OSError:  # the socket died before it was wrapped
             client.close()
         except Exception:  # a bug in one connection must not take the relay down
@@ -779,7 +785,9 @@ class RelayServer:
         elif kind is Send:
             if self._debug:
                 self._debug_tx(conn, action.text)
-            if not conn.send_text(action.text, action.requeue):
+            if not conn.send_text(action.text, action.requeue) and conn.id not in self._doomed:
+                # Once per drop: the rest of this action list's sends to it
+                # fail too (a replay chunk would log a line per frame).
                 if conn.close_reason == OVERFLOW:
                     self.counters["overflows"] += 1
                     self.observer.limit_hit("send_buffer", address_key(conn.address))

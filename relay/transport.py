@@ -14,6 +14,20 @@ One connection = one nursery with two tasks:
   stream is TLS): it then writes the rest as the socket drains, and
   everything queued meanwhile goes behind it.
 
+Work and memory per connection (README "Relay: per-message limits"): the
+reader handles at most `turn_frames` messages and control frames in a row,
+and parses at most `PARSE_TURNS` times as many frames out of one read, then
+yields, so one connection's burst delays the others by a turn at most;
+frames that do nothing (WebSocket ping/pong, empty messages, a client's
+`{"t":"PING"}`/`{"t":"PONG"}`) draw from a small per-connection token bucket
+(over it: close 1008); every frame counts against `frame_rate`, and a
+connection over it has its next events handled only once the debt is waited
+off (its socket is not read meanwhile, so TCP slows the sender). The
+`FrameReader` bounds fragments per message (1008) and draws the bytes of
+unfinished messages from the relay-wide `partial_budget` (1013), given back
+when the connection ends. Each limit hit is reported to the `Observer` with
+the peer's address key.
+
 Queueing never blocks: when a connection's buffer is over its bound (bytes or
 messages) the connection is aborted at once (no close frame: the peer is not
 reading anyway) and `send_text` returns False so the caller can tell the core.
@@ -63,7 +77,10 @@ import attrs
 import h11
 import trio
 from . import wsframe
-from .wsframe import BINARY, CLOSE, FAIL, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
+from .addresses import address_key
+from .budgets import ByteBudget, TokenBucket
+from .observe import NullObserver, Observer
+from .wsframe import BINARY, CLOSE, FAIL, LIMIT, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
 
 __all__ = [
     "TransportConfig", "Handler", "Edge", "Outbox", "WsConn", "serve_stream", "PING_TEXT",
@@ -76,6 +93,31 @@ PING_TEXT = '{"t":"PING"}\n'
 OVERFLOW = "send buffer full"  # the close reason of a connection dropped for not reading
 WS_VERSION = b"13"
 _RECV_SIZE = 65536
+
+# What `_handle_events` tells the reader loop.
+_MORE = 0  # all events handled: read more bytes
+_DONE = 1  # the connection is done reading
+_HELD = 2  # the handler is backlogged; `_held_message` waits for `wait_ready`
+_TURN = 3  # this turn's share of events is used up: let other connections run
+
+# Data messages that make the relay do nothing (the core ignores a client's
+# PING and PONG; an empty one is only an error), charged like WebSocket
+# ping/pong frames to the low "idle frames" budget. Matched as whole strings,
+# so the check costs a length test for anything longer.
+_IDLE_MESSAGES = frozenset(
+    m.encode() if raw else m
+    for m in ("", '{"t":"PING"}', '{"t":"PING"}\n', '{"t":"PONG"}', '{"t":"PONG"}\n')
+    for raw in (False, True)
+)
+_IDLE_MAX_LEN = max(len(m) for m in _IDLE_MESSAGES)
+# Frames one read's parse may take, in turns' worth of frames: what is left
+# is parsed in a later turn, so a read of tiny frames (64 KiB of empty
+# continuation frames is 10,000 of them) is not parsed in one go.
+PARSE_TURNS = 4
+IDLE_FRAMES = "too many frames that do nothing"  # the close reason (1008)
+
+
+_positive = attrs.validators.gt(0)
 
 
 @attrs.frozen
@@ -94,6 +136,24 @@ class TransportConfig:
     allowed_origins: tuple[str, ...] = ()
     retry_after: int = 5  # seconds, in the Retry-After of a 503
     refusal_timeout: float = 2.0  # how long a refused connection may take to send its request
+    # Per-message and per-read limits (README "Relay: per-message limits").
+    # frames per message; None: max(1024, max_frame // 1024)
+    max_fragments: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    # bytes of unfinished messages, all connections together
+    partial_bytes_total: int = attrs.field(default=256 << 20, validator=attrs.validators.ge(0))
+    # messages + control frames one connection handles before the others get a turn
+    turn_frames: int = attrs.field(default=16, validator=_positive)
+    # frames/s one connection may send (any kind); over it its reads wait
+    frame_rate: float = attrs.field(default=100_000.0, validator=_positive)
+    # frames/s that do nothing (ping, pong, empty), and how many at once; over: 1008
+    idle_frame_rate: float = attrs.field(default=10.0, validator=_positive)
+    idle_frame_burst: int = attrs.field(default=100, validator=_positive)
+
+    @property
+    def effective_max_fragments(self) -> int:
+        if self.max_fragments is not None:
+            return self.max_fragments
+        return max(1024, self.max_frame // 1024)
 
     @property
     def effective_idle_timeout(self) -> float:
@@ -200,7 +260,8 @@ class WsConn:
 
     __slots__ = (
         "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
-        "_finished", "_frames", "_handler", "_held_message", "_inflight", "_max_bytes",
+        "_finished", "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
+        "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
         "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
@@ -215,6 +276,7 @@ class WsConn:
         frames: FrameReader,
         config: TransportConfig,
         outbox: Outbox,
+        observer: Observer | None = None,
     ) -> None:
         self.id = conn_id
         self.address = address
@@ -257,7 +319,13 @@ class WsConn:
         # `dead`: aborted; nothing more is read or written.
         self.dead = False
         self.close_reason = ""
-        self.last_rx = trio.current_time()
+        self.last_rx = now = trio.current_time()
+        self._observer: Observer = observer if observer is not None else NullObserver()
+        self._turn_frames = config.turn_frames
+        self._frame_rate = TokenBucket(config.frame_rate, config.frame_rate, now)
+        self._frames_seen = 0  # frames.frames already charged to _frame_rate
+        self._rate_mark = int(config.frame_rate) + 1  # frames.frames at which to charge again
+        self._idle = TokenBucket(config.idle_frame_rate, config.idle_frame_burst, now)
         self.messages_in = 0
         self.messages_out = 0
         self.bytes_in = 0
@@ -452,48 +520,100 @@ class WsConn:
             self.open = False
             self._finished = True
 
-    def _handle_events(self, handler: Handler) -> bool | None:
-        """Handle the events read so far. True: the connection is done reading;
-        False: more bytes are needed; None: the handler is backlogged and
-        `_held_message` waits for `wait_ready`."""
+    def _handle_events(self, handler: Handler) -> int:
+        """Handle the events read so far, at most `turn_frames` of them.
+        Returns `_MORE` (all handled: read on), `_DONE` (stop reading),
+        `_HELD` (the handler is backlogged: `_held_message` waits for
+        `wait_ready`) or `_TURN` (events are left: yield, then call again)."""
         events = self._events
-        while self._next_event < len(events):
-            event = events[self._next_event]
-            self._next_event += 1
+        i = self._next_event
+        n = len(events)
+        end = i + self._turn_frames
+        if end > n:
+            end = n
+        while i < end:
+            event = events[i]
+            i += 1
             kind = event[0]
             if kind is TEXT or kind is BINARY:
                 if not self.open:
                     continue  # we are closing: data is no longer read
                 message = event[1]
                 self.messages_in += 1
-                self.bytes_in += len(message)
+                size = len(message)
+                self.bytes_in += size
+                if (
+                    size <= _IDLE_MAX_LEN
+                    and message in _IDLE_MESSAGES
+                    and not self._idle.take(1, trio.current_time)
+                ):
+                    self._next_event = i
+                    return self._limit("idle_frames", 1008, IDLE_FRAMES)
                 if handler.backlogged:
+                    self._next_event = i
                     self._held_message = message
-                    return None
+                    return _HELD
                 handler.on_message(self, message)
-            elif kind is PING:
-                if not self._close_sent:
+            elif kind is PING or kind is PONG:
+                if not self._idle.take(1, trio.current_time):
+                    self._next_event = i
+                    return self._limit("idle_frames", 1008, IDLE_FRAMES)
+                if kind is PING and not self._close_sent:
                     self._queue_control(wsframe.pong_frame(event[1]))
-            elif kind is PONG:
-                pass
             elif kind is TOO_LARGE:
                 if self.open:
                     handler.on_too_large(self, event[1])
             elif kind is CLOSE:
+                self._next_event = i
                 # The client closed: the same code back, no reason.
                 if self._send_close(event[1]):
                     self.close_reason = f"client closed {event[1]}"
                 self.open = False
-                return True
+                return _DONE
             elif kind is FAIL:
+                self._next_event = i
                 if self._send_close(event[1], event[2]):
                     self.close_reason = f"protocol error {event[1]}"
                     log.debug("conn %d protocol error, closing %d", self.id, event[1])
                 self.open = False
-                return True
+                return _DONE
+            elif kind is LIMIT:
+                self._next_event = i
+                return self._limit(event[1], event[2], event[3])
+        if i < n:
+            self._next_event = i
+            return _TURN
         self._events = []
         self._next_event = 0
-        return False
+        return _MORE
+
+    def _charge_frames(self) -> float:
+        """Charge the frames parsed since the last charge to `frame_rate`;
+        returns how long to wait (0.0: within the rate). The next charge is
+        due once the frames counted now as left in the bucket are parsed, so
+        a connection within its burst pays one comparison per read."""
+        seen = self._frames.frames
+        rate = self._frame_rate
+        was = rate.level
+        level = rate.charge(seen - self._frames_seen, trio.current_time())
+        self._frames_seen = seen
+        if level >= 0:
+            self._rate_mark = seen + int(level) + 1
+            return 0.0
+        self._rate_mark = seen + 1
+        if was >= 0:
+            self._observer.limit_hit("message_rate", address_key(self.address))
+        return rate.wait_time()
+
+    def _limit(self, kind: str, code: int, reason: str) -> int:
+        """A read-side limit was hit: close with `code` and stop reading."""
+        self._frames.close()
+        self._observer.limit_hit(kind, address_key(self.address))
+        if self._send_close(code, reason):
+            self.close_reason = f"limit {kind}"
+            log.debug("conn %d over the %s limit, closing %d", self.id, kind, code)
+        self.open = False
+        return _DONE
 
     async def _reader(self, handler: Handler) -> None:
         frames = self._frames
@@ -505,17 +625,30 @@ class WsConn:
         with scope:
             while True:
                 with outbox:
-                    done = self._handle_events(handler)
-                while done is None:  # backlogged: wait, then hand over the held message
+                    state = self._handle_events(handler)
+                while state is not _MORE:
+                    if state is _DONE:
+                        return
+                    if state is _TURN:
+                        # Fairness: one connection's burst of input does not
+                        # hold up every other connection's (issue #11).
+                        await trio.lowlevel.checkpoint()
+                        with outbox:
+                            state = self._handle_events(handler)
+                        continue
+                    # _HELD: wait for the handler, then hand over the held message
                     await handler.wait_ready()
                     message, self._held_message = self._held_message, None
                     with outbox:
                         if self.open and message is not None:
                             handler.on_message(self, message)
-                        done = self._handle_events(handler)
-                if done:
-                    return
-                if fd is not None:
+                        state = self._handle_events(handler)
+                if frames.pending:
+                    # The last read held more frames than one turn may parse:
+                    # the rest is parsed on in the next turn.
+                    await trio.lowlevel.checkpoint()
+                    data = None
+                elif fd is not None:
                     try:
                         if drained:
                             await trio.lowlevel.wait_readable(fd)
@@ -533,13 +666,25 @@ class WsConn:
                         data = await stream.receive_some(_RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
-                if not data:
-                    if not self.close_reason:
-                        self.close_reason = "connection lost"
-                    self.open = False
-                    return
-                self.last_rx = trio.current_time()
-                self._events = frames.receive(data)
+                if data is None:
+                    self._events = frames.receive(b"")
+                else:
+                    if not data:
+                        if not self.close_reason:
+                            self.close_reason = "connection lost"
+                        self.open = False
+                        return
+                    self.last_rx = trio.current_time()
+                    self._events = frames.receive(data)
+                if frames.frames >= self._rate_mark:
+                    # The tokens counted at the last charge are spent: charge
+                    # (refilling for the time since) and count again.
+                    wait = self._charge_frames()
+                    if wait:
+                        # Over the frame rate: what this read brought waits
+                        # the debt off before it is handled, and TCP slows
+                        # the sender down meanwhile; nothing is dropped.
+                        await trio.sleep(wait)
         # Read deadline reached after we sent a close frame.
         if not self.close_reason:
             self.close_reason = "close timeout"
@@ -871,6 +1016,9 @@ async def serve_stream(
     next_id: Callable[[], int],
     outbox: Outbox,
     edge: Edge | None = None,
+    *,
+    partial_budget: ByteBudget | None = None,
+    observer: Observer | None = None,
 ) -> None:
     """Serve one accepted stream: (TLS,) handshake, then frames until it ends.
 
@@ -879,6 +1027,8 @@ async def serve_stream(
     `edge` (optional) carries the server's admission decision and health
     endpoints; `edge.handshake_done()` is called once the request is answered
     or the handshake gave up (timeout, EOF, TLS failure).
+    `partial_budget`: the relay-wide pool the connection's unfinished
+    messages draw from (given back when it ends); `observer` hears of limit hits.
     """
     conn: WsConn | None = None
     refused = edge is not None and edge.refusal is not None
@@ -907,8 +1057,13 @@ async def serve_stream(
             return
         response, trailing = result
         address = edge.address if edge is not None else peer_host(stream)
-        frames = FrameReader(config.max_frame)
-        conn = WsConn(next_id(), address, stream, frames, config, outbox)
+        frames = FrameReader(
+            config.max_frame,
+            max_fragments=config.effective_max_fragments,
+            budget=partial_budget,
+            frames_per_call=config.turn_frames * PARSE_TURNS,
+        )
+        conn = WsConn(next_id(), address, stream, frames, config, outbox, observer)
         conn._events = frames.receive(trailing) if trailing else []
         conn._out.append(response)  # the 101 goes out first, in the writer's first send
         conn._out_bytes += len(response)
@@ -916,6 +1071,7 @@ async def serve_stream(
         try:
             await conn._run(handler)
         finally:
+            frames.close()  # its unfinished message's bytes go back to the budget
             handler.on_close(conn)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

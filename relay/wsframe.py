@@ -16,6 +16,17 @@ empty or a valid code (1000-1003, 1007-1013, 3000-4999) with a UTF-8 reason
 (1002, 1007 for the reason). A message over `max_message` bytes is never
 buffered: a `TOO_LARGE` event is reported once and the rest of its frames is
 counted off as it arrives.
+
+What it holds, and the limits on it (each a `LIMIT` event naming the limit,
+then nothing more is read): at most one message's worth of bytes per
+connection (`max_message`, plus a frame header, plus the unparsed rest of
+one call's bytes when `frames_per_call` cut a call short), in two growable
+buffers (bytes not parsed yet, and the payload of an unfinished fragmented
+message), never one object per fragment; at most `max_fragments` frames per message, empty
+ones included (1008, "fragments"); and, when a relay-wide `ByteBudget` is
+given, what it holds between calls is drawn from it (none left: 1013,
+"partial_bytes"). Each byte fed costs the same whatever the chunking: a
+frame dripped in 1-byte reads is parsed once, when it is complete.
 """
 
 from __future__ import annotations
@@ -24,15 +35,18 @@ import base64
 import hashlib
 import struct
 
+from .budgets import ByteBudget
+
 __all__ = [
-    "FrameReader", "TEXT", "BINARY", "PING", "PONG", "CLOSE", "TOO_LARGE", "FAIL",
+    "FrameReader", "TEXT", "BINARY", "PING", "PONG", "CLOSE", "TOO_LARGE", "FAIL", "LIMIT",
     "text_frame_header", "close_frame", "ping_frame", "pong_frame", "accept_token",
     "NO_STATUS",
 ]
 
 # Event kinds: (TEXT, str) (BINARY, bytes) (PING, bytes) (PONG, bytes)
-# (CLOSE, code, reason) (TOO_LARGE, size) (FAIL, code, reason).
-TEXT, BINARY, PING, PONG, CLOSE, TOO_LARGE, FAIL = range(7)
+# (CLOSE, code, reason) (TOO_LARGE, size) (FAIL, code, reason)
+# (LIMIT, name, code, reason).
+TEXT, BINARY, PING, PONG, CLOSE, TOO_LARGE, FAIL, LIMIT = range(8)
 
 NO_STATUS = 1005  # a close frame without a code (never sent on the wire)
 
@@ -42,36 +56,76 @@ _HANDSHAKE_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.
 
 
 class _Fail(Exception):
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, limit: str = "") -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-def _unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-    n = len(data)
-    if not n:
-        return b""
-    key = (bytes(mask) * ((n + 3) >> 2))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+        self.limit = limit  # the limit's name when a limit (not a protocol error) ended the stream
 
 
 class FrameReader:
-    """Client-to-server frames in, events out (see the module docstring)."""
+    """Client-to-server frames in, events out (see the module docstring).
 
-    def __init__(self, max_message: int) -> None:
+    `max_message`: bytes of one reassembled message (more: TOO_LARGE).
+    `max_fragments`: frames one message may span, empty ones included (more:
+    LIMIT "fragments", 1008). `budget`: a relay-wide `ByteBudget` that the
+    bytes held between calls (an unfinished frame, a message's fragments so
+    far) are drawn from (exhausted: LIMIT "partial_bytes", 1013); `close()`
+    gives them back. `frames_per_call`: frames one `receive` call parses at
+    most (the rest waits: `pending`, then `receive(b"")`).
+
+    Counters (plain ints, for the transport and tests): `frames` parsed,
+    `copied` bytes moved into or inside the partial-frame buffer.
+    """
+
+    def __init__(
+        self,
+        max_message: int,
+        *,
+        max_fragments: int | None = None,
+        budget: ByteBudget | None = None,
+        frames_per_call: int | None = None,
+    ) -> None:
         self._max = max_message
+        self._max_fragments = max_fragments if max_fragments is not None else 1 << 62
+        self._per_call = frames_per_call if frames_per_call is not None else 1 << 62
+        self._budget = budget
+        self._drawn = 0  # bytes drawn from the budget now
+        # Bytes kept between calls, from `_pos` on: an unfinished frame, or
+        # frames not parsed yet because a call parsed `frames_per_call`
+        # (`pending`). See `receive` for why every byte's cost is constant.
         self._buf = bytearray()
+        self._pos = 0
+        self.pending = False  # complete frames wait in the buffer: call receive(b"")
         self._fragment_op: int | None = None  # opcode of the fragmented message in progress
-        self._parts: list[bytes] = []
-        self._size = 0  # bytes of the fragmented message so far
+        self._message = bytearray()  # its unmasked payload so far
+        self._fragments = 0  # its frames so far
+        self._size = 0  # its payload bytes so far (also counted while discarding)
         self._discarding = False  # the message in progress went over the limit
         self._skip = 0  # payload bytes of an over-limit frame still to come
-        self._done = False  # a close frame or a protocol error ended the stream
+        self._done = False  # a close frame, a protocol error or a limit ended the stream
+        self.frames = 0
+        self.copied = 0
 
-    def receive(self, data: bytes) -> list[tuple]:
+    @property
+    def held(self) -> int:
+        """Bytes held between calls: buffered frames plus the unfinished message."""
+        return len(self._buf) - self._pos + len(self._message)
+
+    def receive(self, data: bytes | bytearray) -> list[tuple]:
         """Feed bytes; return the events they complete, in order. After a
-        CLOSE or FAIL event nothing more is read."""
+        CLOSE, FAIL or LIMIT event nothing more is read. One call parses at
+        most `frames_per_call` frames; the rest waits in the buffer, `pending`
+        is set, and `receive(b"")` goes on with it (a caller sharing a thread
+        between connections can thus bound the work of one turn).
+
+        Cost is linear in the bytes fed, however they are chunked: whole frames
+        are parsed straight out of `data`; only what is left at its end is kept
+        (appended to the buffer, read from an offset), and a frame is parsed
+        out of the buffer only once it is complete. The buffer is compacted
+        only when a call ends inside an unfinished frame, which then moves to
+        the front once; so no byte is copied more than twice (in, and to the
+        front) besides its payload's unmasking."""
         if self._done:
             return []
         if self._skip:
@@ -80,21 +134,81 @@ class FrameReader:
                 return []
             data = data[self._skip:]
             self._skip = 0
-        buf = self._buf + data if self._buf else bytes(data)
         events: list[tuple] = []
+        buf = self._buf
+        if buf:
+            if data:
+                buf += data
+                self.copied += len(data)
+            source: bytes | bytearray = buf
+            start = self._pos
+        else:
+            source = data
+            start = 0
+        self.pending = False
         try:
-            pos = self._parse(buf, events)
+            pos = self._parse(source, start, events)
         except _Fail as fail:
-            self._done = True
-            events.append((FAIL, fail.code, fail.reason))
-            pos = len(buf)
-        self._buf = b"" if self._done or pos >= len(buf) else buf[pos:]
+            if fail.limit:
+                events.append((LIMIT, fail.limit, fail.code, fail.reason))
+            else:
+                events.append((FAIL, fail.code, fail.reason))
+            self.close()
+            return events
+        if self._done:
+            self.close()
+            return events
+        if source is buf:
+            if pos >= len(buf):
+                buf.clear()
+                self._pos = 0
+            elif self.pending:
+                self._pos = pos  # parsed on from there by the next call
+            elif pos:
+                # The rest is one unfinished frame: it is moved to the front
+                # once, and parsed from there only when it is complete.
+                del buf[:pos]
+                self._pos = 0
+                self.copied += len(buf)
+        elif pos < len(source):
+            buf += memoryview(source)[pos:]
+            self._pos = 0
+            self.copied += len(source) - pos
+        budget = self._budget
+        if budget is not None and (self._drawn or buf or self._message):
+            held = len(buf) - self._pos + len(self._message)
+            delta = held - self._drawn
+            if delta > 0:
+                if not budget.take(delta):
+                    events.append((LIMIT, "partial_bytes", 1013, "relay busy: too many unfinished messages"))
+                    self.close()
+                    return events
+                self._drawn = held
+            elif delta < 0:
+                budget.give(-delta)
+                self._drawn = held
         return events
 
-    def _parse(self, buf: bytes, events: list[tuple]) -> int:
-        pos = 0
+    def close(self) -> None:
+        """Stop reading: drop what is held and give its bytes back to the budget."""
+        self._done = True
+        self.pending = False
+        self._buf = bytearray()
+        self._pos = 0
+        self._message = bytearray()
+        if self._drawn:
+            if self._budget is not None:
+                self._budget.give(self._drawn)
+            self._drawn = 0
+
+    def _parse(self, buf: bytes | bytearray, pos: int, events: list[tuple]) -> int:
         n = len(buf)
+        count = 0  # frames parsed (a local: this loop is the relay's hot path)
+        per_call = self._per_call
         while n - pos >= 2:
+            if count >= per_call:
+                self.pending = True
+                break
             b0 = buf[pos]
             b1 = buf[pos + 1]
             if b0 & 0x70:
@@ -133,6 +247,10 @@ class FrameReader:
             elif op == _CONT:
                 if self._fragment_op is None:
                     raise _Fail(1002, "continuation frame outside a fragmented message")
+                # Checked at the header, before its payload is waited for:
+                # empty fragments count too.
+                if self._fragments >= self._max_fragments:
+                    raise _Fail(1008, "too many fragments in one message", "fragments")
             elif self._fragment_op is not None:
                 raise _Fail(1002, "new message inside a fragmented message")
 
@@ -142,63 +260,88 @@ class FrameReader:
                 # Over the limit: report once, never buffer, count the rest off.
                 if not self._discarding:
                     events.append((TOO_LARGE, self._size + length))
-                self._parts = []
+                self._message = bytearray()
                 self._size = 0
                 self._track_fragments(op, fin)
                 self._discarding = self._fragment_op is not None
+                count += 1
                 available = n - pos - head
                 if available >= length:
                     pos += head + length
                     continue
                 self._skip = length - available
-                return n
+                pos = n
+                break
 
             end = pos + head + length
             if end > n:
                 break
-            payload = _unmask(buf[pos + head:end], buf[pos + head - 4:pos + head])
+            if length:
+                # Unmask (RFC 6455 5.3) as one XOR of two big ints, inline:
+                # this runs once per frame, the relay's hottest line.
+                start = pos + head
+                key = buf[start - 4:start] * ((length + 3) >> 2)
+                payload = (
+                    int.from_bytes(buf[start:end], "little") ^ int.from_bytes(key[:length], "little")
+                ).to_bytes(length, "little")
+            else:
+                payload = b""
             pos = end
+            count += 1
             if op >= _CLOSE:
                 if op == _PING:
                     events.append((PING, payload))
                 elif op == _PONG:
                     events.append((PONG, payload))
                 else:
+                    self.frames += count
                     events.append(self._close_event(payload))
                     self._done = True
                     return pos
                 continue
             if op == _CONT:
-                self._parts.append(payload)
+                self._fragments += 1
+                self._message += payload
                 self._size += length
                 if not fin:
                     continue
                 message_op = self._fragment_op
-                payload = b"".join(self._parts)
-                self._parts = []
+                message = self._message
+                self._message = bytearray()
                 self._size = 0
                 self._fragment_op = None
-            elif not fin:
+                if message_op == _TEXT:
+                    try:
+                        events.append((TEXT, message.decode("utf-8")))
+                    except UnicodeDecodeError:
+                        raise _Fail(1007, "invalid UTF-8 in a text message") from None
+                else:
+                    events.append((BINARY, bytes(message)))
+                continue
+            if not fin:
                 self._fragment_op = op
-                self._parts = [payload]
+                self._fragments = 1
+                self._message += payload
                 self._size = length
                 continue
-            else:
-                message_op = op
-            if message_op == _TEXT:
+            if op == _TEXT:
                 try:
                     events.append((TEXT, payload.decode("utf-8")))
                 except UnicodeDecodeError:
                     raise _Fail(1007, "invalid UTF-8 in a text message") from None
             else:
                 events.append((BINARY, payload))
+        self.frames += count
         return pos
 
     def _track_fragments(self, op: int, fin: int) -> None:
         if op != _CONT:
             self._fragment_op = None if fin else op
-        elif fin:
-            self._fragment_op = None
+            self._fragments = 1
+        else:
+            self._fragments += 1
+            if fin:
+                self._fragment_op = None
 
     @staticmethod
     def _close_event(payload: bytes) -> tuple:

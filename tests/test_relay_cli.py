@@ -286,3 +286,40 @@ def test_help_lists_env_vars(clean_env):
     assert result.exit_code == 0
     for name in ("HOST", "PORT", "DIALECT", "STORE", "CERTFILE", "KEYFILE", "MAX_FRAME", "LOG_LEVEL", "PING_INTERVAL"):
         assert f"PARLEY_RELAY_{name}" in result.output
+
+
+def _frames_only(transport_options: dict) -> dict:
+    """The transport options the per-message limits set (the edge's are tested in test_relay_edge)."""
+    keys = ("max_fragments", "partial_bytes_total", "turn_frames", "frame_rate", "idle_frame_rate",
+            "idle_frame_burst")
+    return {k: v for k, v in transport_options.items() if k in keys}
+
+
+def test_per_message_limit_options(recorded):
+    """Frames (issue #11): every per-message limit is an option with an env var."""
+    got = recorded([])
+    assert _frames_only(got["transport_options"]) == {
+        "max_fragments": None, "partial_bytes_total": 256 << 20, "turn_frames": 16,
+        "frame_rate": 100_000.0, "idle_frame_rate": 10.0, "idle_frame_burst": 100,
+    }
+    got = recorded(
+        ["--max-fragments", "64", "--turn-frames", "8", "--idle-frame-burst", "5"],
+        env={
+            "PARLEY_RELAY_PARTIAL_BYTES_TOTAL": "1000000",
+            "PARLEY_RELAY_FRAME_RATE": "500",
+            "PARLEY_RELAY_IDLE_FRAME_RATE": "2.5",
+            "PARLEY_RELAY_MAX_FRAGMENTS": "99",  # the option wins
+        },
+    )
+    assert _frames_only(got["transport_options"]) == {
+        "max_fragments": 64, "partial_bytes_total": 1_000_000, "turn_frames": 8,
+        "frame_rate": 500.0, "idle_frame_rate": 2.5, "idle_frame_burst": 5,
+    }
+    result = CliRunner().invoke(relay_cli.relay, ["--help"])
+    for name in ("MAX_FRAGMENTS", "PARTIAL_BYTES_TOTAL", "TURN_FRAMES", "FRAME_RATE",
+                 "IDLE_FRAME_RATE", "IDLE_FRAME_BURST"):
+        assert f"PARLEY_RELAY_{name}" in result.output
+    from parley.relay.transport import TransportConfig
+
+    assert TransportConfig().effective_max_fragments == 1024
+    assert TransportConfig(max_frame=16 << 20).effective_max_fragments == 16384

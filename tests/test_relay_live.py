@@ -227,6 +227,7 @@ async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
 class FakeCore:
     """{"t":"ECHO"} -> same text back; {"t":"PERSIST"} -> Persist + QUEUED (held
     until committed); {"t":"TO","conn":c,"x":..} -> a frame to c;
+    {"t":"MANY","conn":c,"n":n,"x":..} -> n frames to c in one action list;
     {"t":"CLOSE","code":c} -> Close; {"t":"RAISE"} -> an exception."""
 
     def __init__(self) -> None:
@@ -257,6 +258,9 @@ class FakeCore:
             ]
         if t == "TO":
             return [Send(frame["conn"], json.dumps({"t": "FROM", "x": frame.get("x")}) + "\n")]
+        if t == "MANY":
+            text = json.dumps({"t": "FROM", "x": frame.get("x")}) + "\n"
+            return [Send(frame["conn"], text) for _ in range(frame["n"])]
         if t == "CLOSE":
             return [Close(conn_id, frame.get("code", 1000), "bye")]
         if t == "RAISE":
@@ -1240,3 +1244,187 @@ async def test_store_and_forward_across_sigkill(tmp_path):
         relay.stop()
     with Store(store) as db:
         assert db.counts()["frames"] == 0
+
+
+# ---------------------------------------------------------------------------
+# work and memory per message (issue #11): fragments, unfinished bytes,
+# frames that do nothing, turns, the frame rate, one log line per drop
+
+
+def _observe(server: RelayServer) -> Any:
+    from parley.relay.observe import RecordingObserver
+
+    server.observer = observer = RecordingObserver()  # before any connection opens
+    return observer
+
+
+async def test_too_many_fragments_close_1008():
+    core = FakeCore()
+    with trio.fail_after(10):
+        async with running_relay(core=core, transport_options={"max_fragments": 50}) as (server, port):
+            observer = _observe(server)
+            ok = await RawWS.open(port)
+            await hello(ok)
+            # 50 fragments are fine
+            wire = client_frame(1, b'{"t":"ECHO",', fin=False)
+            wire += b"".join(client_frame(0, b" ", fin=False) for _ in range(48)) + client_frame(0, b'"n":1}')
+            await ok.stream.send_all(wire)
+            assert (await ok.recv_json())["n"] == 1
+            bad = await RawWS.open(port)
+            await hello(bad)
+            wire = client_frame(1, b"{", fin=False) + client_frame(0, b"", fin=False) * 60
+            await bad.stream.send_all(wire)
+            assert await bad.recv() == ("close", 1008, "too many fragments in one message")
+            assert observer.hits == [("fragments", "127.0.0.1")]
+            await ok.send_json({"t": "ECHO", "n": 2})
+            assert (await ok.recv_json())["n"] == 2
+
+
+async def test_unfinished_messages_share_one_relay_wide_budget():
+    core = FakeCore()
+    with trio.fail_after(10):
+        async with running_relay(
+            core=core, transport_options={"partial_bytes_total": 100_000}
+        ) as (server, port):
+            observer = _observe(server)
+            one = await RawWS.open(port)
+            await hello(one)
+            two = await RawWS.open(port)
+            await hello(two)
+            head = b'{"t":"ECHO","pad":"'
+            await one.stream.send_all(client_frame(1, head + b"a" * 70_000, fin=False))
+            await trio.sleep(0.2)
+            await two.stream.send_all(client_frame(1, head + b"b" * 40_000, fin=False))
+            assert await two.recv() == ("close", 1013, "relay busy: too many unfinished messages")
+            assert observer.hits == [("partial_bytes", "127.0.0.1")]
+            await one.stream.send_all(client_frame(0, b'"}'))
+            assert len((await one.recv_json())["pad"]) == 70_000
+            assert server._partial_budget.held == 0
+            # and a connection that leaves mid-message gives its bytes back
+            three = await RawWS.open(port)
+            await hello(three)
+            await three.stream.send_all(client_frame(1, head + b"c" * 90_000, fin=False))
+            await three.send_frame(0x9, b"sync")  # answered once the bytes before it are read
+            while (await three.recv_frame())[0] != 0xA:
+                pass
+            assert server._partial_budget.held > 90_000
+            await three.aclose()
+            with trio.fail_after(5):
+                while server._partial_budget.held:
+                    await trio.sleep(0.01)
+
+
+async def test_ping_flood_is_cut_off_while_a_pair_keeps_working():
+    """4 connections flood {"t":"PING"} (and WebSocket pings): each is closed
+    with 1008 once over its idle-frame burst; an ECHO pair's round trips stay short."""
+    core = FakeCore()
+    with trio.fail_after(30):
+        async with running_relay(core=core) as (server, port):
+            observer = _observe(server)
+            pair = await RawWS.open(port)
+            await hello(pair)
+            closes: list[tuple] = []
+            rtts: list[float] = []
+            ping = client_frame(1, b'{"t":"PING"}')
+            control = client_frame(0x9, b"x")
+
+            async def flooder(n: int) -> None:
+                ws = await RawWS.open(port)
+                await hello(ws)
+                burst = (ping if n % 2 else control) * 500
+
+                async def send() -> None:
+                    try:
+                        for _ in range(200):
+                            await ws.stream.send_all(burst)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    while True:
+                        msg = await ws.recv()
+                        if msg[0] in ("close", "eof"):
+                            closes.append(msg)
+                            break
+                    nursery.cancel_scope.cancel()
+                await ws.aclose()
+
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(flooder, n)
+                for i in range(50):
+                    t = time.monotonic()
+                    await pair.send_json({"t": "ECHO", "i": i})
+                    assert (await pair.recv_json())["i"] == i
+                    rtts.append(time.monotonic() - t)
+            assert closes == [("close", 1008, "too many frames that do nothing")] * 4
+            assert observer.kinds() == {"idle_frames"}
+            rtts.sort()
+            assert rtts[len(rtts) // 2] < 0.05, rtts
+
+
+async def test_a_connection_yields_its_turn_after_turn_frames_events():
+    from parley.relay.transport import _MORE, _TURN, Outbox, WsConn
+    from parley.relay.wsframe import FrameReader
+
+    class Handler:
+        backlogged = False
+
+        def __init__(self) -> None:
+            self.messages: list[str] = []
+
+        def on_message(self, conn: Any, message: str) -> None:
+            self.messages.append(message)
+
+    a, b = trio.socket.socketpair()
+    with a, b:
+        frames = FrameReader(1 << 20)
+        conn = WsConn(1, "test", trio.SocketStream(a), frames, TransportConfig(turn_frames=64), Outbox())
+        conn._events = frames.receive(b"".join(client_frame(1, b'{"n":%d}' % i) for i in range(200)))
+        handler = Handler()
+        assert conn._handle_events(handler) == _TURN
+        assert len(handler.messages) == 64
+        assert conn._handle_events(handler) == _TURN
+        assert conn._handle_events(handler) == _TURN
+        assert conn._handle_events(handler) == _MORE
+        assert handler.messages == ['{"n":%d}' % i for i in range(200)]
+
+
+async def test_frame_rate_slows_a_fast_sender_down():
+    core = FakeCore()
+    with trio.fail_after(20):
+        async with running_relay(core=core, transport_options={"frame_rate": 100.0}) as (server, port):
+            observer = _observe(server)
+            ws = await RawWS.open(port)
+            await hello(ws)
+            started = time.monotonic()
+            await ws.stream.send_all(b"".join(client_frame(1, b'{"t":"ECHO","i":%d}' % i) for i in range(300)))
+            for i in range(300):
+                assert (await ws.recv_json())["i"] == i
+            elapsed = time.monotonic() - started
+            # a burst of 100 at once, then 100 a second: nothing dropped, just slower
+            assert elapsed >= 1.5, elapsed
+            assert ("message_rate", "127.0.0.1") in observer.hits
+
+
+async def test_one_log_line_per_send_buffer_overflow(caplog):
+    core = FakeCore()
+    caplog.set_level(logging.INFO, logger="parley.relay")
+    with trio.fail_after(20):
+        async with running_relay(
+            core=core, transport_options={"send_buffer_bytes": 64 * 1024}
+        ) as (server, port):
+            slow = await RawWS.open(port, rcvbuf=4096)
+            slow_id = await hello(slow)
+            fast = await RawWS.open(port)
+            await hello(fast)
+            await fast.send_json({"t": "MANY", "conn": slow_id, "n": 2000, "x": "z" * 1024})
+            await fast.send_json({"t": "ECHO", "i": 1})
+            assert (await fast.recv_json())["i"] == 1
+            with trio.fail_after(5):
+                while slow_id not in core.disconnected:
+                    await trio.sleep(0.01)
+    lines = [r for r in caplog.records if "send buffer full: disconnected" in r.getMessage()]
+    assert len(lines) == 1, len(lines)
+    assert server.counters["overflows"] == 1

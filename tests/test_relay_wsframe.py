@@ -1,17 +1,27 @@
-"""The relay's own RFC 6455 frame reader, checked by hand and against wsproto."""
+"""The relay's own RFC 6455 frame reader, checked by hand and against wsproto.
+
+The second half: what one connection's input may cost the relay (issue #11):
+the fragment bound, the relay-wide `ByteBudget`, memory per connection and
+cost per byte however the bytes are chunked, `TokenBucket`. Their live
+counterparts (closes on the wire, PING floods, turns) are in test_relay_live.py.
+"""
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from parley.relay.budgets import ByteBudget, TokenBucket
 from parley.relay.wsframe import (
     BINARY,
+    LIMIT,
     CLOSE,
     FAIL,
     NO_STATUS,
@@ -221,3 +231,235 @@ async def test_a_frame_for_a_closing_connection_stays_undelivered():
         assert conn.undelivered() == ["never queued"]
         wire = await b.recv(1024)
         assert wire.startswith(b"\x81\x06before\x88")
+
+
+# === limits (issue #11) ===================================================================
+
+
+def fragmented(opcode: int, pieces: list[bytes], mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    return b"".join(
+        frame(opcode if i == 0 else 0, piece, fin=i == len(pieces) - 1, mask=mask)
+        for i, piece in enumerate(pieces)
+    )
+
+
+def feed(reader: FrameReader, data: bytes, chunk: int) -> list[tuple]:
+    events = []
+    for i in range(0, len(data), chunk):
+        events += reader.receive(data[i:i + chunk])
+    return events
+
+
+# --- fragments per message ------------------------------------------------------------
+
+
+def test_fragments_per_message_are_bounded_empty_ones_included():
+    reader = FrameReader(1 << 20, max_fragments=100)
+    assert reader.receive(fragmented(1, [b"a"] * 99 + [b"b"])) == [(TEXT, "a" * 99 + "b")]
+    # empty continuation frames count like any other
+    events = reader.receive(frame(1, b"x", fin=False) + frame(0, b"", fin=False) * 200)
+    assert events == [(LIMIT, "fragments", 1008, "too many fragments in one message")]
+    assert reader.receive(frame(1, b"after")) == []  # nothing more is read
+    assert reader.held == 0
+
+
+def test_fragments_of_an_oversized_message_count_too():
+    """A message past max_message is counted off unbuffered, but its frames
+    still count: an endless over-limit message is no way around the bound."""
+    reader = FrameReader(100, max_fragments=10)
+    events = reader.receive(frame(2, b"z" * 101, fin=False) + frame(0, b"", fin=False) * 20)
+    assert events == [(TOO_LARGE, 101), (LIMIT, "fragments", 1008, "too many fragments in one message")]
+
+
+def test_thirty_thousand_empty_fragments_hold_nothing():
+    reader = FrameReader(1 << 20, max_fragments=1 << 40)
+    empty = frame(0, b"", fin=False)
+    assert reader.receive(frame(1, b"", fin=False)) == []
+    for _ in range(30):
+        assert reader.receive(empty * 1000) == []
+    assert reader.held == 0 and reader.frames == 30_001
+    assert reader.receive(frame(0, b"end")) == [(TEXT, "end")]
+
+
+# --- bytes held per connection ------------------------------------------------------------
+
+
+def _deep_size(value: object) -> int:
+    size = sys.getsizeof(value)
+    if isinstance(value, (list, tuple)):
+        size += sum(_deep_size(item) for item in value)
+    return size
+
+
+def test_memory_held_per_connection_stays_near_the_message_limit():
+    """256 KiB sent as 2-byte fragments, never finished: the reader holds
+    about 256 KiB, not an object per fragment (which cost 28x the bytes)."""
+    limit = 256 << 10
+    data = frame(2, b"ab", fin=False) + frame(0, b"cd", fin=False) * (limit // 2 - 1)
+    reader = FrameReader(limit, max_fragments=1 << 40)
+    for i in range(0, len(data), 65536):
+        assert reader.receive(data[i:i + 65536]) == []
+    held = sum(_deep_size(v) for v in vars(reader).values())
+    assert held < 1.5 * limit, held
+    assert reader.held == limit
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_held_bytes_never_exceed_one_message_and_a_header(chunk):
+    limit = 5000
+    wire = fragmented(1, [b"x" * 1000] * 5) + frame(2, b"y" * 5000) + frame(1, b"z" * 6000) + frame(1, b"ok")
+    reader = FrameReader(limit)
+    events = []
+    for i in range(0, len(wire), chunk):
+        events += reader.receive(wire[i:i + chunk])
+        assert reader.held <= limit + 14
+    assert events == [(TEXT, "x" * 5000), (BINARY, b"y" * 5000), (TOO_LARGE, 6000), (TEXT, "ok")]
+
+
+# --- the relay-wide budget --------------------------------------------------------------------
+
+
+def test_relay_wide_budget_is_shared_and_given_back():
+    budget = ByteBudget(3000)
+    one = FrameReader(1 << 20, budget=budget)
+    two = FrameReader(1 << 20, budget=budget)
+    assert one.receive(frame(1, b"a" * 2000, fin=False)) == []
+    assert budget.held == 2000
+    # the second connection's unfinished frame does not fit what is left
+    events = two.receive(frame(2, b"b" * 5000)[:1500])
+    assert events == [(LIMIT, "partial_bytes", 1013, "relay busy: too many unfinished messages")]
+    assert budget.held == 2000  # the refused one holds nothing
+    assert two.receive(frame(1, b"later")) == []
+    # the first one finishes: its bytes go back
+    assert one.receive(frame(0, b"!")) == [(TEXT, "a" * 2000 + "!")]
+    assert budget.held == 0
+    three = FrameReader(1 << 20, budget=budget)
+    assert three.receive(frame(2, b"c" * 2500)[:2000]) == []
+    assert budget.held == 2000
+    three.close()  # the connection went away mid-message
+    assert budget.held == 0
+
+
+def test_budget_counts_an_unfinished_frame_and_gives_it_back_when_parsed():
+    budget = ByteBudget(1 << 20)
+    reader = FrameReader(1 << 20, budget=budget)
+    wire = frame(1, b"q" * 10_000)
+    for i in range(0, len(wire) - 1, 999):
+        reader.receive(wire[i:min(i + 999, len(wire) - 1)])
+        assert budget.held == reader.held
+    assert reader.receive(wire[-1:]) == [(TEXT, "q" * 10_000)]
+    assert budget.held == 0
+
+
+# --- cost per byte -----------------------------------------------------------------------
+
+
+def _drip_cost(size: int, chunk: int = 64) -> tuple[int, float]:
+    wire = frame(2, os.urandom(size))
+    reader = FrameReader(1 << 21)
+    started = time.process_time()
+    events = feed(reader, wire, chunk)
+    elapsed = time.process_time() - started
+    assert events == [(BINARY, events[0][1])] and len(events[0][1]) == size
+    return reader.copied, elapsed
+
+
+def test_a_dripped_frame_costs_linear_time():
+    """A 1 MiB frame in 64-byte reads: each byte is copied a bounded number of
+    times (it was copied once per later read: quadratic, 2 s of CPU)."""
+    small_copied, small_time = _drip_cost(256 << 10)
+    big_copied, big_time = _drip_cost(1 << 20)
+    assert big_copied <= 2 * ((1 << 20) + 14)
+    assert big_copied <= 4.2 * small_copied
+    # wall-clock ratio as a second opinion, loose (shared machine): linear is
+    # about 4, quadratic about 16
+    assert big_time <= 10 * max(small_time, 0.002), (small_time, big_time)
+
+
+# --- against wsproto, with the limits in play -----------------------------------------
+
+
+pieces_st = st.lists(st.binary(max_size=40), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([1, 2]), pieces_st, st.booleans()), min_size=1, max_size=6),
+    st.integers(1, 300),
+    st.integers(1, 8),
+    st.integers(0, 400),
+    st.one_of(st.none(), st.integers(1, 5)),
+)
+def test_same_messages_as_wsproto_until_a_limit(messages, chunk, max_fragments, budget_bytes, per_call):
+    """Random fragmentation (empty fragments included) and chunking, with a
+    fragment bound, a small relay-wide budget and a cap on frames per call:
+    the events are wsproto's up to the first LIMIT, the reader never holds
+    more than it drew, and every drawn byte is back once the stream ends."""
+    wire = b""
+    for opcode, pieces, with_ping in messages:
+        if opcode == 1:
+            pieces = [p.decode("latin-1").encode("utf-8") for p in pieces]
+        for i, piece in enumerate(pieces):
+            wire += frame(opcode if i == 0 else 0, piece, fin=i == len(pieces) - 1)
+            if with_ping and i == 0:
+                wire += frame(9, b"pp")
+    budget = ByteBudget(budget_bytes)
+    reader = FrameReader(1 << 20, max_fragments=max_fragments, budget=budget, frames_per_call=per_call)
+    ours = []
+    for i in range(0, len(wire), chunk):
+        ours += reader.receive(wire[i:i + chunk])
+        while reader.pending:
+            before = reader.frames
+            ours += reader.receive(b"")
+            assert reader.frames - before <= per_call
+        assert budget.held == (0 if ours and ours[-1][0] == LIMIT else reader.held)
+    expected = _wsproto_messages(wire)
+    if ours and ours[-1][0] == LIMIT:
+        kind = ours[-1][1]
+        assert kind in ("fragments", "partial_bytes")
+        assert ours[:-1] == expected[:len(ours) - 1]
+        if kind == "fragments":
+            assert any(len(p) > max_fragments for _, p, _ in messages)
+    else:
+        assert ours == expected
+    reader.close()
+    assert budget.held == 0
+
+
+def test_frames_per_call_bound_one_call_and_the_rest_waits():
+    wire = b"".join(frame(1, b"%d" % i) for i in range(100)) + frame(1, b"x" * 50)[:20]
+    reader = FrameReader(1 << 20, frames_per_call=30)
+    calls = [reader.receive(wire)]
+    while reader.pending:
+        calls.append(reader.receive(b""))
+    assert [len(c) for c in calls] == [30, 30, 30, 10]
+    assert [e[1] for c in calls for e in c] == [str(i) for i in range(100)]
+    assert reader.held == 20  # the unfinished frame, moved to the front once
+    assert reader.receive(frame(1, b"x" * 50)[20:]) == [(TEXT, "x" * 50)]
+    assert reader.copied <= len(wire) + 50
+
+
+# --- the token bucket -----------------------------------------------------------------------
+
+
+def test_token_bucket():
+    bucket = TokenBucket(rate=10, burst=5, now=100.0)
+    assert bucket.charge(5, 100.0) == 0
+    assert bucket.charge(2, 100.0) == -2
+    assert bucket.wait_time() == pytest.approx(0.2)
+    assert bucket.charge(0, 100.2) == pytest.approx(0)
+    assert bucket.charge(0, 200.0) == 5  # never more than the burst
+    # take: the clock is read only when the level would go below zero
+    reads = []
+
+    def clock() -> float:
+        reads.append(1)
+        return 200.5
+
+    assert all(bucket.take(1, clock) for _ in range(5)) and not reads
+    assert bucket.take(3, clock) and len(reads) == 1  # refilled for 0.5 s: 5 tokens
+    assert not bucket.take(10, clock)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0, burst=1, now=0)
+    with pytest.raises(ValueError):
+        ByteBudget(-1)
