@@ -75,6 +75,10 @@ Choices where PROTOCOL is silent
   stored frames), unless the joiner has left by then.
 * JOIN without `data.publicKey` is refused (`bad_frame`) before the code is
   looked up, so the code is not lost; any key string is passed on, escaped.
+  So is a JOIN from a connection already in `max_sessions_per_conn`
+  sessions (`rate_limited`): refused after the lookup, its answer told a
+  live code from a dead one without consuming it. No ERROR answering a JOIN
+  carries the session's SID (a SID is enough to REATTACH).
 * JOIN rate limit: every JOIN that reaches the code lookup counts, per
   connection, address and prefix; one over the limit gets `ERROR rate_limited`
   without any lookup. `address` is whatever the shell passes (the peer IP),
@@ -798,6 +802,10 @@ class RelayCore:
         if not self._store_ok:
             return self._unavailable(conn, "")  # before the lookup: the code stays usable
         cfg = self.config
+        if len(conn.sessions) >= cfg.max_sessions_per_conn:
+            # before the lookup: refused after it, the answer would tell a
+            # live code (unconsumed) from a dead one
+            return self._too_many_sessions(conn, "")
         now = self._clock()
         refusal = self._join_refusal(conn, now)
         if refusal:
@@ -813,9 +821,7 @@ class RelayCore:
         sess = self._sessions[sid]
         cid = conn.id
         if side is not None and self._sides_full(sess, side):
-            return self._too_many_sides(conn, sid)
-        if cid not in sess.members and len(conn.sessions) >= cfg.max_sessions_per_conn:
-            return self._too_many_sessions(conn, sid)
+            return self._too_many_sides(conn, "")  # never the SID: the joiner has not got in
         del self._codes[code]
         sess.code = None
         self._release_code(sess)
