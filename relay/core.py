@@ -158,7 +158,9 @@ promised that cannot be kept:
   and the attempt is not counted), INVITE_CREATE that would mint a code, and
   REATTACH that would create a session or add a side get
   `ERROR{code:"unavailable"}`;
-* `requeue` keeps nothing (a legacy receiver's frames were never promised).
+* `requeue` keeps nothing a live MSG to a legacy receiver was (never
+  promised), but a stored frame a legacy REATTACH replay took out of the
+  queue is kept again (it was QUEUED/DELIVERED to its sender).
 What only deletes (RECEIVED, LEAVE, expiry, a legacy REATTACH replay) goes
 on: the deletes wait in the shell's pending list and commit on recovery.
 `abandon_frame` forgets a stored frame whose ack the shell gave up holding.
@@ -497,12 +499,16 @@ class RelayCore:
         stored for the session's next REATTACH unless it is still stored
         anyway (it also had a sided receiver) or the queue is full. A frame
         that was partly written may thus arrive twice at a legacy receiver:
-        at least once, as nothing acknowledges it.
+        at least once, as nothing acknowledges it. A stored frame that a
+        legacy REATTACH replay took out of the queue (`Requeue.replayed`) was
+        acknowledged to its sender: it is kept again even over a quota or
+        while the store is down (it only gets back the room it had; its
+        SaveFrame follows the replay's DeleteFrame in the store).
         """
         actions: list[Action] = []
-        if not self._store_ok:
-            return actions  # nothing was promised; nothing new while the store is down
         for token in tokens:
+            if not (token.replayed or self._store_ok):
+                continue  # nothing was promised; nothing new while the store is down
             sess = self._sessions.get(token.sid)
             if sess is None:
                 continue
@@ -510,7 +516,7 @@ class RelayCore:
                 continue
             size = _size(token.text)
             sender = None if token.sender is None else _who(token.sender)
-            if self._store_refusal(sess, size, sender, self._conns.get(token.from_conn)):
+            if not token.replayed and self._store_refusal(sess, size, sender, self._conns.get(token.from_conn)):
                 continue  # bounded like any queue (PROTOCOL 2.4)
             self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size,
                         sender, actions)
@@ -736,7 +742,7 @@ class RelayCore:
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
                 token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text,
-                                stored.sender and stored.sender[0])
+                                stored.sender and stored.sender[0], True)
                 actions.append(Send(cid, stored.text, token))
                 done.append(stored)
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from parley.relay.testing import Harness, error_code
+from parley.relay.testing import Harness, check_quota_accounting, error_code
 
 VICTIM = "198.51.100.7"
 ATTACKER = "203.0.113.9"
@@ -56,3 +56,64 @@ def test_join_from_a_full_connection_does_not_reveal_a_live_code_or_its_sid():
     # and the victim's code still works for the real joiner
     h.connect(3, VICTIM)
     assert any(f["t"] == "JOIN_REQUEST" for f in frames(h.send(3, join(code)), 1))
+
+
+# --- a QUEUED frame replayed to a legacy receiver that drops is never lost ----------
+
+
+def _queued_then_replayed_to_a_dropping_legacy_receiver(h: Harness) -> list:
+    """conn 1 (sided sender) stores m1 (QUEUED); conn 2, a legacy receiver,
+    REATTACHes and gets it replayed, done-once-written, but is dropped before
+    it is written: returns the Requeue tokens the shell hands back."""
+    from parley.relay.actions import Send
+
+    h.connect(1, VICTIM)
+    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "a"}})
+    out = h.send(1, {"t": "MSG", "sid": "s", "data": {"payload": "ab" * 50, "msgID": "m1"}})
+    assert [json.loads(t)["t"] for t in out[1]] == ["QUEUED"]  # acknowledged: on disk
+    h.disconnect(1)
+    h.connect(2, VICTIM)
+    actions = h.core.receive(2, json.dumps({"t": "REATTACH", "sid": "s"}))
+    h.run(actions)
+    tokens = [a.requeue for a in actions if isinstance(a, Send) and a.requeue is not None]
+    assert len(tokens) == 1
+    return tokens
+
+
+def _replayed_later(h: Harness) -> list[str]:
+    h.connect(3, VICTIM)
+    out = h.send(3, {"t": "REATTACH", "sid": "s"})
+    return [f["data"]["msgID"] for f in frames(out, 3) if f["t"] == "MSG"]
+
+
+def test_queued_frame_survives_a_legacy_replay_dropped_while_the_store_is_down():
+    """Attack (or bad luck): the store fails while a legacy receiver is being
+    replayed a QUEUED frame and is dropped before it was written. `requeue`
+    kept nothing while the store was down, and the replay's DeleteFrame
+    committed on recovery: an acknowledged frame was lost."""
+    h = Harness()
+    tokens = _queued_then_replayed_to_a_dropping_legacy_receiver(h)
+    h.core.set_store_available(False)
+    h.run(h.core.requeue(2, tokens))
+    h.disconnect(2)
+    h.core.set_store_available(True)
+    assert [f.msg_id for f in h.store.snapshot().frames] == ["m1"]  # the store agrees
+    assert _replayed_later(h) == ["m1"]
+    check_quota_accounting(h.core)
+
+
+def test_queued_frame_survives_a_legacy_replay_dropped_when_its_share_filled_meanwhile():
+    """While the replayed frame sits in the dropped receiver's buffer, its
+    sender's address stores up to its share elsewhere (or an attacker fills
+    the open part, so the reserve rule applies): the requeue was refused like
+    a new frame, and the acknowledged frame was lost."""
+    h = Harness(queue_total_bytes=20_000, reserve_percent=0)  # 2,000 bytes per address
+    tokens = _queued_then_replayed_to_a_dropping_legacy_receiver(h)
+    h.connect(4, VICTIM)
+    answers = [reply for i in range(40) for reply in [
+        frames(h.send(4, {"t": "MSG", "sid": "t", "data": {"payload": "cd" * 50, "msgID": f"x{i}"}}), 4)[-1]["t"]]]
+    assert "DELIVERED_FAILED" in answers  # the address's share is full now
+    h.run(h.core.requeue(2, tokens))
+    h.disconnect(2)
+    assert _replayed_later(h) == ["m1"]
+    check_quota_accounting(h.core)
