@@ -7,8 +7,15 @@ clock); the shell's faults run a real relay on 127.0.0.1, bounded in time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
+from pathlib import Path
 
+import trio
+
+from parley.relay import admission as adm
+from parley.relay.observe import RecordingObserver
 from parley.relay.testing import Harness, check_quota_accounting, error_code
 
 VICTIM = "198.51.100.7"
@@ -117,3 +124,72 @@ def test_queued_frame_survives_a_legacy_replay_dropped_when_its_share_filled_mea
     h.disconnect(2)
     assert _replayed_later(h) == ["m1"]
     check_quota_accounting(h.core)
+
+
+# --- the connection edge: one network, many address keys --------------------------
+
+
+def _sibling(name: str):
+    spec = importlib.util.spec_from_file_location(f"_redteam_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_admission_caps_handshakes_and_connections_per_prefix():
+    """Attack: slowloris from many addresses of one /24 (or /64s of one IPv6
+    /48, which every IPv6 customer holds): 64 x 16 handshakes filled the
+    relay-wide 1,024 and every new connection got 503, /readyz too."""
+    obs = RecordingObserver()
+    a = adm.Admission(adm.AdmissionLimits(
+        max_connections=100, conns_per_address=10, max_handshakes=100, handshakes_per_address=2,
+        conns_per_prefix=5, handshakes_per_prefix=4,
+    ), obs)
+    net = "2001:db8:1::/48"
+    tickets = [a.admit(f"2001:db8:1:{i}::/64", 0.0, net) for i in range(2) for _ in range(2)]
+    assert all(isinstance(t, adm.Ticket) for t in tickets)
+    assert a.admit("2001:db8:1:9::/64", 0.0, net) == adm.HANDSHAKES_PER_PREFIX
+    assert isinstance(a.admit("2001:db8:2::/64", 0.0, "2001:db8:2::/48"), adm.Ticket)  # another network
+    for t in tickets:
+        a.handshake_done(t)
+    assert isinstance(a.admit("2001:db8:1:9::/64", 0.0, net), adm.Ticket)  # 5 open now
+    assert a.admit("2001:db8:1:a::/64", 0.0, net) == adm.CONNS_PER_PREFIX
+    assert a.count_prefix(net) == (5, 1)
+    assert a.not_ready(0.0) is None  # one network never makes the relay unready
+    assert obs.kinds() == {adm.HANDSHAKES_PER_PREFIX, adm.CONNS_PER_PREFIX}
+    for t in tickets:
+        a.release(t)
+        a.release(t)
+    assert a.count_prefix(net) == (1, 1)
+
+
+async def test_slowloris_from_one_slash24_leaves_room_for_others():
+    live = _sibling("test_relay_live")
+    obs = RecordingObserver()
+    options = {"server_options": {"max_handshakes": 8, "handshakes_per_address": 2, "handshakes_per_prefix": 4},
+               "transport_options": {"handshake_timeout": 5.0}}
+
+    async def tcp_from(port: int, source: str) -> trio.SocketStream:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+        return trio.SocketStream(sock)
+
+    with trio.fail_after(15):
+        async with live.running_relay(core=live.FakeCore(), observer=obs, **options) as (server, port):
+            held = []
+            for host in range(1, 5):  # 4 addresses of 127.0.1.0/24, 2 silent handshakes each
+                for _ in range(2):
+                    held.append(await tcp_from(port, f"127.0.1.{host}"))
+                    await held[-1].send_all(b"GET / HTTP/1.1\r\n")
+            while server.admission.handshakes + server.admission.refusing < 8:
+                await trio.sleep(0.01)
+            stream = await tcp_from(port, "127.0.2.1")
+            await stream.send_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, rest = await live.read_http_response(stream)
+            body = rest + await live.read_to_eof(stream)
+            assert (status, body) == (200, b"ready\n")
+            assert server.admission.handshakes == 4
+            assert "handshakes_per_prefix" in obs.kinds()
+            for s in held:
+                await s.aclose()
