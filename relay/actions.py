@@ -45,6 +45,10 @@ class Requeue:
     msg_id: str
     text: str
     sender: str | None = None  # the sender's address key (quotas count per address)
+    # A stored frame replayed to a legacy REATTACHer (its sender had QUEUED or
+    # DELIVERED): it is kept again whatever the quotas or the store's state,
+    # as it is only given back what it held (an acknowledged frame is never lost).
+    replayed: bool = False
 
 
 @attrs.frozen

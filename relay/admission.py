@@ -1,8 +1,9 @@
 """Who may open a connection: the relay's connection bookkeeping, sans I/O.
 
-The accept loop asks `Admission.admit(key, now)` for every accepted socket
-(``key`` is `relay.addresses.address_key` of the peer: IPv4 per address, IPv6
-per /64). Each admitted connection is counted from accept to close, and as a
+The accept loop asks `Admission.admit(key, now, prefix)` for every accepted
+socket (``key`` is `relay.addresses.address_key` of the peer: IPv4 per
+address, IPv6 per /64; ``prefix`` its `prefix_key`: IPv4 /24, IPv6 /48, or
+None to count no prefix). Each admitted connection is counted from accept to close, and as a
 *handshake in progress* until its HTTP request has been answered. A new
 connection is refused when one of these is reached (checked in this order,
 the first one names the refusal):
@@ -13,9 +14,17 @@ kind                       counted
 ``connections``            admitted connections, relay-wide (the capacity
                            derived from the file-descriptor limit)
 ``conns_per_address``      admitted connections of one address key
+``conns_per_prefix``       admitted connections of one prefix key
 ``handshakes``             handshakes in progress, relay-wide
 ``handshakes_per_address`` handshakes in progress of one address key
+``handshakes_per_prefix``  handshakes in progress of one prefix key
 =========================  ===========================================
+
+The prefix caps exist because an address key is cheap to multiply: every
+IPv6 customer holds a /48 (65,536 /64s) and a /24 has 256 IPv4 addresses,
+so per-address caps alone let one network hold every handshake slot
+(slowloris: 64 addresses x 16 handshakes = the relay-wide 1,024) or every
+descriptor.
 
 A refused connection is not counted above: the shell answers it
 ``503 Service Unavailable`` with ``Retry-After`` from a small reserve of
@@ -25,8 +34,9 @@ at once). Every refusal is reported to the observer as
 
 Readiness (`not_ready`): the relay is not ready while it is at a relay-wide
 limit, or has refused for one (or failed to accept at all, e.g. EMFILE)
-within the last `SHED_MEMORY` seconds. Per-address refusals do not make it
-unready: one hostile address must not take a relay out of a load balancer.
+within the last `SHED_MEMORY` seconds. Per-address and per-prefix refusals
+do not make it unready: one hostile network must not take a relay out of a
+load balancer.
 
 `LogLimiter` and `Tally` keep log lines bounded: one line per key per
 interval, and one counted line per interval for a storm of equal events.
@@ -46,7 +56,8 @@ from .observe import NullObserver, Observer
 
 __all__ = [
     "AdmissionLimits", "Admission", "Ticket", "LogLimiter", "Tally",
-    "CONNECTIONS", "CONNS_PER_ADDRESS", "HANDSHAKES", "HANDSHAKES_PER_ADDRESS",
+    "CONNECTIONS", "CONNS_PER_ADDRESS", "CONNS_PER_PREFIX", "HANDSHAKES", "HANDSHAKES_PER_ADDRESS",
+    "HANDSHAKES_PER_PREFIX",
     "SHED_MEMORY",
 ]
 
@@ -54,6 +65,8 @@ CONNECTIONS = "connections"
 CONNS_PER_ADDRESS = "conns_per_address"
 HANDSHAKES = "handshakes"
 HANDSHAKES_PER_ADDRESS = "handshakes_per_address"
+CONNS_PER_PREFIX = "conns_per_prefix"
+HANDSHAKES_PER_PREFIX = "handshakes_per_prefix"
 
 # How long a relay-wide refusal or accept failure keeps /readyz at 503 (s):
 # long enough for a probe polling every few seconds to see the relay shed.
@@ -70,6 +83,8 @@ class AdmissionLimits:
     conns_per_address       admitted connections per address key
     max_handshakes          handshakes in progress relay-wide
     handshakes_per_address  handshakes in progress per address key
+    conns_per_prefix        admitted connections per prefix key
+    handshakes_per_prefix   handshakes in progress per prefix key
     refusal_slots           connections being answered 503 at once
     """
 
@@ -78,16 +93,19 @@ class AdmissionLimits:
     max_handshakes: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     handshakes_per_address: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     refusal_slots: int = attrs.field(default=32, validator=attrs.validators.ge(0))
+    conns_per_prefix: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
+    handshakes_per_prefix: int = attrs.field(default=64, validator=attrs.validators.ge(1))
 
 
 class Ticket:
     """One admitted connection; give it back with `handshake_done` / `release`
     (both idempotent)."""
 
-    __slots__ = ("key", "handshaking", "released")
+    __slots__ = ("key", "prefix", "handshaking", "released")
 
-    def __init__(self, key: Hashable) -> None:
+    def __init__(self, key: Hashable, prefix: Hashable | None = None) -> None:
         self.key = key
+        self.prefix = prefix
         self.handshaking = True
         self.released = False
 
@@ -103,30 +121,42 @@ class Admission:
         self.refusing = 0  # refused connections being answered
         self.refused = 0  # refusals ever
         self._per_key: dict[Hashable, list[int]] = {}  # key -> [open, handshakes]
+        self._per_prefix: dict[Hashable, list[int]] = {}  # prefix -> [open, handshakes]
         self._shed_at = -float("inf")
         self._shed_reason = ""
 
-    def admit(self, key: Hashable, now: float) -> Ticket | str:
+    def admit(self, key: Hashable, now: float, prefix: Hashable | None = None) -> Ticket | str:
         """A `Ticket` for an admitted connection, else the kind of limit that
-        refuses it (reported to the observer)."""
+        refuses it (reported to the observer with `key`). `prefix` None: no
+        per-prefix count."""
         limits = self.limits
         counts = self._per_key.get(key)
+        net = self._per_prefix.get(prefix) if prefix is not None else None
         if self.open >= limits.max_connections:
             kind = CONNECTIONS
         elif counts is not None and counts[0] >= limits.conns_per_address:
             kind = CONNS_PER_ADDRESS
+        elif net is not None and net[0] >= limits.conns_per_prefix:
+            kind = CONNS_PER_PREFIX
         elif self.handshakes >= limits.max_handshakes:
             kind = HANDSHAKES
         elif counts is not None and counts[1] >= limits.handshakes_per_address:
             kind = HANDSHAKES_PER_ADDRESS
+        elif net is not None and net[1] >= limits.handshakes_per_prefix:
+            kind = HANDSHAKES_PER_PREFIX
         else:
             if counts is None:
                 counts = self._per_key[key] = [0, 0]
             counts[0] += 1
             counts[1] += 1
+            if prefix is not None:
+                if net is None:
+                    net = self._per_prefix[prefix] = [0, 0]
+                net[0] += 1
+                net[1] += 1
             self.open += 1
             self.handshakes += 1
-            return Ticket(key)
+            return Ticket(key, prefix)
         self.refused += 1
         if kind in _RELAY_WIDE:
             self.shed(now, "at the connection limit" if kind == CONNECTIONS else "at the handshake limit")
@@ -140,6 +170,8 @@ class Admission:
         ticket.handshaking = False
         self.handshakes -= 1
         self._per_key[ticket.key][1] -= 1
+        if ticket.prefix is not None:
+            self._per_prefix[ticket.prefix][1] -= 1
 
     def release(self, ticket: Ticket) -> None:
         """The connection is closed."""
@@ -152,6 +184,11 @@ class Admission:
         counts[0] -= 1
         if not counts[0]:
             del self._per_key[ticket.key]
+        if ticket.prefix is not None:
+            net = self._per_prefix[ticket.prefix]
+            net[0] -= 1
+            if not net[0]:
+                del self._per_prefix[ticket.prefix]
 
     def take_refusal_slot(self) -> bool:
         """A slot to answer a refused connection with 503; False: close it at once."""
@@ -181,6 +218,11 @@ class Admission:
     def count(self, key: Hashable) -> tuple[int, int]:
         """(admitted connections, handshakes in progress) of one key."""
         counts = self._per_key.get(key)
+        return (counts[0], counts[1]) if counts else (0, 0)
+
+    def count_prefix(self, prefix: Hashable) -> tuple[int, int]:
+        """(admitted connections, handshakes in progress) of one prefix."""
+        counts = self._per_prefix.get(prefix)
         return (counts[0], counts[1]) if counts else (0, 0)
 
     def __len__(self) -> int:

@@ -355,6 +355,12 @@ _QUOTA_FIELDS = {
 @_option("--handshakes-per-address", envvar="PARLEY_RELAY_HANDSHAKES_PER_ADDRESS", metavar="N",
               type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
               help="Connections in their handshake per IPv4 address / IPv6 /64; past it 503.")
+@_option("--conns-per-prefix", envvar="PARLEY_RELAY_CONNS_PER_PREFIX", metavar="N",
+              type=click.IntRange(1), default=1024, show_default=True, show_envvar=True,
+              help="Open connections per IPv4 /24 / IPv6 /48; past it 503.")
+@_option("--handshakes-per-prefix", envvar="PARLEY_RELAY_HANDSHAKES_PER_PREFIX", metavar="N",
+              type=click.IntRange(1), default=64, show_default=True, show_envvar=True,
+              help="Connections in their handshake per IPv4 /24 / IPv6 /48; past it 503.")
 @_option("--handshake-timeout", envvar="PARLEY_RELAY_HANDSHAKE_TIMEOUT", metavar="SECONDS",
               type=click.FloatRange(0.1, 600), default=10.0, show_default=True, show_envvar=True,
               help="Time a connection has to finish its TLS and HTTP handshake.")
@@ -442,6 +448,8 @@ def relay(
     conns_per_address: int,
     max_handshakes: int,
     handshakes_per_address: int,
+    conns_per_prefix: int,
+    handshakes_per_prefix: int,
     handshake_timeout: float,
     allowed_origins: tuple[str, ...],
     store_init: bool,
@@ -517,6 +525,8 @@ def relay(
                 "conns_per_address": conns_per_address,
                 "max_handshakes": max_handshakes,
                 "handshakes_per_address": handshakes_per_address,
+                "conns_per_prefix": conns_per_prefix,
+                "handshakes_per_prefix": handshakes_per_prefix,
                 "raise_fd_limit": True,
                 "store_retry_min": store_retry_min,
                 "store_retry_max": store_retry_max,

@@ -89,6 +89,10 @@ Choices where PROTOCOL is silent
   stored frames), unless the joiner has left by then.
 * JOIN without `data.publicKey` is refused (`bad_frame`) before the code is
   looked up, so the code is not lost; any key string is passed on, escaped.
+  So is a JOIN from a connection already in `max_sessions_per_conn`
+  sessions (`rate_limited`): refused after the lookup, its answer told a
+  live code from a dead one without consuming it. No ERROR answering a JOIN
+  carries the session's SID (a SID is enough to REATTACH).
 * JOIN rate limit: every JOIN that reaches the code lookup counts, per
   connection, address and prefix; one over the limit gets `ERROR rate_limited`
   without any lookup. `address` is whatever the shell passes (the peer IP),
@@ -168,7 +172,9 @@ promised that cannot be kept:
   and the attempt is not counted), INVITE_CREATE that would mint a code, and
   REATTACH that would create a session or add a side get
   `ERROR{code:"unavailable"}`;
-* `requeue` keeps nothing (a legacy receiver's frames were never promised).
+* `requeue` keeps nothing a live MSG to a legacy receiver was (never
+  promised), but a stored frame a legacy REATTACH replay took out of the
+  queue is kept again (it was QUEUED/DELIVERED to its sender).
 What only deletes (RECEIVED, LEAVE, expiry, a legacy REATTACH replay) goes
 on: the deletes wait in the shell's pending list and commit on recovery.
 `abandon_frame` forgets a stored frame whose ack the shell gave up holding.
@@ -524,12 +530,16 @@ class RelayCore:
         stored for the session's next REATTACH unless it is still stored
         anyway (it also had a sided receiver) or the queue is full. A frame
         that was partly written may thus arrive twice at a legacy receiver:
-        at least once, as nothing acknowledges it.
+        at least once, as nothing acknowledges it. A stored frame that a
+        legacy REATTACH replay took out of the queue (`Requeue.replayed`) was
+        acknowledged to its sender: it is kept again even over a quota or
+        while the store is down (it only gets back the room it had; its
+        SaveFrame follows the replay's DeleteFrame in the store).
         """
         actions: list[Action] = []
-        if not self._store_ok:
-            return actions  # nothing was promised; nothing new while the store is down
         for token in tokens:
+            if not (token.replayed or self._store_ok):
+                continue  # nothing was promised; nothing new while the store is down
             sess = self._sessions.get(token.sid)
             if sess is None:
                 continue
@@ -537,7 +547,7 @@ class RelayCore:
                 continue
             size = _size(token.text)
             sender = None if token.sender is None else _who(token.sender)
-            if self._store_refusal(sess, size, sender, self._conns.get(token.from_conn)):
+            if not token.replayed and self._store_refusal(sess, size, sender, self._conns.get(token.from_conn)):
                 continue  # bounded like any queue (PROTOCOL 2.4)
             self._store(sess, token.from_side, token.from_conn, token.msg_id, token.text, size,
                         sender, actions)
@@ -791,7 +801,7 @@ class RelayCore:
             if side is None or not stored.msg_id:
                 # done once written: if it never is, the shell hands it back
                 token = Requeue(sid, stored.from_side, stored.from_conn, stored.msg_id, stored.text,
-                                stored.sender and stored.sender[0])
+                                stored.sender and stored.sender[0], True)
                 actions.append(Send(cid, stored.text, token))
                 done.append(stored)
             else:
@@ -859,6 +869,10 @@ class RelayCore:
         if not self._store_ok:
             return self._unavailable(conn, "")  # before the lookup: the code stays usable
         cfg = self.config
+        if len(conn.sessions) >= cfg.max_sessions_per_conn:
+            # before the lookup: refused after it, the answer would tell a
+            # live code (unconsumed) from a dead one
+            return self._too_many_sessions(conn, "")
         now = self._clock()
         refusal = self._join_refusal(conn, now)
         if refusal:
@@ -874,9 +888,7 @@ class RelayCore:
         sess = self._sessions[sid]
         cid = conn.id
         if side is not None and self._sides_full(sess, side):
-            return self._too_many_sides(conn, sid)
-        if cid not in sess.members and len(conn.sessions) >= cfg.max_sessions_per_conn:
-            return self._too_many_sessions(conn, sid)
+            return self._too_many_sides(conn, "")  # never the SID: the joiner has not got in
         del self._codes[code]
         sess.code = None
         self._release_code(sess)

@@ -40,7 +40,8 @@ The connection edge (accept loop, `admission.Admission`):
 * Capacity: the soft RLIMIT_NOFILE (raised to the hard limit first when
   `raise_fd_limit`, as `parley relay` does) less the descriptors in use at start and
   `fd_reserve` (or `max_connections` if lower). Every accepted socket is
-  counted per address key (`addresses.address_key`) and as a handshake in
+  counted per address key (`addresses.address_key`) and prefix key
+  (`addresses.prefix_key`: a /48 holds 65,536 address keys) and as a handshake in
   progress until its request is answered; one over a cap is answered `503`
   with `Retry-After` from the reserve (at most `fd_reserve // 2` at once, for
   at most `refusal_timeout`), or closed at once when that is full too. Every
@@ -120,7 +121,7 @@ import trio
 from . import admission as adm
 from . import metrics
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
-from .addresses import address_key
+from .addresses import address_key, prefix_key
 from .budgets import ByteBudget
 from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid, shown_address
@@ -167,6 +168,8 @@ class ServerConfig:
     conns_per_address: int = 64
     max_handshakes: int = 1024
     handshakes_per_address: int = 16
+    conns_per_prefix: int = 1024  # IPv4 /24, IPv6 /48
+    handshakes_per_prefix: int = 64
     raise_fd_limit: bool = False  # raise the soft RLIMIT_NOFILE to the hard one at start (the CLI does)
 
     # operating it (README "Relay: metrics and logs")
@@ -191,6 +194,8 @@ _REFUSAL_TEXT = {
     adm.CONNS_PER_ADDRESS: "Service Unavailable: too many connections from your address",
     adm.HANDSHAKES: "Service Unavailable: too many connections opening, try again later",
     adm.HANDSHAKES_PER_ADDRESS: "Service Unavailable: too many connections opening from your address",
+    adm.CONNS_PER_PREFIX: "Service Unavailable: too many connections from your network",
+    adm.HANDSHAKES_PER_PREFIX: "Service Unavailable: too many connections opening from your network",
 }
 
 
@@ -410,16 +415,18 @@ class RelayServer:
         elif config.max_connections:
             capacity = config.max_connections
         log.info(
-            "connections: at most %d (%d per address), %d handshake(s) at once (%d per address), "
-            "%d descriptor(s) in reserve",
-            capacity, config.conns_per_address, config.max_handshakes,
-            config.handshakes_per_address, config.fd_reserve,
+            "connections: at most %d (%d per address, %d per prefix), %d handshake(s) at once "
+            "(%d per address, %d per prefix), %d descriptor(s) in reserve",
+            capacity, config.conns_per_address, config.conns_per_prefix, config.max_handshakes,
+            config.handshakes_per_address, config.handshakes_per_prefix, config.fd_reserve,
         )
         return adm.AdmissionLimits(
             max_connections=capacity,
             conns_per_address=config.conns_per_address,
             max_handshakes=config.max_handshakes,
             handshakes_per_address=config.handshakes_per_address,
+            conns_per_prefix=config.conns_per_prefix,
+            handshakes_per_prefix=config.handshakes_per_prefix,
             refusal_slots=config.fd_reserve // 2,
         )
 
@@ -525,7 +532,7 @@ class RelayServer:
         admission = self.admission
         assert admission is not None and self._conn_nursery is not None
         host = str(peer[0]) if isinstance(peer, tuple) and peer else (str(peer) or "?")
-        decision = admission.admit(address_key(host), trio.current_time())
+        decision = admission.admit(address_key(host), trio.current_time(), prefix_key(host))
         if isinstance(decision, adm.Ticket):
             self._conn_nursery.start_soon(self._handle_tcp, client, _Edge(self, host, decision, None))
         elif admission.take_refusal_slot():

@@ -30,7 +30,8 @@ from parley.relay.config import RelayConfig
 from parley.relay.testing import FakeRandom, Harness, error_code
 
 VALID_CODES = {"bad_json", "bad_frame", "unknown_type", "too_large", "rate_limited",
-               "no_session", "bad_code", "bad_params"}
+               "no_session", "bad_code", "bad_params",
+               "peer_left"}  # a sided JOIN_ACCEPT that reaches nobody (EXTENSIONS "invite codes that end")
 ACCEPTED = {"CREATE_SESSION", "INVITE_CREATE", "JOIN", "JOIN_ACCEPT", "JOIN_DENY", "REATTACH",
             "MSG", "RECEIVED", "LEAVE", "PONG", "PING"}
 MAX_FRAME = 2048

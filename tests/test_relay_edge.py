@@ -553,7 +553,7 @@ def _built_with(monkeypatch, tmp_path, args: list[str], env: dict[str, str] | No
 def _edge_only(server_options: dict) -> dict:
     """The server options this file is about (the store's have tests of their own)."""
     edge = ("max_connections", "fd_reserve", "conns_per_address", "max_handshakes",
-            "handshakes_per_address", "raise_fd_limit")
+            "handshakes_per_address", "raise_fd_limit", "conns_per_prefix", "handshakes_per_prefix")
     return {k: v for k, v in server_options.items() if k in edge}
 
 
@@ -561,7 +561,8 @@ def test_edge_options_defaults_flags_and_env(monkeypatch, tmp_path, relay_logger
     got = _built_with(monkeypatch, tmp_path, [])
     assert _edge_only(got["server_options"]) == {
         "max_connections": 0, "fd_reserve": 64, "conns_per_address": 64, "max_handshakes": 1024,
-        "handshakes_per_address": 16, "raise_fd_limit": True,
+        "handshakes_per_address": 16, "conns_per_prefix": 1024, "handshakes_per_prefix": 64,
+        "raise_fd_limit": True,
     }
     assert {k: v for k, v in got["transport_options"].items() if k in ("handshake_timeout", "allowed_origins")} == {"handshake_timeout": 10.0, "allowed_origins": ()}
     got = _built_with(monkeypatch, tmp_path, [
@@ -606,6 +607,8 @@ def test_help_shows_each_edge_option_with_default_and_env_var():
         ("--conns-per-address", "PARLEY_RELAY_CONNS_PER_ADDRESS", "default: 64"),
         ("--max-handshakes", "PARLEY_RELAY_MAX_HANDSHAKES", "default: 1024"),
         ("--handshakes-per-address", "PARLEY_RELAY_HANDSHAKES_PER_ADDRESS", "default: 16"),
+        ("--conns-per-prefix", "PARLEY_RELAY_CONNS_PER_PREFIX", "default: 1024"),
+        ("--handshakes-per-prefix", "PARLEY_RELAY_HANDSHAKES_PER_PREFIX", "default: 64"),
         ("--handshake-timeout", "PARLEY_RELAY_HANDSHAKE_TIMEOUT", "default: 10.0"),
         ("--allowed-origin", "PARLEY_RELAY_ALLOWED_ORIGINS", "default: none"),
     ]:

@@ -358,10 +358,18 @@ async def test_store_down_past_store_hold_answers_held_acks_delivered_failed_and
 
 async def test_retries_back_off_exponentially_up_to_the_cap_and_commit_latency_is_recorded():
     seen: list[tuple[float, int]] = []
+    delays: list[float] = []
     options = {"store_retry_min": 0.02, "store_retry_max": 0.16, "store_hold": 60.0}
     with trio.fail_after(20):
         async with flaky_relay(**options) as (server, port, store):
             server.commit_observer = lambda seconds, ops: seen.append((seconds, ops))
+            wait = server._wait_to_retry
+
+            async def recorded_wait(delay: float) -> None:
+                delays.append(delay)  # the delay the backoff asked for, free of scheduling noise
+                await wait(delay)
+
+            server._wait_to_retry = recorded_wait
             a, b, sid = await _sided_pair(port)
             await _until(lambda: seen)
             assert server.last_commit_seconds == seen[-1][0] > 0
@@ -373,12 +381,13 @@ async def test_retries_back_off_exponentially_up_to_the_cap_and_commit_latency_i
             await _until(lambda: len(store.attempts) >= 8, timeout=10)
             store.failing = False
             await a.recv_json()  # QUEUED
-    gaps = [later - earlier for earlier, later in zip(store.attempts, store.attempts[1:8])]
-    assert 0.015 <= gaps[0] < 0.1
-    for earlier, later in zip(gaps, gaps[1:4]):
+    assert 0.015 <= delays[0] < 0.1
+    for earlier, later in zip(delays, delays[1:4]):
         assert later >= earlier * 1.6  # doubling
-    assert all(g < 0.16 + 0.1 for g in gaps)
-    assert max(gaps) >= 0.15  # reached the cap
+    assert all(d <= 0.16 for d in delays)
+    assert max(delays) >= 0.15  # reached the cap
+    gaps = [later - earlier for earlier, later in zip(store.attempts, store.attempts[1:8])]
+    assert all(g >= d * 0.9 for g, d in zip(gaps, delays))  # the relay really waited
     assert server.counters["store_outages"] == 1 and server.counters["store_failures"] >= 8
 
 
