@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["ByteBudget", "TokenBucket"]
+__all__ = ["ByteBudget", "TokenBucket", "OutputPools"]
 
 
 class ByteBudget:
@@ -89,3 +89,54 @@ class TokenBucket:
     def wait_time(self) -> float:
         """Seconds until the level is back at zero (0.0 if it is not below)."""
         return -self.level / self.rate if self.level < 0 else 0.0
+
+
+class OutputPools:
+    """Bytes queued to write, pooled per address, per prefix and relay-wide.
+
+    A connection's own send buffer is bounded (`TransportConfig
+    .send_buffer_bytes`), but a client can open many connections that never
+    read, each holding a full buffer. Every connection of an address key
+    (`relay.addresses.address_key`) draws from that key's pool, of its
+    prefix key's, and of the relay's (`acquire` returns the three
+    `ByteBudget`s); a data frame that does not fit drops the connection it was
+    for, as a full send buffer does (its frames wait in the queue for its
+    REATTACH). A limit of 0 turns that pool off. Pools are made on the first
+    connection of a key and forgotten with its last, so memory follows the
+    open connections.
+    """
+
+    def __init__(self, per_address: int, per_prefix: int, total: int) -> None:
+        self._limits = (per_address, per_prefix)
+        self.total = ByteBudget(total) if total else None
+        self._pools: dict[object, list] = {}  # key -> [ByteBudget, connections]
+
+    def acquire(self, address_key: object, prefix_key: object) -> tuple[ByteBudget, ...]:
+        pools = []
+        for key, limit in zip((("a", address_key), ("p", prefix_key)), self._limits):
+            if not limit:
+                continue
+            entry = self._pools.get(key)
+            if entry is None:
+                entry = self._pools[key] = [ByteBudget(limit), 0]
+            entry[1] += 1
+            pools.append(entry[0])
+        if self.total is not None:
+            pools.append(self.total)
+        return tuple(pools)
+
+    def release(self, address_key: object, prefix_key: object) -> None:
+        """One connection of these keys ended (after it gave its bytes back)."""
+        for key, limit in zip((("a", address_key), ("p", prefix_key)), self._limits):
+            if not limit:
+                continue
+            entry = self._pools.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._pools[key]
+
+    def held(self, address_key: object) -> int:
+        """Bytes the connections of `address_key` have queued now (0 if none)."""
+        entry = self._pools.get(("a", address_key))
+        return entry[0].held if entry is not None else 0

@@ -361,6 +361,17 @@ _QUOTA_FIELDS = {
 @_option("--handshakes-per-prefix", envvar="PARLEY_RELAY_HANDSHAKES_PER_PREFIX", metavar="N",
               type=click.IntRange(1), default=64, show_default=True, show_envvar=True,
               help="Connections in their handshake per IPv4 /24 / IPv6 /48; past it 503.")
+@_option("--out-bytes-per-address", envvar="PARLEY_RELAY_OUT_BYTES_PER_ADDRESS", metavar="BYTES",
+              type=click.IntRange(0), default=64 << 20, show_default=True, show_envvar=True,
+              help="Bytes queued to write to all connections of one IPv4 address / IPv6 /64 "
+                   "(readers that do not read); a frame past it drops its connection, as a full "
+                   "send buffer does. 0: no cap.")
+@_option("--out-bytes-per-prefix", envvar="PARLEY_RELAY_OUT_BYTES_PER_PREFIX", metavar="BYTES",
+              type=click.IntRange(0), default=256 << 20, show_default=True, show_envvar=True,
+              help="The same per IPv4 /24 / IPv6 /48. 0: no cap.")
+@_option("--out-bytes-total", envvar="PARLEY_RELAY_OUT_BYTES_TOTAL", metavar="BYTES",
+              type=click.IntRange(0), default=1 << 30, show_default=True, show_envvar=True,
+              help="The same for the whole relay. 0: no cap.")
 @_option("--handshake-timeout", envvar="PARLEY_RELAY_HANDSHAKE_TIMEOUT", metavar="SECONDS",
               type=click.FloatRange(0.1, 600), default=10.0, show_default=True, show_envvar=True,
               help="Time a connection has to finish its TLS and HTTP handshake.")
@@ -450,6 +461,9 @@ def relay(
     handshakes_per_address: int,
     conns_per_prefix: int,
     handshakes_per_prefix: int,
+    out_bytes_per_address: int,
+    out_bytes_per_prefix: int,
+    out_bytes_total: int,
     handshake_timeout: float,
     allowed_origins: tuple[str, ...],
     store_init: bool,
@@ -527,6 +541,9 @@ def relay(
                 "handshakes_per_address": handshakes_per_address,
                 "conns_per_prefix": conns_per_prefix,
                 "handshakes_per_prefix": handshakes_per_prefix,
+                "out_bytes_per_address": out_bytes_per_address,
+                "out_bytes_per_prefix": out_bytes_per_prefix,
+                "out_bytes_total": out_bytes_total,
                 "raise_fd_limit": True,
                 "store_retry_min": store_retry_min,
                 "store_retry_max": store_retry_max,

@@ -122,7 +122,7 @@ from . import admission as adm
 from . import metrics
 from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
 from .addresses import address_key, prefix_key
-from .budgets import ByteBudget
+from .budgets import ByteBudget, OutputPools
 from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid, shown_address
 from .memory import TrimPolicy, release_free_memory
@@ -170,6 +170,10 @@ class ServerConfig:
     handshakes_per_address: int = 16
     conns_per_prefix: int = 1024  # IPv4 /24, IPv6 /48
     handshakes_per_prefix: int = 64
+    # bytes queued to write, all connections of an address / prefix / the relay (0: no cap)
+    out_bytes_per_address: int = 64 << 20
+    out_bytes_per_prefix: int = 256 << 20
+    out_bytes_total: int = 1 << 30
     raise_fd_limit: bool = False  # raise the soft RLIMIT_NOFILE to the hard one at start (the CLI does)
 
     # operating it (README "Relay: metrics and logs")
@@ -234,12 +238,16 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
 class _Edge:
     """The server's side of one accepted connection (transport.Edge)."""
 
-    __slots__ = ("_server", "_ticket", "address", "refusal")
+    __slots__ = ("_server", "_ticket", "address", "keys", "refusal")
 
-    def __init__(self, server: RelayServer, address: str, ticket: adm.Ticket | None, refusal: str | None) -> None:
+    def __init__(
+        self, server: RelayServer, address: str, keys: tuple[Any, Any], ticket: adm.Ticket | None,
+        refusal: str | None,
+    ) -> None:
         self._server = server
         self._ticket = ticket
         self.address = address
+        self.keys = keys  # (address_key, prefix_key) of `address`
         self.refusal = refusal
 
     def endpoint(self, path: bytes) -> tuple[int, bytes] | None:
@@ -289,6 +297,9 @@ class RelayServer:
         self._transport = tconf
         # bytes of unfinished messages, all connections together (wsframe.FrameReader)
         self._partial_budget = ByteBudget(tconf.partial_bytes_total)
+        self._out_pools = OutputPools(
+            config.out_bytes_per_address, config.out_bytes_per_prefix, config.out_bytes_total
+        )
         self._ssl = (
             make_ssl_context(config.certfile, config.keyfile)
             if config.certfile and config.keyfile
@@ -532,11 +543,12 @@ class RelayServer:
         admission = self.admission
         assert admission is not None and self._conn_nursery is not None
         host = str(peer[0]) if isinstance(peer, tuple) and peer else (str(peer) or "?")
-        decision = admission.admit(address_key(host), trio.current_time(), prefix_key(host))
+        keys = (address_key(host), prefix_key(host))
+        decision = admission.admit(keys[0], trio.current_time(), keys[1])
         if isinstance(decision, adm.Ticket):
-            self._conn_nursery.start_soon(self._handle_tcp, client, _Edge(self, host, decision, None))
+            self._conn_nursery.start_soon(self._handle_tcp, client, _Edge(self, host, keys, decision, None))
         elif admission.take_refusal_slot():
-            edge = _Edge(self, host, None, _REFUSAL_TEXT[decision])
+            edge = _Edge(self, host, keys, None, _REFUSAL_TEXT[decision])
             self._conn_nursery.start_soon(self._handle_tcp, client, edge)
         else:
             client.close()  # no room even to say no: at once, never a hang
@@ -593,6 +605,8 @@ class RelayServer:
                 pass  # another try at the next failure
 
     async def _handle_tcp(self, client: trio.socket.SocketType, edge: _Edge) -> None:
+        keys = edge.keys
+        out_pools = self._out_pools.acquire(*keys)
         try:
             stream: trio.abc.Stream = trio.SocketStream(client)
             if self._ssl is not None:
@@ -600,12 +614,14 @@ class RelayServer:
             await serve_stream(
                 stream, self, self._transport, self._ids.__next__, self._outbox, edge,
                 partial_budget=self._partial_budget, observer=self.observer,
+                out_pools=out_pools,
             )
         except OSError:  # the socket died before it was wrapped
             client.close()
         except Exception:  # a bug in one connection must not take the relay down
             log.exception("connection handler failed")
         finally:
+            self._out_pools.release(*keys)
             edge.release()
 
     # -- HTTP on the relay port -----------------------------------------------------

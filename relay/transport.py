@@ -263,7 +263,7 @@ class WsConn:
         "_finished", "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
         "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
-        "_out_messages", "_outbox", "_read_scope", "_reading_done", "_rest", "_scope",
+        "_out_messages", "_outbox", "_pools", "_read_scope", "_reading_done", "_rest", "_scope",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
         "close_reason", "dead", "id", "last_rx", "messages_in", "messages_out", "open",
     )
@@ -277,6 +277,7 @@ class WsConn:
         config: TransportConfig,
         outbox: Outbox,
         observer: Observer | None = None,
+        out_pools: tuple[ByteBudget, ...] = (),
     ) -> None:
         self.id = conn_id
         self.address = address
@@ -295,6 +296,10 @@ class WsConn:
         self._out: list[bytes] = []
         self._out_bytes = 0  # queued in _out plus the unwritten rest of a write
         self._out_messages = 0
+        # Shared pools _out_bytes is also counted in (this address's, the
+        # relay's): one address's readers that do not read cannot hold more
+        # than its pool, whatever the number of its connections.
+        self._pools = out_pools
         self._rest: memoryview | None = None  # the unwritten tail of a partial write
         self._writing = False  # the writer task owns the socket
         self._dirty = False  # marked in the outbox
@@ -352,9 +357,15 @@ class WsConn:
             self.abort(OVERFLOW)
             return False
         header = text_frame_header(size)
+        n = len(header) + size
+        if self._pools and not self._draw(n):
+            if requeue is not None:
+                self._unsent.append(requeue)
+            self.abort(OVERFLOW)
+            return False
         self._out.append(header)
         self._out.append(payload)
-        self._out_bytes += len(header) + size
+        self._out_bytes += n
         self._out_messages += 1
         if requeue is not None:
             self._tokens.append(requeue)
@@ -362,6 +373,28 @@ class WsConn:
             self._dirty = True
             self._outbox.mark(self)
         return True
+
+    def charge_out(self, n: int) -> None:
+        """Count `n` more bytes queued to write (control frames, the 101), in the
+        pools too, unchecked: they are small and bounded by `_max_bytes`."""
+        self._out_bytes += n
+        for pool in self._pools:
+            pool.held += n
+
+    def _draw(self, n: int) -> bool:
+        """Draw `n` bytes of a data frame from every pool; False (nothing drawn)
+        when one is full."""
+        pools = self._pools
+        for pool in pools:
+            if pool.held + n > pool.limit:
+                return False
+        for pool in pools:
+            pool.held += n
+        return True
+
+    def _give_back(self, n: int) -> None:
+        for pool in self._pools:
+            pool.held -= n
 
     def close(self, code: int, reason: str = "", *, wait_reply: bool = True) -> None:
         """Queue a close frame behind what is queued; drop the connection once the
@@ -384,6 +417,7 @@ class WsConn:
         self.open = False
         self.close_reason = why
         self._out.clear()
+        self._give_back(self._out_bytes)
         self._out_bytes = 0
         self._out_messages = 0
         if self._scope is not None:
@@ -431,7 +465,7 @@ class WsConn:
         if self.dead or not data:
             return
         self._out.append(bytes(data))
-        self._out_bytes += len(data)
+        self.charge_out(len(data))
         if not self._dirty:
             self._dirty = True
             self._outbox.mark(self)
@@ -475,11 +509,15 @@ class WsConn:
             return
         if written == len(data):
             self._out_bytes -= written
+            if self._pools:
+                self._give_back(written)
             self._tokens.clear()
             if self._notify_drained:
                 self._drained()
             return
         self._out_bytes -= written
+        if self._pools:
+            self._give_back(written)
         self._rest = memoryview(data)[written:]
         self._inflight, self._tokens = self._tokens, []
         self._hand_to_writer()
@@ -519,6 +557,8 @@ class WsConn:
         finally:
             self.open = False
             self._finished = True
+            self._give_back(self._out_bytes)  # never written now
+            self._pools = ()
 
     def _handle_events(self, handler: Handler) -> int:
         """Handle the events read so far, at most `turn_frames` of them.
@@ -740,6 +780,8 @@ class WsConn:
                 except BlockingIOError:
                     continue
             self._out_bytes -= written
+            if self._pools:
+                self._give_back(written)
             if written < len(rest):
                 self._rest = rest[written:]
             else:
@@ -1019,6 +1061,7 @@ async def serve_stream(
     *,
     partial_budget: ByteBudget | None = None,
     observer: Observer | None = None,
+    out_pools: tuple[ByteBudget, ...] = (),
 ) -> None:
     """Serve one accepted stream: (TLS,) handshake, then frames until it ends.
 
@@ -1028,7 +1071,9 @@ async def serve_stream(
     endpoints; `edge.handshake_done()` is called once the request is answered
     or the handshake gave up (timeout, EOF, TLS failure).
     `partial_budget`: the relay-wide pool the connection's unfinished
-    messages draw from (given back when it ends); `observer` hears of limit hits.
+    messages draw from (given back when it ends); `out_pools`: the pools its
+    queued output is counted in (`budgets.OutputPools`); `observer` hears of
+    limit hits.
     """
     conn: WsConn | None = None
     refused = edge is not None and edge.refusal is not None
@@ -1063,10 +1108,10 @@ async def serve_stream(
             budget=partial_budget,
             frames_per_call=config.turn_frames * PARSE_TURNS,
         )
-        conn = WsConn(next_id(), address, stream, frames, config, outbox, observer)
+        conn = WsConn(next_id(), address, stream, frames, config, outbox, observer, out_pools)
         conn._events = frames.receive(trailing) if trailing else []
         conn._out.append(response)  # the 101 goes out first, in the writer's first send
-        conn._out_bytes += len(response)
+        conn.charge_out(len(response))
         handler.on_open(conn)
         try:
             await conn._run(handler)

@@ -60,9 +60,10 @@ class RawWS:
         headers: list[tuple[str, str]] | None = None,
         rcvbuf: int | None = None,
         extra: bytes = b"",
+        src: str | None = None,
     ) -> tuple[RawWS, int, dict[str, str]]:
         """Connect and upgrade; returns (client, HTTP status, response headers)."""
-        stream = await _tcp(port, rcvbuf)
+        stream = await _tcp(port, rcvbuf, src)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {path} HTTP/1.1",
@@ -168,10 +169,12 @@ class RawWS:
         await trio.aclose_forcefully(self.stream)
 
 
-async def _tcp(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
+async def _tcp(port: int, rcvbuf: int | None = None, src: str | None = None) -> trio.SocketStream:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if src is not None:
+        await sock.bind((src, 0))
     await sock.connect(("127.0.0.1", port))
     return trio.SocketStream(sock)
 
@@ -1428,3 +1431,70 @@ async def test_one_log_line_per_send_buffer_overflow(caplog):
     lines = [r for r in caplog.records if "send buffer full: disconnected" in r.getMessage()]
     assert len(lines) == 1, len(lines)
     assert server.counters["overflows"] == 1
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_readers_that_do_not_read_share_one_output_pool_per_address():
+    """Red team: connections that never read, all from one address, held 399 MiB of
+    queued output (each its own full send buffer). Their queued bytes now share the
+    address's pool: past it the connection a frame was for is dropped (its frames
+    wait for its REATTACH), while another address is served in full."""
+    core = FakeCore()
+    pool = 1 << 20
+    with trio.fail_after(30):
+        async with running_relay(
+            core=core,
+            # send buffers far larger than the pool: only the pool can cut them off
+            transport_options={"send_buffer_bytes": 64 << 20},
+            server_options={"out_bytes_per_address": pool, "out_bytes_per_prefix": 0, "out_bytes_total": 0},
+        ) as (server, port):
+            sender = await RawWS.open(port, src="127.0.0.3")
+            await hello(sender)
+            stalled = []
+            for _ in range(4):
+                ws = await RawWS.open(port, rcvbuf=4096)
+                stalled.append((ws, await hello(ws)))
+            other = await RawWS.open(port, src="127.0.0.2")
+            other_id = await hello(other)
+            x = "y" * 60_000
+            most = 0
+            for _, cid in stalled:
+                # 12 MB each: far more than the kernel's socket buffers take
+                await sender.send_json({"t": "MANY", "conn": cid, "n": 200, "x": x})
+                await sender.send_json({"t": "ECHO", "n": cid})
+                assert (await sender.recv_json())["n"] == cid
+                most = max(most, server._out_pools.held("127.0.0.1"))
+            assert most <= pool
+            await _until(lambda: all(cid in core.disconnected for _, cid in stalled))
+            # another address has a pool of its own: a burst that fits it arrives whole
+            assert other_id not in core.disconnected
+            await sender.send_json({"t": "MANY", "conn": other_id, "n": 15, "x": x})
+            for _ in range(15):
+                assert (await other.recv_json())["x"] == x
+            for ws, _ in stalled:
+                await ws.stream.aclose()
+            await other.stream.aclose()
+            await _until(lambda: server._out_pools.held("127.0.0.1") == 0
+                         and server._out_pools.held("127.0.0.2") == 0)
+
+
+def test_output_pools_are_made_and_forgotten_with_their_connections():
+    from parley.relay.budgets import OutputPools
+
+    pools = OutputPools(100, 300, 1000)
+    a1 = pools.acquire("a", "p")
+    a2 = pools.acquire("a", "p")
+    b = pools.acquire("b", "p")
+    assert len(a1) == 3 and a1[0] is a2[0] and a1[0] is not b[0] and a1[1] is b[1] and a1[2] is b[2]
+    a1[0].held += 60
+    assert pools.held("a") == 60 and pools.held("b") == 0
+    pools.release("a", "p")
+    pools.release("a", "p")
+    pools.release("b", "p")
+    assert pools.held("a") == 0 and pools._pools == {}
+    assert OutputPools(0, 0, 0).acquire("a", "p") == ()
