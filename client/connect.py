@@ -42,10 +42,11 @@ import attrs
 import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from .errors import BadRelayURL, ConnectFailed, LinkDead
 from .safetext import one_line
 
 __all__ = [
-    "ConnectSettings", "RelayURL", "BadRelayURL", "ConnectFailed", "LinkDead",
+    "ConnectSettings", "RelayURL",
     "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for",
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_LIVENESS_TIMEOUT",
 ]
@@ -53,22 +54,6 @@ __all__ = [
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_LIVENESS_TIMEOUT = 35.0  # 3 PING intervals of 10 s (PROTOCOL 2.3), plus slack
 CLOSE_TIMEOUT = 2.0
-
-
-class BadRelayURL(ValueError):
-    """A relay URL that cannot be used; the message says why (one line)."""
-
-
-class ConnectFailed(Exception):
-    """One connect attempt failed; `reason` is a short, terminal-safe line."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class LinkDead(Exception):
-    """Nothing came from the relay for the liveness window."""
 
 
 @attrs.frozen

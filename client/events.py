@@ -13,6 +13,12 @@ Every core method returns a list of actions, to be carried out in order:
   shell stops reconnecting and leaves.
 * `ForgetState(sid)`: remove this session's entry from the state file (a
   handshake that ended after our key was saved, with nobody else holding it).
+
+Events (what `Show` carries, and `ConnectionNotice`, which the runner reports
+itself) are plain frozen records; every "kind" among their fields is an enum
+(`Status`, `FailureKind`, `Role`, `NoticeKind`), never a bare string. This
+module imports nothing of the client's, so every layer (core, runner,
+terminal, CLI) can share these types without importing one another.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import attrs
 
 __all__ = [
     "SaveState", "SendFrame", "Show", "Close", "ForgetState", "Action",
-    "Status", "FailureKind",
+    "Status", "FailureKind", "Role", "NoticeKind",
     "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
     "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
-    "AckOverdue", "Event",
+    "AckOverdue", "ConnectionNotice", "Event",
 ]
 
 
@@ -97,6 +103,27 @@ class FailureKind(str, enum.Enum):
         return self.value
 
 
+class Role(str, enum.Enum):
+    """Which end of the handshake this side was (saved in the state entry as `role`)."""
+
+    CREATOR = "creator"  # made the session and its invite code
+    JOINER = "joiner"  # joined with the code
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NoticeKind(str, enum.Enum):
+    """What happened to the connection (`ConnectionNotice.kind`)."""
+
+    CONNECTED = "connected"  # a connection is open and the session's first frames are out
+    LOST = "lost"  # the connection ended (not on purpose)
+    RETRY = "retry"  # the next connect attempt comes after `delay` seconds
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @attrs.frozen
 class InviteReady:
     sid: str
@@ -111,7 +138,7 @@ class JoinRequested:
 @attrs.frozen
 class KeyEstablished:
     sid: str
-    role: str  # "creator" | "joiner"
+    role: Role = attrs.field(converter=Role)
     verification: str
 
 
@@ -164,6 +191,16 @@ class Undecryptable:
 
     sid: str
     msg_id: str
+
+
+@attrs.frozen
+class ConnectionNotice:
+    """A connection event the runner itself reports (not the core): connected, lost, retry."""
+
+    kind: NoticeKind = attrs.field(converter=NoticeKind)
+    url: str
+    delay: float | None = None  # RETRY: seconds until the next attempt
+    reason: str | None = None  # RETRY: why the last attempt failed or ended (terminal-safe)
 
 
 Event = Union[

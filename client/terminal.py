@@ -35,27 +35,25 @@ from typing import Any, TextIO
 
 import trio
 
-from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
+from .errors import OutputClosed
 from .events import (
     AckOverdue,
+    ConnectionNotice,
     HandshakeFailed,
     InviteReady,
     JoinRequested,
     KeyEstablished,
     MessageIn,
     MessageStatus,
+    NoticeKind,
     PeerPresence,
     RelayError,
     Status,
     Undecryptable,
 )
-from .runner import ConnectionNotice
+from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 
-__all__ = ["Terminal", "StdinLines", "safe_text", "OutputClosed", "use_replacing_output", "input_encoding"]
-
-
-class OutputClosed(Exception):
-    """Standard output is closed (a pipe whose reader left); the command should end quietly."""
+__all__ = ["Terminal", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
 
 
 def use_replacing_output() -> None:
@@ -132,12 +130,12 @@ class Terminal:
 
     def show(self, event: Any) -> None:
         if isinstance(event, ConnectionNotice):
-            if event.kind == "connected":
+            if event.kind is NoticeKind.CONNECTED:
                 self.info(("reconnected to " if self._was_connected else "connected to ") + safe_text(event.url))
                 self._was_connected = True
-            elif event.kind == "lost":
+            elif event.kind is NoticeKind.LOST:
                 self.info("connection to the relay lost")
-            elif event.kind == "retry":
+            elif event.kind is NoticeKind.RETRY:
                 why = f" ({one_line(event.reason, 160)})" if event.reason else ""
                 self.info(f"reconnecting in {event.delay:.1f}s{why}")
         elif isinstance(event, InviteReady):
