@@ -121,7 +121,7 @@ def _pipe_guard() -> Any:
     try:
         yield
     except BrokenPipeError as exc:
-        raise OutputClosed("standard output is closed") from exc
+        raise OutputClosed() from exc
 
 
 class ParleyGroup(click.Group):
@@ -220,7 +220,7 @@ def _echo(text: str) -> None:
     try:
         click.echo(text)
     except (BrokenPipeError, ConnectionResetError) as exc:
-        raise OutputClosed("standard output is closed") from exc
+        raise OutputClosed() from exc
 
 
 @attrs.frozen

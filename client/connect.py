@@ -42,7 +42,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
-from .errors import BadRelayURL, ConnectFailed, LinkDead
+from .errors import BadPort, ConnectFailed, LinkDead, NoHost, NotAURL, NotWebSocketURL, NotWsURL
 from .safetext import one_line
 
 __all__ = [
@@ -73,25 +73,26 @@ class RelayURL:
 def parse_relay_url(text: str) -> RelayURL:
     """`ws://host[:port]/path` or `wss://...`; raises `BadRelayURL` with a hint."""
     text = (text or "").strip()
+    shown = one_line(text, 80)
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError as exc:
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a URL ({exc})") from None
+        raise NotAURL(text=shown, why=exc) from None
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         fixed = ("ws" if scheme == "http" else "wss") + text[len(scheme):]
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a WebSocket URL; did you mean {one_line(fixed, 80)}?")
+        raise NotWebSocketURL(text=shown, fixed=one_line(fixed, 80))
     if scheme not in ("ws", "wss") or not parts.netloc:
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a ws:// or wss:// URL")
+        raise NotWsURL(text=shown)
     try:
         port = parts.port
     except ValueError:
-        raise BadRelayURL(f"{one_line(text, 80)!r}: the port must be a number from 1 to 65535") from None
+        raise BadPort(text=shown) from None
     host = parts.hostname
     if not host:
-        raise BadRelayURL(f"{one_line(text, 80)!r} names no host")
+        raise NoHost(text=shown)
     if port == 0:
-        raise BadRelayURL(f"{one_line(text, 80)!r}: the port must be a number from 1 to 65535")
+        raise BadPort(text=shown)
     tls = scheme == "wss"
     resource = parts.path or "/"
     if parts.query:
@@ -304,4 +305,4 @@ async def recv_or_dead(ws: WebSocketConnection, liveness_timeout: float) -> Any:
         return await ws.get_message()
     with trio.move_on_after(liveness_timeout):
         return await ws.get_message()
-    raise LinkDead(f"nothing from the relay for {liveness_timeout:g}s")
+    raise LinkDead(timeout=liveness_timeout)

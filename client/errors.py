@@ -11,9 +11,12 @@ when it gives up. Base classes (`NotDelivered`, `HandshakeError`, ...) group
 errors and are not raised themselves.
 
 Besides the `ClientError` family, the signals the client's layers pass to
-one another (not printed as `parley:` lines by themselves): `ConnectFailed`,
-`LinkDead` (connect -> runner), `BadRelayURL` (a ValueError, shown by click
-as a bad `--relay`), `OutputClosed` (terminal -> CLI: exit 141 quietly).
+one another (not printed as `parley:` lines by themselves): `ConnectFailed`
+(its `reason` is made by `parley.client.connect`, from what the OS, the TLS
+stack or the server said), `LinkDead` (connect -> runner, shown as a
+reconnect's reason), `BadRelayURL` (a ValueError, shown by click as a bad
+`--relay`), `OutputClosed` (terminal -> CLI: exit 141 quietly). The worded
+ones among them follow the same rule: docstring = words.
 
 State-file errors are `parley.state.StateError` and its subclasses (shared
 with tooling that reads state files); the CLI prints them the same way.
@@ -36,7 +39,8 @@ __all__ = [
     "HandshakeError", "InvalidCode", "JoinDeclined", "InviteDeclined", "BadPeerKey", "HandshakeInterrupted",
     "CodeExpired", "InviterLeft", "JoinerLeft", "UnknownSession", "RelayRefused",
     "handshake_error", "failure_message",
-    "ConnectFailed", "LinkDead", "BadRelayURL", "OutputClosed",
+    "ConnectFailed", "LinkDead", "BadRelayURL", "NotAURL", "NotWebSocketURL", "NotWsURL", "BadPort", "NoHost",
+    "OutputClosed",
 ]
 
 
@@ -261,13 +265,33 @@ class ConnectFailed(Exception):
         self.reason = reason
 
 
-class LinkDead(Exception):
-    """Nothing came from the relay for the liveness window (the runner reconnects)."""
+class LinkDead(_Worded, Exception):
+    """nothing from the relay for {timeout:g}s"""
 
 
-class BadRelayURL(ValueError):
-    """A relay URL that cannot be used; the message says why (one line)."""
+class BadRelayURL(_Worded, ValueError):
+    """A relay URL that cannot be used (`parse_relay_url`); `text` is the URL as shown (one line)."""
 
 
-class OutputClosed(Exception):
-    """Standard output is closed (a pipe whose reader left); the command should end quietly."""
+class NotAURL(BadRelayURL):
+    """{text!r} is not a URL ({why})"""
+
+
+class NotWebSocketURL(BadRelayURL):
+    """{text!r} is not a WebSocket URL; did you mean {fixed}?"""
+
+
+class NotWsURL(BadRelayURL):
+    """{text!r} is not a ws:// or wss:// URL"""
+
+
+class BadPort(BadRelayURL):
+    """{text!r}: the port must be a number from 1 to 65535"""
+
+
+class NoHost(BadRelayURL):
+    """{text!r} names no host"""
+
+
+class OutputClosed(_Worded, Exception):
+    """standard output is closed"""

@@ -105,9 +105,9 @@ class Terminal:
             encoding = getattr(self.out, "encoding", None) or "ascii"
             self.line((text).encode(encoding, "replace").decode(encoding, "replace"))
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise OutputClosed("standard output is closed") from exc
+            raise OutputClosed() from exc
         except ValueError as exc:  # "I/O operation on closed file"
-            raise OutputClosed("standard output is closed") from exc
+            raise OutputClosed() from exc
 
     def check_open(self) -> None:
         """`OutputClosed` if stdout is a pipe or terminal whose other end is gone (poll(2): POLLERR/POLLHUP).
@@ -123,7 +123,7 @@ class Terminal:
         poller.register(fd, select.POLLOUT)
         for _fd, events in poller.poll(0):
             if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                raise OutputClosed("standard output is closed")
+                raise OutputClosed()
 
     def info(self, text: str) -> None:
         self.line(f"* {text}")

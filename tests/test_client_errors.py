@@ -14,11 +14,13 @@ from parley.client.events import FailureKind, HandshakeFailed
 
 # Base classes that group errors and are never raised themselves.
 GROUPS = {errors.ClientError, errors.NotDelivered, errors.HandshakeError, errors.NoSuchSession,
-          errors.AmbiguousSession}
+          errors.AmbiguousSession, errors.BadRelayURL}
+# Worded signals between layers (shown as a reason, by click, or not at all), and the family itself.
+WORDED = (errors.ClientError, errors.BadRelayURL, errors.LinkDead, errors.OutputClosed)
 
 
-def raised_classes() -> list[type[errors.ClientError]]:
-    found = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ClientError)]
+def raised_classes() -> list[type[Exception]]:
+    found = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, WORDED)]
     return [c for c in found if c not in GROUPS]
 
 
