@@ -50,11 +50,15 @@ def wording(cls: type) -> str:
 
 
 class _Worded:
-    """Mixin: the message is the class's docstring, formatted with the keyword arguments."""
+    """Mixin: the message is the class's docstring, formatted with the keyword arguments.
 
-    def __init__(self, **fields: Any) -> None:
+    (A message given whole is taken as it is: that is how `copy` and `pickle`
+    rebuild an error, its fields coming back with its `__dict__`.)
+    """
+
+    def __init__(self, *message: str, **fields: Any) -> None:
         self.__dict__.update(fields)
-        super().__init__(wording(type(self)).format(**fields))
+        super().__init__(*(message or (wording(type(self)).format(**fields),)))
 
 
 class ClientError(_Worded, Exception):

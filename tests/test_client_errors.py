@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import string
@@ -38,6 +39,8 @@ def test_every_error_reads_as_one_filled_line(cls):
     assert not text.endswith(".") or text.endswith("...")  # a line, not a paragraph
     for name, value in values.items():
         assert getattr(exc, name) == value  # the fields stay on the error for the code that catches it
+    again = copy.copy(exc)
+    assert type(again) is cls and str(again) == text and again.__dict__ == exc.__dict__
 
 
 def test_every_handshake_ending_has_its_own_error():
