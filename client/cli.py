@@ -12,10 +12,10 @@ Global options (each with an environment variable):
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
-Ctrl-C before a chat started). The words of each are in `parley.client.errors`
-(every error class's docstring is its line). No traceback unless `--verbose`. Every such
-line is terminal-safe (`parley.client.safetext`): it may quote what a relay
-or a server said. A closed standard output (`parley sessions | head -1`)
+Ctrl-C before a chat started); the words of each are in
+`parley.client.errors` (every error class's docstring is its line). No
+traceback unless `--verbose`. Every such line is terminal-safe
+(`parley.client.safetext`): it may quote what a relay or a server said. A closed standard output (`parley sessions | head -1`)
 ends any command quietly with exit status 141, as SIGPIPE would.
 """
 

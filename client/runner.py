@@ -53,7 +53,7 @@ from trio_websocket import (
 )
 
 from .connect import ConnectSettings, open_relay, recv_or_dead, ssl_context_for
-from .core import short_sid  # (moves to parley.protocol with issue #13)
+from .core import short_sid
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
 from .events import (
     Action,

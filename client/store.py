@@ -47,7 +47,7 @@ from typing import Any
 
 from parley.state import StateError, StateNotWritable, check_writable, load_state, save_state
 
-from .core import short_sid  # (moves to parley.protocol with issue #13)
+from .core import short_sid
 from .entry import SEEN_LIMIT
 from .errors import NoKeyedSession, NoMatchingSession, SeveralKeyedSessions, SeveralMatchingSessions
 
