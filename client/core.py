@@ -179,20 +179,61 @@ class ClientCore:
 
     # --- read-only views (and `relay`, which the shell sets) -----------------
 
-    mode = property(lambda self: self.context.mode)
-    sid = property(lambda self: self.context.sid)
-    phase = property(lambda self: self.context.phase)
-    side = property(lambda self: self.context.side)
-    entry = property(lambda self: self.context.entry)
-    key = property(lambda self: self.context.key)
-    pending = property(lambda self: self.context.pending)
-    must_exist = property(lambda self: self.context.must_exist)
-    is_connected = property(lambda self: self.context.is_connected)
-    peer_online = property(lambda self: self.context.peer_online)
-    verification = property(lambda self: self.context.verification)
-    receive = property(lambda self: self.delivery.receive)
-    ack_timeout = property(lambda self: self.delivery.ack_timeout)
-    in_flight = property(lambda self: self.delivery.in_flight)
+    @property
+    def mode(self) -> Mode:
+        return self.context.mode
+
+    @property
+    def sid(self) -> str | None:
+        return self.context.sid
+
+    @property
+    def phase(self) -> Phase:
+        return self.context.phase
+
+    @property
+    def side(self) -> str:
+        return self.context.side
+
+    @property
+    def entry(self) -> dict[str, Any]:
+        return self.context.entry
+
+    @property
+    def key(self) -> str | None:
+        return self.context.key
+
+    @property
+    def pending(self) -> list[dict[str, str]]:
+        return self.context.pending
+
+    @property
+    def must_exist(self) -> bool:
+        return self.context.must_exist
+
+    @property
+    def is_connected(self) -> bool:
+        return self.context.is_connected
+
+    @property
+    def peer_online(self) -> bool | None:
+        return self.context.peer_online
+
+    @property
+    def verification(self) -> str | None:
+        return self.context.verification
+
+    @property
+    def receive(self) -> bool:
+        return self.delivery.receive
+
+    @property
+    def ack_timeout(self) -> float:
+        return self.delivery.ack_timeout
+
+    @property
+    def in_flight(self) -> list[str]:
+        return self.delivery.in_flight
 
     @property
     def relay(self) -> str | None:
