@@ -35,7 +35,7 @@ import contextlib
 import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import attrs
@@ -47,7 +47,7 @@ from .safetext import one_line
 
 __all__ = [
     "ConnectSettings", "RelayURL",
-    "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for",
+    "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for", "causes",
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_LIVENESS_TIMEOUT",
 ]
 
@@ -145,8 +145,8 @@ class _Watched(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def _os_reason(exc: BaseException) -> str:
-    """The OS's words ("Connection refused") from an error, its causes and groups."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then the members of a group, its `__cause__` and `__context__`, breadth first, each once."""
     todo: list[BaseException] = [exc]
     seen: set[int] = set()
     while todo:
@@ -154,11 +154,17 @@ def _os_reason(exc: BaseException) -> str:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return one_line(current.strerror, 120)
+        yield current
         if isinstance(current, BaseExceptionGroup):
             todo.extend(current.exceptions)
         todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words ("Connection refused") from an error, its causes and groups."""
+    for current in causes(exc):
+        if isinstance(current, OSError) and current.strerror:
+            return one_line(current.strerror, 120)
     return one_line(str(exc) or type(exc).__name__, 120)
 
 

@@ -52,7 +52,7 @@ from trio_websocket import (
     HandshakeError,
 )
 
-from .connect import ConnectSettings, open_relay, recv_or_dead, ssl_context_for
+from .connect import ConnectSettings, causes, open_relay, recv_or_dead, ssl_context_for
 from .core import short_sid
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
 from .events import (
@@ -91,14 +91,8 @@ def backoff_delays(first: float = 0.5, cap: float = 15.0, rng: random.Random | N
 
 def _reason(exc: BaseException) -> str:
     """A short human reason ("Connection refused", "timed out") for a failed connect."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
     fallback = ""
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, OSError) and current.strerror:
             return current.strerror
         if isinstance(current, ConnectionTimeout):
@@ -107,11 +101,6 @@ def _reason(exc: BaseException) -> str:
             return f"the server answered HTTP {current.status_code}, not a WebSocket upgrade"
         if not fallback and str(current).strip():
             fallback = str(current).strip().splitlines()[0]
-        if isinstance(current, BaseExceptionGroup):
-            todo.extend(current.exceptions)
-        for nxt in (current.__cause__, current.__context__):
-            if nxt is not None:
-                todo.append(nxt)
     return fallback or type(exc).__name__
 
 
