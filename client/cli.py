@@ -377,11 +377,15 @@ def _run(async_fn: Any, *args: Any) -> Any:
 # --- invite -------------------------------------------------------------------
 
 
+def _wait_option(default: float, envvar: str, what: str) -> Any:
+    """`--timeout S` of a handshake command: how long it waits for the other person."""
+    return click.option("--timeout", type=click.FloatRange(min=1), default=default, show_default=True,
+                        envvar=envvar, help=f"Seconds to wait for {what} [env {envvar}].")
+
+
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_INVITE_TIMEOUT, show_default=True,
-              envvar="PARLEY_INVITE_TIMEOUT",
-              help="Seconds to wait for someone to join before cancelling the code [env PARLEY_INVITE_TIMEOUT].")
+@_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
 @session_options
 def invite(opts: Options, yes: bool, timeout: float) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
@@ -443,9 +447,7 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @main.command()
 @click.argument("code", callback=_check_code)
-@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_JOIN_TIMEOUT, show_default=True,
-              envvar="PARLEY_JOIN_TIMEOUT",
-              help="Seconds to wait for the other person to accept [env PARLEY_JOIN_TIMEOUT].")
+@_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
 @session_options
 def join(opts: Options, code: str, timeout: float) -> None:
     """Join the session an invite CODE names, then chat."""
