@@ -73,7 +73,14 @@ Action = Union[SaveState, SendFrame, Show, Close, ForgetState]
 # --- events ----------------------------------------------------------------
 
 
-class Status(str, enum.Enum):
+class _Kind(str, enum.Enum):
+    """An enum whose members are their wire/file strings, and print as them."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(_Kind):
     """Where one of our messages is."""
 
     PENDING = "pending"  # encrypted and saved; waiting for a connection
@@ -83,11 +90,10 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # the relay could not deliver or keep it; resent when the peer is back
     RECEIVED = "received"  # the peer's client recorded it (RECEIVED receipt)
 
-    def __str__(self) -> str:
-        return self.value
 
+class FailureKind(_Kind):
+    """How a handshake ended without a key (`HandshakeFailed.kind`); its words: `parley.client.errors`."""
 
-class FailureKind(str, enum.Enum):
     INVALID_CODE = "invalid_code"  # ERROR "Invalid or expired code" / bad_code
     JOIN_DENIED = "join_denied"  # the creator said no
     DENIED_BY_US = "denied_by_us"  # we said no
@@ -99,29 +105,20 @@ class FailureKind(str, enum.Enum):
     JOINER_LEFT = "joiner_left"  # the joiner went before the handshake finished
     UNKNOWN_SESSION = "unknown_session"  # a parley relay does not know the (keyed) session
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Role(str, enum.Enum):
+class Role(_Kind):
     """Which end of the handshake this side was (saved in the state entry as `role`)."""
 
     CREATOR = "creator"  # made the session and its invite code
     JOINER = "joiner"  # joined with the code
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class NoticeKind(str, enum.Enum):
+class NoticeKind(_Kind):
     """What happened to the connection (`ConnectionNotice.kind`)."""
 
     CONNECTED = "connected"  # a connection is open and the session's first frames are out
     LOST = "lost"  # the connection ended (not on purpose)
     RETRY = "retry"  # the next connect attempt comes after `delay` seconds
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen
