@@ -5,7 +5,7 @@ line, `parley: <text>`, on stderr and exits with its `exit_code` (1 unless
 the class says otherwise). The text is the class's docstring: the docstring
 of every class raised is the wording itself, a `str.format` template filled
 from the keyword arguments the error is raised with (they are also kept as
-attributes: `NotDelivered...(timeout=10).timeout`). So the wording of every
+attributes: `SendNoAck(timeout=10).timeout`). So the wording of every
 error lives here, and reading this file shows everything `parley` may say
 when it gives up. Base classes (`NotDelivered`, `HandshakeError`, ...) group
 errors and are not raised themselves.
