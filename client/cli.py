@@ -12,9 +12,10 @@ Global options (each with an environment variable):
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
-Ctrl-C before a chat started). No traceback unless `--verbose`. Every such
-line is terminal-safe (`parley.client.safetext`): it may quote what a relay
-or a server said. A closed standard output (`parley sessions | head -1`)
+Ctrl-C before a chat started); the words of each are in
+`parley.client.errors` (every error class's docstring is its line). No
+traceback unless `--verbose`. Every such line is terminal-safe
+(`parley.client.safetext`): it may quote what a relay or a server said. A closed standard output (`parley sessions | head -1`)
 ends any command quietly with exit status 141, as SIGPIPE would.
 """
 
@@ -42,18 +43,34 @@ from parley.state import StateError, load_state, state_path
 from .connect import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LIVENESS_TIMEOUT,
-    BadRelayURL,
     ConnectSettings,
     parse_relay_url,
     ssl_context_for,
 )
-from .core import ClientCore, ClientError, short_sid
+from .core import ClientCore, short_sid
+from .errors import (
+    BadRelayURL,
+    ClientError,
+    HandoverNoAck,
+    NoAnswer,
+    NobodyJoined,
+    OutputClosed,
+    RelayUnreachable,
+    SendClosedEarly,
+    SendNoAck,
+    SendPeerOffline,
+    SendRefused,
+    SendUnreachable,
+    SessionBusy,
+    WrongRelay,
+    handshake_error,
+)
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
-from .runner import RelayUnreachable, Runner
-from .session import HandshakeError, Session
-from .store import SessionBusy, SessionInfo, StateStore
+from .runner import Runner
 from .safetext import one_line, safe_text
-from .terminal import OutputClosed, Terminal, input_encoding, use_replacing_output
+from .session import Session
+from .store import SessionInfo, StateStore
+from .terminal import Terminal, input_encoding, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
 
@@ -104,7 +121,7 @@ def _pipe_guard() -> Any:
     try:
         yield
     except BrokenPipeError as exc:
-        raise OutputClosed("standard output is closed") from exc
+        raise OutputClosed() from exc
 
 
 class ParleyGroup(click.Group):
@@ -203,7 +220,7 @@ def _echo(text: str) -> None:
     try:
         click.echo(text)
     except (BrokenPipeError, ConnectionResetError) as exc:
-        raise OutputClosed("standard output is closed") from exc
+        raise OutputClosed() from exc
 
 
 @attrs.frozen
@@ -360,20 +377,20 @@ def _run(async_fn: Any, *args: Any) -> Any:
 # --- invite -------------------------------------------------------------------
 
 
+def _wait_option(default: float, envvar: str, what: str) -> Any:
+    """`--timeout S` of a handshake command: how long it waits for the other person."""
+    return click.option("--timeout", type=click.FloatRange(min=1), default=default, show_default=True,
+                        envvar=envvar, help=f"Seconds to wait for {what} [env {envvar}].")
+
+
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_INVITE_TIMEOUT, show_default=True,
-              envvar="PARLEY_INVITE_TIMEOUT",
-              help="Seconds to wait for someone to join before cancelling the code [env PARLEY_INVITE_TIMEOUT].")
+@_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
 @session_options
 def invite(opts: Options, yes: bool, timeout: float) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
     store = opts.store(writable=True)
     _run(_invite, opts, store, yes, timeout)
-
-
-class NobodyJoined(ClientError):
-    pass
 
 
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
@@ -413,9 +430,7 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
 
     await session.run(flow)
     if timed_out:
-        raise NobodyJoined(
-            f"nobody joined within {timeout:g}s; the invite is cancelled (run 'parley invite' again for a fresh code)"
-        )
+        raise NobodyJoined(timeout=timeout)
 
 
 # --- join ---------------------------------------------------------------------
@@ -432,18 +447,12 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @main.command()
 @click.argument("code", callback=_check_code)
-@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_JOIN_TIMEOUT, show_default=True,
-              envvar="PARLEY_JOIN_TIMEOUT",
-              help="Seconds to wait for the other person to accept [env PARLEY_JOIN_TIMEOUT].")
+@_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
 @session_options
 def join(opts: Options, code: str, timeout: float) -> None:
     """Join the session an invite CODE names, then chat."""
     store = opts.store(writable=True)
     _run(_join, opts, store, code, timeout)
-
-
-class NoAnswer(ClientError):
-    pass
 
 
 async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
@@ -464,7 +473,7 @@ async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> 
 
     await session.run(flow)
     if timed_out:
-        raise NoAnswer(f"no answer from the inviter within {timeout:g}s; ask for a new invite code")
+        raise NoAnswer(timeout=timeout)
 
 
 # --- chat ---------------------------------------------------------------------
@@ -472,10 +481,6 @@ async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> 
 
 _MOVE_HELP = ("Use --relay for this session from now on, even though it was made on another relay "
               "(the relay may create it if it does not know it).")
-
-
-class WrongRelay(ClientError):
-    pass
 
 
 def _normal_url(url: str) -> str:
@@ -496,18 +501,8 @@ def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -
     if not isinstance(recorded, str) or not re.match(r"wss?://[^/\s]+", recorded):
         return opts.relay, True
     if opts.relay_explicit and _normal_url(opts.relay) != _normal_url(recorded):
-        raise WrongRelay(
-            f"session {short_sid(sid)} was made on relay {recorded}, not {opts.relay}; leave out --relay "
-            "(and PARLEY_RELAY) to use its relay, or add --move-relay if the session really moved there"
-        )
+        raise WrongRelay(sid=short_sid(sid), recorded=recorded, relay=opts.relay)
     return recorded, False
-
-
-def _busy(sid: str) -> SessionBusy:
-    return SessionBusy(
-        f"session {short_sid(sid)} is open in another parley process (a 'parley chat' or 'parley send' "
-        "of it); use that one, or try again when it has ended"
-    )
 
 
 @main.command()
@@ -520,7 +515,7 @@ def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
     sid = store.find(sid)
     relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
     if not store.claim(sid):
-        raise _busy(sid)
+        raise SessionBusy(sid=short_sid(sid))
     store.load()  # as it is now that this process owns the session
     core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay)
     _run(_chat, attrs.evolve(opts, relay=relay), store, core)
@@ -540,10 +535,6 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
 
 
 # --- send ---------------------------------------------------------------------
-
-
-class NotDelivered(ClientError):
-    pass
 
 
 @main.command()
@@ -615,10 +606,7 @@ async def _hand_over(
             own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
                                     must_exist=must_exist, adopt_relay=move_relay)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
-    raise NotDelivered(
-        f"handed to the parley process that has this session open, which has had no acknowledgement "
-        f"from the relay within {timeout:g}s; it keeps trying (the message is saved)"
-    )
+    raise HandoverNoAck(timeout=timeout)
 
 
 async def _send(
@@ -646,7 +634,6 @@ async def _send(
         msg_id = await runner.send_text(text)  # saved before any connection exists
     assert msg_id is not None
     target.append(msg_id)
-    kept = "the message is saved and goes out with the next 'parley send' or 'parley chat'"
     ended_early = False
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
@@ -656,7 +643,7 @@ async def _send(
                 try:
                     await runner.run()
                 except RelayUnreachable as exc:
-                    raise NotDelivered(f"{exc}; {kept}") from None
+                    raise SendUnreachable(unreachable=str(exc)) from None
                 ended_early = not done.is_set()
                 done.set()
 
@@ -664,14 +651,14 @@ async def _send(
             await done.wait()
             runner.close()
     if refused:
-        raise NotDelivered(f"{HandshakeError(refused[0])}; the message is saved")
+        raise SendRefused(refused=str(handshake_error(refused[0])))
     if not outcome:
         if ended_early:
-            raise NotDelivered(f"the relay closed the connection before acknowledging; {kept}")
-        raise NotDelivered(f"no acknowledgement from the relay within {timeout:g}s; {kept}")
+            raise SendClosedEarly()
+        raise SendNoAck(timeout=timeout)
     event = outcome[0]
     if event.status is Status.FAILED:
-        raise NotDelivered(f"the peer is offline and the relay could not keep the message; {kept}")
+        raise SendPeerOffline()
     return (Status.QUEUED if event.status is Status.QUEUED else Status.DELIVERED), msg_id
 
 

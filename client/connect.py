@@ -35,40 +35,25 @@ import contextlib
 import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import attrs
 import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from .errors import BadPort, ConnectFailed, LinkDead, NoHost, NotAURL, NotWebSocketURL, NotWsURL
 from .safetext import one_line
 
 __all__ = [
-    "ConnectSettings", "RelayURL", "BadRelayURL", "ConnectFailed", "LinkDead",
-    "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for",
+    "ConnectSettings", "RelayURL",
+    "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for", "causes",
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_LIVENESS_TIMEOUT",
 ]
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_LIVENESS_TIMEOUT = 35.0  # 3 PING intervals of 10 s (PROTOCOL 2.3), plus slack
 CLOSE_TIMEOUT = 2.0
-
-
-class BadRelayURL(ValueError):
-    """A relay URL that cannot be used; the message says why (one line)."""
-
-
-class ConnectFailed(Exception):
-    """One connect attempt failed; `reason` is a short, terminal-safe line."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class LinkDead(Exception):
-    """Nothing came from the relay for the liveness window."""
 
 
 @attrs.frozen
@@ -88,25 +73,26 @@ class RelayURL:
 def parse_relay_url(text: str) -> RelayURL:
     """`ws://host[:port]/path` or `wss://...`; raises `BadRelayURL` with a hint."""
     text = (text or "").strip()
+    shown = one_line(text, 80)
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError as exc:
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a URL ({exc})") from None
+        raise NotAURL(text=shown, why=exc) from None
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         fixed = ("ws" if scheme == "http" else "wss") + text[len(scheme):]
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a WebSocket URL; did you mean {one_line(fixed, 80)}?")
+        raise NotWebSocketURL(text=shown, fixed=one_line(fixed, 80))
     if scheme not in ("ws", "wss") or not parts.netloc:
-        raise BadRelayURL(f"{one_line(text, 80)!r} is not a ws:// or wss:// URL")
+        raise NotWsURL(text=shown)
     try:
         port = parts.port
     except ValueError:
-        raise BadRelayURL(f"{one_line(text, 80)!r}: the port must be a number from 1 to 65535") from None
+        raise BadPort(text=shown) from None
     host = parts.hostname
     if not host:
-        raise BadRelayURL(f"{one_line(text, 80)!r} names no host")
+        raise NoHost(text=shown)
     if port == 0:
-        raise BadRelayURL(f"{one_line(text, 80)!r}: the port must be a number from 1 to 65535")
+        raise BadPort(text=shown)
     tls = scheme == "wss"
     resource = parts.path or "/"
     if parts.query:
@@ -159,8 +145,8 @@ class _Watched(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def _os_reason(exc: BaseException) -> str:
-    """The OS's words ("Connection refused") from an error, its causes and groups."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then the members of a group, its `__cause__` and `__context__`, breadth first, each once."""
     todo: list[BaseException] = [exc]
     seen: set[int] = set()
     while todo:
@@ -168,11 +154,17 @@ def _os_reason(exc: BaseException) -> str:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return one_line(current.strerror, 120)
+        yield current
         if isinstance(current, BaseExceptionGroup):
             todo.extend(current.exceptions)
         todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words ("Connection refused") from an error, its causes and groups."""
+    for current in causes(exc):
+        if isinstance(current, OSError) and current.strerror:
+            return one_line(current.strerror, 120)
     return one_line(str(exc) or type(exc).__name__, 120)
 
 
@@ -319,4 +311,4 @@ async def recv_or_dead(ws: WebSocketConnection, liveness_timeout: float) -> Any:
         return await ws.get_message()
     with trio.move_on_after(liveness_timeout):
         return await ws.get_message()
-    raise LinkDead(f"nothing from the relay for {liveness_timeout:g}s")
+    raise LinkDead(timeout=liveness_timeout)

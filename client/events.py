@@ -13,6 +13,12 @@ Every core method returns a list of actions, to be carried out in order:
   shell stops reconnecting and leaves.
 * `ForgetState(sid)`: remove this session's entry from the state file (a
   handshake that ended after our key was saved, with nobody else holding it).
+
+Events (what `Show` carries, and `ConnectionNotice`, which the runner reports
+itself) are plain frozen records; every "kind" among their fields is an enum
+(`Status`, `FailureKind`, `Role`, `NoticeKind`), never a bare string. This
+module imports nothing of the client's, so every layer (core, runner,
+terminal, CLI) can share these types without importing one another.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import attrs
 
 __all__ = [
     "SaveState", "SendFrame", "Show", "Close", "ForgetState", "Action",
-    "Status", "FailureKind",
+    "Status", "FailureKind", "Role", "NoticeKind",
     "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
     "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
-    "AckOverdue", "Event",
+    "AckOverdue", "ConnectionNotice", "Event",
 ]
 
 
@@ -67,7 +73,14 @@ Action = Union[SaveState, SendFrame, Show, Close, ForgetState]
 # --- events ----------------------------------------------------------------
 
 
-class Status(str, enum.Enum):
+class _Kind(str, enum.Enum):
+    """An enum whose members are their wire/file strings, and print as them."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(_Kind):
     """Where one of our messages is."""
 
     PENDING = "pending"  # encrypted and saved; waiting for a connection
@@ -77,11 +90,10 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # the relay could not deliver or keep it; resent when the peer is back
     RECEIVED = "received"  # the peer's client recorded it (RECEIVED receipt)
 
-    def __str__(self) -> str:
-        return self.value
 
+class FailureKind(_Kind):
+    """How a handshake ended without a key (`HandshakeFailed.kind`); its words: `parley.client.errors`."""
 
-class FailureKind(str, enum.Enum):
     INVALID_CODE = "invalid_code"  # ERROR "Invalid or expired code" / bad_code
     JOIN_DENIED = "join_denied"  # the creator said no
     DENIED_BY_US = "denied_by_us"  # we said no
@@ -93,8 +105,20 @@ class FailureKind(str, enum.Enum):
     JOINER_LEFT = "joiner_left"  # the joiner went before the handshake finished
     UNKNOWN_SESSION = "unknown_session"  # a parley relay does not know the (keyed) session
 
-    def __str__(self) -> str:
-        return self.value
+
+class Role(_Kind):
+    """Which end of the handshake this side was (saved in the state entry as `role`)."""
+
+    CREATOR = "creator"  # made the session and its invite code
+    JOINER = "joiner"  # joined with the code
+
+
+class NoticeKind(_Kind):
+    """What happened to the connection (`ConnectionNotice.kind`)."""
+
+    CONNECTED = "connected"  # a connection is open and the session's first frames are out
+    LOST = "lost"  # the connection ended (not on purpose)
+    RETRY = "retry"  # the next connect attempt comes after `delay` seconds
 
 
 @attrs.frozen
@@ -111,7 +135,7 @@ class JoinRequested:
 @attrs.frozen
 class KeyEstablished:
     sid: str
-    role: str  # "creator" | "joiner"
+    role: Role = attrs.field(converter=Role)
     verification: str
 
 
@@ -164,6 +188,16 @@ class Undecryptable:
 
     sid: str
     msg_id: str
+
+
+@attrs.frozen
+class ConnectionNotice:
+    """A connection event the runner itself reports (not the core): connected, lost, retry."""
+
+    kind: NoticeKind = attrs.field(converter=NoticeKind)
+    url: str
+    delay: float | None = None  # RETRY: seconds until the next attempt
+    reason: str | None = None  # RETRY: why the last attempt failed or ended (terminal-safe)
 
 
 Event = Union[

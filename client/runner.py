@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -52,34 +52,32 @@ from trio_websocket import (
     HandshakeError,
 )
 
-from .connect import ConnectFailed, ConnectSettings, LinkDead, open_relay, recv_or_dead, ssl_context_for
-from .core import ClientCore, ClientError, short_sid
+from .connect import ConnectSettings, causes, open_relay, recv_or_dead, ssl_context_for
+from .core import short_sid
+from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
+from .events import (
+    Action,
+    Close,
+    ConnectionNotice,
+    ForgetState,
+    MessageIn,
+    NoticeKind,
+    SaveState,
+    SendFrame,
+    Show,
+    Undecryptable,
+)
 from .safetext import one_line
-from .events import Action, Close, ForgetState, MessageIn, SaveState, SendFrame, Show, Undecryptable
-from .store import StateStore
 
-__all__ = ["Runner", "RelayUnreachable", "ConnectionNotice", "backoff_delays"]
+if TYPE_CHECKING:  # what the runner is handed; it imports neither
+    from .core import ClientCore
+    from .store import StateStore
+
+__all__ = ["Runner", "backoff_delays"]
 
 log = logging.getLogger("parley.client.runner")
 
 TICK_INTERVAL = 1.0
-
-
-class RelayUnreachable(ClientError):
-    pass
-
-
-class ConnectionNotice:
-    """Connection events the runner itself reports through `on_event`."""
-
-    def __init__(self, kind: str, url: str, delay: float | None = None, reason: str | None = None) -> None:
-        self.kind = kind  # "connected" | "lost" | "retry"
-        self.url = url
-        self.delay = delay
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"ConnectionNotice({self.kind!r}, delay={self.delay!r})"
 
 
 def backoff_delays(first: float = 0.5, cap: float = 15.0, rng: random.Random | None = None):
@@ -93,14 +91,8 @@ def backoff_delays(first: float = 0.5, cap: float = 15.0, rng: random.Random | N
 
 def _reason(exc: BaseException) -> str:
     """A short human reason ("Connection refused", "timed out") for a failed connect."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
     fallback = ""
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, OSError) and current.strerror:
             return current.strerror
         if isinstance(current, ConnectionTimeout):
@@ -109,11 +101,6 @@ def _reason(exc: BaseException) -> str:
             return f"the server answered HTTP {current.status_code}, not a WebSocket upgrade"
         if not fallback and str(current).strip():
             fallback = str(current).strip().splitlines()[0]
-        if isinstance(current, BaseExceptionGroup):
-            todo.extend(current.exceptions)
-        for nxt in (current.__cause__, current.__context__):
-            if nxt is not None:
-                todo.append(nxt)
     return fallback or type(exc).__name__
 
 
@@ -312,7 +299,7 @@ class Runner:
             except (ConnectFailed, HandshakeError, OSError) as exc:
                 reason = exc.reason if isinstance(exc, ConnectFailed) else one_line(_reason(exc), 160)
                 if not self.connected.is_set():
-                    raise RelayUnreachable(f"cannot reach the relay at {self.url}: {reason}") from None
+                    raise RelayUnreachable(url=self.url, reason=reason) from None
                 log.debug("reconnect failed: %s", reason)
             except LinkDead as exc:
                 reason = str(exc)
@@ -326,7 +313,7 @@ class Runner:
             if self._was_up:
                 delays = self._backoff()
             delay = next(delays)
-            self.on_event(ConnectionNotice("retry", self.url, delay=delay, reason=reason))
+            self.on_event(ConnectionNotice(NoticeKind.RETRY, self.url, delay=delay, reason=reason))
             with trio.move_on_after(delay):
                 await self._closing.wait()
 
@@ -346,7 +333,7 @@ class Runner:
                         scope.cancel()
                     await self.call(self.core.connected)
                     # reported once the session's first frames (REATTACH ...) are out
-                    self.on_event(ConnectionNotice("connected", self.url))
+                    self.on_event(ConnectionNotice(NoticeKind.CONNECTED, self.url))
                     while True:
                         message = await recv_or_dead(ws, self.settings.liveness_timeout)
                         await self.call(self.core.frame_received, message)
@@ -356,7 +343,7 @@ class Runner:
                 self._epoch += 1
                 self._apply_local(self.core.disconnected())
                 if not self._closing.is_set():
-                    self.on_event(ConnectionNotice("lost", self.url))
+                    self.on_event(ConnectionNotice(NoticeKind.LOST, self.url))
                 log.debug("disconnected from relay (session %s)", short_sid(self.core.sid or "-"))
 
 

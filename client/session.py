@@ -12,64 +12,25 @@ import math
 import signal
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .connect import ConnectSettings
-from .core import ClientCore, ClientError
-from .events import FailureKind, HandshakeFailed
+from .errors import ClientError, Interrupted, handshake_error
+from .events import HandshakeFailed
 from .runner import Runner
-from .store import StateStore
 from .terminal import StdinLines, Terminal
 
-__all__ = ["Session", "HandshakeError", "Interrupted", "failure_message"]
+if TYPE_CHECKING:
+    from .connect import ConnectSettings
+    from .core import ClientCore
+    from .store import StateStore
+
+__all__ = ["Session"]
 
 CLOSE_GRACE = 3.0
 DRAIN_TIMEOUT = 2.0
 CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto the wire
-
-
-class HandshakeError(ClientError):
-    def __init__(self, failure: HandshakeFailed) -> None:
-        super().__init__(failure_message(failure))
-        self.failure = failure
-
-
-class Interrupted(ClientError):
-    """Ctrl-C before the chat started."""
-
-    exit_code = 130
-
-
-def failure_message(failure: HandshakeFailed) -> str:
-    kind = failure.kind
-    if kind is FailureKind.INVALID_CODE:
-        return "invalid or expired invite code; ask the other person for a new one"
-    if kind is FailureKind.JOIN_DENIED:
-        return "the other person declined the join request"
-    if kind is FailureKind.DENIED_BY_US:
-        return "join request declined; this invite is closed (run 'parley invite' for a new code)"
-    if kind is FailureKind.BAD_PEER_KEY:
-        return f"handshake aborted: {failure.detail or 'the peer sent an invalid public key'}"
-    if kind is FailureKind.INTERRUPTED:
-        return "the connection to the relay dropped during the handshake; ask for a new invite code"
-    if kind is FailureKind.CODE_EXPIRED:
-        return "the invite code expired before anyone joined; run 'parley invite' again for a fresh code"
-    if kind is FailureKind.INVITER_LEFT:
-        return "the inviter left before answering your join request; ask them for a fresh invite code"
-    if kind is FailureKind.JOINER_LEFT:
-        when = failure.detail or "before you answered"
-        return (f"the person who joined left {when}; no session was set up and nothing was kept "
-                "(run 'parley invite' again for a fresh code)")
-    if kind is FailureKind.UNKNOWN_SESSION:
-        return (
-            f"the relay at {failure.detail or 'this address'} does not know this session, so nothing "
-            "sent through it could reach the peer (messages stay saved); run it with the --relay the "
-            "session was made on, or, if this is that relay (relays forget sessions left idle) or the "
-            "session really moved here, add --move-relay"
-        )
-    return f"the relay refused: {failure.detail or 'unknown error'}"
 
 
 HELP = (
@@ -138,9 +99,9 @@ class Session:
             await trio.sleep(CLOSE_GRACE)
             nursery.cancel_scope.cancel()
         if self.failure is not None:
-            raise HandshakeError(self.failure)
+            raise handshake_error(self.failure)
         if self.interrupted and not self.chatting:
-            raise Interrupted("interrupted")
+            raise Interrupted()
 
     async def _watch_sigint(self, scope: trio.CancelScope) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -47,9 +47,11 @@ from typing import Any
 
 from parley.state import StateError, StateNotWritable, check_writable, load_state, save_state
 
-from .core import SEEN_LIMIT, ClientError, short_sid
+from .core import short_sid
+from .entry import SEEN_LIMIT
+from .errors import NoKeyedSession, NoMatchingSession, SeveralKeyedSessions, SeveralMatchingSessions
 
-__all__ = ["StateStore", "NoSuchSession", "AmbiguousSession", "SessionBusy", "SessionInfo", "merge_entry"]
+__all__ = ["StateStore", "SessionInfo", "merge_entry"]
 
 _LOCK_SPACE = 1 << 40  # byte offsets for the per-session owner locks
 _LISTS = ("sent", "seen")
@@ -112,18 +114,6 @@ def merge_entry(
             union = other + [i for i in mine if i not in present]
             merged[key] = union[-limit:] if limit else union
     return merged, adopted
-
-
-class SessionBusy(ClientError):
-    """Another parley process owns the session."""
-
-
-class NoSuchSession(ClientError):
-    pass
-
-
-class AmbiguousSession(ClientError):
-    pass
 
 
 class StateStore:
@@ -289,12 +279,8 @@ class StateStore:
             if len(keyed) == 1:
                 return keyed[0]
             if not keyed:
-                raise NoSuchSession(
-                    f"no session with a key in {self.path}; start one with 'parley invite' or 'parley join CODE'"
-                )
-            raise AmbiguousSession(
-                f"{len(keyed)} sessions in {self.path}; name one: " + ", ".join(short_sid(s) for s in keyed)
-            )
+                raise NoKeyedSession(path=self.path)
+            raise SeveralKeyedSessions(count=len(keyed), path=self.path, sids=", ".join(short_sid(s) for s in keyed))
         query = query.strip()
         if query in sids:
             return query
@@ -305,10 +291,8 @@ class StateStore:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise NoSuchSession(f"no session matching {query!r} in {self.path} (see 'parley sessions')")
-        raise AmbiguousSession(
-            f"{query!r} matches {len(matches)} sessions: " + ", ".join(short_sid(s) for s in matches)
-        )
+            raise NoMatchingSession(query=query, path=self.path)
+        raise SeveralMatchingSessions(query=query, count=len(matches), sids=", ".join(short_sid(s) for s in matches))
 
 
 def _copy(entry: dict[str, Any]) -> dict[str, Any]:

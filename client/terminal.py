@@ -35,27 +35,25 @@ from typing import Any, TextIO
 
 import trio
 
-from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
+from .errors import OutputClosed
 from .events import (
     AckOverdue,
+    ConnectionNotice,
     HandshakeFailed,
     InviteReady,
     JoinRequested,
     KeyEstablished,
     MessageIn,
     MessageStatus,
+    NoticeKind,
     PeerPresence,
     RelayError,
     Status,
     Undecryptable,
 )
-from .runner import ConnectionNotice
+from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 
-__all__ = ["Terminal", "StdinLines", "safe_text", "OutputClosed", "use_replacing_output", "input_encoding"]
-
-
-class OutputClosed(Exception):
-    """Standard output is closed (a pipe whose reader left); the command should end quietly."""
+__all__ = ["Terminal", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
 
 
 def use_replacing_output() -> None:
@@ -107,9 +105,9 @@ class Terminal:
             encoding = getattr(self.out, "encoding", None) or "ascii"
             self.line((text).encode(encoding, "replace").decode(encoding, "replace"))
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise OutputClosed("standard output is closed") from exc
+            raise OutputClosed() from exc
         except ValueError as exc:  # "I/O operation on closed file"
-            raise OutputClosed("standard output is closed") from exc
+            raise OutputClosed() from exc
 
     def check_open(self) -> None:
         """`OutputClosed` if stdout is a pipe or terminal whose other end is gone (poll(2): POLLERR/POLLHUP).
@@ -125,19 +123,19 @@ class Terminal:
         poller.register(fd, select.POLLOUT)
         for _fd, events in poller.poll(0):
             if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                raise OutputClosed("standard output is closed")
+                raise OutputClosed()
 
     def info(self, text: str) -> None:
         self.line(f"* {text}")
 
     def show(self, event: Any) -> None:
         if isinstance(event, ConnectionNotice):
-            if event.kind == "connected":
+            if event.kind is NoticeKind.CONNECTED:
                 self.info(("reconnected to " if self._was_connected else "connected to ") + safe_text(event.url))
                 self._was_connected = True
-            elif event.kind == "lost":
+            elif event.kind is NoticeKind.LOST:
                 self.info("connection to the relay lost")
-            elif event.kind == "retry":
+            elif event.kind is NoticeKind.RETRY:
                 why = f" ({one_line(event.reason, 160)})" if event.reason else ""
                 self.info(f"reconnecting in {event.delay:.1f}s{why}")
         elif isinstance(event, InviteReady):

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parley.client import crypto
-from parley.client.core import MAX_TEXT_BYTES, ClientCore, MessageTooLong, NotReady, Phase, iv_of
+from parley.client.core import ClientCore, Phase
+from parley.client.delivery import MAX_TEXT_BYTES, iv_of
+from parley.client.errors import MessageTooLong, NotReady
 from parley.client.events import (
     AckOverdue,
     Close,

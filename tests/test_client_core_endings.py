@@ -1,6 +1,6 @@
 """ClientCore: every way an invite handshake ends, both roles, plain calls.
 
-The rows follow the table "How a handshake ends" in `parley.client.core`'s
+The rows follow the table "How a handshake ends" in `parley.client.handshake`'s
 docstring; the relay half is tests/test_relay_core_endings.py.
 """
 
@@ -24,7 +24,7 @@ from parley.client.events import (
     SendFrame,
     Show,
 )
-from parley.client.session import failure_message
+from parley.client.errors import failure_message
 
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 _PRIV_A = "1f" * 32

@@ -11,7 +11,7 @@ live, queued, half-processed and re-delivered.
 
 Which message a killed sender had taken is read from its state file: every
 message it accepts gets its IV appended to the entry's `sent` list in the same
-atomic save that puts its payload in `pending` (client/core.py), so
+atomic save that puts its payload in `pending` (client/delivery.py), so
 `len(sent)` counts the accepted messages, in order. A message typed into a
 process that died before reading it was never accepted; the next process is
 given it again, as a person who saw no status line for it would retype it.
@@ -48,7 +48,7 @@ from pathlib import Path
 import trio
 
 from parley.client import crypto
-from parley.client.core import iv_of
+from parley.client.delivery import iv_of
 from parley.client.harness import ParleyExited, ParleyProcess, state_of
 from parley.conformance.relayproc import ParleyRelay
 

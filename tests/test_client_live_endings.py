@@ -1,6 +1,6 @@
 """How an invite handshake ends, with real processes: `parley relay` and `parley invite`/`join`.
 
-The cases of issue #12 item 8 (the full table is in `parley.client.core`'s
+The cases of issue #12 item 8 (the full table is in `parley.client.handshake`'s
 docstring): the code expiring is seen by the inviter within a bounded time;
 the inviter's Ctrl-C kills the code, so a joiner gets the invalid-code error
 at once; a joiner leaving before `accept?` gives the inviter a clear line and

@@ -22,7 +22,8 @@ import pytest
 import trio
 
 from parley.client import crypto
-from parley.client.core import ClientCore, Phase, iv_of
+from parley.client.core import ClientCore, Phase
+from parley.client.delivery import iv_of
 from parley.client.events import FailureKind, HandshakeFailed, MessageIn, SendFrame, Show
 from parley.client.runner import Runner
 from parley.client.store import StateStore, merge_entry
@@ -368,5 +369,5 @@ def test_owner_adopts_handed_over_messages_and_sends_them(tmp_path):
     out = core.adopt_pending(items)
     (msg,) = [a for a in out if isinstance(a, SendFrame)]
     assert json.loads(msg.text)["data"]["msgID"] == msg_id
-    assert iv_of(json.loads(msg.text)["data"]["payload"]) in core._sent  # its echo is recognised
+    assert iv_of(json.loads(msg.text)["data"]["payload"]) in core.context.sent  # its echo is recognised
     assert owner.poll(SID) == []  # nothing new

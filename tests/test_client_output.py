@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 from parley.client.connect import RelayURL
 from parley.client.events import (
     AckOverdue,
+    ConnectionNotice,
     InviteReady,
     JoinRequested,
     KeyEstablished,
@@ -34,7 +35,6 @@ from parley.client.events import (
     Undecryptable,
 )
 from parley.client.harness import ParleyProcess, clean_env, state_of
-from parley.client.runner import ConnectionNotice
 from parley.client.safetext import one_line, safe_text, shown_error_code, shown_msg_id, shown_sid
 from parley.client.terminal import Terminal
 from parley.conformance.relayproc import ParleyRelay
