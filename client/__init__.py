@@ -13,5 +13,4 @@ Modules:
 * `safetext`: the one place strings from the relay or a peer are made
   terminal-safe (and shape-checked) before they are printed.
 * `session`, `terminal`, `cli`: the `parley` command.
-* `harness`: drive `parley` processes from Trio tests and the conformance matrix.
 """

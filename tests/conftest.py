@@ -36,7 +36,7 @@ def conformance_report():
 @pytest.fixture(scope="session")
 def go_relay_binary(tmp_path_factory) -> Path:
     """The Go reference relay, built once per test session."""
-    from parley.conformance.golang import build_go_relay
+    from support.golang import build_go_relay
 
     return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
 
@@ -44,7 +44,7 @@ def go_relay_binary(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def node_client_installed() -> None:
     """The Node reference client's npm packages; a missing Node fails, never skips."""
-    from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client
+    from support.nodepeer import NodeUnavailableError, ensure_node_client
 
     try:
         ensure_node_client()

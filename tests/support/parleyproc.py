@@ -7,14 +7,14 @@
         await alice.type("hello")
         await alice.expect(r"^peer: hi$")
 
-`ParleyPeer` adapts it to `parley.conformance.matrix.Peer`, so the client x
+`ParleyPeer` adapts it to `support.matrix.Peer`, so the client x
 relay matrix can put parley in either role. The key fingerprint it reports
 (first 16 hex of SHA-256 over the key bytes, as the Node reference client
 prints) is read from the state file; nothing here prints keys or texts.
 
 `PtyParley` runs a command on a pseudo-terminal that is its controlling tty
 (what a person at a terminal sees, Ctrl-C and Ctrl-D included). Relays for
-these tests come from `parley.conformance.relayproc.ParleyRelay`.
+these tests come from `support.relayproc.ParleyRelay`.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def fingerprint(key_hex: str) -> str:
 
 
 class ParleyPeer:
-    """`parley.conformance.matrix.Peer` for the parley client (processes in the cell's nursery)."""
+    """`support.matrix.Peer` for the parley client (processes in the cell's nursery)."""
 
     label = "parley"
 
@@ -338,7 +338,7 @@ class ParleyPeer:
         await proc.expect(r"^\* connected to ", timeout)
 
     async def wait_key(self, timeout: float) -> Any:
-        from parley.conformance.matrix import KeyInfo
+        from support.matrix import KeyInfo
 
         assert self.proc is not None
         sid_short = (await self.proc.expect(r"secure session (\S+) established", timeout)).group(1)
@@ -376,7 +376,7 @@ class ParleyPeer:
 
 
 def parley_peer_factory() -> Any:
-    """A factory for `parley.conformance.matrix.run_cell` (like `node_peer_factory()`)."""
+    """A factory for `support.matrix.run_cell` (like `node_peer_factory()`)."""
 
     def make(ctx: Any) -> ParleyPeer:
         return ParleyPeer(ctx)

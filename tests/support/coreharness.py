@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from .actions import (
+from parley.relay.actions import (
     Action,
     Close,
     ConnId,
@@ -30,8 +30,8 @@ from .actions import (
     Send,
     Snapshot,
 )
-from .config import RelayConfig
-from .core import RelayCore
+from parley.relay.config import RelayConfig
+from parley.relay.core import RelayCore
 
 def error_code(frame: dict[str, Any]) -> str:
     """The PROTOCOL 2.4 code of a decoded ERROR frame.

@@ -32,6 +32,8 @@ from typing import Any
 
 import trio
 
+from . import source_root
+
 __all__ = [
     "NodeUnavailableError",
     "NodeClientError",
@@ -66,12 +68,6 @@ class EventTimeout(NodeClientError, TimeoutError):
 
 class ClientExited(NodeClientError):
     """The client process ended while a test was waiting for an event."""
-
-
-def source_root() -> Path:
-    """The parley checkout: ``PARLEY_SOURCE_ROOT`` if set, else the directory above this file."""
-    env = os.environ.get("PARLEY_SOURCE_ROOT")
-    return Path(env).expanduser().resolve() if env else Path(__file__).resolve().parent.parent
 
 
 def node_client_dir() -> Path:
