@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from support.parleyproc import parley_peer_factory
-from support.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, run_cell
+from support.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, parley_peer_factory, run_cell
 from support.relayproc import ParleyRelay
 
 CELL_DEADLINE = 90.0
