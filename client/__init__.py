@@ -1,4 +1,4 @@
-"""parley.client: the chat client.
+"""parley.client: the chat client (the `parley` command); exports nothing itself (modules below).
 
 Modules:
 

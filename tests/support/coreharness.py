@@ -5,6 +5,11 @@ applies `Persist` operations the way the real store must, so a test can
 restart a core from what was persisted; `Harness` ties them together and
 groups a call's `Send`s per connection. Used by the relay tests; the shell's
 tests may use them too.
+
+This was `parley.relay.testing`; it lives with the test tooling because only
+tests (and `bench/core_receive_ab.py`) drive the core this way, and
+`check_quota_accounting` reads the core's private state: a public, stable
+helper would freeze internals the relay is still free to reshape.
 """
 
 from __future__ import annotations
