@@ -4,6 +4,11 @@
 checked (how many vectors, frames or suite tests); the counts are printed in a
 "conformance" section at the end of the run so CI output shows that the Go and
 Node peers really ran.
+
+The test tooling (parley, relay and Node client processes, the Go builds, the
+client x relay matrix, the relay core harness) is the package `support` in
+`tests/support/`: not installed, on `sys.path` through pyproject's pytest
+`pythonpath = ["tests"]`.
 """
 
 from __future__ import annotations
