@@ -1,4 +1,4 @@
-"""parley.client: the chat client (`parley invite/join/chat/send/sessions`); exports nothing itself.
+"""parley.client: the chat client (the `parley` command); exports nothing itself (modules below).
 
 Modules, from the bottom up (each imports only modules above it in this list):
 
@@ -21,5 +21,4 @@ Modules, from the bottom up (each imports only modules above it in this list):
 * `runner`: the Trio shell: one WebSocket at a time, reconnect with backoff.
 * `session`: one interactive session: runner, terminal, stdin and Ctrl-C.
 * `cli`: the `parley` command.
-* `harness`: drive `parley` processes from Trio tests and the conformance matrix.
 """

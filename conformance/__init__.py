@@ -1,1 +1,1 @@
-"""parley.conformance"""
+"""parley.conformance: the relay conformance suite users run (`parley conformance relay URL`); exports nothing itself."""

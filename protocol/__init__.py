@@ -1,4 +1,4 @@
-"""parley.protocol: the wire frames shared by relay, client and conformance.
+"""parley.protocol: the wire frames shared by relay, client and conformance; exports `parse`/`encode`, the frame classes, `ProtocolError`.
 
 `parse(message) -> Frame` reads a frame strictly (PROTOCOL 2.3) and raises
 `ProtocolError` with a PROTOCOL 2.4 code; `encode(frame) -> bytes` writes the

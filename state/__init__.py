@@ -1,4 +1,4 @@
-"""parley.state: the resumable client state, `state-<name>.json` in the Node client's format."""
+"""parley.state: the resumable client state, `state-<name>.json` in the Node client's format; exports load/save and the `StateError` family."""
 
 from .store import (
     CorruptStateFile,

@@ -4,6 +4,11 @@
 checked (how many vectors, frames or suite tests); the counts are printed in a
 "conformance" section at the end of the run so CI output shows that the Go and
 Node peers really ran.
+
+The test tooling (parley, relay and Node client processes, the Go builds, the
+client x relay matrix, the relay core harness) is the package `support` in
+`tests/support/`: not installed, on `sys.path` through pyproject's pytest
+`pythonpath = ["tests"]`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def conformance_report():
 @pytest.fixture(scope="session")
 def go_relay_binary(tmp_path_factory) -> Path:
     """The Go reference relay, built once per test session."""
-    from parley.conformance.golang import build_go_relay
+    from support.golang import build_go_relay
 
     return build_go_relay(tmp_path_factory.mktemp("go-relay-bin"))
 
@@ -44,7 +49,7 @@ def go_relay_binary(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def node_client_installed() -> None:
     """The Node reference client's npm packages; a missing Node fails, never skips."""
-    from parley.conformance.nodepeer import NodeUnavailableError, ensure_node_client
+    from support.nodepeer import NodeUnavailableError, ensure_node_client
 
     try:
         ensure_node_client()

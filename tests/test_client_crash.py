@@ -49,8 +49,8 @@ import trio
 
 from parley.client import crypto
 from parley.client.delivery import iv_of
-from parley.client.harness import ParleyExited, ParleyProcess, state_of
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import ParleyExited, ParleyProcess, state_of
+from support.relayproc import ParleyRelay
 
 N_MESSAGES = 60
 SEED = int(os.environ.get("PARLEY_CRASH_SEED", "2718"))

@@ -24,8 +24,8 @@ import trio
 from click.testing import CliRunner
 
 from parley.client import cli as client_cli
-from parley.client.harness import ParleyProcess, clean_env
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import ParleyProcess, clean_env
+from support.relayproc import ParleyRelay
 from parley.state import save_state
 
 TEST_TIMEOUT = 60
@@ -280,7 +280,7 @@ async def test_dead_path_is_noticed_and_the_queued_message_arrives(tmp_path):
 
 async def test_dead_path_to_the_go_relay(tmp_path, go_relay_binary):
     """The Go relay PINGs too: an idle live link is kept, a dead one is left and reopened."""
-    from parley.conformance.golang import GoRelay
+    from support.golang import GoRelay
 
     with GoRelay(go_relay_binary, ping_interval=0.5) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:

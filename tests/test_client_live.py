@@ -1,7 +1,7 @@
 """parley <-> parley (and <-> the Node reference client) through real relays, on loopback.
 
-Relays: the Go reference relay (`parley.conformance.golang`) and the parley
-relay (`parley.conformance.relayproc.ParleyRelay`, in each dialect).
+Relays: the Go reference relay (`support.golang`) and the parley
+relay (`support.relayproc.ParleyRelay`, in each dialect).
 Every parley is a child process (`python -m parley.client ...`) driven through
 its stdin and stdout, as a person at a terminal would.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import trio
 
-from parley.client.harness import ParleyProcess, PtyParley, fingerprint, state_of
-from parley.conformance.golang import GoRelay
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import ParleyProcess, PtyParley, fingerprint, state_of
+from support.golang import GoRelay
+from support.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 90
 CODE_RE = r"invite code: (\d+)"
@@ -382,7 +382,7 @@ async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request,
 
 @contextlib.asynccontextmanager
 async def node(url: str, name: str, cwd: Path, role: str, arg: str | None = None) -> AsyncIterator[Any]:
-    from parley.conformance.nodepeer import open_node_client
+    from support.nodepeer import open_node_client
 
     async with open_node_client(url, name, cwd, role, arg, reconnect_ms=300) as client:
         yield client

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import trio
 
-from parley.client.harness import ParleyProcess
-from parley.conformance.golang import GoRelay
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import ParleyProcess
+from support.golang import GoRelay
+from support.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 60
 CODE_RE = r"invite code: (\d+)"

@@ -28,7 +28,7 @@ from parley.client.events import FailureKind, HandshakeFailed, MessageIn, SendFr
 from parley.client.runner import Runner
 from parley.client.store import StateStore, merge_entry
 from parley.protocol import Msg, encode_text
-from parley.relay.testing import Harness
+from support.coreharness import Harness
 from parley.state import (
     StateNotWritable,
     UnsafeStateFile,

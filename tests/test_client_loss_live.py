@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from parley.client.harness import ParleyProcess, clean_env, state_of
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import ParleyProcess, clean_env, state_of
+from support.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 90
 CODE_RE = r"invite code: (\d+)"

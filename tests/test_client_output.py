@@ -34,10 +34,10 @@ from parley.client.events import (
     Status,
     Undecryptable,
 )
-from parley.client.harness import ParleyProcess, clean_env, state_of
+from support.parleyproc import ParleyProcess, clean_env, state_of
 from parley.client.safetext import one_line, safe_text, shown_error_code, shown_msg_id, shown_sid
 from parley.client.terminal import Terminal
-from parley.conformance.relayproc import ParleyRelay
+from support.relayproc import ParleyRelay
 from parley.state import save_state
 
 TEST_TIMEOUT = 60

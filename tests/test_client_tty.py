@@ -1,7 +1,7 @@
 """Two people, two terminals: `parley` on real pseudo-terminals, checked by what each screen shows.
 
 Each `parley` runs on its own pty, as session leader with the pty as its
-controlling terminal (`parley.client.harness.PtyParley`), so typing goes
+controlling terminal (`support.parleyproc.PtyParley`), so typing goes
 through the line discipline (echo, Enter as CR, Ctrl-D as end of input,
 Ctrl-C as SIGINT) as it does for a person. The `parley` command is the
 installed console script, found on PATH; bob runs the join command exactly as
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import trio
 
-from parley.client.harness import PtyParley, clean_env, state_of
-from parley.conformance.relayproc import ParleyRelay
+from support.parleyproc import PtyParley, clean_env, state_of
+from support.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 60
 VERIFY_RE = r"^\* verification: (\d{4} \d{4} \d{4} \d{4})$"

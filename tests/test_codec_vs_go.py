@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parley.conformance.golang import build_reencoder
+from support.golang import build_reencoder
 from parley.protocol import REGISTRY, encode, parse, parse_canonical_msg
 
 FORWARDED = sorted(name for name, cls in REGISTRY.items() if cls.FORWARDED)

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from parley.conformance.golang import build_reencoder
+from support.golang import build_reencoder
 
 # (input frame bytes, expected output bytes, or None for ERR)
 CASES: list[tuple[str, bytes, bytes | None]] = [

@@ -1,4 +1,4 @@
-"""Client x relay matrix (parley.conformance.matrix).
+"""Client x relay matrix (support.matrix).
 
 Each cell names a relay, a creator client and a joiner client, and the outcome
 PROTOCOL.md predicts for it: either the whole scenario passes (create, join,
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from parley.client.harness import parley_peer_factory
-from parley.conformance.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, run_cell
-from parley.conformance.relayproc import ParleyRelay
+from support.matrix import STEPS, PeerFactory, Timeouts, node_peer_factory, parley_peer_factory, run_cell
+from support.relayproc import ParleyRelay
 
 CELL_DEADLINE = 90.0
 
@@ -29,7 +28,7 @@ CELL_DEADLINE = 90.0
 
 @asynccontextmanager
 async def go_relay(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    from parley.conformance.golang import GoRelay
+    from support.golang import GoRelay
 
     with GoRelay(request.getfixturevalue("go_relay_binary")) as relay:
         yield relay.url

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from parley.client.crypto import MODP14_PRIME, to_hex
-from parley.conformance.nodepeer import open_node_client
+from support.nodepeer import open_node_client
 
 P_HEX = to_hex(MODP14_PRIME)  # RFC 3526 group 14, as Node's getPrime('hex') prints it
 P = MODP14_PRIME

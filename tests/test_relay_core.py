@@ -30,7 +30,7 @@ from parley.relay.actions import (
 )
 from parley.relay.config import RelayConfig
 from parley.relay.core import RelayCore
-from parley.relay.testing import FakeClock, FakeRandom, Harness, error_code
+from support.coreharness import FakeClock, FakeRandom, Harness, error_code
 
 TOKEN = "9f3a61c2" * 4
 SID = "1763900000123_" + TOKEN

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from parley.relay.actions import DeleteCode, Persist, Send
-from parley.relay.testing import Harness, error_code
+from support.coreharness import Harness, error_code
 
 DIALECTS = ["compat", "go", "node"]
 

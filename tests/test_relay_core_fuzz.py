@@ -27,7 +27,7 @@ from parley.client.crypto import MODP14_PRIME, to_hex
 from parley.protocol import REGISTRY, ProtocolError, parse
 from parley.relay.actions import Close, NotifyDrained, Persist, Send
 from parley.relay.config import RelayConfig
-from parley.relay.testing import FakeRandom, Harness, error_code
+from support.coreharness import FakeRandom, Harness, error_code
 
 VALID_CODES = {"bad_json", "bad_frame", "unknown_type", "too_large", "rate_limited",
                "no_session", "bad_code", "bad_params",

@@ -35,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from parley.relay.actions import DeleteFrame, Persist, SaveFrame, Send
 from parley.relay.config import RelayConfig
-from parley.relay.testing import FakeRandom, Harness, check_quota_accounting, error_code
+from support.coreharness import FakeRandom, Harness, check_quota_accounting, error_code
 
 SIDES = st.sampled_from([None, "A", "B", "A", "B", "C"])
 PICK = st.integers(min_value=0, max_value=1 << 16)

@@ -28,7 +28,7 @@ from parley.relay.cli import build_relay
 from parley.relay.logging import JsonFormatter, frame_type_of, shown_address
 from parley.relay.observe import LimitReporter, RecordingObserver
 from parley.relay.server import RelayServer, ServerConfig
-from parley.relay.testing import FakeClock, Harness
+from support.coreharness import FakeClock, Harness
 
 PING = '{"t":"PING"}\n'
 

@@ -16,7 +16,7 @@ from parley.relay.actions import SaveFrame, SaveSession
 from parley.relay.config import RelayConfig
 from parley.relay.observe import RecordingObserver
 from parley.relay.core import RelayCore
-from parley.relay.testing import FakeRandom, Harness, check_quota_accounting, error_code
+from support.coreharness import FakeRandom, Harness, check_quota_accounting, error_code
 
 A = "198.51.100.7"  # the greedy address
 B = "203.0.113.9"  # somebody else

@@ -16,7 +16,7 @@ import trio
 
 from parley.relay import admission as adm
 from parley.relay.observe import RecordingObserver
-from parley.relay.testing import Harness, check_quota_accounting, error_code
+from support.coreharness import Harness, check_quota_accounting, error_code
 
 VICTIM = "198.51.100.7"
 ATTACKER = "203.0.113.9"

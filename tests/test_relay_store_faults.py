@@ -32,7 +32,7 @@ from parley.relay.config import RelayConfig
 from parley.relay.core import RelayCore
 from parley.relay.server import RelayServer, ServerConfig
 from parley.relay.store import Store, StoreDamaged, StoreError, describe_error
-from parley.relay.testing import Harness, error_code
+from support.coreharness import Harness, error_code
 from parley.relay.transport import TransportConfig
 
 from .test_relay_live import RawWS, RelayProcess, serving

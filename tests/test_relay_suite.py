@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from parley.conformance.golang import GoRelay
+from support.golang import GoRelay
 from parley.conformance.relay_suite import SUITE_DIR, suite_environment
-from parley.conformance.relayproc import ParleyRelay
+from support.relayproc import ParleyRelay
 
 # target id -> (dialect, implementation the suite must detect, fewest tests that apply)
 TARGETS = {

@@ -22,8 +22,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from parley.conformance.golang import GoRelay
-from parley.conformance.relayproc import ParleyRelay
+from support.golang import GoRelay
+from support.relayproc import ParleyRelay
 
 SETTLE = 0.15  # quiet time that ends a step
 PUBLIC_KEY = "0a1b2c3d4e5f" * 8

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from parley.conformance.golang import GoRelay
+from support.golang import GoRelay
 from parley.conformance.relay_suite import suite_environment
 
 EXPECT = {

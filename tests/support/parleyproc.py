@@ -7,14 +7,14 @@
         await alice.type("hello")
         await alice.expect(r"^peer: hi$")
 
-`ParleyPeer` adapts it to `parley.conformance.matrix.Peer`, so the client x
-relay matrix can put parley in either role. The key fingerprint it reports
-(first 16 hex of SHA-256 over the key bytes, as the Node reference client
-prints) is read from the state file; nothing here prints keys or texts.
+Its stdout reader is `childproc.ChildProcess` (shared with the Node client's
+driver); `support.matrix.ParleyPeer` puts it in the client x relay matrix.
+`fingerprint` is the key fingerprint the Node reference client prints (first
+16 hex of SHA-256 over the key bytes); nothing here prints keys or texts.
 
 `PtyParley` runs a command on a pseudo-terminal that is its controlling tty
 (what a person at a terminal sees, Ctrl-C and Ctrl-D included). Relays for
-these tests come from `parley.conformance.relayproc.ParleyRelay`.
+these tests come from `support.relayproc.ParleyRelay`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from typing import Any
 
 import trio
 
-__all__ = [
-    "ParleyProcess", "ParleyPeer", "ParleyExited", "LineTimeout", "parley_peer_factory",
-    "PtyParley", "clean_env", "state_of", "fingerprint",
-]
+from .childproc import ChildProcess
+
+__all__ = ["ParleyProcess", "ParleyExited", "LineTimeout", "PtyParley", "clean_env", "state_of", "fingerprint"]
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -53,20 +52,17 @@ class ParleyExited(RuntimeError):
     pass
 
 
-class ParleyProcess:
-    """One `python -m parley.client ...` process with line-by-line stdout."""
+class ParleyProcess(ChildProcess[str]):
+    """One `python -m parley.client ...` process with line-by-line stdout (`lines`)."""
+
+    exited_error = ParleyExited
+    timeout_error = LineTimeout
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        super().__init__()
         self.argv = argv
         self.cwd = cwd
         self.env = env
-        self.lines: list[str] = []
-        self._taken: set[int] = set()
-        self._stderr = bytearray()
-        self._changed = trio.Event()
-        self.exited = trio.Event()
-        self._stdout_done = trio.Event()
-        self._proc: trio.Process | None = None
 
     @classmethod
     async def start(
@@ -86,58 +82,16 @@ class ParleyProcess:
         relay_args = ["--relay", relay] if relay is not None else []
         argv = [sys.executable, "-m", "parley.client", *relay_args, "--name", name, "--state-dir", str(cwd), *args]
         self = cls(argv, cwd, env)
-        self._proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(cwd), env=env
-        )
-        nursery.start_soon(self._read_stdout)
-        nursery.start_soon(self._read_stderr)
-        nursery.start_soon(self._reap)
+        await self._open(nursery, argv, cwd=cwd, env=env)
         return self
 
-    # --- plumbing -----------------------------------------------------------
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _read_stdout(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        buf = b""
-        async with self._proc.stdout:
-            async for chunk in self._proc.stdout:
-                buf += chunk
-                *done, buf = buf.split(b"\n")
-                self.lines.extend(line.decode("utf-8", "replace") for line in done)
-                self._notify()
-        if buf:
-            self.lines.append(buf.decode("utf-8", "replace"))
-        self._stdout_done.set()
-        self._notify()
-
-    async def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async with self._proc.stderr:
-            async for chunk in self._proc.stderr:
-                self._stderr += chunk
-
-    async def _reap(self) -> None:
-        assert self._proc is not None
-        await self._proc.wait()
-        self.exited.set()
-        self._notify()
-
     @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+    def lines(self) -> list[str]:
+        """Every stdout line so far, in order (taken by `expect` or not)."""
+        return self.items
 
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.returncode
-
-    @property
-    def stderr_text(self) -> str:
-        return self._stderr.decode("utf-8", "replace")
+    def on_line(self, line: str) -> None:
+        self._add(line)
 
     def describe(self) -> str:
         tail = "\n".join(self.lines[-15:])
@@ -151,39 +105,21 @@ class ParleyProcess:
         Lines that do not match stay available to later calls, whatever their order.
         """
         regex = re.compile(pattern)
-        with trio.move_on_after(timeout):
-            while True:
-                for i, line in enumerate(self.lines):
-                    if i in self._taken:
-                        continue
-                    match = regex.search(line)
-                    if match:
-                        self._taken.add(i)
-                        return match
-                if self.exited.is_set() and self._stdout_done.is_set():
-                    raise ParleyExited(f"exited while waiting for {pattern!r}: {self.describe()}")
-                await self._changed.wait()
-        raise LineTimeout(f"no line matching {pattern!r} within {timeout}s: {self.describe()}")
+        line = await self._wait_for(regex.search, timeout, f"line matching {pattern!r}")
+        match = regex.search(line)
+        assert match is not None
+        return match
 
     def seen(self, pattern: str) -> list[str]:
         regex = re.compile(pattern)
         return [line for line in self.lines if regex.search(line)]
 
     async def type(self, line: str) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
-        await self._proc.stdin.send_all((line + "\n").encode("utf-8"))
-
-    async def close_stdin(self) -> None:
-        if self._proc is not None and self._proc.stdin is not None:
-            await self._proc.stdin.aclose()
+        await self._send((line + "\n").encode("utf-8"))
 
     def interrupt(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGINT)
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
 
     async def aclose(self) -> None:
         """SIGKILL it if it still runs and reap it, even inside a cancelled scope (cleanup)."""
@@ -311,74 +247,3 @@ def state_of(cwd: Path, name: str) -> dict[str, Any]:
 
 def fingerprint(key_hex: str) -> str:
     return hashlib.sha256(bytes.fromhex(key_hex)).hexdigest()[:16]
-
-
-class ParleyPeer:
-    """`parley.conformance.matrix.Peer` for the parley client (processes in the cell's nursery)."""
-
-    label = "parley"
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.proc: ParleyProcess | None = None
-        self.sid: str | None = None
-
-    async def _start(self, args: list[str]) -> ParleyProcess:
-        self.proc = await ParleyProcess.start(
-            self.ctx.nursery, args, relay=self.ctx.relay_url, name=self.ctx.name, cwd=self.ctx.workdir
-        )
-        return self.proc
-
-    async def create(self, timeout: float) -> str:
-        proc = await self._start(["invite", "--yes"])
-        return (await proc.expect(r"invite code: (\d+)", timeout)).group(1)
-
-    async def join(self, code: str, timeout: float) -> None:
-        proc = await self._start(["join", code])
-        await proc.expect(r"^\* connected to ", timeout)
-
-    async def wait_key(self, timeout: float) -> Any:
-        from parley.conformance.matrix import KeyInfo
-
-        assert self.proc is not None
-        sid_short = (await self.proc.expect(r"secure session (\S+) established", timeout)).group(1)
-        state = state_of(self.ctx.workdir, self.ctx.name)
-        for sid, entry in state.items():
-            if sid.rpartition("_")[2].startswith(sid_short) and isinstance(entry.get("key"), str):
-                self.sid = sid
-                return KeyInfo(sid, fingerprint(entry["key"]))
-        raise RuntimeError("key established but not found in the state file")
-
-    async def send(self, text: str, timeout: float) -> None:
-        assert self.proc is not None
-        await self.proc.type(text if not text.startswith("/") else "/" + text)
-        await self.proc.expect(r"^\* message \w+: (sent|saved)", timeout)
-
-    async def expect_text(self, text: str, timeout: float) -> None:
-        assert self.proc is not None
-        await self.proc.expect("^peer: " + re.escape(text) + "$", timeout)
-
-    async def restart(self, timeout: float) -> None:
-        if self.proc is not None:
-            await self.proc.stop(timeout)
-        proc = await self._start(["chat", *([self.sid] if self.sid else [])])
-        await proc.expect(r"^\* (re)?connected to ", timeout)
-        # "connected" means REATTACH is on the wire, not that the relay has handled it; a legacy
-        # relay answers nothing, but tells us PEER_ONLINE as it adds us when the peer is there.
-        # A message a peer sends before that is lost on a Go relay (a parley sender would resend).
-        with trio.move_on_after(min(2.0, timeout)):
-            await proc.expect(r"^\* peer online$", timeout)
-
-    async def aclose(self) -> None:
-        if self.proc is not None:
-            with trio.CancelScope(shield=True):
-                await self.proc.stop()
-
-
-def parley_peer_factory() -> Any:
-    """A factory for `parley.conformance.matrix.run_cell` (like `node_peer_factory()`)."""
-
-    def make(ctx: Any) -> ParleyPeer:
-        return ParleyPeer(ctx)
-
-    return make

@@ -5,6 +5,11 @@ applies `Persist` operations the way the real store must, so a test can
 restart a core from what was persisted; `Harness` ties them together and
 groups a call's `Send`s per connection. Used by the relay tests; the shell's
 tests may use them too.
+
+This was `parley.relay.testing`; it lives with the test tooling because only
+tests (and `bench/core_receive_ab.py`) drive the core this way, and
+`check_quota_accounting` reads the core's private state: a public, stable
+helper would freeze internals the relay is still free to reshape.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from .actions import (
+from parley.relay.actions import (
     Action,
     Close,
     ConnId,
@@ -30,8 +35,8 @@ from .actions import (
     Send,
     Snapshot,
 )
-from .config import RelayConfig
-from .core import RelayCore
+from parley.relay.config import RelayConfig
+from parley.relay.core import RelayCore
 
 def error_code(frame: dict[str, Any]) -> str:
     """The PROTOCOL 2.4 code of a decoded ERROR frame.

@@ -32,6 +32,9 @@ from typing import Any
 
 import trio
 
+from . import source_root
+from .childproc import ChildProcess
+
 __all__ = [
     "NodeUnavailableError",
     "NodeClientError",
@@ -66,12 +69,6 @@ class EventTimeout(NodeClientError, TimeoutError):
 
 class ClientExited(NodeClientError):
     """The client process ended while a test was waiting for an event."""
-
-
-def source_root() -> Path:
-    """The parley checkout: ``PARLEY_SOURCE_ROOT`` if set, else the directory above this file."""
-    env = os.environ.get("PARLEY_SOURCE_ROOT")
-    return Path(env).expanduser().resolve() if env else Path(__file__).resolve().parent.parent
 
 
 def node_client_dir() -> Path:
@@ -130,8 +127,12 @@ def _matches(event: Mapping[str, Any], kinds: tuple[str, ...], fields: Mapping[s
     return all(event.get(k) == v for k, v in fields.items())
 
 
-class NodeClient:
+class NodeClient(ChildProcess[dict[str, Any]]):
     """One run of ``client.js`` (a process); start a new one to restart the client."""
+
+    exited_error = ClientExited
+    timeout_error = EventTimeout
+    stderr_keep = _STDERR_KEEP
 
     def __init__(
         self,
@@ -148,6 +149,7 @@ class NodeClient:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         if (role in ("join", "send")) != (arg is not None):
             raise ValueError(f"role {role!r} {'needs' if role in ('join', 'send') else 'takes no'} argument")
+        super().__init__()
         self.relay_url = relay_url
         self.name = name
         self.state_dir = Path(state_dir)
@@ -155,14 +157,7 @@ class NodeClient:
         self.arg = arg
         self.reconnect_ms = reconnect_ms
         self.extra_env = dict(extra_env or {})
-        self.events: list[dict[str, Any]] = []
         self.noise: list[str] = []  # stdout lines that were not JSON
-        self._consumed: list[bool] = []
-        self._changed = trio.Event()
-        self._stderr = bytearray()
-        self._proc: trio.Process | None = None
-        self.exited = trio.Event()
-        self._stdout_done = trio.Event()
 
     # ------------------------------------------------------------------ process
     @property
@@ -170,12 +165,9 @@ class NodeClient:
         return self.state_dir / f"state-{self.name}.json"
 
     @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.returncode
+    def events(self) -> list[dict[str, Any]]:
+        """Every event so far, in order (returned by ``next_event`` or not)."""
+        return self.items
 
     def argv(self, script: Path) -> list[str]:
         cmd = [
@@ -203,68 +195,21 @@ class NodeClient:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(self.extra_env)
-        self._proc = await trio.lowlevel.open_process(
-            self.argv(script),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=str(self.state_dir),
-            env=env,
-        )
-        nursery.start_soon(self._read_stdout)
-        nursery.start_soon(self._read_stderr)
-        nursery.start_soon(self._reap)
+        await self._open(nursery, self.argv(script), cwd=self.state_dir, env=env)
         return self
 
-    async def _read_stdout(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        buf = b""
-        async with self._proc.stdout:
-            async for chunk in self._proc.stdout:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    self._add_line(line)
-        if buf.strip():
-            self._add_line(buf)
-        self._stdout_done.set()
-        self._notify()
-
-    def _add_line(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace")
+    def on_line(self, line: str) -> None:
+        if not line.strip():
+            return
         try:
-            event = json.loads(text)
+            event = json.loads(line)
         except ValueError:
-            self.noise.append(text[:200])
+            self.noise.append(line[:200])
             return
         if not isinstance(event, dict):
-            self.noise.append(text[:200])
+            self.noise.append(line[:200])
             return
-        self.events.append(event)
-        self._consumed.append(False)
-        self._notify()
-
-    async def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async with self._proc.stderr:
-            async for chunk in self._proc.stderr:
-                self._stderr += chunk
-                if len(self._stderr) > _STDERR_KEEP:
-                    del self._stderr[: len(self._stderr) - _STDERR_KEEP]
-
-    async def _reap(self) -> None:
-        assert self._proc is not None
-        await self._proc.wait()
-        self.exited.set()
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    @property
-    def stderr_text(self) -> str:
-        return self._stderr.decode("utf-8", "replace")
+        self._add(event)
 
     def describe(self, last: int = 12) -> str:
         kinds = [e.get("event") if e.get("event") != "frame" else f"frame:{e.get('t')}" for e in self.events]
@@ -281,13 +226,6 @@ class NodeClient:
         kinds = _kinds(kind)
         return [e for e in self.events if _matches(e, kinds, fields)]
 
-    def _take(self, kinds: tuple[str, ...], fields: Mapping[str, Any]) -> dict[str, Any] | None:
-        for i, event in enumerate(self.events):
-            if not self._consumed[i] and _matches(event, kinds, fields):
-                self._consumed[i] = True
-                return event
-        return None
-
     async def next_event(
         self, kind: str | Iterable[str] | None = None, timeout: float = 5.0, **fields: Any
     ) -> dict[str, Any]:
@@ -297,26 +235,15 @@ class NodeClient:
         ClientExited if the process ends first.
         """
         kinds = _kinds(kind)
-        deadline = trio.current_time() + timeout
-        while True:
-            event = self._take(kinds, fields)
-            if event is not None:
-                return event
-            if self.exited.is_set() and self._stdout_done.is_set():
-                raise ClientExited(f"waiting for {kinds or 'any event'} {dict(fields)}: {self.describe()}")
-            if trio.current_time() >= deadline:
-                raise EventTimeout(f"no {kinds or 'event'} {dict(fields)} within {timeout}s: {self.describe()}")
-            changed = self._changed
-            with trio.move_on_at(deadline):
-                await changed.wait()
+        return await self._wait_for(
+            lambda event: _matches(event, kinds, fields), timeout, f"{kinds or 'event'} {dict(fields)}"
+        )
 
     # ------------------------------------------------------------------ commands
     async def _write(self, obj: Mapping[str, Any]) -> None:
-        if self._proc is None or self._proc.stdin is None:
-            raise RuntimeError("client not started")
         if self.exited.is_set():
             raise ClientExited(f"cannot write to the client: {self.describe()}")
-        await self._proc.stdin.send_all((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        await self._send((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
 
     async def send(self, text: str, sid: str | None = None) -> None:
         """Type ``text`` into the client (to ``sid``, else its current session)."""
@@ -327,10 +254,6 @@ class NodeClient:
 
     async def quit(self) -> None:
         await self._write({"quit": True})
-
-    async def close_stdin(self) -> None:
-        if self._proc is not None and self._proc.stdin is not None:
-            await self._proc.stdin.aclose()
 
     async def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL.  Returns the exit code."""
@@ -348,14 +271,6 @@ class NodeClient:
                 proc.kill()
                 await proc.wait()
         return proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the process now (no clean close); its exit is reaped in the background."""
-        if self._proc is not None and self._proc.returncode is None:
-            try:
-                self._proc.kill()
-            except ProcessLookupError:
-                pass
 
     async def wait_exit(self, timeout: float = 5.0) -> int | None:
         with trio.move_on_after(timeout):

@@ -18,6 +18,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from . import source_root
 from .relayproc import RelayProcess, RelayStartError
 
 __all__ = [
@@ -49,26 +50,16 @@ class GoBuildError(RuntimeError):
 GoRelayStartError = RelayStartError  # the relay did not announce its address in time
 
 
-def source_root() -> Path:
-    """The parley checkout holding the Go sources.
-
-    ``PARLEY_SOURCE_ROOT`` wins; otherwise the directory above this file
-    (which is the checkout when parley is installed editable).
-    """
-    env = os.environ.get("PARLEY_SOURCE_ROOT")
-    root = Path(env).expanduser().resolve() if env else Path(__file__).resolve().parent.parent
+def go_relay_source() -> Path:
+    """Directory of the Go module (``conformance/go-relay``); FileNotFoundError if it is not there."""
+    root = source_root()
     if not (root / GO_RELAY_SUBDIR / "go.mod").is_file():
-        hint = "PARLEY_SOURCE_ROOT" if env else "the location of parley.conformance"
+        hint = "PARLEY_SOURCE_ROOT" if os.environ.get("PARLEY_SOURCE_ROOT") else "the location of tests/support"
         raise FileNotFoundError(
             f"Go relay sources not found: {root / GO_RELAY_SUBDIR / 'go.mod'} does not exist "
             f"(root taken from {hint}); set PARLEY_SOURCE_ROOT to a parley checkout"
         )
-    return root
-
-
-def go_relay_source() -> Path:
-    """Directory of the Go module (``conformance/go-relay``)."""
-    return source_root() / GO_RELAY_SUBDIR
+    return root / GO_RELAY_SUBDIR
 
 
 def go_binary() -> str:
