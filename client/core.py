@@ -98,7 +98,6 @@ import collections
 import copy
 import enum
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -133,6 +132,9 @@ from parley.protocol import (
     parse,
 )
 from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
+from parley.protocol.errors import BAD_CODE_MESSAGE
+from parley.protocol.identifiers import OWN_SIDE_MIN, SIDE_TOKEN
+from parley.protocol.identifiers import short_sid as _short_sid
 from parley.state import new_entry
 
 from . import crypto
@@ -161,7 +163,7 @@ from .verify import verification_string
 
 __all__ = [
     "ClientCore", "Mode", "Phase", "ClientError", "NotReady", "MessageTooLong", "SEEN_LIMIT",
-    "INVALID_CODE_MESSAGE", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY", "short_sid", "iv_of",
+    "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY", "short_sid", "iv_of",
 ]
 
 log = logging.getLogger("parley.client.core")
@@ -172,7 +174,6 @@ MSG_ID_BYTES = 8
 SIDE_BYTES = 16
 ACK_TIMEOUT = 10.0
 MAX_TEXT_BYTES = 256 * 1024
-INVALID_CODE_MESSAGE = "Invalid or expired code"
 # HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
 JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
 JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
@@ -180,9 +181,8 @@ NO_SESSION = "no_session"
 
 
 def short_sid(sid: str) -> str:
-    """A log- and screen-friendly SID: the first 8 chars of its random part, terminal-safe."""
-    tail = sid.rpartition("_")[2] or sid
-    return safe_text(tail[:8])
+    """`parley.protocol.identifiers.short_sid`, terminal-safe: for the screen and logs."""
+    return safe_text(_short_sid(sid))
 
 
 def iv_of(payload: str) -> str:
@@ -335,8 +335,9 @@ class ClientCore:
 
     @staticmethod
     def _valid_side(value: Any) -> str | None:
-        """A stored side token, if it is one a relay accepts (printable ASCII, 8-128 chars)."""
-        if isinstance(value, str) and re.fullmatch(r"[\x21-\x7e]{8,128}", value):
+        """A stored side token a relay accepts, kept as ours only if it has at least
+        OWN_SIDE_MIN characters (why: `parley.protocol.identifiers`)."""
+        if isinstance(value, str) and len(value) >= OWN_SIDE_MIN and SIDE_TOKEN.match(value):
             return value
         return None
 
@@ -720,7 +721,7 @@ class ClientCore:
         if ending is not None:
             return ending
         if self.phase is Phase.JOINING:
-            if frame.message == INVALID_CODE_MESSAGE or frame.code == "bad_code":
+            if frame.message == BAD_CODE_MESSAGE or frame.code == "bad_code":
                 return self._fail(FailureKind.INVALID_CODE)
             return self._fail(FailureKind.RELAY_ERROR, _one_line(frame.message))
         if self.phase is Phase.CREATING:

@@ -188,7 +188,6 @@ import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
-from parley.client.crypto import MODP14_GENERATOR, MODP14_PRIME
 from parley.protocol import (
     CreateSession,
     DeliveredFailed,
@@ -219,8 +218,10 @@ from parley.protocol import (
     parse_canonical_msg,
 )
 from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
+from parley.protocol.errors import BAD_CODE_MESSAGE
+from parley.protocol.identifiers import SIDE_TOKEN
+from parley.protocol.modp import MODP14_GENERATOR, MODP14_PRIME
 
-from .addresses import address_key
 from .actions import (
     Action,
     Close,
@@ -248,13 +249,11 @@ __all__ = ["RelayCore", "RelayConfig"]
 
 CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
-BAD_CODE_MESSAGE = "Invalid or expired code"
 QUEUE_FULL = "queue_full"
 STORE_UNAVAILABLE = "store_unavailable"
 UNAVAILABLE_MESSAGE = "the relay cannot save anything right now (storage problem); try again in a minute"
 NO_CREATE = "never"  # REATTACH data.create: do not create an unknown session (parley only)
 
-_SIDE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
 _MAX_PARAM_HEX = 2 * 256 + 2  # a group-14 number in hex, with room for a leading 00
 
@@ -712,7 +711,7 @@ class RelayCore:
         sid = frame.sid
         cid = conn.id
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         actions: list[Action] = []
         sess = self._sessions.get(sid)
@@ -806,7 +805,7 @@ class RelayCore:
 
     def _on_create(self, conn: _Conn, frame: CreateSession) -> list[Action]:
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         if len(conn.sessions) >= self.config.max_sessions_per_conn:
             return self._too_many_sessions(conn, "")
@@ -833,7 +832,7 @@ class RelayCore:
 
     def _on_join(self, conn: _Conn, frame: Join) -> list[Action]:
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         if not frame.public_key:
             return self._error(conn, ErrorCode.BAD_FRAME, "JOIN needs data.publicKey")
