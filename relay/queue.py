@@ -50,6 +50,13 @@ without touching the delivery rules if it guarantees:
    a frame the core removed.
 6. Memory: nothing is kept for a session after `forget`, and `sizes()` is
    all zeros once every session is forgotten (the leak tests check it).
+
+A seq is also the core's replay cursor: a REATTACH backlog sent in chunks
+goes on with `frames(sid, start=cursor)`, so (2) is what makes a paced replay
+miss nothing. Handing a session with frames from one node to another is not
+this interface's job: it is a core-level step (the core's quota counts and
+session state move too), which would `load` on the new owner and take the
+frames out of the old owner's memory without DeleteFrame ops.
 """
 
 from __future__ import annotations
