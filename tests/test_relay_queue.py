@@ -198,3 +198,106 @@ def test_shrink_keeps_the_numbering_and_frees_the_grown_table():
 def test_stored_frame_repr_shows_no_text():
     frame = StoredFrame(1, "A", 1, "m", "secret payload", 14, 1.0, None)
     assert "secret" not in repr(frame)
+
+
+# --- the seam: the core uses nothing of a queue but the FrameQueue protocol ---
+
+import json  # noqa: E402
+
+from parley.relay.actions import Snapshot  # noqa: E402
+from parley.relay.config import RelayConfig  # noqa: E402
+from parley.relay.core import RelayCore  # noqa: E402
+
+PROTOCOL_NAMES = {
+    name for name in vars(FrameQueue) if not name.startswith("_")
+}
+
+
+class ProtocolOnly:
+    """A FrameQueue that forwards only the protocol's names (anything else the
+    core reached for would raise AttributeError) and records what is used."""
+
+    def __init__(self, inner: MemoryFrameQueue) -> None:
+        self._inner = inner
+        self.used: set[str] = set()
+
+    def __getattr__(self, name: str):
+        if name not in PROTOCOL_NAMES:
+            raise AttributeError(name)
+        self.used.add(name)
+        return getattr(self._inner, name)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_763_900_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rng:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def token_hex(self, nbytes: int) -> str:
+        self.n += 1
+        return f"{self.n:0{2 * nbytes}x}"
+
+    def randbelow(self, n: int) -> int:
+        self.n += 1
+        return (self.n * 7919) % n
+
+
+def scenario(core: RelayCore, clock: Clock) -> list:
+    """Sided and legacy store-and-forward, receipts, a paced replay, a LEAVE,
+    a requeue, expiry and freeing: every queue path the core has."""
+    out: list = []
+    run = out.extend
+    core.restore(Snapshot())
+    run(core.connect(1, "192.0.2.1"))
+    created = core.receive(1, '{"t":"CREATE_SESSION","data":{"side":"aaaaaaaaaa"}}')
+    run(created)
+    sid = next(json.loads(a.text)["sid"] for a in created if getattr(a, "text", "").startswith('{"t":"SESSION'))
+
+    def msg(conn, n, payload="QUJD"):
+        run(core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": {"payload": payload * 40, "msgID": f"m{n}"}})))
+
+    for n in range(6):
+        msg(1, n)  # alone: QUEUED
+    run(core.connect(2, "192.0.2.2"))
+    run(core.receive(2, json.dumps({"t": "REATTACH", "sid": sid, "data": {"side": "bbbbbbbbbb"}})))
+    run(core.drained(2))
+    run(core.receive(2, json.dumps({"t": "RECEIVED", "sid": sid, "data": {"msgID": "m1"}})))
+    msg(1, 7)  # a sided receiver: DELIVERED and kept
+    run(core.receive(2, json.dumps({"t": "LEAVE", "sid": sid})))
+    msg(1, 8)
+    run(core.connect(3, "192.0.2.3"))
+    run(core.receive(3, json.dumps({"t": "REATTACH", "sid": sid})))  # legacy: takes them, done
+    sends = core.receive(1, json.dumps({"t": "MSG", "sid": sid, "data": {"payload": "ZZZZ", "msgID": "m9"}}))
+    run(sends)
+    run(core.requeue(3, [a.requeue for a in sends if getattr(a, "requeue", None)]))
+    run(core.disconnect(3))
+    clock.now += core.config.frame_ttl + 1
+    run(core.tick())
+    run(core.disconnect(1))
+    run(core.disconnect(2))
+    clock.now += core.config.session_ttl + 1
+    run(core.tick())
+    out.append(core.stats())
+    out.append(core._structure_sizes())
+    return out
+
+
+def test_the_core_needs_nothing_but_the_protocol_and_acts_the_same_through_it():
+    config = RelayConfig(replay_chunk_bytes=300)
+    plain_clock, seam_clock = Clock(), Clock()
+    plain = RelayCore(config, clock=plain_clock, rng=Rng())
+    seam = ProtocolOnly(MemoryFrameQueue(max_frames=config.queue_max_frames, max_bytes=config.queue_max_bytes))
+    through = RelayCore(config, clock=seam_clock, rng=Rng(), queue=seam)
+    expected = scenario(plain, plain_clock)
+    assert scenario(through, seam_clock) == expected
+    assert expected[-2]["queued_frames"] == 0 and not any(expected[-1].values())
+    saves = [a for a in expected if type(a).__name__ == "Persist" and type(a.op).__name__ == "SaveFrame"]
+    assert len(saves) >= 9
+    assert {"add", "remove", "has_room", "frames", "with_id", "expire", "forget", "count", "shrink"} <= seam.used
