@@ -301,12 +301,11 @@ class MemoryFrameQueue:
 
     def remove(self, sid: str, frame: StoredFrame) -> None:
         q = self._queues[sid]
-        if q.frames.get(frame.seq) is not frame:
-            raise KeyError(frame.seq)
-        self._take(q, frame)
-
-    def _take(self, q: _Frames, frame: StoredFrame) -> None:
-        del q.frames[frame.seq]
+        frames = q.frames
+        seq = frame.seq
+        if frames.get(seq) is not frame:
+            raise KeyError(seq)
+        del frames[seq]
         if frame.msg_id:
             by_id = q.by_id
             same = by_id[frame.msg_id]
@@ -331,7 +330,7 @@ class MemoryFrameQueue:
             self._scheduled -= 1
             gone = [f for f in q.frames.values() if f.expires_at <= now]
             for frame in gone:
-                self._take(q, frame)
+                self.remove(sid, frame)
             later = min((f.expires_at for f in q.frames.values()), default=None)
             if later is not None:
                 self._scheduled += 1
