@@ -65,9 +65,12 @@ import heapq
 from collections.abc import Collection, Hashable, Iterable, Sequence
 from typing import Protocol
 
+import attrs
+
 __all__ = ["StoredFrame", "FrameQueue", "MemoryFrameQueue"]
 
 
+@attrs.define(slots=True, eq=False, repr=False, weakref_slot=False)
 class StoredFrame:
     """A MSG kept in a session queue (read-only to everyone but its queue).
 
@@ -77,29 +80,17 @@ class StoredFrame:
     has none); `text`: the MSG exactly as it is sent; `size`: `text` in UTF-8
     bytes; `expires_at`: Unix seconds; `sender`: who to charge it to, opaque
     to the queue (the core's quota key: (address key, prefix key)), or None.
+    Compared by identity (eq=False): a queue finds its own objects.
     """
 
-    __slots__ = ("seq", "from_side", "from_conn", "msg_id", "text", "size", "expires_at", "sender")
-
-    def __init__(
-        self,
-        seq: int,
-        from_side: str | None,
-        from_conn: Hashable | None,
-        msg_id: str,
-        text: str,
-        size: int,
-        expires_at: float,
-        sender: Hashable | None,
-    ) -> None:
-        self.seq = seq
-        self.from_side = from_side
-        self.from_conn = from_conn
-        self.msg_id = msg_id
-        self.text = text
-        self.size = size
-        self.expires_at = expires_at
-        self.sender = sender
+    seq: int
+    from_side: str | None
+    from_conn: Hashable | None
+    msg_id: str
+    text: str
+    size: int
+    expires_at: float
+    sender: Hashable | None
 
     def __repr__(self) -> str:  # no text: it is a payload
         return f"StoredFrame(seq={self.seq}, from_side={self.from_side!r}, size={self.size})"
