@@ -46,7 +46,6 @@ forgot the session (relays free idle sessions), recreating it there is.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -73,6 +72,9 @@ from parley.protocol import (
     SessionCreated,
     parse,
 )
+from parley.protocol.errors import BAD_CODE_MESSAGE
+from parley.protocol.identifiers import OWN_SIDE_MIN, SIDE_TOKEN
+from parley.protocol.identifiers import short_sid as _short_sid
 from parley.state import new_entry
 
 from . import crypto
@@ -85,18 +87,16 @@ from .handshake import Handshake
 from .safetext import safe_text
 from .verify import verification_string
 
-__all__ = ["ClientCore", "Mode", "Phase", "INVALID_CODE_MESSAGE", "short_sid"]
+__all__ = ["ClientCore", "Mode", "Phase", "short_sid"]
 
 log = logging.getLogger("parley.client.core")
 
 SIDE_BYTES = 16
-INVALID_CODE_MESSAGE = "Invalid or expired code"
 
 
 def short_sid(sid: str) -> str:
-    """A log- and screen-friendly SID: the first 8 chars of its random part, terminal-safe."""
-    tail = sid.rpartition("_")[2] or sid
-    return safe_text(tail[:8])
+    """`parley.protocol.identifiers.short_sid`, terminal-safe: for the screen and logs."""
+    return safe_text(_short_sid(sid))
 
 
 class ClientCore:
@@ -164,8 +164,9 @@ class ClientCore:
 
     @staticmethod
     def _valid_side(value: Any) -> str | None:
-        """A stored side token, if it is one a relay accepts (printable ASCII, 8-128 chars)."""
-        if isinstance(value, str) and re.fullmatch(r"[\x21-\x7e]{8,128}", value):
+        """A stored side token a relay accepts, kept as ours only if it has at least
+        OWN_SIDE_MIN characters (why: `parley.protocol.identifiers`)."""
+        if isinstance(value, str) and len(value) >= OWN_SIDE_MIN and SIDE_TOKEN.match(value):
             return value
         return None
 
@@ -370,7 +371,7 @@ class ClientCore:
 
     def _on_error(self, frame: ErrorFrame) -> list[Action]:
         if self.handshake is not None:
-            bad_code = frame.message == INVALID_CODE_MESSAGE or frame.code == "bad_code"
+            bad_code = frame.message == BAD_CODE_MESSAGE or frame.code == "bad_code"
             ended = self.handshake.on_error(frame, bad_code)
             if ended is not None:
                 return ended

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 
+# The ERROR message for a JOIN whose invite code is unknown, used or expired:
+# PROTOCOL 2.3 gives its exact bytes (clients of every dialect match on it).
+BAD_CODE_MESSAGE = "Invalid or expired code"
+
 
 class ErrorCode(str, enum.Enum):
     """The `data.code` values of an ERROR frame (PROTOCOL 2.4)."""

@@ -33,6 +33,12 @@ the side it declared for this session or None), the side tokens it has seen,
 at most one live invite code, and a queue of stored MSG frames in arrival
 order. A connection can be a member of several sessions.
 
+The queues are a `relay.queue.FrameQueue` (frames in order, the msgID index,
+byte counts, expiry; injected as `queue=`, in memory by default): this module
+decides what is stored and when a frame is done, and emits the SaveFrame and
+DeleteFrame ops for what it adds to and takes out of the queue; quotas count
+stored bytes from the frames the queue hands back.
+
 A MSG from connection C with side S goes to every *eligible* receiver: every
 other member, except members of side S when S is set (a side never gets its
 own frames, live or stored). A stored frame is eligible for a REATTACHing
@@ -183,13 +189,11 @@ on: the deletes wait in the shell's pending list and commit on recovery.
 from __future__ import annotations
 
 import functools
-import heapq
 import ipaddress
 import re
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
-from parley.client.crypto import MODP14_GENERATOR, MODP14_PRIME
 from parley.protocol import (
     CreateSession,
     DeliveredFailed,
@@ -220,8 +224,10 @@ from parley.protocol import (
     parse_canonical_msg,
 )
 from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
+from parley.protocol.errors import BAD_CODE_MESSAGE
+from parley.protocol.identifiers import SIDE_TOKEN
+from parley.protocol.modp import MODP14_GENERATOR, MODP14_PRIME
 
-from .addresses import address_key
 from .actions import (
     Action,
     Close,
@@ -243,18 +249,17 @@ from .addresses import address_key, prefix_key
 from .config import RelayConfig
 from .limits import KeyedWindows, SharedQuota, Window
 from .observe import NullObserver, Observer
+from .queue import FrameQueue, MemoryFrameQueue, StoredFrame
 
 __all__ = ["RelayCore", "RelayConfig"]
 
 CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
-BAD_CODE_MESSAGE = "Invalid or expired code"
 QUEUE_FULL = "queue_full"
 STORE_UNAVAILABLE = "store_unavailable"
 UNAVAILABLE_MESSAGE = "the relay cannot save anything right now (storage problem); try again in a minute"
 NO_CREATE = "never"  # REATTACH data.create: do not create an unknown session (parley only)
 
-_SIDE = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+\Z")
 _MAX_PARAM_HEX = 2 * 256 + 2  # a group-14 number in hex, with room for a leading 00
 
@@ -324,22 +329,6 @@ class _Conn:
         self.refused: set[str] | None = None
 
 
-class _Stored:
-    """A MSG kept in a session queue."""
-
-    __slots__ = ("seq", "from_side", "from_conn", "msg_id", "text", "size", "expires_at", "sender")
-
-    def __init__(self, seq, from_side, from_conn, msg_id, text, size, expires_at, sender) -> None:
-        self.sender: _Who | None = sender  # who sent it (quotas)
-        self.seq: int = seq
-        self.from_side: str | None = from_side
-        self.from_conn: ConnId | None = from_conn  # None once restored from the store
-        self.msg_id: str = msg_id
-        self.text: str = text
-        self.size: int = size
-        self.expires_at: float = expires_at
-
-
 class _JoinGone:
     """A pending JOIN_REQUEST whose sided joiner left before it could be delivered."""
 
@@ -351,15 +340,14 @@ class _JoinGone:
 
 class _Session:
     __slots__ = (
-        "sid", "members", "sides", "queue", "by_id", "queued_bytes", "next_seq",
-        "code", "frame_due", "pending_joins", "auto", "owner", "owner_conn", "code_owner",
-        "code_conn", "waiting",
+        "sid", "members", "sides", "code", "pending_joins", "auto", "owner", "owner_conn",
+        "code_owner", "code_conn", "waiting",
     )
 
     # A relay keeps many idle sessions (an unused invite code lives 10 minutes),
     # so what most sessions never use is created on first use: `sides` is a
-    # tuple (at most max_sides_per_session), `by_id` and `pending_joins` are
-    # None while empty.
+    # tuple (at most max_sides_per_session), `pending_joins` and `waiting` are
+    # None while empty. Its stored frames are in the core's `FrameQueue`.
     def __init__(self, sid: str, auto: bool, owner: _Who | None, owner_conn: ConnId | None) -> None:
         self.sid = sid
         # quotas: how it was made (auto-created by MSG/REATTACH, or invited)
@@ -371,12 +359,7 @@ class _Session:
         self.code_conn: ConnId | None = None
         self.members: dict[ConnId, str | None] = {}  # conn -> declared side
         self.sides: tuple[str, ...] = ()
-        self.queue: dict[int, _Stored] = {}  # seq -> frame, in seq order
-        self.by_id: dict[str, list[_Stored]] | None = None  # msgID -> frames (non-empty ids)
-        self.queued_bytes = 0
-        self.next_seq = 1
         self.code: str | None = None
-        self.frame_due: float | None = None  # this session's entry in the expiry heap
         # joiner -> JOIN_REQUEST text, or the side of a sided joiner that left before delivery
         self.pending_joins: dict[ConnId, str | _JoinGone] | None = None
         # sided joiners whose JOIN went through and who wait for JOIN_ACCEPT/JOIN_DENY
@@ -416,6 +399,7 @@ class RelayCore:
         clock: Callable[[], float],
         rng: Random,
         observer: Observer | None = None,
+        queue: FrameQueue | None = None,
     ) -> None:
         self.config = config if config is not None else RelayConfig()
         self._clock = clock
@@ -437,12 +421,12 @@ class RelayCore:
         self._sessions: dict[str, _Session] = {}
         self._codes: dict[str, tuple[str, float]] = {}  # code -> (sid, expires_at), by expiry
         self._idle: dict[str, float] = {}  # sid -> free at; sessions with no member, no frame
-        self._frame_heap: list[tuple[float, str]] = []  # (due, sid), lazily invalidated
-        self._scheduled = 0  # sessions whose frame_due is set
         self._client_ids: dict[str, ConnId] = {}
         self._addr_joins = KeyedWindows(self.config.join_window)
-        self._queued = 0  # stored frames, all sessions
-        self._queued_bytes = 0
+        # the sessions' stored frames (relay.queue); the delivery rules stay here
+        self._frames: FrameQueue = queue if queue is not None else MemoryFrameQueue(
+            max_frames=self.config.queue_max_frames, max_bytes=self.config.queue_max_bytes
+        )
         self._init_quotas()
         self._store_ok = True  # False while the shell's store commits fail
         self._handlers: dict[type, Callable[[_Conn, Any], list[Action]]] = {
@@ -489,16 +473,12 @@ class RelayCore:
             sess = self._sessions.get(saved.sid)
             if sess is None:  # frames without their session row: count as auto-created
                 sess = self._add_session(_Session(saved.sid, True, None, None))
-            if saved.seq in sess.queue:
-                continue
-            self._enqueue(
-                sess,
-                _Stored(saved.seq, saved.from_side, None, saved.msg_id, saved.text,
-                        _size(saved.text), saved.expires_at, who(saved.sender)),
-            )
-            sess.next_seq = max(sess.next_seq, saved.seq + 1)
+            stored = StoredFrame(saved.seq, saved.from_side, None, saved.msg_id, saved.text,
+                                 _size(saved.text), saved.expires_at, who(saved.sender))
+            if self._frames.load(saved.sid, stored):
+                self._hold_bytes(sess, stored)
         for sess in self._sessions.values():
-            if not sess.queue:
+            if not self._frames.count(sess.sid):
                 self._idle[sess.sid] = now + self.config.session_ttl
 
     # ------------------------------------------------------- connections
@@ -543,7 +523,7 @@ class RelayCore:
             sess = self._sessions.get(token.sid)
             if sess is None:
                 continue
-            if sess.by_id and any(f.text == token.text for f in sess.by_id.get(token.msg_id, ())):
+            if any(f.text == token.text for f in self._frames.with_id(token.sid, token.msg_id)):
                 continue
             size = _size(token.text)
             sender = None if token.sender is None else _who(token.sender)
@@ -574,7 +554,7 @@ class RelayCore:
         it was delivered, and the original ack may go out as it is.
         """
         sess = self._sessions.get(op.sid)
-        stored = sess.queue.get(op.seq) if sess is not None else None
+        stored = self._frames.get(op.sid, op.seq) if sess is not None else None
         if stored is None or stored.text != op.text:
             return None
         actions: list[Action] = []
@@ -725,8 +705,8 @@ class RelayCore:
         cid = conn.id
         side = sess.members.get(cid)
         msg_id = frame.msg_id
-        if side is not None and msg_id and sess.by_id:
-            frames = sess.by_id.get(msg_id)
+        if side is not None and msg_id:
+            frames = self._frames.with_id(sid, msg_id)
             if frames:
                 for stored in [f for f in frames if f.from_side != side]:
                     self._drop(sess, stored, actions)
@@ -741,7 +721,7 @@ class RelayCore:
         sid = frame.sid
         cid = conn.id
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         actions: list[Action] = []
         sess = self._sessions.get(sid)
@@ -790,11 +770,11 @@ class RelayCore:
         budget = self.config.replay_chunk_bytes
         done = []
         cursor = None
-        for seq, stored in sess.queue.items():
-            if seq < start or stored.from_conn == cid or (side is not None and stored.from_side == side):
+        for stored in self._frames.frames(sid, start):
+            if stored.from_conn == cid or (side is not None and stored.from_side == side):
                 continue
             if budget <= 0:
-                cursor = seq
+                cursor = stored.seq
                 break
             budget -= stored.size
             self._frames_out["MSG"] += 1
@@ -835,7 +815,7 @@ class RelayCore:
 
     def _on_create(self, conn: _Conn, frame: CreateSession) -> list[Action]:
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         if len(conn.sessions) >= self.config.max_sessions_per_conn:
             return self._too_many_sessions(conn, "")
@@ -862,7 +842,7 @@ class RelayCore:
 
     def _on_join(self, conn: _Conn, frame: Join) -> list[Action]:
         side = frame.side
-        if side is not None and _SIDE.match(side) is None:
+        if side is not None and SIDE_TOKEN.match(side) is None:
             return self._bad_side(conn)
         if not frame.public_key:
             return self._error(conn, ErrorCode.BAD_FRAME, "JOIN needs data.publicKey")
@@ -989,8 +969,8 @@ class RelayCore:
         self._left_handshake(sess, was_waiting, actions)
         if conn.replay is not None:
             conn.replay.pop(sid, None)
-        if side is not None and sess.queue:
-            for stored in [f for f in sess.queue.values() if f.from_side != side]:
+        if side is not None:
+            for stored in [f for f in self._frames.frames(sid) if f.from_side != side]:
                 self._drop(sess, stored, actions)
         self._maybe_idle(sess, self._clock())
         return actions
@@ -998,7 +978,8 @@ class RelayCore:
     # ------------------------------------------------------------- timers
 
     def tick(self) -> list[Action]:
-        """Expire codes, stored frames, idle sessions and rate windows."""
+        """Expire codes, stored frames (the queue's `expire`), idle sessions
+        and rate windows."""
         now = self._clock()
         actions: list[Action] = []
         expired = []
@@ -1009,19 +990,11 @@ class RelayCore:
         for code in expired:
             self._code_ran_out(code, actions)
 
-        heap = self._frame_heap
-        while heap and heap[0][0] <= now:
-            due, sid = heapq.heappop(heap)
-            sess = self._sessions.get(sid)
-            if sess is None or sess.frame_due != due:
-                continue  # stale entry
-            sess.frame_due = None
-            self._scheduled -= 1
-            for stored in [f for f in sess.queue.values() if f.expires_at <= now]:
-                self._drop(sess, stored, actions)
-            later = min((f.expires_at for f in sess.queue.values()), default=None)
-            if later is not None:
-                self._schedule(sess, later)
+        for sid, gone in self._frames.expire(now):
+            sess = self._sessions[sid]
+            for stored in gone:
+                self._release_bytes(sess, stored)
+                actions.append(Persist(DeleteFrame(sid, stored.seq)))
             self._maybe_idle(sess, now)
 
         freed = []
@@ -1036,14 +1009,8 @@ class RelayCore:
             if sess.code is not None:
                 del self._codes[sess.code]
                 self._release_code(sess)
-            if sess.frame_due is not None:
-                self._scheduled -= 1
             actions.append(Persist(DeleteSession(sid)))
-        if len(heap) > 2 * self._scheduled + 64:
-            self._frame_heap = [
-                (s.frame_due, s.sid) for s in self._sessions.values() if s.frame_due is not None
-            ]
-            heapq.heapify(self._frame_heap)
+        self._frames.forget(freed)
 
         self._addr_joins.prune(now)
         self._prune_join_windows(now)
@@ -1056,8 +1023,8 @@ class RelayCore:
             "sessions": len(self._sessions),
             "idle_sessions": len(self._idle),
             "live_codes": len(self._codes),
-            "queued_frames": self._queued,
-            "queued_bytes": self._queued_bytes,
+            "queued_frames": self._frames.total_frames,
+            "queued_bytes": self._frames.total_bytes,
             "join_addresses": len(self._addr_joins),  # seen JOINing within join_window
         }
 
@@ -1082,12 +1049,9 @@ class RelayCore:
             "sessions": len(self._sessions),
             "codes": len(self._codes),
             "idle": len(self._idle),
-            "frame_heap": len(self._frame_heap),
-            "scheduled": self._scheduled,
             "client_ids": len(self._client_ids),
             "addr_windows": len(self._addr_joins),
-            "queued": self._queued,
-            "queued_bytes": self._queued_bytes,
+            **self._frames.sizes(),
             **self._quota_sizes(),
         }
 
@@ -1201,11 +1165,12 @@ class RelayCore:
         return side
 
     def _maybe_idle(self, sess: _Session, now: float) -> None:
-        if not sess.members and not sess.queue and sess.sid not in self._idle:
-            self._idle[sess.sid] = now + self.config.session_ttl
+        sid = sess.sid
+        if not sess.members and sid not in self._idle and not self._frames.count(sid):
+            self._idle[sid] = now + self.config.session_ttl
             # emptied dicts keep their grown tables: idle sessions start small again
             sess.members = {}
-            sess.queue = {}
+            self._frames.shrink(sid)
 
     def _mint_code(self, sess: _Session, conn: _Conn, actions: list[Action]) -> str:
         """A fresh code for `sess`, minted by `conn` (the caller checked the quotas)."""
@@ -1324,53 +1289,22 @@ class RelayCore:
         return conn.client_id
 
     def _store(self, sess, from_side, from_conn, msg_id, text, size, sender, actions) -> SaveFrame:
-        seq = sess.next_seq
-        sess.next_seq = seq + 1
+        """Keep a MSG in `sess`'s queue (limits checked by the caller); its
+        SaveFrame goes into `actions`."""
+        sid = sess.sid
         expires_at = self._clock() + self.config.frame_ttl
-        self._enqueue(sess, _Stored(seq, from_side, from_conn, msg_id, text, size, expires_at, sender))
-        key = None if sender is None else sender[0]
-        op = SaveFrame(sess.sid, seq, from_side, msg_id, text, expires_at, key)
+        stored = self._frames.add(sid, from_side, from_conn, msg_id, text, size, expires_at, sender)
+        self._hold_bytes(sess, stored)
+        self._idle.pop(sid, None)
+        op = SaveFrame(sid, stored.seq, from_side, msg_id, text, expires_at, None if sender is None else sender[0])
         actions.append(Persist(op))
         return op
 
-    def _enqueue(self, sess: _Session, stored: _Stored) -> None:
-        sess.queue[stored.seq] = stored
-        if stored.msg_id:
-            if sess.by_id is None:
-                sess.by_id = {}
-            sess.by_id.setdefault(stored.msg_id, []).append(stored)
-        sess.queued_bytes += stored.size
-        self._queued += 1
-        self._queued_bytes += stored.size
-        self._hold_bytes(sess, stored)
-        self._idle.pop(sess.sid, None)
-        self._schedule(sess, stored.expires_at)
-
-    def _schedule(self, sess: _Session, due: float) -> None:
-        # One live heap entry per session at most: a later frame never needs
-        # an earlier wake-up unless the clock went back.
-        if sess.frame_due is None:
-            self._scheduled += 1
-        elif sess.frame_due <= due:
-            return
-        sess.frame_due = due
-        heapq.heappush(self._frame_heap, (due, sess.sid))
-
-    def _drop(self, sess: _Session, stored: _Stored, actions: list[Action]) -> None:
-        del sess.queue[stored.seq]
-        if stored.msg_id:
-            same = sess.by_id[stored.msg_id]
-            same.remove(stored)
-            if not same:
-                del sess.by_id[stored.msg_id]
-                if not sess.by_id:
-                    sess.by_id = None
-        sess.queued_bytes -= stored.size
-        self._queued -= 1
-        self._queued_bytes -= stored.size
+    def _drop(self, sess: _Session, stored: StoredFrame, actions: list[Action]) -> None:
+        """Take a frame out of `sess`'s queue; its DeleteFrame goes into `actions`."""
+        self._frames.remove(sess.sid, stored)
         self._release_bytes(sess, stored)
         actions.append(Persist(DeleteFrame(sess.sid, stored.seq)))
-
 
     # ------------------------------------------------------------- quotas
     #
@@ -1461,7 +1395,7 @@ class RelayCore:
         """None if a frame of `size` bytes from `who` (`conn`) may be stored in
         `sess`, else the name of the limit it would break."""
         cfg = self.config
-        if len(sess.queue) >= cfg.queue_max_frames or sess.queued_bytes + size > cfg.queue_max_bytes:
+        if not self._frames.has_room(sess.sid, size):
             return "session_queue"
         if conn is not None and conn.stored + size > cfg.queue_bytes_per_conn:
             return "store_quota_per_conn"
@@ -1505,7 +1439,7 @@ class RelayCore:
         sess.code_owner = None
         sess.code_conn = None
 
-    def _hold_bytes(self, sess: _Session, stored: _Stored) -> None:
+    def _hold_bytes(self, sess: _Session, stored: StoredFrame) -> None:
         self._byte_quota.add(stored.sender, stored.size)
         if sess.auto:
             self._auto_byte_quota.add(stored.sender, stored.size)
@@ -1513,7 +1447,7 @@ class RelayCore:
         if conn is not None:
             conn.stored += stored.size
 
-    def _release_bytes(self, sess: _Session, stored: _Stored) -> None:
+    def _release_bytes(self, sess: _Session, stored: StoredFrame) -> None:
         self._byte_quota.sub(stored.sender, stored.size)
         if sess.auto:
             self._auto_byte_quota.sub(stored.sender, stored.size)

@@ -21,6 +21,8 @@ import logging
 import sys
 from collections.abc import Hashable
 
+from parley.protocol.identifiers import short_sid  # SIDs in logs are shortened the protocol's way
+
 from .addresses import prefix_key
 
 __all__ = [
@@ -113,14 +115,6 @@ def shown_address(address: Hashable, mode: str) -> str:
         return str(net.supernet(new_prefix=bits))
     key = prefix_key(address)
     return key if isinstance(key, str) and "/" in key else "?"
-
-
-def short_sid(sid: str | None) -> str:
-    """The first 8 characters of a SID's random part (32 bits: enough to
-    follow one session through a log, useless for hijacking it)."""
-    if not sid:
-        return "-"
-    return sid.rpartition("_")[2][:8]
 
 
 def frame_type_of(text: str) -> str:

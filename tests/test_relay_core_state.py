@@ -332,7 +332,7 @@ class RelayMachine(RuleBasedStateMachine):
                 self.member[conn][sid] = before
         elif conn in self.live and side is None:
             # A legacy connection took every stored frame it may have: all done.
-            queue = self.h.core._sessions[sid].queue.values()
+            queue = self.h.core._frames.frames(sid)
             assert all(f.from_conn == conn for f in queue), "frame left after legacy REATTACH"
 
     @precondition(lambda self: self.live and self.sids)
@@ -387,13 +387,13 @@ class RelayMachine(RuleBasedStateMachine):
         store = self.h.store
         sessions = core._sessions
         assert set(store.sessions) == set(sessions)
-        assert set(store.frames) == {(sid, seq) for sid, s in sessions.items() for seq in s.queue}
+        assert set(store.frames) == {(sid, f.seq) for sid in sessions for f in core._frames.frames(sid)}
         assert {c: op.sid for c, op in store.codes.items()} == {c: e[0] for c, e in core._codes.items()}
         assert set(store.sides) == {(sid, side) for sid, s in sessions.items() for side in s.sides}
         for s in sessions.values():
-            ns = [self.msgs[f.msg_id][3] for f in s.queue.values()]
+            ns = [self.msgs[f.msg_id][3] for f in core._frames.frames(s.sid)]
             assert ns == sorted(ns), "queue out of send order"
-            assert len(s.queue) <= CONFIG["queue_max_frames"]
+            assert core._frames.count(s.sid) <= CONFIG["queue_max_frames"]
         kept = {op.msg_id for op in store.frames.values()}
         assert self.undelivered_queued <= kept, "a QUEUED frame vanished"
         assert self.awaiting <= kept, "a frame awaiting RECEIVED vanished"

@@ -647,7 +647,9 @@ def test_command_options_env_vars_and_help(monkeypatch, tmp_path):
             "PARLEY_RELAY_LOG_FORMAT": "json"})
         assert calls[-1]["server_options"]["metrics_port"] == 0
         assert calls[-1]["server_options"]["log_addresses"] == "full"
-        assert isinstance(logger.handlers[-1].formatter, JsonFormatter)
+        # the relay's own stderr handler (others, e.g. pytest's capture, may come after it)
+        relay_handler = [h for h in logger.handlers if getattr(h, "_parley_relay_handler", False)][-1]
+        assert isinstance(relay_handler.formatter, JsonFormatter)
         bad = CliRunner().invoke(relay_cli.relay, ["--log-format", "xml"])
         assert bad.exit_code == 2 and "parley relay: error:" in bad.output
         result = CliRunner().invoke(relay_cli.relay, ["--help"])

@@ -32,6 +32,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from parley.client.crypto import MODP14_PRIME, to_hex
+from parley.protocol.errors import BAD_CODE_MESSAGE
 
 __all__ = [
     "Suite",
@@ -70,7 +71,6 @@ CODE_PATTERNS = {
     "legacy": re.compile(r"\d{6}"),
     "parley": re.compile(r"\d{6,}"),
 }
-BAD_CODE_MESSAGE = "Invalid or expired code"
 
 
 def dh_public_key() -> str:

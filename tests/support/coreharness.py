@@ -250,7 +250,7 @@ def check_quota_accounting(core: RelayCore) -> None:
             conn_codes[sess.code_conn] += 1
         else:
             assert sess.code_owner is None and sess.code_conn is None
-        for frame in sess.queue.values():
+        for frame in core._frames.frames(sess.sid):
             totals["bytes"] += frame.size
             stored[frame.sender] += frame.size
             conn_stored[frame.from_conn] += frame.size
@@ -276,7 +276,7 @@ def check_quota_accounting(core: RelayCore) -> None:
                 by_prefix[who[1]] += amount
         assert quota.held == dict(by_key), (quota.held, by_key)
         assert quota.prefix_held == dict(by_prefix), (quota.prefix_held, by_prefix)
-    assert core._queued_bytes == totals["bytes"]
+    assert core._frames.total_bytes == totals["bytes"]
     for conn_id, conn in core._conns.items():
         assert (conn.codes, conn.made, conn.stored) == (
             conn_codes[conn_id], conn_made[conn_id], conn_stored[conn_id]
