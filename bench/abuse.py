@@ -322,6 +322,15 @@ async def _open_many(port: int, n: int, src: str = ATTACK_ADDR, parallel: int = 
     return conns, refused
 
 
+async def for_each(conns: list[Ws], fn: Any, hold: float) -> None:
+    """Run `fn(ws)` for every connection for `hold` seconds, then stop them all."""
+    async with trio.open_nursery() as nursery:
+        for ws in conns:
+            nursery.start_soon(fn, ws)
+        await trio.sleep(hold)
+        nursery.cancel_scope.cancel()
+
+
 async def attack_codes(port: int, scale: int, hold: float) -> dict[str, Any]:
     conns, refused = await _open_many(port, 1000 // scale)
     got = {"codes": 0, "errors": 0, "connections": len(conns), "refused": refused}
@@ -344,11 +353,7 @@ async def attack_codes(port: int, scale: int, hold: float) -> dict[str, Any]:
         except _GONE:
             pass
 
-    async with trio.open_nursery() as nursery:
-        for ws in conns:
-            nursery.start_soon(one, ws)
-        await trio.sleep(hold)
-        nursery.cancel_scope.cancel()
+    await for_each(conns, one, hold)
     return got
 
 
@@ -384,11 +389,7 @@ async def attack_store(port: int, scale: int, hold: float) -> dict[str, Any]:
         except _GONE:
             pass
 
-    async with trio.open_nursery() as nursery:
-        for ws in conns:
-            nursery.start_soon(one, ws)
-        await trio.sleep(hold)
-        nursery.cancel_scope.cancel()
+    await for_each(conns, one, hold)
     got["sent_mib"] = round(got["sent_mib"], 1)
     return got
 
@@ -414,11 +415,7 @@ async def attack_fragments(port: int, scale: int, hold: float, n_conns: int) -> 
             pass
         got["cut_off"] += 1
 
-    async with trio.open_nursery() as nursery:
-        for ws in conns:
-            nursery.start_soon(one, ws)
-        await trio.sleep(hold)
-        nursery.cancel_scope.cancel()
+    await for_each(conns, one, hold)
     got["sent_mib"] = round(got["sent_mib"], 2)
     return got
 
@@ -484,11 +481,7 @@ async def attack_ping_flood(port: int, scale: int, hold: float) -> dict[str, Any
             pass
         got["cut_off"] += 1
 
-    async with trio.open_nursery() as nursery:
-        for ws in conns:
-            nursery.start_soon(one, ws)
-        await trio.sleep(hold)
-        nursery.cancel_scope.cancel()
+    await for_each(conns, one, hold)
     return got
 
 
