@@ -227,7 +227,7 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
 
 
 class _Edge:
-    """The server's side of one accepted connection (transport.Edge)."""
+    """The server's side of one accepted connection (`handshake.Edge`)."""
 
     __slots__ = ("_server", "_ticket", "address", "refusal")
 

@@ -4,8 +4,12 @@ The relay reads only what a client may send a server (masked frames, no
 extension, so no RSV bit) and writes only unmasked server frames, so it needs
 a small part of what a general WebSocket library does, and it needs that part
 fast: every relayed MSG crosses `FrameReader.receive`. Bytes go in; complete
-messages and control frames come out as plain tuples; nothing here touches a
-socket.
+messages and control frames come out as events, one small named tuple per
+kind (`Event`: `Message`, `Ping`, `Pong`, `CloseReceived`, `TooLarge`,
+`ProtocolError`, `LimitExceeded`); nothing here touches a socket. Each event's
+first field is its `kind` (`TEXT`, `BINARY`, `PING`, ...), so an event also
+equals the plain tuple ``(kind, *fields)``; readers dispatch on
+``type(event)`` and read the fields by name.
 
 What the reader enforces (each a close with the code given): RSV bits clear,
 known opcode, client frames masked, control frames final and at most 125
@@ -34,19 +38,90 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from typing import Final, NamedTuple, Union
 
 from .budgets import ByteBudget
 
 __all__ = [
     "FrameReader", "TEXT", "BINARY", "PING", "PONG", "CLOSE", "TOO_LARGE", "FAIL", "LIMIT",
+    "Event", "Message", "Ping", "Pong", "CloseReceived", "TooLarge", "ProtocolError", "LimitExceeded",
     "text_frame_header", "close_frame", "ping_frame", "pong_frame", "accept_token",
     "NO_STATUS",
 ]
 
-# Event kinds: (TEXT, str) (BINARY, bytes) (PING, bytes) (PONG, bytes)
-# (CLOSE, code, reason) (TOO_LARGE, size) (FAIL, code, reason)
-# (LIMIT, name, code, reason).
-TEXT, BINARY, PING, PONG, CLOSE, TOO_LARGE, FAIL, LIMIT = range(8)
+# Event kinds: the first field of every event.
+TEXT: Final = 0
+BINARY: Final = 1
+PING: Final = 2
+PONG: Final = 3
+CLOSE: Final = 4
+TOO_LARGE: Final = 5
+FAIL: Final = 6
+LIMIT: Final = 7
+
+
+class Message(NamedTuple):
+    """A complete data message: `kind` TEXT with a `str` (valid UTF-8), or
+    BINARY with `bytes`; reassembled from its fragments, at most `max_message`
+    bytes."""
+
+    kind: int
+    data: str | bytes
+
+
+class Ping(NamedTuple):
+    """A ping control frame (`kind` PING); `payload` at most 125 bytes."""
+
+    kind: int
+    payload: bytes
+
+
+class Pong(NamedTuple):
+    """A pong control frame (`kind` PONG); `payload` at most 125 bytes."""
+
+    kind: int
+    payload: bytes
+
+
+class CloseReceived(NamedTuple):
+    """The client's close frame (`kind` CLOSE): a valid `code` (`NO_STATUS`
+    for an empty frame) and its UTF-8 `reason`. The last event."""
+
+    kind: int
+    code: int
+    reason: str
+
+
+class TooLarge(NamedTuple):
+    """A message went over `max_message` (`kind` TOO_LARGE): `size` is its
+    byte count known when it did (more than the limit). Reported once; the
+    rest of the message is counted off unread."""
+
+    kind: int
+    size: int
+
+
+class ProtocolError(NamedTuple):
+    """The client broke RFC 6455 (`kind` FAIL): close with `code` (1002, or
+    1007 for invalid UTF-8) and `reason`. The last event."""
+
+    kind: int
+    code: int
+    reason: str
+
+
+class LimitExceeded(NamedTuple):
+    """A reader limit was hit (`kind` LIMIT): `name` ("fragments",
+    "partial_bytes") for the observer, then close with `code` and `reason`.
+    The last event."""
+
+    kind: int
+    name: str
+    code: int
+    reason: str
+
+
+Event = Union[Message, Ping, Pong, CloseReceived, TooLarge, ProtocolError, LimitExceeded]
 
 NO_STATUS = 1005  # a close frame without a code (never sent on the wire)
 
@@ -112,7 +187,7 @@ class FrameReader:
         """Bytes held between calls: buffered frames plus the unfinished message."""
         return len(self._buf) - self._pos + len(self._message)
 
-    def receive(self, data: bytes | bytearray) -> list[tuple]:
+    def receive(self, data: bytes | bytearray) -> list[Event]:
         """Feed bytes; return the events they complete, in order. After a
         CLOSE, FAIL or LIMIT event nothing more is read. One call parses at
         most `frames_per_call` frames; the rest waits in the buffer, `pending`
@@ -134,7 +209,7 @@ class FrameReader:
                 return []
             data = data[self._skip:]
             self._skip = 0
-        events: list[tuple] = []
+        events: list[Event] = []
         buf = self._buf
         if buf:
             if data:
@@ -150,9 +225,9 @@ class FrameReader:
             pos = self._parse(source, start, events)
         except _Fail as fail:
             if fail.limit:
-                events.append((LIMIT, fail.limit, fail.code, fail.reason))
+                events.append(LimitExceeded(LIMIT, fail.limit, fail.code, fail.reason))
             else:
-                events.append((FAIL, fail.code, fail.reason))
+                events.append(ProtocolError(FAIL, fail.code, fail.reason))
             self.close()
             return events
         if self._done:
@@ -180,7 +255,9 @@ class FrameReader:
             delta = held - self._drawn
             if delta > 0:
                 if not budget.take(delta):
-                    events.append((LIMIT, "partial_bytes", 1013, "relay busy: too many unfinished messages"))
+                    events.append(
+                        LimitExceeded(LIMIT, "partial_bytes", 1013, "relay busy: too many unfinished messages")
+                    )
                     self.close()
                     return events
                 self._drawn = held
@@ -201,7 +278,7 @@ class FrameReader:
                 self._budget.give(self._drawn)
             self._drawn = 0
 
-    def _parse(self, buf: bytes | bytearray, pos: int, events: list[tuple]) -> int:
+    def _parse(self, buf: bytes | bytearray, pos: int, events: list[Event]) -> int:
         n = len(buf)
         count = 0  # frames parsed (a local: this loop is the relay's hot path)
         per_call = self._per_call
@@ -259,7 +336,7 @@ class FrameReader:
             if op < _CLOSE and (self._discarding or self._size + length > self._max):
                 # Over the limit: report once, never buffer, count the rest off.
                 if not self._discarding:
-                    events.append((TOO_LARGE, self._size + length))
+                    events.append(TooLarge(TOO_LARGE, self._size + length))
                 self._message = bytearray()
                 self._size = 0
                 self._track_fragments(op, fin)
@@ -290,9 +367,9 @@ class FrameReader:
             count += 1
             if op >= _CLOSE:
                 if op == _PING:
-                    events.append((PING, payload))
+                    events.append(Ping(PING, payload))
                 elif op == _PONG:
-                    events.append((PONG, payload))
+                    events.append(Pong(PONG, payload))
                 else:
                     self.frames += count
                     events.append(self._close_event(payload))
@@ -312,11 +389,11 @@ class FrameReader:
                 self._fragment_op = None
                 if message_op == _TEXT:
                     try:
-                        events.append((TEXT, message.decode("utf-8")))
+                        events.append(Message(TEXT, message.decode("utf-8")))
                     except UnicodeDecodeError:
                         raise _Fail(1007, "invalid UTF-8 in a text message") from None
                 else:
-                    events.append((BINARY, bytes(message)))
+                    events.append(Message(BINARY, bytes(message)))
                 continue
             if not fin:
                 self._fragment_op = op
@@ -326,11 +403,11 @@ class FrameReader:
                 continue
             if op == _TEXT:
                 try:
-                    events.append((TEXT, payload.decode("utf-8")))
+                    events.append(Message(TEXT, payload.decode("utf-8")))
                 except UnicodeDecodeError:
                     raise _Fail(1007, "invalid UTF-8 in a text message") from None
             else:
-                events.append((BINARY, payload))
+                events.append(Message(BINARY, payload))
         self.frames += count
         return pos
 
@@ -344,9 +421,9 @@ class FrameReader:
                 self._fragment_op = None
 
     @staticmethod
-    def _close_event(payload: bytes) -> tuple:
+    def _close_event(payload: bytes) -> CloseReceived:
         if not payload:
-            return (CLOSE, NO_STATUS, "")
+            return CloseReceived(CLOSE, NO_STATUS, "")
         if len(payload) == 1:
             raise _Fail(1002, "close frame with a 1-byte payload")
         code = (payload[0] << 8) | payload[1]
@@ -356,7 +433,7 @@ class FrameReader:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
             raise _Fail(1007, "close reason is not UTF-8") from None
-        return (CLOSE, code, reason)
+        return CloseReceived(CLOSE, code, reason)
 
 
 # --- writing (server frames are never masked) ----------------------------------------
