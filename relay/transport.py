@@ -78,7 +78,7 @@ from .wsframe import (
 )
 
 __all__ = [
-    "TransportConfig", "Handler", "Outbox", "ConnState", "WsConn", "serve_stream", "PING_TEXT",
+    "TransportConfig", "Handler", "Backpressure", "NO_BACKPRESSURE", "Outbox", "ConnState", "WsConn", "serve_stream", "PING_TEXT",
     "tls_failure_reason",
 ]
 
@@ -91,7 +91,7 @@ _RECV_SIZE = 65536
 # What `_handle_events` tells the reader loop.
 _MORE = 0  # all events handled: read more bytes
 _DONE = 1  # the connection is done reading
-_HELD = 2  # the handler is backlogged; `_held_message` waits for `wait_ready`
+_HELD = 2  # backpressure is on; `_held_message` waits for `wait_ready`
 _TURN = 3  # this turn's share of events is used up: let other connections run
 
 # Data messages that make the relay do nothing (the core ignores a client's
@@ -163,13 +163,9 @@ class TransportConfig:
 
 
 class Handler(Protocol):
-    """What the transport reports to. All sync but `wait_ready`. The relay's
-    implementation is `relay.server.RelayServer` (its "transport.Handler"
-    section); tests drive `WsConn` with small fakes."""
-
-    backlogged: bool  # when True the reader awaits wait_ready() before the next message
-
-    async def wait_ready(self) -> None: ...
+    """What the transport reports to (all sync). The relay's implementation
+    is `relay.server.RelayServer` (its "transport.Handler" section); tests
+    drive `WsConn` with small fakes."""
 
     def on_open(self, conn: WsConn) -> None: ...
 
@@ -180,6 +176,25 @@ class Handler(Protocol):
     def on_close(self, conn: WsConn) -> None: ...
 
     def on_drained(self, conn: WsConn) -> None: ...
+
+
+class Backpressure(Protocol):
+    """Whether readers may hand the handler another message. The relay's
+    implementation is `relay.pipeline.StorePipeline` (the store is behind)."""
+
+    backlogged: bool  # when True the reader awaits wait_ready() before the next message
+
+    async def wait_ready(self) -> None: ...
+
+
+class _NoBackpressure:
+    backlogged = False
+
+    async def wait_ready(self) -> None:
+        return
+
+
+NO_BACKPRESSURE: Backpressure = _NoBackpressure()
 
 
 _PING_PAYLOAD = PING_TEXT.encode()
@@ -293,7 +308,7 @@ class WsConn:
     __slots__ = (
         "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
         "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
-        "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
+        "_backpressure", "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
         "_out_messages", "_outbox", "_read_scope", "_rest", "_scope", "_state",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
@@ -312,10 +327,13 @@ class WsConn:
         *,
         response: bytes = b"",
         trailing: bytes = b"",
+        backpressure: Backpressure = NO_BACKPRESSURE,
     ) -> None:
         """`response`: bytes to send before anything else (the 101);
         `trailing`: bytes the client sent behind its request (its first
-        frames), parsed now and handled when the connection runs."""
+        frames), parsed now and handled when the connection runs;
+        `backpressure`: asked before each message is handed over."""
+        self._backpressure = backpressure
         self.id = conn_id
         self.address = address
         self._stream = stream
@@ -560,9 +578,10 @@ class WsConn:
     def _handle_events(self, handler: Handler) -> int:
         """Handle the events read so far, at most `turn_frames` of them.
         Returns `_MORE` (all handled: read on), `_DONE` (stop reading),
-        `_HELD` (the handler is backlogged: `_held_message` waits for
+        `_HELD` (backpressure is on: `_held_message` waits for
         `wait_ready`) or `_TURN` (events are left: yield, then call again)."""
         events = self._events
+        backpressure = self._backpressure
         i = self._next_event
         n = len(events)
         end = i + self._turn_frames
@@ -586,7 +605,7 @@ class WsConn:
                 ):
                     self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
-                if handler.backlogged:
+                if backpressure.backlogged:
                     self._next_event = i
                     self._held_message = message
                     return _HELD
@@ -680,7 +699,7 @@ class WsConn:
                             state = self._handle_events(handler)
                         continue
                     # _HELD: wait for the handler, then hand over the held message
-                    await handler.wait_ready()
+                    await self._backpressure.wait_ready()
                     message, self._held_message = self._held_message, None
                     with outbox:
                         if self._state is OPEN and message is not None:
@@ -907,6 +926,7 @@ async def serve_stream(
     *,
     partial_budget: ByteBudget | None = None,
     observer: Observer | None = None,
+    backpressure: Backpressure = NO_BACKPRESSURE,
 ) -> None:
     """Serve one accepted stream: (TLS,) handshake, then frames until it ends.
 
@@ -916,7 +936,9 @@ async def serve_stream(
     endpoints; `edge.handshake_done()` is called once the request is answered
     or the handshake gave up (timeout, EOF, TLS failure).
     `partial_budget`: the relay-wide pool the connection's unfinished
-    messages draw from (given back when it ends); `observer` hears of limit hits.
+    messages draw from (given back when it ends); `observer` hears of limit
+    hits; `backpressure` holds the reader before a message while it is
+    `backlogged`.
     """
     conn: WsConn | None = None
     refused = edge is not None and edge.refusal is not None
@@ -953,7 +975,7 @@ async def serve_stream(
         # The 101 goes out first, in the connection's first write.
         conn = WsConn(
             next_id(), address, stream, frames, config, outbox, observer,
-            response=result.response, trailing=result.trailing,
+            response=result.response, trailing=result.trailing, backpressure=backpressure,
         )
         handler.on_open(conn)
         try:
