@@ -249,7 +249,8 @@ class StorePipeline:
         log.error(
             "store unavailable: %s; retrying every %g-%g s with %d op(s) pending; new sessions, "
             "codes and stored messages are refused meanwhile, live messages keep flowing",
-            describe_error(exc), self._limits.store_retry_min, self._limits.store_retry_max, len(self.pending),
+            describe_error(exc), self._limits.store_retry_min, self._limits.store_retry_max,
+            len(self.pending),
         )
         self._tell_core(False)
         if self.backlogged and self.core_knows_store:

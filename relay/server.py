@@ -151,7 +151,7 @@ from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid, shown_address
 from .memory import TrimPolicy, release_free_memory
 from .observe import NullObserver, Observer
-from .pipeline import StorePipeline
+from .pipeline import HeldAction, StorePipeline
 from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
@@ -393,7 +393,7 @@ class RelayServer:
     def core(self) -> Core:
         return self._core
 
-    # The store pipeline's state, as the metrics, /readyz and tests read it.
+    # -- the store pipeline's state, as the metrics, /readyz and tests read it -----
 
     @property
     def store_healthy(self) -> bool:
@@ -841,7 +841,7 @@ class RelayServer:
         while self._doomed:
             self._drop(self._doomed.pop())
 
-    def _deliver(self, action: Action, conns: dict[int, WsConn]) -> None:
+    def _deliver(self, action: HeldAction, conns: dict[int, WsConn]) -> None:
         conn = conns.get(action.conn)
         if conn is None:
             return

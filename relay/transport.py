@@ -78,8 +78,8 @@ from .wsframe import (
 )
 
 __all__ = [
-    "TransportConfig", "Handler", "Backpressure", "NO_BACKPRESSURE", "Outbox", "ConnState", "WsConn", "serve_stream", "PING_TEXT",
-    "tls_failure_reason",
+    "TransportConfig", "Handler", "Backpressure", "NO_BACKPRESSURE", "Outbox", "ConnState", "WsConn",
+    "serve_stream", "PING_TEXT", "tls_failure_reason",
 ]
 
 log = logging.getLogger("parley.relay.transport")
@@ -834,7 +834,9 @@ class WsConn:
 # --- handshake (the decisions: relay.handshake) ----------------------------------------
 
 
-async def _handshake(stream: trio.abc.Stream, config: TransportConfig, edge: Edge | None = None) -> Upgrade | None:
+async def _handshake(
+    stream: trio.abc.Stream, config: TransportConfig, edge: Edge | None = None
+) -> Upgrade | None:
     """Read one HTTP request and answer it: the `Upgrade` (its 101 not sent
     yet) for a valid upgrade; None after answering an error (or on EOF)."""
     shake = Handshake(

@@ -255,9 +255,8 @@ class FrameReader:
             delta = held - self._drawn
             if delta > 0:
                 if not budget.take(delta):
-                    events.append(
-                        LimitExceeded(LIMIT, "partial_bytes", 1013, "relay busy: too many unfinished messages")
-                    )
+                    reason = "relay busy: too many unfinished messages"
+                    events.append(LimitExceeded(LIMIT, "partial_bytes", 1013, reason))
                     self.close()
                     return events
                 self._drawn = held
