@@ -54,7 +54,7 @@ import math
 import os
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import attrs
 import trio
@@ -65,13 +65,19 @@ from .budgets import ByteBudget, TokenBucket
 from .handshake import Edge, Handshake, Refuse, Upgrade
 from .observe import NullObserver, Observer
 from .wsframe import (
+    BINARY,
+    CLOSE,
+    FAIL,
+    LIMIT,
+    PING,
+    PONG,
+    TEXT,
+    TOO_LARGE,
     CloseReceived,
     Event,
     FrameReader,
     LimitExceeded,
-    Message,
     Ping,
-    Pong,
     ProtocolError,
     TooLarge,
     text_frame_header,
@@ -590,11 +596,12 @@ class WsConn:
         while i < end:
             event = events[i]
             i += 1
-            kind = type(event)
-            if kind is Message:
+            kind = event[0]  # the tag (wsframe: plain tuples, for speed)
+            if kind is TEXT or kind is BINARY:
                 if self._state is not OPEN:
                     continue  # we are closing: data is no longer read
-                message = event.data
+                # (a `Message`; no `cast` here: that is a call, per message)
+                _, message = event  # type: ignore[misc]
                 self.messages_in += 1
                 size = len(message)
                 self.bytes_in += size
@@ -610,32 +617,37 @@ class WsConn:
                     self._held_message = message
                     return _HELD
                 handler.on_message(self, message)
-            elif kind is Ping or kind is Pong:
+            elif kind is PING or kind is PONG:
                 if not self._idle.take(1, trio.current_time):
                     self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
-                if kind is Ping and not self._close_sent:
-                    self._queue_control(wsframe.pong_frame(event.payload))
-            elif kind is TooLarge:
+                if kind is PING and not self._close_sent:
+                    _, payload = cast(Ping, event)
+                    self._queue_control(wsframe.pong_frame(payload))
+            elif kind is TOO_LARGE:
                 if self._state is OPEN:
-                    handler.on_too_large(self, event.size)
-            elif kind is CloseReceived:
+                    _, size = cast(TooLarge, event)
+                    handler.on_too_large(self, size)
+            elif kind is CLOSE:
                 self._next_event = i
+                _, code, _reason = cast(CloseReceived, event)
                 # The client closed: the same code back, no reason.
-                if self._send_close(event.code):
-                    self.close_reason = f"client closed {event.code}"
+                if self._send_close(code):
+                    self.close_reason = f"client closed {code}"
                 self._stop_reading()
                 return _DONE
-            elif kind is ProtocolError:
+            elif kind is FAIL:
                 self._next_event = i
-                if self._send_close(event.code, event.reason):
-                    self.close_reason = f"protocol error {event.code}"
-                    log.debug("conn %d protocol error, closing %d", self.id, event.code)
+                _, code, reason = cast(ProtocolError, event)
+                if self._send_close(code, reason):
+                    self.close_reason = f"protocol error {code}"
+                    log.debug("conn %d protocol error, closing %d", self.id, code)
                 self._stop_reading()
                 return _DONE
-            elif kind is LimitExceeded:
+            elif kind is LIMIT:
                 self._next_event = i
-                return self._limit(event.name, event.code, event.reason)
+                _, name, code, reason = cast(LimitExceeded, event)
+                return self._limit(name, code, reason)
         if i < n:
             self._next_event = i
             return _TURN
