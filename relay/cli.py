@@ -27,11 +27,12 @@ import trio
 from . import logging as relay_logging
 from .config import RelayConfig
 from .core import RelayCore
+from .handshake import normalize_origin
 from .metrics import MetricsBindError
 from .observe import LimitReporter, Observer
 from .server import RelayServer, ServerConfig
 from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
-from .transport import TransportConfig, normalize_origin
+from .transport import TransportConfig
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
 

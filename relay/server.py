@@ -3,7 +3,7 @@
 Task layout (one process, one Trio run):
 
 * `serve()` owns two nurseries. The *services* nursery runs the store task
-  (group commits), the tick task (`core.tick()` once a second), a stats
+  (`pipeline.StorePipeline.run`: group commits), the tick task (`core.tick()` once a second), a stats
   logger, the event-loop lag probe and, with `metrics_port`, the Prometheus
   endpoint (`relay.metrics`); the *connections* nursery runs one accept loop
   per listening socket and one task per connection (see `transport`: reader +
@@ -12,7 +12,34 @@ Task layout (one process, one Trio run):
   concurrently; the actions of one call are applied synchronously, in order,
   before anything else runs, so every connection sees the core's order.
 
-Applying actions (the contract in `actions.py`):
+Following one MSG (the names are the code's; "go to definition" on each
+leads to the next, the two Protocol hops naming their implementation):
+
+1. The sender's connection task, `transport.WsConn._reader`, reads its
+   socket (`os.read`; `receive_some` under TLS) and feeds the bytes to
+   `wsframe.FrameReader.receive`, which returns `wsframe.Message` events.
+2. Inside one `transport.Outbox` batch (``with outbox:``),
+   `WsConn._handle_events` hands each message to `Handler.on_message`, which
+   is `RelayServer.on_message` below.
+3. `RelayServer.on_message` calls `Core.receive`, which is
+   `relay.core.RelayCore.receive`: a live MSG becomes `[Send(peer, text)]`.
+4. `RelayServer._apply` -> `_deliver` -> `WsConn.send_text` on the PEER's
+   connection appends the frame to its buffer and marks it in the outbox;
+   nothing is written yet.
+5. When the sender's ``with outbox:`` block ends, `Outbox.flush` ->
+   `WsConn._flush` writes the peer's buffer with one non-blocking
+   `os.write` on the peer's socket.
+
+So a peer's bytes are written by the SENDER's reader task, when its
+`Outbox` batch ends. Why: the fast path then costs no task switch (waking
+the peer's writer task would be a scheduler round trip per message), every
+frame one read produced for a connection goes out in one write, and the
+write cannot block the sender (non-blocking; whatever the kernel does not
+take is left to the peer's own writer task, `WsConn._drain`, and later
+frames queue behind it, so the order on the wire is the core's order).
+
+Applying actions (the contract in `actions.py`; the store side is
+`pipeline.StorePipeline`):
 
 * `Persist` ops go, in order, into the pending list of the store task, each
   numbered. A `Send`/`Close` that follows a `Persist` in the same call is
@@ -108,29 +135,28 @@ import itertools
 import logging
 import os
 import re
-import sqlite3
 import ssl
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
 
 from . import admission as adm
 from . import metrics
-from .actions import Action, Close, NotifyDrained, Persist, Send, StoreOp
+from .actions import Action, Close, ConnId, NotifyDrained, Persist, Requeue, SaveFrame, Send
 from .addresses import address_key, prefix_key
 from .budgets import ByteBudget, OutputPools
 from .fdlimit import connection_capacity, raise_soft_limit
 from .logging import frame_type_of, short_sid, shown_address
 from .memory import TrimPolicy, release_free_memory
 from .observe import NullObserver, Observer
-from .store import Store, describe_error
+from .pipeline import HeldAction, StorePipeline
+from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
-__all__ = ["ServerConfig", "RelayServer", "server_version", "make_ssl_context"]
+__all__ = ["ServerConfig", "RelayServer", "Core", "StoreFaultCore", "server_version", "make_ssl_context"]
 
 log = logging.getLogger("parley.relay.server")
 
@@ -236,7 +262,7 @@ def _rx_summary(message: str | bytes) -> tuple[str, str]:
 
 
 class _Edge:
-    """The server's side of one accepted connection (transport.Edge)."""
+    """The server's side of one accepted connection (`handshake.Edge`)."""
 
     __slots__ = ("_server", "_ticket", "address", "keys", "refusal")
 
@@ -271,20 +297,45 @@ class _Edge:
             admission.free_refusal_slot()
 
 
-# The same ERROR the core writes for a message over `max_frame` (PROTOCOL 2.4).
+class Core(Protocol):
+    """What the server calls on the sans-I/O core: `relay.core.RelayCore`
+    (the contract of what they return: `relay.actions`). Tests hand the
+    server a fake with these methods."""
+
+    def connect(self, conn_id: ConnId, address: Hashable) -> list[Action]: ...
+
+    def receive(self, conn_id: ConnId, message: str | bytes) -> list[Action]: ...
+
+    def refuse_too_large(self, conn_id: ConnId) -> list[Action]: ...
+
+    def drained(self, conn_id: ConnId) -> list[Action]: ...
+
+    def requeue(self, conn_id: ConnId, tokens: Iterable[Requeue]) -> list[Action]: ...
+
+    def disconnect(self, conn_id: ConnId) -> list[Action]: ...
+
+    def tick(self) -> list[Action]: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+class StoreFaultCore(Core, Protocol):
+    """A core with the store-unavailable mode (`RelayCore` has it; a fake may
+    not, and its sends then stay held until the store recovers)."""
+
+    def set_store_available(self, available: bool) -> None: ...
+
+    def abandon_frame(self, conn_id: ConnId, op: SaveFrame) -> list[Action] | None: ...
 
 
 class RelayServer:
     """Runs a `RelayCore` behind WebSocket connections and an optional `Store`."""
 
     def __init__(
-        self, core: Any, store: Store | None, config: ServerConfig, *, observer: Observer | None = None
+        self, core: Core, store: Store | None, config: ServerConfig, *, observer: Observer | None = None
     ) -> None:
         self._core = core
         self.observer: Observer = observer if observer is not None else NullObserver()
-        # /readyz answers 503 while this is False; the store pipeline sets it
-        # False while commits fail, True again once one succeeds.
-        self.store_healthy = True
         self.admission: adm.Admission | None = None  # made by serve(), from the fd limit
         self._spare_fd: int | None = None  # closed to accept-and-close when out of fds
         self._accept_tally = adm.Tally(ACCEPT_LOG_INTERVAL)
@@ -306,48 +357,20 @@ class RelayServer:
             else None
         )
         self._ids = itertools.count(1)
-        self._conns: dict[int, WsConn] = {}  # attached to the core
+        # Two maps, two audiences: the core's actions reach only connections
+        # attached to it; the shutdown's closes (and what is held before
+        # them) reach every upgraded one.
+        self._attached: dict[int, WsConn] = {}  # told to the core (`connect`), not yet gone
         self._live: dict[int, WsConn] = {}  # every upgraded connection
-        self._held: dict[int, deque[tuple[int, Action]]] = {}
         self._doomed: list[int] = []
         self._outbox = Outbox()  # sends made in one batch go out in one write per connection
         self._trim = TrimPolicy()  # memory back to the OS once a crowd has gone
-        # store pipeline
-        self._pending: list[StoreOp] = []
-        self._op_seq = 0  # ops ever queued
-        self._committed = 0  # ops committed
-        self._store_wake: trio.Event | None = None
-        self._commit_event = trio.Event()
-        self._room_event = trio.Event()
-        self._store_limiter = trio.CapacityLimiter(1)
-        self.backlogged = False
-        # store faults (see the module docstring)
-        self.store_healthy = True  # False while commits fail (the edge's /readyz reads it)
-        self._down_since = 0.0  # trio clock
-        self._down_attempts = 0
-        self._unheld = False  # store down past store_hold: sends are not held
-        # A core with the store-unavailable mode (RelayCore); with another
-        # core, sends stay held until the store recovers, however long.
-        self._core_knows_store = callable(getattr(core, "set_store_available", None)) and callable(
+        # A core with the store-unavailable mode; with another core, sends
+        # stay held until the store recovers, however long.
+        fault_mode = callable(getattr(core, "set_store_available", None)) and callable(
             getattr(core, "abandon_frame", None)
         )
-        self.last_commit_seconds = 0.0  # duration of the last successful commit
-        self.commit_observer: Callable[[float, int], None] | None = None  # (seconds, ops)
-        # lifecycle
-        self._shutdown = trio.Event()
-        self._shutting_down = False
-        self._listen_scope = trio.CancelScope()
-        self._conn_nursery: trio.Nursery | None = None
-        self.listeners: list[trio.SocketListener] = []
-        self._debug = False
-        self._info = True
-        # operating it: per connection (opened at, shown address, close code)
-        self._conn_info: dict[int, list[Any]] = {}
-        self.store_commit_seconds = metrics.Histogram(metrics.STORE_COMMIT_BUCKETS)
-        self.loop_lag_seconds = metrics.Histogram(metrics.LOOP_LAG_BUCKETS)
-        self.metrics_listeners: list[tuple[str, int]] = []
-        self._last_stats: dict[str, int] = {}
-        # counters
+        self._fault_core: StoreFaultCore | None = cast(StoreFaultCore, core) if fault_mode else None
         self.counters = {
             "connections": 0,
             "overflows": 0,
@@ -361,12 +384,64 @@ class RelayServer:
             "core_errors": 0,
             "memory_trims": 0,
         }
+        self._pipeline = StorePipeline(
+            store, config, core=self._fault_core, counters=self.counters,
+            on_committed=self._release, on_give_up=self._release_held,
+        )
+        self._held = self._pipeline.held  # the same dict, for `_apply`'s one lookup
+        # lifecycle
+        self._shutdown = trio.Event()
+        self._shutting_down = False
+        self._listen_scope = trio.CancelScope()
+        self._conn_nursery: trio.Nursery | None = None
+        self.listeners: list[trio.SocketListener] = []
+        self._debug = False
+        self._info = True
+        # operating it: per connection (opened at, shown address, close code)
+        self._conn_info: dict[int, list[Any]] = {}
+        self.loop_lag_seconds = metrics.Histogram(metrics.LOOP_LAG_BUCKETS)
+        self.metrics_listeners: list[tuple[str, int]] = []
+        self._last_stats: dict[str, int] = {}
 
     # -- public --------------------------------------------------------------------
 
     @property
-    def core(self) -> Any:
+    def core(self) -> Core:
         return self._core
+
+    # -- the store pipeline's state, as the metrics, /readyz and tests read it -----
+
+    @property
+    def store_healthy(self) -> bool:
+        """False while commits fail (/readyz answers 503)."""
+        return self._pipeline.healthy
+
+    @store_healthy.setter
+    def store_healthy(self, healthy: bool) -> None:
+        self._pipeline.healthy = healthy
+
+    @property
+    def backlogged(self) -> bool:
+        """True while readers wait for the store to catch up."""
+        return self._pipeline.backlogged
+
+    @property
+    def last_commit_seconds(self) -> float:
+        """Duration of the last successful commit."""
+        return self._pipeline.last_commit_seconds
+
+    @property
+    def commit_observer(self) -> Callable[[float, int], None] | None:
+        """Called with (seconds, ops) after each successful commit."""
+        return self._pipeline.commit_observer
+
+    @commit_observer.setter
+    def commit_observer(self, observer: Callable[[float, int], None] | None) -> None:
+        self._pipeline.commit_observer = observer
+
+    @property
+    def store_commit_seconds(self) -> metrics.Histogram:
+        return self._pipeline.commit_seconds
 
     @property
     def tls(self) -> bool:
@@ -386,9 +461,9 @@ class RelayServer:
         return {
             **self.counters,
             "open": len(self._live),
-            "attached": len(self._conns),
+            "attached": len(self._attached),
             "held_conns": len(self._held),
-            "store_pending": len(self._pending),
+            "store_pending": len(self._pipeline.pending),
             "refused": self.admission.refused if self.admission is not None else 0,
             "accept_errors": self._accept_tally.total,
             "store_down": int(not self.store_healthy),
@@ -450,7 +525,7 @@ class RelayServer:
                 await self._start_metrics(services, metrics_listeners)
             services.start_soon(metrics.watch_loop_lag, self.loop_lag_seconds, self._config.loop_lag_interval)
             if self._store is not None:
-                services.start_soon(self._store_loop)
+                services.start_soon(self._pipeline.run)
             tick_scope = trio.CancelScope()
             services.start_soon(self._tick_loop, tick_scope)
             services.start_soon(self._stats_loop)
@@ -466,9 +541,9 @@ class RelayServer:
                 log.info("shutting down: closing %d connection(s)", len(self._live))
                 with self._outbox:
                     for conn_id in list(self._live):
-                        self._apply([Close(conn_id, SHUTDOWN_CODE, SHUTDOWN_REASON)], core=False)
+                        self._apply([Close(conn_id, SHUTDOWN_CODE, SHUTDOWN_REASON)], self._live)
                 conns.cancel_scope.deadline = trio.current_time() + self._config.shutdown_timeout
-            await self._flush_store()
+            await self._pipeline.flush()
             services.cancel_scope.cancel()
         log.info(
             "stopped: %d connection(s) served, %d store op(s) committed in %d batch(es)",
@@ -613,7 +688,7 @@ class RelayServer:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True, https_compatible=True)
             await serve_stream(
                 stream, self, self._transport, self._ids.__next__, self._outbox, edge,
-                partial_budget=self._partial_budget, observer=self.observer,
+                partial_budget=self._partial_budget, observer=self.observer, backpressure=self._pipeline,
                 out_pools=out_pools,
             )
         except OSError:  # the socket died before it was wrapped
@@ -654,17 +729,13 @@ class RelayServer:
 
     # -- transport.Handler ------------------------------------------------------------
 
-    async def wait_ready(self) -> None:
-        while self.backlogged:
-            await self._room_event.wait()
-
     def on_open(self, conn: WsConn) -> None:
         self._live[conn.id] = conn
         self.counters["connections"] += 1
         if self._shutting_down:
             conn.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
             return
-        self._conns[conn.id] = conn
+        self._attached[conn.id] = conn
         shown = shown_address(conn.address, self._config.log_addresses)
         self._conn_info[conn.id] = [time.monotonic(), shown, None]
         if self._info:
@@ -673,12 +744,18 @@ class RelayServer:
         self._call(conn, self._core.connect, conn.id, conn.address)
 
     def on_message(self, conn: WsConn, message: str | bytes) -> None:
-        if self._shutting_down or conn.id not in self._conns:
+        if self._shutting_down or conn.id not in self._attached:
             return
         if self._debug:
             t, sid = _rx_summary(message)
             log.debug("conn %d %s rx %s sid %s %dB", conn.id, self._shown(conn.id), t, sid, len(message))
-        self._call(conn, self._core.receive, conn.id, message)
+        try:
+            actions = self._core.receive(conn.id, message)
+        except Exception:
+            self._core_failed(conn)
+            return
+        if actions:
+            self._apply(actions, self._attached)
 
     def on_too_large(self, conn: WsConn, size: int) -> None:
         """PROTOCOL 2.4: ERROR `too_large`, the rest of the message is dropped
@@ -691,7 +768,7 @@ class RelayServer:
 
     def on_drained(self, conn: WsConn) -> None:
         """The connection wrote what it had, as the core asked: a paced replay goes on."""
-        if self._shutting_down or conn.id not in self._conns:
+        if self._shutting_down or conn.id not in self._attached:
             return
         self._call(conn, self._core.drained, conn.id)
 
@@ -722,22 +799,29 @@ class RelayServer:
     # -- core calls and actions ---------------------------------------------------------
 
     def _call(self, conn: WsConn, method: Callable[..., list[Action]], *args: Any) -> None:
+        """`method(*args)` on the core for `conn`, and its actions carried out
+        (`on_message`, the hot path, does the same inline)."""
         try:
             actions = method(*args)
         except Exception:
-            self.counters["core_errors"] += 1
-            log.exception("relay core failed on conn %d; closing it", conn.id)
-            self._conns.pop(conn.id, None)
-            self._held.pop(conn.id, None)
-            conn.close(1011, "internal error")
+            self._core_failed(conn)
             return
         if actions:
-            self._apply(actions)
+            self._apply(actions, self._attached)
+
+    def _core_failed(self, conn: WsConn) -> None:
+        """The core raised on a call for `conn`: a bug, kept to that one
+        connection (closed 1011, detached without telling the core)."""
+        self.counters["core_errors"] += 1
+        log.exception("relay core failed on conn %d; closing it", conn.id)
+        self._attached.pop(conn.id, None)
+        self._held.pop(conn.id, None)
+        conn.close(1011, "internal error")
 
     def _drop(self, conn_id: int) -> None:
         """The connection is gone (or aborted): hand back the forwarded frames
         it never wrote, then tell the core it left, once."""
-        conn = self._conns.pop(conn_id, None)
+        conn = self._attached.pop(conn_id, None)
         if conn is None:
             return
         held = self._held.pop(conn_id, None)
@@ -754,51 +838,33 @@ class RelayServer:
             log.exception("relay core failed on disconnect of conn %d", conn_id)
             return
         if actions:
-            self._apply(actions)
+            self._apply(actions, self._attached)
 
-    def _apply(self, actions: list[Action], core: bool = True) -> None:
+    def _apply(self, actions: list[Action], conns: dict[int, WsConn]) -> None:
+        """Carry out one core call's actions in order (see the module
+        docstring), to the connections in `conns` (`_attached`, or `_live`
+        for the shutdown's closes)."""
         ticket = 0  # sends after a Persist wait for the store to commit up to this
         held = self._held
-        conns = self._conns if core else self._live
         for action in actions:
             kind = type(action)
             if kind is Send or kind is Close or kind is NotifyDrained:
                 conn_id = action.conn
                 if ticket or conn_id in held:
                     if conn_id in conns:
-                        queue = held.get(conn_id)
-                        if queue is None:
-                            queue = held[conn_id] = deque()
-                        wait_for = ticket
-                        if queue and queue[-1][0] > wait_for:
-                            wait_for = queue[-1][0]
-                        queue.append((wait_for, action))
+                        self._pipeline.hold(conn_id, ticket, action)
                     continue
                 self._deliver(action, conns)
             elif kind is Persist:
                 if self._store is None:
                     continue
-                self._pending.append(action.op)
-                self._op_seq += 1
-                if not self._unheld:
-                    ticket = self._op_seq
-                if self._store_wake is not None:
-                    self._store_wake.set()
-                if (
-                    len(self._pending) >= self._config.store_backlog
-                    and not self.backlogged
-                    and (self.store_healthy or not self._core_knows_store)
-                ):
-                    self.backlogged = True
-                    self.counters["store_pauses"] += 1
-                    self._room_event = trio.Event()
-                    log.warning("store is behind (%d ops pending): pausing readers", len(self._pending))
+                ticket = self._pipeline.persist(action.op)
             else:
                 log.error("unknown action %s ignored", kind.__name__)
         while self._doomed:
             self._drop(self._doomed.pop())
 
-    def _deliver(self, action: Action, conns: dict[int, WsConn]) -> None:
+    def _deliver(self, action: HeldAction, conns: dict[int, WsConn]) -> None:
         conn = conns.get(action.conn)
         if conn is None:
             return
@@ -833,137 +899,34 @@ class RelayServer:
         else:
             log.debug("conn %d %s tx %s %dB", conn.id, self._shown(conn.id), t, len(text))
 
+    def _release_targets(self) -> dict[int, WsConn]:
+        """Where held actions go: the attached connections; while shutting
+        down every live one (the shutdown's closes were held behind them)."""
+        return self._attached if not self._shutting_down else self._live
+
     def _release(self) -> None:
-        committed = self._committed
-        held = self._held
-        for conn_id in list(held):
-            queue = held.get(conn_id)
-            if queue is None:
-                continue
-            conns = self._conns if not self._shutting_down else self._live
-            while queue and queue[0][0] <= committed:
-                self._deliver(queue.popleft()[1], conns)
-            if not queue and held.get(conn_id) is queue:
-                del held[conn_id]
-        while self._doomed:
-            self._drop(self._doomed.pop())
-
-    # -- store task -------------------------------------------------------------------
-
-    async def _store_loop(self) -> None:
-        store = self._store
-        assert store is not None
-        batch_max = self._config.store_batch
-        delay = 0.0
-        while True:
-            if not self._pending:
-                self._store_wake = trio.Event()
-                await self._store_wake.wait()
-                self._store_wake = None
-                continue
-            batch = self._pending[:batch_max]
-            del self._pending[: len(batch)]
-            started = time.monotonic()
-            try:
-                await trio.to_thread.run_sync(store.apply, batch, limiter=self._store_limiter)
-            except sqlite3.Error as exc:
-                # Rolled back: the same ops go first again. Their sends stay held.
-                self._pending[:0] = batch
-                self.counters["store_failures"] += 1
-                if self.store_healthy:
-                    self._store_down(exc)
-                    delay = self._config.store_retry_min
-                else:
-                    self._down_attempts += 1
-                    delay = min(delay * 2, self._config.store_retry_max)
-                await self._wait_to_retry(delay)
-                continue
-            except Exception as exc:
-                # Not the store but a bug (an op it cannot write): stop rather
-                # than retry it forever. Its sends are still held.
-                log.critical("store commit failed (%s): stopping the relay", describe_error(exc))
-                raise
-            elapsed = time.monotonic() - started
-            self.last_commit_seconds = elapsed
-            self.store_commit_seconds.observe(elapsed)
-            self._committed += len(batch)
-            self.counters["store_batches"] += 1
-            self.counters["store_ops"] += len(batch)
-            if self.commit_observer is not None:
-                try:
-                    self.commit_observer(elapsed, len(batch))
-                except Exception:
-                    log.exception("commit observer failed")
-            if self._debug:
-                log.debug("store committed %d op(s) in %.1f ms", len(batch), elapsed * 1000)
-            if not self.store_healthy:
-                self._store_up()
-            with self._outbox:
-                self._release()
-            if self.backlogged and len(self._pending) < self._config.store_backlog // 2:
-                self.backlogged = False
-                self._room_event.set()
-            self._commit_event.set()
-            self._commit_event = trio.Event()
-
-    def _store_down(self, exc: BaseException) -> None:
-        self.store_healthy = False
-        self._down_since = trio.current_time()
-        self._down_attempts = 1
-        self.counters["store_outages"] += 1
-        log.error(
-            "store unavailable: %s; retrying every %g-%g s with %d op(s) pending; new sessions, "
-            "codes and stored messages are refused meanwhile, live messages keep flowing",
-            describe_error(exc), self._config.store_retry_min, self._config.store_retry_max,
-            len(self._pending),
-        )
-        self._tell_core(False)
-        if self.backlogged and self._core_knows_store:
-            # only deletes queue up from now on (see the module docstring)
-            self.backlogged = False
-            self._room_event.set()
-
-    def _store_up(self) -> None:
-        self.store_healthy = True
-        self._unheld = False
-        self._tell_core(True)
-        log.warning(
-            "store recovered after %.1f s (%d failed attempt(s)); %d op(s) still pending",
-            trio.current_time() - self._down_since, self._down_attempts, len(self._pending),
-        )
-
-    def _tell_core(self, available: bool) -> None:
-        if not self._core_knows_store:
-            return
-        try:
-            self._core.set_store_available(available)
-        except Exception:
-            self.counters["core_errors"] += 1
-            log.exception("relay core failed on set_store_available")
-
-    async def _wait_to_retry(self, delay: float) -> None:
-        retry_at = trio.current_time() + delay
-        if not self._unheld and self._core_knows_store:
-            give_up_at = self._down_since + self._config.store_hold
-            if give_up_at <= retry_at:
-                await trio.sleep_until(give_up_at)
-                self._release_held()
-        await trio.sleep_until(retry_at)
+        """The store committed: carry out the held actions it was waited for."""
+        with self._outbox:
+            conns = self._release_targets()
+            for _conn_id, action in self._pipeline.releasable():
+                self._deliver(action, conns)
+            while self._doomed:
+                self._drop(self._doomed.pop())
 
     def _release_held(self) -> None:
         """The store stayed down for `store_hold`: stop holding (see the
         module docstring). Acks of unsaved frames become DELIVERED_FAILED."""
-        if self.store_healthy or not self._core_knows_store:
+        core = self._fault_core
+        if core is None:
             return
-        self._unheld = True
-        held, self._held = self._held, {}
+        held = self._pipeline.take_held()
         released = replaced = 0
-        abandon = self._core.abandon_frame
+        abandon = core.abandon_frame
         with self._outbox:
             for conn_id, queue in held.items():
                 for _, action in queue:
                     released += 1
-                    conns = self._conns if not self._shutting_down else self._live
+                    conns = self._release_targets()
                     kept = action.kept if type(action) is Send else None
                     if kept is not None and conn_id in conns:
                         try:
@@ -974,7 +937,7 @@ class RelayServer:
                             actions = None
                         if actions is not None:
                             replaced += 1
-                            self._apply(actions, core=not self._shutting_down)
+                            self._apply(actions, conns)
                             continue
                     self._deliver(action, conns)
             while self._doomed:
@@ -984,27 +947,7 @@ class RelayServer:
             log.warning(
                 "store still unavailable after %.1f s: released %d held frame(s) on %d connection(s), "
                 "%d unsaved message(s) answered DELIVERED_FAILED store_unavailable",
-                trio.current_time() - self._down_since, released, len(held), replaced,
-            )
-
-    async def _flush_store(self) -> None:
-        if self._store is None:
-            return
-        with trio.move_on_after(30) as scope:
-            while self._committed < self._op_seq:
-                if self.store_healthy:
-                    await self._commit_event.wait()
-                    continue
-                # down: one more retry at most, then stop without it
-                with trio.move_on_after(self._config.store_retry_max + 1):
-                    await self._commit_event.wait()
-                if not self.store_healthy:
-                    break
-        if self._committed < self._op_seq:
-            log.error(
-                "store %s at shutdown: %d op(s) not saved (no QUEUED or DELIVERED was sent for them)",
-                "flush timed out" if scope.cancelled_caught else "unavailable",
-                self._op_seq - self._committed,
+                self._pipeline.down_for, released, len(held), replaced,
             )
 
     # -- periodic ---------------------------------------------------------------------
@@ -1022,7 +965,7 @@ class RelayServer:
                     continue
                 if actions:
                     with self._outbox:
-                        self._apply(actions)
+                        self._apply(actions, self._attached)
 
     def _maybe_trim(self) -> None:
         try:
@@ -1079,7 +1022,7 @@ class RelayServer:
             "queued": core_stats.get("queued_frames", 0),
             "queued_bytes": core_stats.get("queued_bytes", 0),
             **{k: v - last.get(k, 0) for k, v in totals.items()},
-            "store_pending": len(self._pending),
+            "store_pending": len(self._pipeline.pending),
             "lag_ms": round(self.loop_lag_seconds.max_since() * 1000, 1),
         }
         self._last_stats = totals

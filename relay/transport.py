@@ -1,4 +1,4 @@
-"""The relay's WebSocket transport: an h11 handshake, then RFC 6455 frames over Trio.
+"""The relay's WebSocket transport: the upgrade handshake, then RFC 6455 frames over Trio.
 
 One connection = one nursery with two tasks:
 
@@ -32,26 +32,10 @@ Queueing never blocks: when a connection's buffer is over its bound (bytes or
 messages) the connection is aborted at once (no close frame: the peer is not
 reading anyway) and `send_text` returns False so the caller can tell the core.
 
-Handshake (PROTOCOL 1.1): every path upgrades; a request that is not a
-WebSocket upgrade gets `400 Bad Request` (405 for a method other than GET),
-as gorilla/websocket answers; no subprotocol is echoed and no extension is
-accepted; the 101 carries `Server: parley/<version>`. The handshake is parsed
-with h11 so that bytes a client sends right behind its request are kept and
-read as frames. What parley adds (protocol/EXTENSIONS.md, "Relay: HTTP on the
-relay port"), checked in this order:
-
-* ``GET /healthz`` and ``GET /readyz`` without an upgrade are answered by the
-  server's `Edge.endpoint` (200, or 503 with a one-line reason);
-* a connection the server refused (`Edge.refusal`) gets `503 Service
-  Unavailable` with `Retry-After`, whatever it asked;
-* an upgrade over HTTP/1.0 gets `426 Upgrade Required` (RFC 6455 4.1 needs
-  HTTP/1.1 or later; RFC 7231 6.5.15);
-* a request with an `Origin` header (only browsers send one) whose origin is
-  not in `TransportConfig.allowed_origins` gets `403 Forbidden` (RFC 6455
-  4.2.2 item 4 / 10.2): otherwise any web page could drive a relay on the
-  visitor's own machine. Clients that send no Origin (parley, the Node and Go
-  reference peers) are not affected; ``*`` in the list allows every origin.
-
+Handshake: `relay.handshake` decides (sans I/O: request bytes in, a 101,
+an error/endpoint response or nothing out; PROTOCOL 1.1 and the 426/403/503,
+/healthz and /readyz that parley adds); `_handshake` here only reads, writes
+and bounds it in time (`handshake_timeout`, `refusal_timeout`).
 A failed TLS handshake is reported to `Edge.tls_failed` with a short reason.
 
 Closing: a client's close frame is answered with the same code and an empty
@@ -64,40 +48,56 @@ TEXT message, ...) is answered with a close frame carrying its code (1002 or
 
 from __future__ import annotations
 
-import base64
-import binascii
+import enum
 import logging
 import math
 import os
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol, cast
 
 import attrs
-import h11
 import trio
 from . import wsframe
+from .actions import Requeue
 from .addresses import address_key
 from .budgets import ByteBudget, TokenBucket
+from .handshake import Edge, Handshake, Refuse, Upgrade
 from .observe import NullObserver, Observer
-from .wsframe import BINARY, CLOSE, FAIL, LIMIT, PING, PONG, TEXT, TOO_LARGE, FrameReader, text_frame_header
+from .wsframe import (
+    BINARY,
+    CLOSE,
+    FAIL,
+    LIMIT,
+    PING,
+    PONG,
+    TEXT,
+    TOO_LARGE,
+    CloseReceived,
+    Event,
+    FrameReader,
+    LimitExceeded,
+    Ping,
+    ProtocolError,
+    TooLarge,
+    text_frame_header,
+)
 
 __all__ = [
-    "TransportConfig", "Handler", "Edge", "Outbox", "WsConn", "serve_stream", "PING_TEXT",
-    "normalize_origin", "tls_failure_reason",
+    "TransportConfig", "Handler", "Backpressure", "NO_BACKPRESSURE", "Outbox", "ConnState", "WsConn",
+    "serve_stream", "PING_TEXT", "tls_failure_reason",
 ]
 
 log = logging.getLogger("parley.relay.transport")
 
 PING_TEXT = '{"t":"PING"}\n'
 OVERFLOW = "send buffer full"  # the close reason of a connection dropped for not reading
-WS_VERSION = b"13"
 _RECV_SIZE = 65536
 
 # What `_handle_events` tells the reader loop.
 _MORE = 0  # all events handled: read more bytes
 _DONE = 1  # the connection is done reading
-_HELD = 2  # the handler is backlogged; `_held_message` waits for `wait_ready`
+_HELD = 2  # backpressure is on; `_held_message` waits for `wait_ready`
 _TURN = 3  # this turn's share of events is used up: let other connections run
 
 # Data messages that make the relay do nothing (the core ignores a client's
@@ -169,11 +169,9 @@ class TransportConfig:
 
 
 class Handler(Protocol):
-    """What the transport reports to (the relay server). All sync but `wait_ready`."""
-
-    backlogged: bool  # when True the reader awaits wait_ready() before the next message
-
-    async def wait_ready(self) -> None: ...
+    """What the transport reports to (all sync). The relay's implementation
+    is `relay.server.RelayServer` (its "transport.Handler" section); tests
+    drive `WsConn` with small fakes."""
 
     def on_open(self, conn: WsConn) -> None: ...
 
@@ -186,22 +184,23 @@ class Handler(Protocol):
     def on_drained(self, conn: WsConn) -> None: ...
 
 
-class Edge(Protocol):
-    """What the server decided about one accepted connection, and what it
-    wants to hear about its handshake (all sync, none may raise)."""
+class Backpressure(Protocol):
+    """Whether readers may hand the handler another message. The relay's
+    implementation is `relay.pipeline.StorePipeline` (the store is behind)."""
 
-    address: str  # the peer's IP address
-    refusal: str | None  # not None: answer 503 (the text is the body's reason)
+    backlogged: bool  # when True the reader awaits wait_ready() before the next message
 
-    def endpoint(self, path: bytes) -> tuple[int, bytes] | None:
-        """(status, one-line body) for a plain GET of `path` (no query), or
-        None if `path` is not an endpoint."""
+    async def wait_ready(self) -> None: ...
 
-    def handshake_done(self) -> None:
-        """The HTTP request was answered (101 or an error), or never came."""
 
-    def tls_failed(self, reason: str) -> None:
-        """The TLS handshake failed (`reason`: see `tls_failure_reason`)."""
+class _NoBackpressure:
+    backlogged = False
+
+    async def wait_ready(self) -> None:
+        return
+
+
+NO_BACKPRESSURE: Backpressure = _NoBackpressure()
 
 
 _PING_PAYLOAD = PING_TEXT.encode()
@@ -247,6 +246,24 @@ class Outbox:
                 conn._flush()
 
 
+class ConnState(enum.Enum):
+    """Where a `WsConn` is in its life (the transitions: `WsConn`'s docstring)."""
+
+    OPEN = "open"  # reading; data frames may be queued
+    CLOSING = "closing"  # our close frame is queued: no more data; reading on for the answer
+    DRAINING = "draining"  # nothing more is read; the writer writes what is queued, bounded
+    DEAD = "dead"  # aborted or the socket failed: nothing more is read or written
+    CLOSED = "closed"  # the connection's task ended; the stream is being closed
+
+
+# Module-level names: the checks on the hot path are one global load and `is`.
+OPEN = ConnState.OPEN
+CLOSING = ConnState.CLOSING
+DRAINING = ConnState.DRAINING
+DEAD = ConnState.DEAD
+CLOSED = ConnState.CLOSED
+
+
 class WsConn:
     """One upgraded WebSocket connection (server side).
 
@@ -256,16 +273,52 @@ class WsConn:
     stream is not a plain socket, e.g. TLS) does the writer task take over
     (`_writing`): it owns the socket until the buffer is empty, and every later
     frame queues behind it, so the byte order on the wire is the queue order.
+
+    Lifecycle (`state`, a `ConnState`; nothing else says where it is):
+
+    ==========  =================================================  ==========
+    from        on                                                 to
+    ==========  =================================================  ==========
+    OPEN        `close()` (core `Close`, idle deadline, shutdown)  CLOSING
+    OPEN        the client's close frame, a protocol error or a    CLOSING
+                read limit (our close frame is queued in answer)
+    OPEN        the reader ends (end of file)                      DRAINING
+    CLOSING     the reader ends (it handled the client's close,    DRAINING
+                or `close_timeout` passed)
+    any         `abort()` (send buffer full), a failed write       DEAD
+                or read (`_lost`)
+    OPEN,       the connection's task ends (`_run` returns)        CLOSED
+    CLOSING,
+    DRAINING
+    ==========  =================================================  ==========
+
+    DEAD and CLOSED are final (DEAD stays DEAD when the task ends, so
+    `send_text` can still tell a dropped connection from a closed one).
+    `send_text` queues only in OPEN; the writer task ends in DRAINING or
+    DEAD once nothing is left to write.
+
+    The flags that remain are not stages of that life but facts that hold
+    across it:
+
+    * `_close_sent`: our one close frame (RFC 6455 5.5.1) is queued. True in
+      CLOSING, and either way in DRAINING (end of file: none sent) and DEAD.
+    * `_writing`: the writer task owns the socket (a partial write is being
+      finished): can be so in OPEN, CLOSING or DRAINING.
+    * `_dirty`: marked in the `Outbox` batch, to be flushed when it ends.
+    * `_notify_drained` / `_drained_due`: the core asked to hear when the
+      buffer is empty (`notify_when_drained`) / it now is and the writer task
+      is to tell it. Both can be set at once (asked again before the writer
+      told the first), so they are two flags, not one three-way value.
     """
 
     __slots__ = (
         "_close_deadline", "_close_sent", "_config", "_dirty", "_drained_due", "_events", "_fd",
-        "_finished", "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
-        "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
+        "_frame_rate", "_frames", "_frames_seen", "_handler", "_held_message",
+        "_backpressure", "_idle", "_inflight", "_max_bytes", "_observer", "_rate_mark", "_turn_frames",
         "_max_messages", "_next_event", "_notify_drained", "_out", "_out_bytes",
-        "_out_messages", "_outbox", "_pools", "_read_scope", "_reading_done", "_rest", "_scope",
+        "_out_messages", "_outbox", "_pools", "_read_scope", "_rest", "_scope", "_state",
         "_stream", "_tokens", "_unsent", "_wakeup", "_writing", "address", "bytes_in", "bytes_out",
-        "close_reason", "dead", "id", "last_rx", "messages_in", "messages_out", "open",
+        "close_reason", "id", "last_rx", "messages_in", "messages_out",
     )
 
     def __init__(
@@ -277,8 +330,17 @@ class WsConn:
         config: TransportConfig,
         outbox: Outbox,
         observer: Observer | None = None,
+        *,
+        response: bytes = b"",
+        trailing: bytes = b"",
+        backpressure: Backpressure = NO_BACKPRESSURE,
         out_pools: tuple[ByteBudget, ...] = (),
     ) -> None:
+        """`response`: bytes to send before anything else (the 101);
+        `trailing`: bytes the client sent behind its request (its first
+        frames), parsed now and handled when the connection runs;
+        `backpressure`: asked before each message is handed over."""
+        self._backpressure = backpressure
         self.id = conn_id
         self.address = address
         self._stream = stream
@@ -286,43 +348,40 @@ class WsConn:
             stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         )
         self._frames = frames
-        self._events: list[tuple] = []  # read but not yet handled
+        self._events: list[Event] = frames.receive(trailing) if trailing else []  # read, not yet handled
         self._next_event = 0
         self._close_sent = False
         self._config = config
         self._outbox = outbox
         self._max_bytes = config.effective_send_buffer_bytes
         self._max_messages = config.send_buffer_messages
-        self._out: list[bytes] = []
-        self._out_bytes = 0  # queued in _out plus the unwritten rest of a write
+        self._out: list[bytes] = [response] if response else []
+        self._out_bytes = len(response)  # queued in _out plus the unwritten rest of a write
         self._out_messages = 0
         # Shared pools _out_bytes is also counted in (this address's, the
         # relay's): one address's readers that do not read cannot hold more
         # than its pool, whatever the number of its connections.
         self._pools = out_pools
+        for pool in out_pools:
+            pool.held += self._out_bytes  # the 101, counted like any queued byte
         self._rest: memoryview | None = None  # the unwritten tail of a partial write
         self._writing = False  # the writer task owns the socket
         self._dirty = False  # marked in the outbox
-        self._finished = False  # the stream is being closed: never touch the fd again
         # Requeue tokens (see relay.actions.Requeue) of queued sends, and of the
         # write in progress; what is left here when the connection goes away
         # was not delivered.
-        self._tokens: list[Any] = []
-        self._inflight: list[Any] = []
-        self._unsent: list[Any] = []  # of frames never queued (closing, or overflow)
+        self._tokens: list[Requeue] = []
+        self._inflight: list[Requeue] = []
+        self._unsent: list[Requeue] = []  # of frames never queued (closing, or overflow)
         self._wakeup: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
-        self._reading_done = False
         self._close_deadline = math.inf
         self._held_message: str | bytes | None = None
         self._handler: Handler | None = None
         self._notify_drained = False  # tell the handler when the buffer is empty
         self._drained_due = False  # ... which it now is: the writer task tells it
-        # `open`: data frames may still be queued (no close frame queued yet).
-        self.open = True
-        # `dead`: aborted; nothing more is read or written.
-        self.dead = False
+        self._state = OPEN
         self.close_reason = ""
         self.last_rx = now = trio.current_time()
         self._observer: Observer = observer if observer is not None else NullObserver()
@@ -336,16 +395,20 @@ class WsConn:
         self.bytes_in = 0
         self.bytes_out = 0
 
+    @property
+    def state(self) -> ConnState:
+        return self._state
+
     # -- called by the server (sync, never blocks) -------------------------------
 
-    def send_text(self, text: str, requeue: Any = None) -> bool:
+    def send_text(self, text: str, requeue: Requeue | None = None) -> bool:
         """Queue one TEXT message. False if the buffer overflowed (the connection
         is then aborted). A message for a closing connection is dropped (True).
         `requeue` is kept until the message is written (see `undelivered`)."""
-        if not self.open:
+        if self._state is not OPEN:
             if requeue is not None:
                 self._unsent.append(requeue)
-            return not self.dead
+            return self._state is not DEAD
         payload = text.encode("utf-8")
         size = len(payload)
         if (
@@ -399,9 +462,9 @@ class WsConn:
     def close(self, code: int, reason: str = "", *, wait_reply: bool = True) -> None:
         """Queue a close frame behind what is queued; drop the connection once the
         client answers it (or after `close_timeout`; at once without `wait_reply`)."""
-        if not self.open:
+        if self._state is not OPEN:
             return
-        self.open = False
+        self._state = CLOSING
         self.close_reason = reason or str(code)
         self._send_close(code, reason)
         linger = self._config.close_timeout if wait_reply else 0.0
@@ -411,10 +474,9 @@ class WsConn:
 
     def abort(self, why: str) -> None:
         """Drop the connection now: no close frame, nothing more sent or read."""
-        if self.dead:
+        if self._state is DEAD:
             return
-        self.dead = True
-        self.open = False
+        self._state = DEAD
         self.close_reason = why
         self._out.clear()
         self._give_back(self._out_bytes)
@@ -441,7 +503,7 @@ class WsConn:
     def queued_bytes(self) -> int:
         return self._out_bytes
 
-    def undelivered(self) -> list[Any]:
+    def undelivered(self) -> list[Requeue]:
         """The requeue tokens of messages not known to be written (queued, or
         in the write that did not finish); taken once, when the connection is
         gone."""
@@ -462,7 +524,7 @@ class WsConn:
         return True
 
     def _queue_raw(self, data: bytes | bytearray) -> None:
-        if self.dead or not data:
+        if self._state is DEAD or not data:
             return
         self._out.append(bytes(data))
         self.charge_out(len(data))
@@ -490,7 +552,8 @@ class WsConn:
     def _flush(self) -> None:
         """Write what is queued now, without blocking (see the class docstring)."""
         self._dirty = False
-        if self.dead or self._finished or not self._out:
+        state = self._state
+        if state is DEAD or state is CLOSED or not self._out:
             return
         if self._writing:
             return  # the writer task is on it; the new frames queue behind
@@ -529,10 +592,9 @@ class WsConn:
             wakeup.set()
 
     def _lost(self) -> None:
-        self.open = False
         if not self.close_reason:
             self.close_reason = "connection lost"
-        self.dead = True
+        self._state = DEAD
         if self._scope is not None:
             self._scope.cancel()
 
@@ -541,12 +603,13 @@ class WsConn:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 self._handler = handler
-                if self.dead:
+                if self._state is DEAD:
                     nursery.cancel_scope.cancel()
                 self._flush()  # the 101 response
                 nursery.start_soon(self._writer)
                 await self._reader(handler)
-                self._reading_done = True
+                if self._state is OPEN or self._state is CLOSING:
+                    self._state = DRAINING
                 if self._wakeup is not None:
                     self._wakeup.set()
                 # Let the writer flush what is queued (e.g. a close reply), bounded.
@@ -555,17 +618,18 @@ class WsConn:
                     trio.current_time() + self._config.close_timeout,
                 )
         finally:
-            self.open = False
-            self._finished = True
+            if self._state is not DEAD:
+                self._state = CLOSED
             self._give_back(self._out_bytes)  # never written now
             self._pools = ()
 
     def _handle_events(self, handler: Handler) -> int:
         """Handle the events read so far, at most `turn_frames` of them.
         Returns `_MORE` (all handled: read on), `_DONE` (stop reading),
-        `_HELD` (the handler is backlogged: `_held_message` waits for
+        `_HELD` (backpressure is on: `_held_message` waits for
         `wait_ready`) or `_TURN` (events are left: yield, then call again)."""
         events = self._events
+        backpressure = self._backpressure
         i = self._next_event
         n = len(events)
         end = i + self._turn_frames
@@ -574,11 +638,12 @@ class WsConn:
         while i < end:
             event = events[i]
             i += 1
-            kind = event[0]
+            kind = event[0]  # the tag (wsframe: plain tuples, for speed)
             if kind is TEXT or kind is BINARY:
-                if not self.open:
+                if self._state is not OPEN:
                     continue  # we are closing: data is no longer read
-                message = event[1]
+                # (a `Message`; no `cast` here: that is a call, per message)
+                _, message = event  # type: ignore[misc]
                 self.messages_in += 1
                 size = len(message)
                 self.bytes_in += size
@@ -589,7 +654,7 @@ class WsConn:
                 ):
                     self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
-                if handler.backlogged:
+                if backpressure.backlogged:
                     self._next_event = i
                     self._held_message = message
                     return _HELD
@@ -599,27 +664,32 @@ class WsConn:
                     self._next_event = i
                     return self._limit("idle_frames", 1008, IDLE_FRAMES)
                 if kind is PING and not self._close_sent:
-                    self._queue_control(wsframe.pong_frame(event[1]))
+                    _, payload = cast(Ping, event)
+                    self._queue_control(wsframe.pong_frame(payload))
             elif kind is TOO_LARGE:
-                if self.open:
-                    handler.on_too_large(self, event[1])
+                if self._state is OPEN:
+                    _, size = cast(TooLarge, event)
+                    handler.on_too_large(self, size)
             elif kind is CLOSE:
                 self._next_event = i
+                _, code, _reason = cast(CloseReceived, event)
                 # The client closed: the same code back, no reason.
-                if self._send_close(event[1]):
-                    self.close_reason = f"client closed {event[1]}"
-                self.open = False
+                if self._send_close(code):
+                    self.close_reason = f"client closed {code}"
+                self._stop_reading()
                 return _DONE
             elif kind is FAIL:
                 self._next_event = i
-                if self._send_close(event[1], event[2]):
-                    self.close_reason = f"protocol error {event[1]}"
-                    log.debug("conn %d protocol error, closing %d", self.id, event[1])
-                self.open = False
+                _, code, reason = cast(ProtocolError, event)
+                if self._send_close(code, reason):
+                    self.close_reason = f"protocol error {code}"
+                    log.debug("conn %d protocol error, closing %d", self.id, code)
+                self._stop_reading()
                 return _DONE
             elif kind is LIMIT:
                 self._next_event = i
-                return self._limit(event[1], event[2], event[3])
+                _, name, code, reason = cast(LimitExceeded, event)
+                return self._limit(name, code, reason)
         if i < n:
             self._next_event = i
             return _TURN
@@ -652,8 +722,14 @@ class WsConn:
         if self._send_close(code, reason):
             self.close_reason = f"limit {kind}"
             log.debug("conn %d over the %s limit, closing %d", self.id, kind, code)
-        self.open = False
+        self._stop_reading()
         return _DONE
+
+    def _stop_reading(self) -> None:
+        """Our close frame answers the client's (or a read-side failure): no
+        more data is handled; the reader returns and `_run` moves on."""
+        if self._state is OPEN:
+            self._state = CLOSING
 
     async def _reader(self, handler: Handler) -> None:
         frames = self._frames
@@ -677,10 +753,10 @@ class WsConn:
                             state = self._handle_events(handler)
                         continue
                     # _HELD: wait for the handler, then hand over the held message
-                    await handler.wait_ready()
+                    await self._backpressure.wait_ready()
                     message, self._held_message = self._held_message, None
                     with outbox:
-                        if self.open and message is not None:
+                        if self._state is OPEN and message is not None:
                             handler.on_message(self, message)
                         state = self._handle_events(handler)
                 if frames.pending:
@@ -712,8 +788,7 @@ class WsConn:
                     if not data:
                         if not self.close_reason:
                             self.close_reason = "connection lost"
-                        self.open = False
-                        return
+                        return  # end of file: `_run` moves on to DRAINING
                     self.last_rx = trio.current_time()
                     self._events = frames.receive(data)
                 if frames.frames >= self._rate_mark:
@@ -736,8 +811,9 @@ class WsConn:
         try:
             while True:
                 if not self._writing and not self._drained_due:
-                    if self._reading_done or self.dead:
-                        if self._out and not self.dead:
+                    state = self._state
+                    if state is DRAINING or state is DEAD:
+                        if self._out and state is not DEAD:
                             self._flush()
                             if self._writing:
                                 continue
@@ -752,7 +828,7 @@ class WsConn:
                     self._ping(now, interval, idle_timeout)
                 if self._drained_due:
                     self._drained_due = False
-                    if self.open and self._handler is not None:
+                    if self._state is OPEN and self._handler is not None:
                         with self._outbox:
                             self._handler.on_drained(self)
                 if self._writing:
@@ -792,7 +868,7 @@ class WsConn:
             self._drained()
 
     def _ping(self, now: float, interval: float, idle_timeout: float) -> None:
-        if not self.open:
+        if self._state is not OPEN:
             return
         silent = now - self.last_rx
         if idle_timeout > 0 and silent >= idle_timeout:
@@ -811,183 +887,30 @@ class WsConn:
             self._queue_control(wsframe.ping_frame())
 
 
-# --- handshake -----------------------------------------------------------------------
-
-
-def _header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    tokens: list[bytes] = []
-    for key, value in headers:
-        if key == name:
-            tokens.extend(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value.strip()
-    return None
-
-
-def _valid_key(key: bytes | None) -> bool:
-    if not key:
-        return False
-    try:
-        return len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
-
-
-_STATUS_TEXT = {
-    200: b"OK",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    405: b"Method Not Allowed",
-    426: b"Upgrade Required",
-    503: b"Service Unavailable",
-}
-
-
-def _error_response(
-    hconn: h11.Connection | None,
-    status: int,
-    server: bytes,
-    body: bytes | None = None,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> bytes:
-    """A complete `status` response closing the connection; `body` defaults to
-    the status text, one line."""
-    if body is None:
-        body = _STATUS_TEXT[status] + b"\n"
-    headers = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Sec-WebSocket-Version", WS_VERSION),
-        (b"X-Content-Type-Options", b"nosniff"),
-        (b"Cache-Control", b"no-store"),
-        (b"Server", server),
-        *(extra or ()),
-        (b"Content-Length", str(len(body)).encode()),
-        (b"Connection", b"close"),
-    ]
-    if hconn is not None and hconn.our_state is h11.SEND_RESPONSE:
-        try:
-            return (
-                hconn.send(h11.Response(status_code=status, headers=headers, reason=_STATUS_TEXT[status]))
-                + hconn.send(h11.Data(data=body))
-                + hconn.send(h11.EndOfMessage())
-            )
-        except h11.LocalProtocolError:
-            pass
-    lines = [b"HTTP/1.1 %d %s" % (status, _STATUS_TEXT[status])]
-    lines += [k + b": " + v for k, v in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-def normalize_origin(origin: str) -> str:
-    """An origin as compared: lower case, no trailing slash (RFC 6454 6.2
-    serializes scheme and host in lower case)."""
-    return origin.strip().lower().rstrip("/")
-
-
-def _origin_allowed(origin: bytes, allowed: tuple[str, ...]) -> bool:
-    if "*" in allowed:
-        return True
-    return normalize_origin(origin.decode("latin-1")) in allowed
-
-
-def _answer(
-    hconn: h11.Connection, request: h11.Request, config: TransportConfig, edge: Edge | None
-) -> bytes | None:
-    """The response that ends `request` (an endpoint's or an error), or None
-    if it may upgrade."""
-    server = config.server_header
-    upgrade = _wants_upgrade(request)
-    if edge is not None and request.method == b"GET" and not upgrade:
-        answer = edge.endpoint(request.target.split(b"?", 1)[0])
-        if answer is not None:
-            status, body = answer
-            return _error_response(hconn, status, server, body)
-    if edge is not None and edge.refusal is not None:
-        return _error_response(
-            hconn, 503, server, edge.refusal.encode() + b"\n",
-            [(b"Retry-After", str(config.retry_after).encode())],
-        )
-    headers = [(k.lower(), v) for k, v in request.headers]
-    if request.method != b"GET":
-        return _error_response(hconn, 405, server)
-    if not upgrade:
-        return _error_response(hconn, 400, server)
-    if request.http_version < b"1.1":
-        return _error_response(
-            hconn, 426, server, b"Upgrade Required: WebSocket needs HTTP/1.1\n",
-            [(b"Upgrade", b"websocket")],
-        )
-    if _header(headers, b"sec-websocket-version") != WS_VERSION:
-        return _error_response(hconn, 400, server)
-    if not _valid_key(_header(headers, b"sec-websocket-key")):
-        return _error_response(hconn, 400, server)
-    origin = _header(headers, b"origin")
-    if origin is not None and not _origin_allowed(origin, config.allowed_origins):
-        return _error_response(hconn, 403, server, b"Forbidden: origin not allowed\n")
-    return None
+# --- handshake (the decisions: relay.handshake) ----------------------------------------
 
 
 async def _handshake(
     stream: trio.abc.Stream, config: TransportConfig, edge: Edge | None = None
-) -> tuple[bytes, bytes] | None:
-    """Read one HTTP request and answer it. Returns (the 101 response, trailing
-    bytes) for a valid upgrade; None after answering an error (or on EOF)."""
-    hconn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_handshake_bytes)
-    server = config.server_header
-    request: h11.Request | None = None
-    while True:
-        try:
-            event = hconn.next_event()
-        except h11.RemoteProtocolError:
-            await _send_quietly(stream, _error_response(None, 400, server))
-            return None
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(8192)
-            hconn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            request = event
-            if not _wants_upgrade(event):
-                break  # answer 400 now, without reading a body
-            continue
-        if isinstance(event, (h11.Data,)):
-            continue
-        if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-            break
-        return None  # ConnectionClosed before a full request
-    assert request is not None
-    refused = _answer(hconn, request, config, edge)
-    if refused is not None:
-        await _send_quietly(stream, refused)
+) -> Upgrade | None:
+    """Read one HTTP request and answer it: the `Upgrade` (its 101 not sent
+    yet) for a valid upgrade; None after answering an error (or on EOF)."""
+    shake = Handshake(
+        server=config.server_header,
+        allowed_origins=config.allowed_origins,
+        retry_after=config.retry_after,
+        max_bytes=config.max_handshake_bytes,
+        edge=edge,
+    )
+    decision = None
+    while decision is None:
+        decision = shake.receive(await stream.receive_some(8192))
+    if isinstance(decision, Refuse):
+        await _send_quietly(stream, decision.response)
         return None
-    headers = [(k.lower(), v) for k, v in request.headers]
-    accept = wsframe.accept_token(_header(headers, b"sec-websocket-key"))
-    response = hconn.send(
-        h11.InformationalResponse(
-            status_code=101,
-            headers=[
-                (b"Upgrade", b"websocket"),
-                (b"Connection", b"Upgrade"),
-                (b"Sec-WebSocket-Accept", accept),
-                (b"Server", server),
-            ],
-            reason=b"Switching Protocols",
-        )
-    )
-    trailing, _closed = hconn.trailing_data
-    return response, bytes(trailing)
-
-
-def _wants_upgrade(request: h11.Request) -> bool:
-    headers = [(k.lower(), v) for k, v in request.headers]
-    return b"upgrade" in _header_tokens(headers, b"connection") and b"websocket" in _header_tokens(
-        headers, b"upgrade"
-    )
+    if isinstance(decision, Upgrade):
+        return decision
+    return None  # Gone
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
@@ -1061,6 +984,7 @@ async def serve_stream(
     *,
     partial_budget: ByteBudget | None = None,
     observer: Observer | None = None,
+    backpressure: Backpressure = NO_BACKPRESSURE,
     out_pools: tuple[ByteBudget, ...] = (),
 ) -> None:
     """Serve one accepted stream: (TLS,) handshake, then frames until it ends.
@@ -1073,7 +997,8 @@ async def serve_stream(
     `partial_budget`: the relay-wide pool the connection's unfinished
     messages draw from (given back when it ends); `out_pools`: the pools its
     queued output is counted in (`budgets.OutputPools`); `observer` hears of
-    limit hits.
+    limit hits; `backpressure` holds the reader before a message while it is
+    `backlogged`.
     """
     conn: WsConn | None = None
     refused = edge is not None and edge.refusal is not None
@@ -1100,7 +1025,6 @@ async def serve_stream(
             return
         if result is None:
             return
-        response, trailing = result
         address = edge.address if edge is not None else peer_host(stream)
         frames = FrameReader(
             config.max_frame,
@@ -1108,10 +1032,12 @@ async def serve_stream(
             budget=partial_budget,
             frames_per_call=config.turn_frames * PARSE_TURNS,
         )
-        conn = WsConn(next_id(), address, stream, frames, config, outbox, observer, out_pools)
-        conn._events = frames.receive(trailing) if trailing else []
-        conn._out.append(response)  # the 101 goes out first, in the writer's first send
-        conn.charge_out(len(response))
+        # The 101 goes out first, in the connection's first write.
+        conn = WsConn(
+            next_id(), address, stream, frames, config, outbox, observer,
+            response=result.response, trailing=result.trailing, backpressure=backpressure,
+            out_pools=out_pools,
+        )
         handler.on_open(conn)
         try:
             await conn._run(handler)

@@ -363,13 +363,14 @@ async def test_retries_back_off_exponentially_up_to_the_cap_and_commit_latency_i
     with trio.fail_after(20):
         async with flaky_relay(**options) as (server, port, store):
             server.commit_observer = lambda seconds, ops: seen.append((seconds, ops))
-            wait = server._wait_to_retry
+            pipeline = server._pipeline
+            wait = pipeline._wait_to_retry
 
             async def recorded_wait(delay: float) -> None:
                 delays.append(delay)  # the delay the backoff asked for, free of scheduling noise
                 await wait(delay)
 
-            server._wait_to_retry = recorded_wait
+            pipeline._wait_to_retry = recorded_wait
             a, b, sid = await _sided_pair(port)
             await _until(lambda: seen)
             assert server.last_commit_seconds == seen[-1][0] > 0
