@@ -29,6 +29,7 @@ import trio
 
 from parley.relay import admission as adm
 from parley.relay.observe import RecordingObserver
+from support import until
 
 
 def _sibling(name: str):
@@ -126,10 +127,7 @@ def test_log_limiter_and_tally():
 # in-process relays
 
 
-async def _until(condition) -> None:
-    """Wait until the relay (same Trio run) has got there."""
-    while not condition():
-        await trio.sleep(0.01)
+_until = until  # the relay (same Trio run) gets there; the test's own deadline bounds it
 
 
 async def _tcp_from(port: int, source: str = "127.0.0.1") -> trio.SocketStream:

@@ -11,6 +11,7 @@ tiny fake core; protocol flows against the real `RelayCore`.
 
 from __future__ import annotations
 
+import functools
 import base64
 import datetime
 import json
@@ -40,6 +41,7 @@ from parley.relay.cli import build_relay
 from parley.relay.server import RelayServer, ServerConfig
 from parley.relay.store import Store
 from parley.relay.transport import TransportConfig
+from support import until
 
 PING = '{"t":"PING"}\n'
 
@@ -1433,10 +1435,7 @@ async def test_one_log_line_per_send_buffer_overflow(caplog):
     assert server.counters["overflows"] == 1
 
 
-async def _until(condition: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
+_until = functools.partial(until, timeout=10.0)
 
 
 async def test_readers_that_do_not_read_share_one_output_pool_per_address():

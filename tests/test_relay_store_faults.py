@@ -9,6 +9,7 @@ store really fails (a full tmpfs, an immutable WAL file) or is damaged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from support.coreharness import Harness, error_code
 from parley.relay.transport import TransportConfig
 
 from .test_relay_live import RawWS, RelayProcess, serving
+from support import until
 
 SID = "1763900000123_" + "9f3a61c2" * 4
 CIPHERTEXT = "c1f3e7" * 60
@@ -248,10 +250,7 @@ async def _nothing_for(ws: RawWS, seconds: float) -> None:
         pytest.fail(f"unexpected {got}")
 
 
-async def _until(predicate, timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+_until = functools.partial(until, timeout=5.0)
 
 
 async def _legacy_pair(port: int) -> tuple[RawWS, RawWS, str]:

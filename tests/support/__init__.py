@@ -8,10 +8,22 @@ that `source_root()` names.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["source_root"]
+import trio
+
+__all__ = ["source_root", "until"]
+
+
+async def until(condition: Callable[[], object], timeout: float = math.inf) -> None:
+    """Poll `condition()` every 10 ms until it is true (for state a relay in the
+    same Trio run reaches by itself); `trio.TooSlowError` after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
 
 
 def source_root() -> Path:
