@@ -24,15 +24,13 @@ import trio
 from click.testing import CliRunner
 
 from parley.client import cli as client_cli
-from support.parleyproc import ParleyProcess, clean_env
+from support.parleyproc import clean_env, CODE_RE, invite_and_join, ParleyProcess, VERIFY_RE
 from support.relayproc import ParleyRelay
 from parley.state import save_state
 
 TEST_TIMEOUT = 60
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 KEY = "ab" * 32
-CODE_RE = r"invite code: (\d+)"
-VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -218,12 +216,10 @@ async def test_reconnects_to_a_stalled_server_are_bounded_retried_and_said(tmp_p
         async with trio.open_nursery() as nursery:
             proxy = await StallableProxy(relay.port).start(nursery)
             via = f"ws://127.0.0.1:{proxy.port}/"
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=via, name="bob", cwd=tmp_path / "b",
-                                            extra_env={"PARLEY_CONNECT_TIMEOUT": "1", "PARLEY_LIVENESS_TIMEOUT": "2"})
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(
+                nursery, relay.url, tmp_path, bob_relay=via,
+                bob_env={"PARLEY_CONNECT_TIMEOUT": "1", "PARLEY_LIVENESS_TIMEOUT": "2"},
+            )
             proxy.stall_new = True
             proxy.cut()
             await bob.expect(r"^\* connection to the relay lost$", timeout=10)
@@ -251,12 +247,9 @@ async def test_dead_path_is_noticed_and_the_queued_message_arrives(tmp_path):
         async with trio.open_nursery() as nursery:
             proxy = await StallableProxy(relay.port).start(nursery)
             via = f"ws://127.0.0.1:{proxy.port}/"
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=via, name="bob", cwd=tmp_path / "b",
-                                            extra_env={"PARLEY_LIVENESS_TIMEOUT": "2"})
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(
+                nursery, relay.url, tmp_path, bob_relay=via, bob_env={"PARLEY_LIVENESS_TIMEOUT": "2"}
+            )
             await alice.expect(r"^\* type a message")
             await bob.expect(r"^\* type a message")
             await trio.sleep(3)  # idle, but PINGed every 0.5 s: no false alarm
@@ -286,12 +279,9 @@ async def test_dead_path_to_the_go_relay(tmp_path, go_relay_binary):
         async with trio.open_nursery() as nursery:
             proxy = await StallableProxy(relay.port).start(nursery)
             via = f"ws://127.0.0.1:{proxy.port}/"
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=via, name="bob", cwd=tmp_path / "b",
-                                            extra_env={"PARLEY_LIVENESS_TIMEOUT": "2"})
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(
+                nursery, relay.url, tmp_path, bob_relay=via, bob_env={"PARLEY_LIVENESS_TIMEOUT": "2"}
+            )
             await trio.sleep(4)  # idle, but PINGed: no false alarm
             assert not bob.seen(r"connection to the relay lost")
             proxy.cut()
@@ -308,12 +298,9 @@ async def test_liveness_timeout_zero_turns_the_check_off(tmp_path):
     """`PARLEY_LIVENESS_TIMEOUT=0`: a relay that never PINGs (ping interval 1 h) keeps the link."""
     with ParleyRelay(ping_interval=3600) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a", extra_env={"PARLEY_LIVENESS_TIMEOUT": "0"})
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob",
-                                            cwd=tmp_path / "b", extra_env={"PARLEY_LIVENESS_TIMEOUT": "1"})
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(
+                nursery, relay.url, tmp_path, alice_env={"PARLEY_LIVENESS_TIMEOUT": "0"}, bob_env={"PARLEY_LIVENESS_TIMEOUT": "1"}
+            )
             await bob.expect(r"^\* reconnecting in ", timeout=5)  # bob: 1 s of silence is enough
             await trio.sleep(1.5)
             assert not alice.seen(r"^\* connection to the relay lost$")

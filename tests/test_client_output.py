@@ -34,7 +34,7 @@ from parley.client.events import (
     Status,
     Undecryptable,
 )
-from support.parleyproc import ParleyProcess, clean_env, state_of
+from support.parleyproc import clean_env, CODE_RE, invite_and_join, ParleyProcess, state_of, VERIFY_RE
 from parley.client.safetext import one_line, safe_text, shown_error_code, shown_msg_id, shown_sid
 from parley.client.terminal import Terminal
 from support.relayproc import ParleyRelay
@@ -43,8 +43,6 @@ from parley.state import save_state
 TEST_TIMEOUT = 60
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 KEY = "ab" * 32
-CODE_RE = r"invite code: (\d+)"
-VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
 HOSTILE = "\x1b[2J\x1b[5m!"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -117,11 +115,7 @@ async def test_hostile_msg_id_through_an_honest_relay(tmp_path):
     """A member of the session sends a MSG that does not decrypt, with an escape-laden msgID."""
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path)
             await alice.expect(VERIFY_RE)
             (sid,) = state_of(tmp_path / "b", "bob").keys()
             async with open_websocket_url(relay.url) as mallory:
@@ -266,12 +260,7 @@ def test_relay_url_with_escapes_is_refused_safely(tmp_path):
 async def test_received_text_is_shown_whatever_the_output_encoding(tmp_path, bob_env):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob",
-                                            cwd=tmp_path / "b", extra_env=bob_env)
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path, bob_env=bob_env)
             await alice.expect(r"^\* type a message")
             await alice.type("check \u2713 \u65e5\u672c caf\u00e9")
             latin1 = "PYTHONIOENCODING" in bob_env
@@ -291,11 +280,7 @@ async def test_received_text_is_shown_whatever_the_output_encoding(tmp_path, bob
 async def test_send_reads_stdin_in_the_terminal_encoding(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path)
             await alice.expect(r"^\* type a message")
             (sid,) = state_of(tmp_path / "b", "bob").keys()
             env = {"PYTHONIOENCODING": "latin-1"}
@@ -354,11 +339,7 @@ async def test_closed_stdout_ends_the_command(tmp_path, args):
 async def test_send_with_closed_stdout_still_delivers(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path)
             await alice.expect(r"^\* type a message")
             await bob.stop()
             (sid,) = state_of(tmp_path / "b", "bob").keys()
@@ -412,11 +393,7 @@ async def test_send_text_argument_that_is_not_utf8(tmp_path):
     """
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path)
             await alice.expect(r"^\* type a message")
             (sid,) = state_of(tmp_path / "b", "bob").keys()
             proc = await trio.run_process(
@@ -434,11 +411,7 @@ async def test_stdout_closed_during_a_chat_ends_it(tmp_path):
     the next chat shows it."""
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice",
-                                              cwd=tmp_path / "a")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=tmp_path / "b")
-            await bob.expect(VERIFY_RE)
+            alice, bob = await invite_and_join(nursery, relay.url, tmp_path)
             await bob.stop()
             read_end, write_end = os.pipe()
             stdin_r, stdin_w = os.pipe()

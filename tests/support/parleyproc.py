@@ -33,7 +33,13 @@ import trio
 
 from .childproc import ChildProcess
 
-__all__ = ["ParleyProcess", "ParleyExited", "LineTimeout", "PtyParley", "clean_env", "state_of", "fingerprint"]
+__all__ = [
+    "ParleyProcess", "ParleyExited", "LineTimeout", "PtyParley", "clean_env", "state_of", "fingerprint",
+    "CODE_RE", "VERIFY_RE", "invite_and_join",
+]
+
+CODE_RE = r"invite code: (\d+)"
+VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -247,3 +253,23 @@ def state_of(cwd: Path, name: str) -> dict[str, Any]:
 
 def fingerprint(key_hex: str) -> str:
     return hashlib.sha256(bytes.fromhex(key_hex)).hexdigest()[:16]
+
+
+async def invite_and_join(
+    nursery: trio.Nursery,
+    relay: str,
+    tmp: Path,
+    *,
+    bob_relay: str | None = None,
+    alice_env: dict[str, str] | None = None,
+    bob_env: dict[str, str] | None = None,
+) -> tuple[ParleyProcess, ParleyProcess]:
+    """alice runs `invite --yes` in `tmp/a`, bob joins with her code in `tmp/b` (through
+    `bob_relay`, default the same relay); returns once bob shows the verification string."""
+    alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay, name="alice",
+                                      cwd=tmp / "a", extra_env=alice_env)
+    code = (await alice.expect(CODE_RE)).group(1)
+    bob = await ParleyProcess.start(nursery, ["join", code], relay=bob_relay or relay, name="bob",
+                                    cwd=tmp / "b", extra_env=bob_env)
+    await bob.expect(VERIFY_RE)
+    return alice, bob
