@@ -535,9 +535,11 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core, ping_interval=interval) as (server, port):
+            # The relay's idle deadline runs from the last bytes it read (the upgrade
+            # request), so the clock starts before the upgrade, not when HELLO arrives.
+            t0 = trio.current_time()
             ws = await RawWS.open(port)
             conn = await hello(ws)
-            t0 = trio.current_time()
             seen = []
             while True:  # read raw frames, answer nothing
                 frame = await ws.recv_frame()
