@@ -1,0 +1,176 @@
+"""The chat's line editor on a real pseudo-terminal, read through a terminal emulator.
+
+alice runs `parley invite` (and later `parley chat`) on a pty, as a person
+at a terminal (`PtyParley(editor=True)`: the pty is her controlling tty, its
+output feeds a pyte screen of 24 x 100); bob is a line-mode `parley join`
+on pipes, so what reaches him is exact text. A real relay carries it all.
+
+- typing while 50 messages arrive leaves the typed line intact at the bottom
+  and it is sent whole;
+- arrow keys, Ctrl-A/E/U and history (Up) edit; no escape sequence is sent;
+- a bracketed paste of 3 lines is ONE message (one status tag on alice's
+  screen; bob's three `peer:` lines come together, between two others);
+- each message of ours is one line whose state is rewritten in place;
+- Ctrl-C, Ctrl-D and `/quit` leave with exit 0, the terminal restored,
+  everything acknowledged and nothing received shown again next time.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+import trio
+
+from support.parleyproc import CODE_RE, VERIFY_RE, ParleyProcess, PtyParley, clean_env, state_of
+from support.relayproc import ParleyRelay
+
+pytest.importorskip("pyte")  # listed in the test extra; the editor cannot be read without it
+
+TEST_TIMEOUT = 60
+
+
+def argv(url: str, home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "parley.client", "--relay", url, "--name", "alice", "--state-dir", str(home), *args]
+
+
+def prompt_row(tty: PtyParley) -> str:
+    """The input line: the last row that starts with the prompt."""
+    rows = [row for row in tty.screen_lines() if row.startswith(">")]
+    return rows[-1] if rows else ""
+
+
+async def typed(tty: PtyParley, text: str) -> None:
+    await tty.until_screen(lambda rows: prompt_row(tty) == f"> {text}".rstrip())
+
+
+async def start_pair(nursery: trio.Nursery, url: str, tmp: Path) -> tuple[PtyParley, ParleyProcess]:
+    alice = PtyParley(argv(url, tmp / "a", "invite", "--yes"), clean_env(), cwd=tmp, editor=True)
+    (tmp / "a").mkdir(exist_ok=True)
+    code = (await alice.until(CODE_RE)).group(1)
+    bob = await ParleyProcess.start(nursery, ["join", code], relay=url, name="bob", cwd=tmp / "b")
+    await bob.expect(VERIFY_RE)
+    await alice.until_screen(r"^\* type a message and press Enter")
+    await alice.until_screen(lambda rows: prompt_row(alice) == ">")
+    return alice, bob
+
+
+async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                first, rest = "the quick brown fox ", "jumps over the lazy dog"
+                for ch in first:  # typed a key at a time, as the burst comes in
+                    await alice.keys(ch.encode())
+                for i in range(50):
+                    await bob.type(f"burst {i:02d}")
+                    if i % 10 == 0:
+                        await alice.keys(b"")
+                await alice.until_screen(r"^peer: burst 49$")
+                assert prompt_row(alice) == "> " + first.rstrip()  # intact, nothing glued to it
+                rows = alice.screen_lines()
+                assert not any("burst" in row and row.startswith(">") for row in rows)
+                await alice.keys(rest.encode())
+                await typed(alice, first + rest)
+                await alice.keys(b"\r")
+                await bob.expect(rf"^peer: {first + rest}$")
+                # the 50 arrived in order, each on its own line, none inside the typed text
+                await alice.until_screen(lambda rows: prompt_row(alice) == ">")
+                shown = [row for row in alice.screen_lines() if row.startswith("peer: burst")]
+                assert shown == sorted(shown) and shown[-1] == "peer: burst 49"
+                await alice.until_screen(rf"^you: {first + rest}  \[read\]$")
+            finally:
+                alice.kill()
+                await bob.aclose()
+    assert "Traceback" not in alice.text
+
+
+async def test_arrow_keys_and_history_edit_the_line(tmp_path):
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                await alice.keys(b"abd")
+                await alice.keys(b"\x1b[D")  # Left
+                await alice.keys(b"c")  # lands between b and d
+                await typed(alice, "abcd")
+                await alice.keys(b"\x01X\x05Y")  # Ctrl-A, X at the start; Ctrl-E, Y at the end
+                await typed(alice, "XabcdY")
+                await alice.keys(b"\r")
+                await bob.expect(r"^peer: XabcdY$")
+                await alice.keys(b"scratch that\x15")  # Ctrl-U: the line is empty again
+                await typed(alice, "")
+                await alice.keys(b"\x1b[A")  # Up: the last line sent
+                await typed(alice, "XabcdY")
+                await alice.keys(b"\x1b[D\x1b[D\x7f\r")  # Left twice, Backspace: the c goes
+                await bob.expect(r"^peer: XabdY$")
+                await alice.until_screen(r"^you: XabdY  \[read\]$")
+            finally:
+                alice.kill()
+                await bob.aclose()
+    assert not bob.seen(r"\\x1b|\x1b")  # no arrow key ever sent as text
+    assert bob.seen(r"^peer: ") == ["peer: XabcdY", "peer: XabdY"]
+
+
+async def test_a_pasted_three_line_text_is_one_message(tmp_path):
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                await alice.keys(b"before\r")
+                await bob.expect(r"^peer: before$")
+                # what a terminal sends for a paste once the application asked for bracketed paste
+                await alice.keys(b"\x1b[200~line one\rline two\rline three\x1b[201~")
+                await alice.until_screen(r"^  line three$")  # still in the input area, not sent
+                assert not bob.seen(r"^peer: line")
+                await alice.keys(b"\r")
+                await alice.keys(b"after\r")
+                await bob.expect(r"^peer: after$")
+                await alice.until_screen(r"^you: after  \[read\]$")
+            finally:
+                alice.kill()
+                await bob.aclose()
+    assert bob.seen(r"^peer: ") == ["peer: before", "peer: line one", "peer: line two", "peer: line three",
+                                    "peer: after"]
+    # one message: three `you:` lines with ONE state tag, the last one's
+    screen = "\n".join(alice.screen_lines())
+    assert re.search(r"^you: line one\nyou: line two\nyou: line three  \[read\]$", screen, re.M), screen
+
+
+def tty_restored(tty: PtyParley) -> bool:
+    """The terminal is back in cooked mode with echo (as the editor found it)."""
+    lflag = termios.tcgetattr(tty.master)[3]
+    return bool(lflag & termios.ICANON) and bool(lflag & termios.ECHO)
+
+
+async def test_ctrl_c_ctrl_d_and_quit_leave_with_everything_saved(tmp_path):
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            await alice.keys(b"/quit\r")
+            assert await alice.exit_code() == 0
+            for n, leave_with in enumerate((b"\x03", b"\x04", b"/quit\r")):
+                await bob.type(f"note {n}")  # queued by the relay while alice is away
+                await bob.expect(r"queued by the relay")
+                tty = PtyParley(argv(relay.url, tmp_path / "a", "chat"), clean_env(), cwd=tmp_path, editor=True)
+                try:
+                    await tty.until_screen(rf"^peer: note {n}$")
+                    await tty.until_screen(lambda rows: prompt_row(tty) == ">")
+                    await tty.keys(f"reply {n}\r".encode())
+                    await bob.expect(rf"^peer: reply {n}$")
+                    await tty.until_screen(rf"^you: reply {n}  \[read\]$")
+                    await tty.keys(leave_with)
+                    assert await tty.exit_code(close=False) == 0, leave_with
+                    assert tty_restored(tty), leave_with
+                finally:
+                    tty.kill()
+                # nothing received before is shown again; nothing of ours waits to be sent
+                assert not re.search(rf"peer: note {n - 1}\b", tty.text), leave_with
+                (entry,) = state_of(tmp_path / "a", "alice").values()
+                assert entry["pending"] == [] and entry["outbox"] == [], leave_with
+                assert "Traceback" not in tty.text
+            await bob.aclose()
