@@ -186,6 +186,7 @@ class LineEditor:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._up = trio.Event()  # set once prints go through the editor (or it failed to start)
 
     # --- Trio side ------------------------------------------------------------
 
@@ -201,11 +202,23 @@ class LineEditor:
         self._thread.start()
         try:
             await trio.to_thread.run_sync(self._ready.wait, abandon_on_cancel=True)
-            self.active = self._loop is not None
+            self.active = self._loop is not None and not self._finished.is_set()
+            self._up.set()
             await trio.sleep_forever()
         finally:
+            self._up.set()
             with trio.CancelScope(shield=True):
                 await self._stop()
+
+    @property
+    def failure_reason(self) -> str:
+        """Why the editor's thread ended on its own, for a log line ("" if it did not)."""
+        exc = self._failure
+        return "" if exc is None else f"{type(exc).__name__}: {exc}"[:200]
+
+    async def started(self) -> None:
+        """Wait until the editor draws its prompt (or could not start: then prints stay plain)."""
+        await self._up.wait()
 
     async def _stop(self) -> None:
         loop = self._loop

@@ -15,6 +15,7 @@ a peer that comes and goes within that (a one-shot `parley send`) shows no
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -36,12 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
+log = logging.getLogger("parley.client.session")
+
 CLOSE_GRACE = 3.0
 DRAIN_TIMEOUT = 2.0
 CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto the wire
 # A one-shot `parley send` is online for well under a second on a working link;
 # a change a person should hear about lasts longer than that.
 PRESENCE_SETTLE = 1.0
+EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
 
 
 HELP = (
@@ -101,11 +105,20 @@ class Session:
             if isinstance(event, types):
                 return event
 
-    def start_stdin(self) -> None:
+    async def start_stdin(self) -> None:
+        """Start reading input; with the editor, once its prompt is up (prints then go above it)."""
         assert self._nursery is not None
         self.stdin.start(self._nursery)
         if isinstance(self.stdin, LineEditor):
             self.terminal.editor = self.stdin
+            with trio.move_on_after(EDITOR_START_WAIT):
+                await self.stdin.started()
+            if not self.stdin.active:  # it could not take the terminal: line mode, as without one
+                log.warning("line editor unavailable (%s); reading plain lines", self.stdin.failure_reason)
+                self.terminal.editor = None
+                await self.stdin.aclose()
+                self.stdin = StdinLines()
+                self.stdin.start(self._nursery)
 
     async def _settle_presence(self) -> None:
         """Show the peer's presence once it has held for PRESENCE_SETTLE s (editor only)."""
@@ -196,7 +209,7 @@ class Session:
     async def chat(self) -> None:
         """Read lines and send them until /quit or end of input."""
         self.chatting = True
-        self.start_stdin()
+        await self.start_stdin()
         self.terminal.info(HELP)
         while True:
             line = await self.stdin.next_line()

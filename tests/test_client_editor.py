@@ -174,3 +174,115 @@ async def test_ctrl_c_ctrl_d_and_quit_leave_with_everything_saved(tmp_path):
                 assert entry["pending"] == [] and entry["outbox"] == [], leave_with
                 assert "Traceback" not in tty.text
             await bob.aclose()
+
+
+async def test_presence_shown_once_not_for_a_one_shot_send(tmp_path):
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                await bob.type("/quit")
+                assert await bob.wait() == 0
+                await alice.until_screen(r"^\* peer offline$")
+                (sid,) = state_of(tmp_path / "b", "bob")
+                for n in range(2):  # bob's one-shot sends: online for a moment each
+                    send = await ParleyProcess.start(nursery, ["send", sid, f"one-shot {n}"], relay=relay.url,
+                                                     name="bob", cwd=tmp_path / "b")
+                    assert await send.wait() == 0
+                    await alice.until_screen(rf"^peer: one-shot {n}$")
+                await trio.sleep(1.5)  # past the settle time: anything pending would show now
+                await alice.keys(b"/status\r")
+                await alice.until_screen(r"^\* connected; peer offline;")
+            finally:
+                alice.kill()
+    # the presence lines in all that was ever written to alice's terminal: one offline, nothing else
+    assert re.findall(r"\* peer (?:online|offline)", alice.text) == ["* peer offline"], alice.text
+
+
+# --- the view, without a terminal -------------------------------------------------------------
+
+from parley.client.editor import ScreenLines, editor_wanted  # noqa: E402
+from parley.client.events import MessageStatus, Status  # noqa: E402
+from parley.client.terminal import Terminal  # noqa: E402
+
+
+def test_screen_lines_rewrite_a_line_still_on_screen():
+    screen = ScreenLines(columns=20, rows=10, width=len)
+    screen.printed("m1", "you: hi  [sent]")
+    # the last line: one row up, rewritten, back down one row
+    # exactly the width: still one row, and no erase (the cursor waits on the last cell)
+    assert screen.rewrite("m1", "you: hi  [delivered]") == "\x1b[1A\ryou: hi  [delivered]\r\x1b[1B"
+    assert screen.rewrite("m1", "you: hi  [delivered!]") is None  # two rows now: not in place
+    assert screen.rewrite("m1", "you: hi  [read]") == "\x1b[1A\ryou: hi  [read]\x1b[K\r\x1b[1B"
+    screen.printed(None, "peer: a reply that wraps onto two rows")  # 38 cells: 2 rows
+    assert screen.rewrite("m1", "you: hi  [read]") == "\x1b[3A\ryou: hi  [read]\x1b[K\r\x1b[3B"
+    screen.printed("m2", "you: one\nyou: two  [sent]")  # two rows, up 2, its first row, down 1 at the end
+    assert screen.rewrite("m2", "you: one\nyou: two  [read]") == (
+        "\x1b[2A\ryou: one\x1b[K\r\nyou: two  [read]\x1b[K\r\x1b[1B")
+    assert screen.rewrite("unknown", "x") is None
+
+
+def test_screen_lines_forget_what_scrolled_off_or_moved():
+    screen = ScreenLines(columns=20, rows=10, width=len)  # 10 rows, 4 kept for the prompt: 6 rows
+    screen.printed("m1", "you: hi  [sent]")
+    for i in range(5):
+        screen.printed(None, f"peer: {i}")
+    assert screen.rewrite("m1", "you: hi  [read]") is not None  # 6 rows up: still there
+    screen.printed(None, "peer: 5")
+    assert screen.rewrite("m1", "you: hi  [read]") is None  # 7 rows up: gone
+    screen.printed("m2", "you: yo  [sent]")
+    screen.resize(30, 10)  # the text wraps otherwise now: nothing can be found again
+    assert screen.rewrite("m2", "you: yo  [read]") is None
+    screen.printed("m3", "you: wide \u4f60\u597d  [sent]")  # the default width counts CJK as 2 cells
+    assert ScreenLines(columns=10, rows=10)._rows_of("\u4f60" * 6) == 2
+
+
+class FakeEditor:
+    active = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def write(self, text, *, key=None, durable=False):
+        self.calls.append(("write", key, text))
+
+    def update(self, key, text, fallback):
+        self.calls.append(("update", key, text, fallback))
+
+
+def test_one_line_per_message_of_ours():
+    out = []
+    terminal = Terminal(out=None)
+    editor = terminal.editor = FakeEditor()
+    terminal.outgoing("hello\nthere")
+    terminal.show(MessageStatus("s", "a1", Status.SENT))
+    terminal.outgoing(None)
+    terminal.show(MessageStatus("s", "a1", Status.DELIVERED))
+    terminal.show(MessageStatus("s", "a1", Status.RECEIVED))
+    terminal.show(MessageStatus("s", "a1", Status.DELIVERED))  # late: read is where it ends
+    assert editor.calls == [
+        ("write", "a1", "you: hello\nyou: there  [sent]"),
+        ("update", "a1", "you: hello\nyou: there  [delivered]", None),  # off screen: not worth a line
+        ("update", "a1", "you: hello\nyou: there  [read]", "you: hello there  [read]"),
+    ]
+    del out
+
+
+def test_statuses_not_typed_here_keep_their_line_mode_words(capsys):
+    terminal = Terminal()
+    terminal.editor = FakeEditor()
+    terminal.editor.active = False  # not (yet) running: plain lines
+    terminal.show(MessageStatus("s", "b2", Status.DELIVERED))
+    assert capsys.readouterr().out == "* message b2: delivered\n"
+    terminal.editor = FakeEditor()
+    terminal.show(MessageStatus("s", "b2", Status.DELIVERED))  # handed over by `parley send`
+    assert terminal.editor.calls == [("write", None, "* message b2: delivered")]
+
+
+def test_editor_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr("os.isatty", lambda fd: True)
+    assert editor_wanted({"TERM": "xterm"})
+    assert not editor_wanted({"TERM": "xterm", "PARLEY_EDITOR": "off"})
+    assert not editor_wanted({"TERM": "dumb"})
+    monkeypatch.setattr("os.isatty", lambda fd: fd == 1)  # stdin a pipe or file: line mode
+    assert not editor_wanted({"TERM": "xterm"})
