@@ -8,7 +8,8 @@ when the core closes the session (a failed handshake), or on Ctrl-C.
 Input is `terminal.StdinLines` (line mode), or on a terminal
 `editor.LineEditor` (see there; `PARLEY_EDITOR=off` keeps line mode). With the
 editor, Ctrl-C is a key: it reaches `_interrupt` as SIGINT does in line mode,
-and peer presence is shown once it has held for `PRESENCE_SETTLE` seconds:
+and peer presence is shown once it has held for `PRESENCE_SETTLE` seconds
+(`PARLEY_PRESENCE_SETTLE`):
 a peer that comes and goes within that (a one-shot `parley send`) shows no
 `online`/`offline` pair, and only a change from what was last shown is shown.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -45,6 +47,16 @@ CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto 
 # A one-shot `parley send` is online for well under a second on a working link;
 # a change a person should hear about lasts longer than that.
 PRESENCE_SETTLE = 1.0
+
+
+def presence_settle(env: dict[str, str] | None = None) -> float:
+    """`PARLEY_PRESENCE_SETTLE` (seconds, 0-60; `PRESENCE_SETTLE` if unset or not a number)."""
+    raw = (os.environ if env is None else env).get("PARLEY_PRESENCE_SETTLE", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return PRESENCE_SETTLE
+    return min(60.0, value) if value >= 0 else PRESENCE_SETTLE
 EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
 
 
@@ -82,6 +94,7 @@ class Session:
         self._presence_shown: bool | None = None
         self._presence_latest: PeerPresence | None = None
         self._presence_changed = trio.Event()
+        self._presence_settle = presence_settle()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False
         self.chatting = False
@@ -126,7 +139,7 @@ class Session:
             await self._presence_changed.wait()
             while True:  # until it stops changing
                 self._presence_changed = trio.Event()
-                with trio.move_on_after(PRESENCE_SETTLE) as quiet:
+                with trio.move_on_after(self._presence_settle) as quiet:
                     await self._presence_changed.wait()
                 if quiet.cancelled_caught:
                     break

@@ -199,6 +199,36 @@ async def test_presence_shown_once_not_for_a_one_shot_send(tmp_path):
     assert re.findall(r"\* peer (?:online|offline)", alice.text) == ["* peer offline"], alice.text
 
 
+async def test_accept_question_and_ctrl_c_before_the_chat(tmp_path):
+    """The editor also asks `accept? [y/N]`; Ctrl-C there still gives the invite up (exit 130)."""
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for answer in (b"y\r", b"\x03"):
+                (tmp_path / "a").mkdir(exist_ok=True)
+                alice = PtyParley(argv(relay.url, tmp_path / "a", "invite"), clean_env(), cwd=tmp_path, editor=True)
+                try:
+                    code = (await alice.until(CODE_RE)).group(1)
+                    bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob",
+                                                    cwd=tmp_path / "b")
+                    await alice.until_screen(r"^accept\? \[y/N\]$")
+                    await alice.until_screen(lambda rows: prompt_row(alice) == ">")
+                    await alice.keys(answer)
+                    if answer == b"y\r":
+                        await bob.expect(VERIFY_RE)
+                        await alice.until_screen(r"^\* verification: ")
+                        await alice.keys(b"\x04")  # Ctrl-D
+                        assert await alice.exit_code(close=False) == 0
+                        await bob.stop()
+                    else:
+                        assert await alice.exit_code(close=False) == 130
+                        assert await bob.wait() == 1  # the joiner hears it at once
+                        assert "the inviter left" in bob.stderr_text
+                    assert tty_restored(alice)
+                finally:
+                    alice.kill()
+                    await bob.aclose()
+
+
 # --- the view, without a terminal -------------------------------------------------------------
 
 from parley.client.editor import ScreenLines, editor_wanted  # noqa: E402
@@ -286,3 +316,14 @@ def test_editor_only_on_a_terminal(monkeypatch):
     assert not editor_wanted({"TERM": "dumb"})
     monkeypatch.setattr("os.isatty", lambda fd: fd == 1)  # stdin a pipe or file: line mode
     assert not editor_wanted({"TERM": "xterm"})
+
+
+def test_presence_settle_from_the_environment():
+    from parley.client.session import PRESENCE_SETTLE, presence_settle
+
+    assert presence_settle({}) == PRESENCE_SETTLE == 1.0
+    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "0"}) == 0.0
+    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "2.5"}) == 2.5
+    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "1e9"}) == 60.0
+    for bad in ("-1", "nan", "soon"):
+        assert presence_settle({"PARLEY_PRESENCE_SETTLE": bad}) == PRESENCE_SETTLE
