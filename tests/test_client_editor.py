@@ -22,13 +22,11 @@ import sys
 import termios
 from pathlib import Path
 
-import pytest
 import trio
 
 from support.parleyproc import CODE_RE, VERIFY_RE, ParleyProcess, PtyParley, clean_env, state_of
 from support.relayproc import ParleyRelay
 
-pytest.importorskip("pyte")  # listed in the test extra; the editor cannot be read without it
 
 TEST_TIMEOUT = 60
 
