@@ -62,12 +62,18 @@ async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
             alice, bob = await start_pair(nursery, relay.url, tmp_path)
             try:
                 first, rest = "the quick brown fox ", "jumps over the lazy dog"
-                for ch in first:  # typed a key at a time, as the burst comes in
-                    await alice.keys(ch.encode())
-                for i in range(50):
-                    await bob.type(f"burst {i:02d}")
-                    if i % 10 == 0:
-                        await alice.keys(b"")
+
+                async def burst() -> None:
+                    for i in range(50):
+                        await bob.type(f"burst {i:02d}")
+                        await trio.sleep(0.01)
+
+                async with trio.open_nursery() as typing:
+                    typing.start_soon(burst)
+                    await alice.until_screen(r"^peer: burst 0\d$")  # it has begun to arrive
+                    for ch in first:  # typed a key at a time while the burst comes in
+                        await alice.keys(ch.encode())
+                        await trio.sleep(0.02)
                 await alice.until_screen(r"^peer: burst 49$")
                 assert prompt_row(alice) == "> " + first.rstrip()  # intact, nothing glued to it
                 rows = alice.screen_lines()
