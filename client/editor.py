@@ -187,6 +187,8 @@ class LineEditor:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._up = trio.Event()  # set once prints go through the editor (or it failed to start)
+        self._closing = False
+        self._late: list[str] = []  # printed while the editor stops
 
     # --- Trio side ------------------------------------------------------------
 
@@ -222,13 +224,23 @@ class LineEditor:
 
     async def _stop(self) -> None:
         loop = self._loop
+        # from now on prints wait in _late: written to the terminal before the prompt is
+        # erased, they would be erased with it
+        self._closing = True
         if loop is not None and not self._finished.is_set():
             try:
-                loop.call_soon_threadsafe(self._request_stop)
+                loop.call_soon_threadsafe(self._request_stop)  # after every print posted so far
             except RuntimeError:  # its loop already closed
                 pass
             await trio.to_thread.run_sync(self._finished.wait, STOP_WAIT, abandon_on_cancel=True)
         self.active = False
+        late, self._late = self._late, []
+        if late:
+            try:
+                self.out.write("".join(line + "\n" for line in late))
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
 
     async def aclose(self) -> None:
         """Stop the editor now (prints queued so far are written first)."""
@@ -250,12 +262,16 @@ class LineEditor:
 
     def _post(self, kind: str, key: Any, text: str, fallback: str | None, durable: bool) -> None:
         loop = self._loop
+        shown = text if kind == "line" else fallback
+        if self._closing:  # written once the editor has given the terminal back
+            if shown is not None:
+                self._late.append(shown)
+            return
         done = threading.Event() if durable else None
         try:
             assert loop is not None
             loop.call_soon_threadsafe(self._enqueue, (kind, key, text, fallback, done))
         except (AssertionError, RuntimeError):  # not running (any more): straight to stdout
-            shown = text if kind == "line" else fallback
             if shown is not None:
                 self.out.write(shown + "\n")
                 self.out.flush()
