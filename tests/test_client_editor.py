@@ -203,6 +203,27 @@ async def test_presence_shown_once_not_for_a_one_shot_send(tmp_path):
     assert re.findall(r"\* peer (?:online|offline)", alice.text) == ["* peer offline"], alice.text
 
 
+async def test_a_message_state_is_rewritten_in_place(tmp_path):
+    """Queued for an offline peer, then read once he is back: the same one line, its tag rewritten."""
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                await bob.type("/quit")
+                assert await bob.wait() == 0
+                await alice.until_screen(r"^\* peer offline$")
+                await alice.keys(b"are you there?\r")
+                await alice.until_screen(r"^you: are you there\?  \[queued: peer offline\]$")
+                bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=tmp_path / "b")
+                await bob.expect(r"^peer: are you there\?$")
+                await alice.until_screen(r"^you: are you there\?  \[read\]$")
+                rows = [row for row in alice.screen_lines() if "are you there" in row]
+                assert rows == ["you: are you there?  [read]"]  # one line, not one per state
+            finally:
+                alice.kill()
+                await bob.aclose()
+
+
 async def test_accept_question_and_ctrl_c_before_the_chat(tmp_path):
     """The editor also asks `accept? [y/N]`; Ctrl-C there still gives the invite up (exit 130)."""
     with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
