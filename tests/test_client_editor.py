@@ -10,9 +10,16 @@ on pipes, so what reaches him is exact text. A real relay carries it all.
 - arrow keys, Ctrl-A/E/U and history (Up) edit; no escape sequence is sent;
 - a bracketed paste of 3 lines is ONE message (one status tag on alice's
   screen; bob's three `peer:` lines come together, between two others);
-- each message of ours is one line whose state is rewritten in place;
+- each message of ours is one line whose state is rewritten in place
+  (queued for an offline peer, then read);
 - Ctrl-C, Ctrl-D and `/quit` leave with exit 0, the terminal restored,
-  everything acknowledged and nothing received shown again next time.
+  everything acknowledged and nothing received shown again next time; the
+  `accept? [y/N]` question is asked through the editor, and Ctrl-C there
+  still gives the invite up (exit 130);
+- a peer's one-shot `parley send` shows its message and no presence pair.
+
+Below them, the pieces without a terminal: `ScreenLines` (rows and the
+rewrite sequence), the terminal's one-line view, when the editor runs.
 """
 
 from __future__ import annotations
