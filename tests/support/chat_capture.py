@@ -5,6 +5,7 @@ private tmux server (`tmux -L parley-capture-PID`, 80 x 18 each): alice runs
 `parley invite --yes`, bob joins with the code her screen shows. They write to
 each other (bob pastes three lines, alice types while bob's lines arrive),
 then both screens are printed as `tmux capture-pane -p` shows them.
+`--line-mode` records the same chat without the editor (`PARLEY_EDITOR=off`).
 Everything it starts is stopped at the end. Needs `tmux` (`apt-get install
 tmux`) and the `parley` of this checkout (run it with the venv's python).
 """
@@ -66,11 +67,15 @@ class Tmux:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
 
-def capture() -> tuple[str, str]:
+def capture(editor: bool = True) -> tuple[str, str]:
+    """Both screens at the end; `editor=False`: the same chat in line mode (`PARLEY_EDITOR=off`), for a before/after."""
     if shutil.which("tmux") is None:
         raise SystemExit("needs tmux (apt-get install tmux)")
     parley = f"{shlex.quote(sys.executable)} -m parley.client"
-    env = {"TERM": "xterm-256color", "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
+    env = {"TERM": "xterm-256color", "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8",
+           "PARLEY_EDITOR": "auto" if editor else "off"}
+    ready = r"^> ?$" if editor else r"^\* type a message"
+    read = r"  \[read\]$" if editor else r"received by the peer$"
     with tempfile.TemporaryDirectory() as tmp, ParleyRelay(store=Path(tmp) / "relay.sqlite3") as relay:
         homes = {name: Path(tmp) / name for name in ("alice", "bob")}
         for home in homes.values():
@@ -81,9 +86,9 @@ def capture() -> tuple[str, str]:
             code = tmux.wait_for("alice", r"invite code: (\d+)").group(1)
             tmux.start("bob", f"{parley} --relay {relay.url} join {code}", homes["bob"], env)
             for name in ("alice", "bob"):
-                tmux.wait_for(name, r"^> ?$")
+                tmux.wait_for(name, ready)
             tmux.keys("alice", "hi bob! the train is late, 6:15 instead of 6", "Enter")
-            tmux.wait_for("alice", r"\[read\]$")
+            tmux.wait_for("alice", read)
             tmux.keys("bob", "no problem", "Enter")
             tmux.paste("bob", "I'll wait at the north exit\nby the bakery\ncall me if you can't find it")
             tmux.keys("bob", "Enter")
@@ -91,7 +96,7 @@ def capture() -> tuple[str, str]:
             tmux.wait_for("alice", r"^peer: call me if you can't find it$")
             tmux.keys("alice", " :)", "Enter")
             tmux.wait_for("bob", r"^peer: perfect, I know the one :\)$")
-            tmux.wait_for("alice", r"perfect, I know the one :\)  \[read\]$")
+            time.sleep(1.0)  # the last states arrive
             tmux.keys("bob", "see you")  # left as typed, not sent: the input line at the bottom
             time.sleep(0.5)
             return tmux.screen("alice"), tmux.screen("bob")
@@ -100,7 +105,7 @@ def capture() -> tuple[str, str]:
 
 
 def main() -> None:
-    alice, bob = capture()
+    alice, bob = capture(editor="--line-mode" not in sys.argv[1:])
     rule = "-" * COLUMNS
     print(f"alice's terminal\n{rule}\n{alice.rstrip()}\n{rule}\n\nbob's terminal\n{rule}\n{bob.rstrip()}\n{rule}")
 
