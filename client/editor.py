@@ -61,6 +61,8 @@ from typing import Any, TextIO
 
 import trio
 
+from .terminal import input_encoding
+
 __all__ = ["LineEditor", "ScreenLines", "editor_wanted", "INTERRUPT"]
 
 LINE_BUFFER = 16  # typed lines waiting for Trio; a person cannot type ahead of that
@@ -159,6 +161,19 @@ class ScreenLines:
         return None
 
 
+def typed_text(line: str, encoding: str) -> str:
+    """A line as the terminal's encoding means it.
+
+    prompt_toolkit decodes keyboard input as UTF-8, keeping bytes that are
+    not UTF-8 as lone surrogates (surrogateescape); those bytes are decoded
+    again in the terminal's encoding (a Latin-1 terminal's 0xE9 is an e
+    acute), and what still does not decode becomes U+FFFD, as in line mode.
+    """
+    if line.isascii():
+        return line
+    return line.encode("utf-8", "surrogateescape").decode(encoding, "replace")
+
+
 class LineEditor:
     """prompt_toolkit's prompt in a worker thread, as a source of lines for Trio (see module doc).
 
@@ -170,6 +185,7 @@ class LineEditor:
     def __init__(self, out: TextIO | None = None, *, on_interrupt: Callable[[], None] | None = None,
                  prompt: str = PROMPT) -> None:
         self.out = out or sys.stdout
+        self.encoding = input_encoding()
         self.prompt = prompt
         self.on_interrupt = on_interrupt
         self._send, self._recv = trio.open_memory_channel[Any](LINE_BUFFER)
@@ -330,6 +346,8 @@ class LineEditor:
                     line = None
                 if self._stop_requested.is_set():
                     break
+                if isinstance(line, str):
+                    line = typed_text(line, self.encoding)
                 if not await self._deliver(line):
                     break
                 if line is None:

@@ -263,7 +263,7 @@ async def test_accept_question_and_ctrl_c_before_the_chat(tmp_path):
 
 # --- the view, without a terminal -------------------------------------------------------------
 
-from parley.client.editor import ScreenLines, editor_wanted  # noqa: E402
+from parley.client.editor import ScreenLines, editor_wanted, typed_text  # noqa: E402
 from parley.client.events import MessageStatus, Status  # noqa: E402
 from parley.client.terminal import Terminal  # noqa: E402
 
@@ -359,3 +359,9 @@ def test_presence_settle_from_the_environment():
     assert presence_settle({"PARLEY_PRESENCE_SETTLE": "1e9"}) == 60.0
     for bad in ("-1", "nan", "soon"):
         assert presence_settle({"PARLEY_PRESENCE_SETTLE": bad}) == PRESENCE_SETTLE
+
+
+def test_typed_text_in_the_terminals_encoding():
+    assert typed_text("caf\u00e9 \u4f60\u597d", "utf-8") == "caf\u00e9 \u4f60\u597d"
+    assert typed_text("caf\udce9", "iso8859-1") == "caf\u00e9"  # a Latin-1 terminal's e acute
+    assert typed_text("caf\udce9", "utf-8") == "caf\ufffd"  # not UTF-8: replaced, never a crash
