@@ -27,8 +27,9 @@ is asyncio-based. Two ways to run it beside Trio were weighed:
     thread, so a Trio side that does not read blocks the editor's next prompt
     (back-pressure), never its event loop;
   - lines to print cross to the editor's loop with `call_soon_threadsafe` and
-    are written in batches inside `run_in_terminal` (the prompt is erased,
-    the lines written, the prompt drawn again below them). A received
+    are written in batches (the prompt is erased, the lines written, the
+    prompt drawn again below them; not through `run_in_terminal`, whose
+    switch to cooked mode let the terminal echo a key typed meanwhile). A received
     message's line is written before `write(..., durable=True)` returns (at
     most `DURABLE_WAIT` seconds), because the runner shows it at the state
     file's commit point (see `runner._apply_local`).
@@ -109,7 +110,7 @@ class ScreenLines:
     each); `rewrite(key, text)` gives the escape sequence that rewrites that
     line where it is, or `None` if it cannot (unknown or scrolled off, another
     width, another number of rows). The cursor is taken to be at column 0 of
-    the row under the last line printed, which is where `run_in_terminal`
+    the row under the last line printed, which is where the editor
     leaves it. Widths are in terminal cells (wide characters count 2).
     """
 
@@ -380,24 +381,25 @@ class LineEditor:
             asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        from prompt_toolkit.application import run_in_terminal
-        from prompt_toolkit.application.current import set_app
+        """Write what is queued above the prompt: erase the prompt, write, draw it again.
 
+        Not `run_in_terminal`: that puts the terminal in cooked mode (echo on)
+        while it writes, and a key typed in that moment was echoed by the
+        terminal itself into the middle of the output. The terminal stays raw
+        here (prompt_toolkit's raw mode keeps output processing, so LF is
+        still CR LF); keys typed meanwhile wait in the terminal for the prompt.
+        """
         try:
             app = getattr(self._session, "app", None)
             if app is not None and app.is_running:
-                with set_app(app):
-                    await run_in_terminal(self._flush_now)
+                app.renderer.erase()  # cursor back to where the prompt began; below it erased
+                self._flush_now()
+                app.renderer.reset()  # nothing drawn: the next render draws it all, here
+                app.invalidate()
             else:
                 self._flush_now()
         finally:
             self._flushing = False
-            if self._queue:  # more came while the prompt was drawn again
-                self._enqueue_more()
-
-    def _enqueue_more(self) -> None:
-        self._flushing = True
-        asyncio.get_running_loop().create_task(self._flush())
 
     def _flush_now(self) -> None:
         items, self._queue = self._queue, []

@@ -47,6 +47,7 @@ CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto 
 # A one-shot `parley send` is online for well under a second on a working link;
 # a change a person should hear about lasts longer than that.
 PRESENCE_SETTLE = 1.0
+EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
 
 
 def presence_settle(env: dict[str, str] | None = None) -> float:
@@ -57,7 +58,6 @@ def presence_settle(env: dict[str, str] | None = None) -> float:
     except ValueError:
         return PRESENCE_SETTLE
     return min(60.0, value) if value >= 0 else PRESENCE_SETTLE
-EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
 
 
 HELP = (

@@ -68,7 +68,7 @@ async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, relay.url, tmp_path)
             try:
-                first, rest = "the quick brown fox ", "jumps over the lazy dog"
+                first, rest = "the quick brown fox jumps over the lazy dog and then ", "runs away"
 
                 async def burst() -> None:
                     for i in range(50):
@@ -80,11 +80,13 @@ async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
                     await alice.until_screen(r"^peer: burst 0\d$")  # it has begun to arrive
                     for ch in first:  # typed a key at a time while the burst comes in
                         await alice.keys(ch.encode())
-                        await trio.sleep(0.02)
+                        await trio.sleep(0.01)
                 await alice.until_screen(r"^peer: burst 49$")
-                assert prompt_row(alice) == "> " + first.rstrip()  # intact, nothing glued to it
+                await typed(alice, first.rstrip())  # the prompt drawn again below them, intact
                 rows = alice.screen_lines()
-                assert not any("burst" in row and row.startswith(">") for row in rows)
+                # nothing glued: each message alone on its row, the typing only in the input line
+                assert all(re.fullmatch(r"peer: burst \d\d", row) for row in rows if "burst" in row), rows
+                assert [row for row in rows if "quick" in row] == ["> " + first.rstrip()], rows
                 await alice.keys(rest.encode())
                 await typed(alice, first + rest)
                 await alice.keys(b"\r")
