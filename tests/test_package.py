@@ -111,3 +111,12 @@ def test_wheel_holds_no_test_tooling_and_its_conformance_command_runs(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 4, out.stdout[-2000:] + out.stderr[-2000:]
     assert "cannot open a WebSocket to ws://127.0.0.1:9/" in out.stdout + out.stderr
+
+
+def test_client_import_stack_is_at_most_six_deep():
+    """Issue #13: the client's modules import each other at most six deep (`bench/importdepth.py`)."""
+    spec = importlib.util.spec_from_file_location("importdepth", REPO / "bench" / "importdepth.py")
+    importdepth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(importdepth)
+    chain = importdepth.longest_chain(importdepth.import_graph(REPO / "client"))
+    assert len(chain) - 1 <= 6, " -> ".join(chain)
