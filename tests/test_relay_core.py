@@ -31,6 +31,8 @@ from parley.relay.actions import (
 from parley.relay.config import RelayConfig
 from parley.relay.core import RelayCore
 from support.coreharness import FakeClock, FakeRandom, Harness, error_code
+from support.coreharness import create_session as create
+from support.coreharness import decoded as loads
 
 TOKEN = "9f3a61c2" * 4
 SID = "1763900000123_" + TOKEN
@@ -44,29 +46,10 @@ def go_harness(**fields) -> Harness:
     return Harness(dialect="go", rng=FakeRandom(tokens=[TOKEN], numbers=[42917]), **fields)
 
 
-def loads(texts: list[str]) -> list[dict]:
-    for text in texts:
-        assert text.endswith("\n") and text.count("\n") == 1
-    return [json.loads(t) for t in texts]
-
-
 def error_codes(out: dict, conn: int) -> list[str]:
     codes = [error_code(f) for f in loads(out.get(conn, [])) if f["t"] == "ERROR"]
     assert set(codes) <= VALID_CODES
     return codes
-
-
-def create(h: Harness, conn: int = 1, side: str | None = None) -> tuple[str, str]:
-    """CREATE_SESSION from `conn`; returns (sid, code) whatever the dialect."""
-    frame: dict = {"t": "CREATE_SESSION"}
-    if side:
-        frame["data"] = {"side": side}
-    out = loads(h.send(conn, frame)[conn])
-    sid = out[0]["sid"]
-    codes = [f["data"]["code"] for f in out if f["t"] == "INVITE_CODE"]
-    if not codes:  # node dialect: the code comes from INVITE_CREATE
-        codes = [loads(h.send(conn, {"t": "INVITE_CREATE", "sid": sid})[conn])[0]["data"]["code"]]
-    return sid, codes[0]
 
 
 def join(h: Harness, conn: int, code: str, key: str = "bb", side: str | None = None) -> dict:

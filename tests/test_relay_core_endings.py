@@ -15,6 +15,7 @@ import pytest
 
 from parley.relay.actions import DeleteCode, Persist, Send
 from support.coreharness import Harness, error_code
+from support.coreharness import create_session as create
 
 DIALECTS = ["compat", "go", "node"]
 
@@ -26,18 +27,6 @@ def loads(texts: list[str]) -> list[dict]:
 def kinds(out: dict, conn: int) -> list[str]:
     """Frame types sent to `conn`, ERRORs as `ERROR:<code>`."""
     return [f["t"] + (f":{error_code(f)}" if f["t"] == "ERROR" else "") for f in loads(out.get(conn, []))]
-
-
-def create(h: Harness, conn: int, side: str | None) -> tuple[str, str]:
-    frame: dict = {"t": "CREATE_SESSION"}
-    if side:
-        frame["data"] = {"side": side}
-    out = loads(h.send(conn, frame)[conn])
-    sid = out[0]["sid"]
-    codes = [f["data"]["code"] for f in out if f["t"] == "INVITE_CODE"]
-    if not codes:  # node dialect: the code comes from INVITE_CREATE
-        codes = [loads(h.send(conn, {"t": "INVITE_CREATE", "sid": sid})[conn])[0]["data"]["code"]]
-    return sid, codes[0]
 
 
 def join(h: Harness, conn: int, code: str, side: str | None) -> dict:
