@@ -30,6 +30,7 @@ import trio
 from parley.relay import admission as adm
 from parley.relay.observe import RecordingObserver
 from support import until
+from support.relaycli import built_with, clear_relay_env, relay_logger_restored  # noqa: F401 (a fixture)
 
 
 def _sibling(name: str):
@@ -515,37 +516,10 @@ async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
 # options
 
 
-@pytest.fixture
-def relay_logger_restored():
-    """The command configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved
-
-
 def _built_with(monkeypatch, tmp_path, args: list[str], env: dict[str, str] | None = None) -> dict:
-    from click.testing import CliRunner
-
-    from parley.relay import cli as relay_cli
-
-    for key in list(os.environ):
-        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
-            monkeypatch.delenv(key)
+    clear_relay_env(monkeypatch)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    calls: list[dict] = []
-
-    class Built(Exception):
-        pass
-
-    def fake_build_relay(**kwargs):
-        calls.append(kwargs)
-        raise Built
-
-    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
-    result = CliRunner().invoke(relay_cli.relay, args, env=env)
-    assert isinstance(result.exception, Built), result.output
-    return calls[-1]
+    return built_with(monkeypatch, args, env)
 
 
 def _edge_only(server_options: dict) -> dict:

@@ -38,19 +38,11 @@ from parley.relay.transport import TransportConfig
 
 from .test_relay_live import RawWS, RelayProcess, serving
 from support import until
+from support.relaycli import restore_relay_logger as _restore_relay_logger  # noqa: F401 (autouse)
 
 SID = "1763900000123_" + "9f3a61c2" * 4
 CIPHERTEXT = "c1f3e7" * 60
 FULL = "database or disk is full"
-
-
-@pytest.fixture(autouse=True)
-def _restore_relay_logger():
-    """`parley relay` configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def loads(texts: list[str]) -> list[dict]:

@@ -8,14 +8,16 @@ that `source_root()` names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
 
-__all__ = ["source_root", "until"]
+__all__ = ["reaped", "source_root", "until"]
 
 
 async def until(condition: Callable[[], object], timeout: float = math.inf) -> None:
@@ -30,3 +32,17 @@ def source_root() -> Path:
     """The parley checkout: `PARLEY_SOURCE_ROOT` if set, else the directory holding `tests/`."""
     env = os.environ.get("PARLEY_SOURCE_ROOT")
     return Path(env).expanduser().resolve() if env else Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`proc` for the block; after it (even on failure) killed if still running, waited for (10 s at
+    most) and its stdout/stderr pipes closed."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
