@@ -726,17 +726,7 @@ class FaultyRelayMachine(RelayMachine):
     @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]),
           abandon=st.sampled_from([False, False, True]))
     def message(self, c, s, with_id, own, abandon=False):
-        conn = pick_(self.live, c)
-        sid = pick_(self.member[conn] if own and self.member[conn] else self.sids, s)
-        n = self.next_msg
-        self.next_msg += 1
-        payload = f"{n:024x}" + "ee" * 20
-        msg_id = f"m{n}" if with_id else payload[:24]
-        data = {"payload": payload}
-        if with_id:
-            data["msgID"] = msg_id
-        side = self.member[conn].get(sid)
-        self.msgs[msg_id] = (sid, side, conn, n)
+        conn, sid, msg_id, data = self.new_message(c, s, with_id, own)
         available = self.h.core.store_available
         actions = self.h.core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": data}))
         replies = [a for a in actions if type(a).__name__ == "Send" and a.conn == conn]
@@ -785,11 +775,6 @@ class FaultyRelayMachine(RelayMachine):
         if reply["t"] == "DELIVERED_FAILED":
             assert reply["data"]["reason"] == "queue_full"
             assert set(out) == {conn}
-
-
-def pick_(items, index):
-    items = list(items)
-    return items[index % len(items)]
 
 
 FaultyRelayMachine.TestCase.settings = settings(
