@@ -84,18 +84,25 @@ async def test_joiner_leaving_before_accept_gives_the_inviter_they_left(tmp_path
             assert no_state_or_no_key(tmp_path / "b", "bob")
 
 
+async def _inviter_ctrl_c_while_asked(nursery, url: str, tmp_path):
+    """alice invites, bob joins, alice presses Ctrl-C at the question: alice ends 130 and bob 1,
+    within 10 s; returns bob."""
+    alice = await start(nursery, url, "alice", tmp_path / "a", "invite")
+    code = (await alice.expect(CODE_RE)).group(1)
+    bob = await start(nursery, url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
+    await alice.expect(r"accept\? \[y/N\]")
+    t0 = time.monotonic()
+    alice.interrupt()
+    assert await alice.wait() == 130
+    assert await bob.wait(timeout=15) == 1
+    assert time.monotonic() - t0 < 10
+    return bob
+
+
 async def test_inviter_ctrl_c_while_asked_frees_the_joiner_parley_relay(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await start(nursery, relay.url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
-            await alice.expect(r"accept\? \[y/N\]")
-            t0 = time.monotonic()
-            alice.interrupt()
-            assert await alice.wait() == 130
-            assert await bob.wait(timeout=15) == 1
-            assert time.monotonic() - t0 < 10
+            bob = await _inviter_ctrl_c_while_asked(nursery, relay.url, tmp_path)
             assert "the inviter left before answering" in bob.stderr_text
             assert no_state_or_no_key(tmp_path / "a", "alice")
             assert no_state_or_no_key(tmp_path / "b", "bob")
@@ -104,15 +111,7 @@ async def test_inviter_ctrl_c_while_asked_frees_the_joiner_parley_relay(tmp_path
 async def test_inviter_ctrl_c_while_asked_frees_the_joiner_go_relay(tmp_path, go_relay_binary):
     with GoRelay(go_relay_binary) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await start(nursery, relay.url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
-            await alice.expect(r"accept\? \[y/N\]")
-            t0 = time.monotonic()
-            alice.interrupt()
-            assert await alice.wait() == 130
-            assert await bob.wait(timeout=15) == 1
-            assert time.monotonic() - t0 < 10
+            bob = await _inviter_ctrl_c_while_asked(nursery, relay.url, tmp_path)
             assert "declined" in bob.stderr_text  # the Go relay passes JOIN_DENY on
 
 

@@ -42,8 +42,12 @@ VALID_CODES = {"bad_json", "bad_frame", "unknown_type", "too_large", "rate_limit
 PRIME_HEX = to_hex(MODP14_PRIME)
 
 
-def go_harness(**fields) -> Harness:
-    return Harness(dialect="go", rng=FakeRandom(tokens=[TOKEN], numbers=[42917]), **fields)
+def go_harness(conns: int = 0, **fields) -> Harness:
+    """A go-dialect harness with a fixed SID token and code; connections 1..`conns` connected."""
+    h = Harness(dialect="go", rng=FakeRandom(tokens=[TOKEN], numbers=[42917]), **fields)
+    for conn in range(1, conns + 1):
+        h.connect(conn)
+    return h
 
 
 def error_codes(out: dict, conn: int) -> list[str]:
@@ -105,9 +109,7 @@ def test_join_unknown_code_error_carries_bad_code_outside_go_dialect(dialect):
 
 
 def test_go_join_sends_join_request_to_creator_and_consumes_code():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.connect(3)
     h.send(1, '{"t":"CREATE_SESSION"}')
     out = h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
@@ -129,9 +131,7 @@ def test_go_join_request_goes_to_one_member_only():
 
 
 def test_go_join_with_no_member_connected_tells_nobody_and_consumes_code():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.disconnect(1)
     assert h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}') == {}
@@ -156,9 +156,7 @@ def test_go_join_accept_forwarded_verbatim_compacted_to_other_members():
     (None, None), ("null", "null"), ('"s"', '"s"'), ("[1, 2]", "[1,2]"), ("7", "7"),
 ])
 def test_go_join_accept_any_data_value(data, written):
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
     raw = '{"t":"JOIN_ACCEPT","sid":"%s"%s}' % (SID, "" if data is None else ',"data":' + data)
@@ -167,9 +165,7 @@ def test_go_join_accept_any_data_value(data, written):
 
 
 def test_go_join_deny_sends_join_denied_and_joiner_stays_member():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
     assert h.send(1, '{"t":"JOIN_DENY","sid":"%s"}' % SID) == {2: ['{"t":"JOIN_DENIED","sid":"%s"}\n' % SID]}
@@ -201,9 +197,7 @@ def test_go_msg_forwarded_to_every_other_member_then_delivered():
 
 
 def test_go_msg_adds_sender_to_existing_session():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"REATTACH","sid":"s1"}')
     out = h.send(2, '{"t":"MSG","sid":"s1","data":{"payload":"01"}}')
     assert out[1] == ['{"t":"MSG","sid":"s1","data":{"payload":"01"}}\n']
@@ -263,9 +257,7 @@ def test_bad_input_parley_only_error_and_connection_kept(raw, code):
 
 
 def test_go_join_public_key_with_quote_is_escaped_json():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     out = h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"a\\"b<"}}')
     # Go sends an empty message here (2.3: parley always writes valid JSON).
@@ -296,9 +288,7 @@ def test_binary_message_holding_json_is_accepted():
 
 def test_go_full_flow_exact_bytes():
     """The Go relay's whole happy path, every byte as the Go relay writes it."""
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     assert h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"bb"}}') == {
         1: ['{"t":"JOIN_REQUEST","sid":"%s","data":{"publicKey":"bb"}}\n' % SID]}

@@ -10,7 +10,6 @@ limits set in a preexec_fn.
 
 from __future__ import annotations
 
-import base64
 import errno
 import importlib.util
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from parley.conformance.relay_suite.client import upgrade_request
 from parley.relay import admission as adm
 from parley.relay.observe import RecordingObserver
 from support import until
@@ -139,17 +139,7 @@ async def _tcp_from(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
 
 
 def _upgrade_request(port: int, *, version: str = "1.1", headers: list[tuple[str, str]] = ()) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET / HTTP/{version}",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in headers),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return upgrade_request(f"127.0.0.1:{port}", version=version, headers=headers)[1]
 
 
 async def _upgrade_from(port: int, source: str = "127.0.0.1", **kw) -> tuple[RawWS, int, dict[str, str], bytes]:

@@ -34,7 +34,7 @@ import pytest
 import trio
 import trio_websocket
 
-from parley.conformance.relay_suite.client import parse_http_head
+from parley.conformance.relay_suite.client import parse_http_head, upgrade_request
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
 from parley.relay.cli import build_relay
@@ -66,17 +66,8 @@ class RawWS:
     ) -> tuple[RawWS, int, dict[str, str]]:
         """Connect and upgrade; returns (client, HTTP status, response headers)."""
         stream = await _tcp(port, rcvbuf, src)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        lines += [f"{k}: {v}" for k, v in headers or []]
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + extra)
+        key, request = upgrade_request(f"127.0.0.1:{port}", path, headers=headers or [])
+        await stream.send_all(request + extra)
         status, resp_headers, rest = await read_http_response(stream)
         if status == 101:
             expected = base64.b64encode(
@@ -317,6 +308,16 @@ async def hello(ws: RawWS) -> int:
     msg = await ws.recv_json()
     assert msg["t"] == "HELLO"
     return msg["conn"]
+
+
+async def slow_and_fast(port: int) -> tuple[RawWS, int, RawWS]:
+    """A client with a 4 KiB receive buffer (slow: it does not read) and its connection id, and
+    a second (fast) client; both past their HELLO."""
+    slow = await RawWS.open(port, rcvbuf=4096)
+    slow_id = await hello(slow)
+    fast = await RawWS.open(port)
+    await hello(fast)
+    return slow, slow_id, fast
 
 
 # ---------------------------------------------------------------------------
@@ -711,10 +712,7 @@ async def test_full_send_buffer_disconnects_only_that_connection():
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 256 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             chunk = "z" * 32768
             rtts = []
             for i in range(2000):
@@ -1422,10 +1420,7 @@ async def test_one_log_line_per_send_buffer_overflow(caplog):
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 64 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             await fast.send_json({"t": "MANY", "conn": slow_id, "n": 2000, "x": "z" * 1024})
             await fast.send_json({"t": "ECHO", "i": 1})
             assert (await fast.recv_json())["i"] == 1

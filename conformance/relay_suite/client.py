@@ -57,6 +57,7 @@ __all__ = [
     "new_sid",
     "go_quote",
     "parse_http_head",
+    "upgrade_request",
     "frame_bytes",
     "reattach_all",
     "BAD_CODE_MESSAGE",
@@ -482,16 +483,8 @@ class RawSocket:
 
     async def upgrade(self, path: str = "/", extra: list[tuple[str, str]] = ()) -> tuple[int, dict[str, str]]:
         host, port = self.suite.host_port
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: {host}:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ] + [f"{k}: {v}" for k, v in extra]
-        await self.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        _, request = upgrade_request(f"{host}:{port}", path, headers=extra, encoding="latin-1")
+        await self.send_all(request)
         status, headers, _ = await self.read_head()
         return status, headers
 
@@ -515,6 +508,25 @@ class RawSocket:
 
 # ---------------------------------------------------------------------------
 # Expected bytes
+
+
+def upgrade_request(
+    host: str, path: str = "/", *, version: str = "1.1", headers: Iterable[tuple[str, str]] = (),
+    encoding: str = "utf-8",
+) -> tuple[str, bytes]:
+    """A WebSocket upgrade request (RFC 6455 4.1) for ``host`` ("host:port"), with a fresh
+    Sec-WebSocket-Key and ``headers`` added; returns (the key, the request's bytes)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/{version}",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
+    return key, ("\r\n".join(lines) + "\r\n\r\n").encode(encoding)
 
 
 def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
