@@ -37,24 +37,27 @@ def _code_frame(suite, msg, sid):
 # -- CREATE_SESSION --------------------------------------------------------------------
 
 
+async def _session_created(suite, c) -> str:
+    """CREATE_SESSION from ``c``; the next frame must be exactly SESSION_CREATED; returns its SID."""
+    await c.send({"t": "CREATE_SESSION"})
+    msg = await c.recv()
+    m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
+    assert m, msg
+    return m.group(1)
+
+
 @pytest.mark.dialects("node")
 async def test_node_create_session_replies_session_created_only(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
+        await _session_created(suite, c)
         await c.assert_silent()
 
 
 @pytest.mark.dialects("compat")
 async def test_compat_create_session_replies_session_created_then_invite_code(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
-        _code_frame(suite, await c.recv(), m.group(1))
+        sid = await _session_created(suite, c)
+        _code_frame(suite, await c.recv(), sid)
         await c.assert_silent()
 
 

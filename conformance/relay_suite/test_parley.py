@@ -8,6 +8,7 @@ the parley relay existed.
 from __future__ import annotations
 
 import secrets
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -236,16 +237,24 @@ async def _reattach_as(sid: str, side: str, *others):
         await c.expect_exact(frame_bytes("PEER_ONLINE", sid))
 
 
+@asynccontextmanager
+async def _msg_to_side(suite, cs, data: str):
+    """A creates a session with a side; B REATTACHes with its own side and gets A's MSG carrying
+    `data`; yields (a, b, sid, B's side) while B is connected."""
+    a = await cs.new("A")
+    sid, _ = await create_session(suite, a, {"side": _side()})
+    side_b = _side()
+    async with connect(suite, "B") as b:
+        await _reattach_as(sid, side_b, a, b)
+        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
+        await b.expect_exact(frame_bytes("MSG", sid, data))
+        yield a, b, sid, side_b
+
+
 async def test_unacknowledged_frames_redelivered_to_side(suite):
+    data = '{"payload":"0a","msgID":"0000000a"}'
     async with Clients(suite) as cs:
-        a = await cs.new("A")
-        sid, _ = await create_session(suite, a, {"side": _side()})
-        side_b = _side()
-        data = '{"payload":"0a","msgID":"0000000a"}'
-        async with connect(suite, "B") as b:
-            await _reattach_as(sid, side_b, a, b)
-            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-            await b.expect_exact(frame_bytes("MSG", sid, data))
+        async with _msg_to_side(suite, cs, data) as (a, b, sid, side_b):
             await a.expect("DELIVERED", sid=sid)
             # no RECEIVED: B "dies"
         await a.expect_exact(frame_bytes("PEER_OFFLINE", sid))
@@ -255,15 +264,9 @@ async def test_unacknowledged_frames_redelivered_to_side(suite):
 
 
 async def test_acknowledged_frames_not_redelivered(suite):
+    data = '{"payload":"0b","msgID":"0000000b"}'
     async with Clients(suite) as cs:
-        a = await cs.new("A")
-        sid, _ = await create_session(suite, a, {"side": _side()})
-        side_b = _side()
-        data = '{"payload":"0b","msgID":"0000000b"}'
-        async with connect(suite, "B") as b:
-            await _reattach_as(sid, side_b, a, b)
-            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-            await b.expect_exact(frame_bytes("MSG", sid, data))
+        async with _msg_to_side(suite, cs, data) as (a, b, sid, side_b):
             await b.send({"t": "RECEIVED", "sid": sid, "data": {"msgID": "0000000b"}})
             await a.expect("DELIVERED", sid=sid)
             await a.expect_exact(frame_bytes("RECEIVED", sid, '{"msgID":"0000000b"}'))
