@@ -230,12 +230,18 @@ def test_sided_joiner_gone_before_its_request_was_delivered_is_told_on_reattach(
     assert kinds(out, 3) == kinds(out, 4) == ["PEER_ONLINE"]
 
 
-def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
+def _joiner_left_unheard() -> tuple[Harness, str]:
+    """compat: the inviter (side A) drops, B joins and drops before anyone answered; 3 connected."""
     h, sid, code = invited("compat")
     h.disconnect(1)
     join(h, 2, code, "B")
     h.disconnect(2)
     h.connect(3)
+    return h, sid
+
+
+def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
+    h, sid = _joiner_left_unheard()
     assert h.send(3, {"t": "REATTACH", "sid": sid}) == {}
     h.connect(4)  # the marker waits for a sided inviter
     assert kinds(h.send(4, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}}), 4) == [
@@ -243,9 +249,5 @@ def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
 
 
 def test_the_joiners_own_side_is_not_told_its_own_departure():
-    h, sid, code = invited("compat")
-    h.disconnect(1)
-    join(h, 2, code, "B")
-    h.disconnect(2)
-    h.connect(3)
+    h, sid = _joiner_left_unheard()
     assert h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "B"}}) == {}
