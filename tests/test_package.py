@@ -39,7 +39,7 @@ def test_console_script_version_and_help():
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 # Modules that drive processes or fake the relay's clock for tests; they live in tests/support.
 TOOLING = {"childproc", "coreharness", "fakerelay", "golang", "harness", "matrix", "nodepeer", "parleyproc",
-           "relaycli", "relayproc", "testing", "support"}
+           "relaycli", "relayproc", "testing", "support", "tlscert"}
 
 
 def _configured_packages() -> dict[str, str]:

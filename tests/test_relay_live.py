@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import base64
-import datetime
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import trio
 import trio_websocket
 
 from parley.conformance.relay_suite.client import parse_http_head, upgrade_request
+from support.tlscert import self_signed
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
 from parley.relay.cli import build_relay
@@ -738,36 +738,8 @@ async def test_full_send_buffer_disconnects_only_that_connection():
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    """`support.tlscert.self_signed`, as the paths' strings."""
+    certfile, keyfile = self_signed(tmp_path)
     return str(certfile), str(keyfile)
 
 
