@@ -1,6 +1,7 @@
 """Test tooling that needs a source checkout (not installed): child-process drivers for the parley
 client, the parley and Go relays and the Node client, the client x relay matrix, the relay core harness,
-a scripted relay for client tests (`fakerelay`), the `parley relay` command in-process (`relaycli`), a self-signed certificate (`tlscert`).
+a scripted relay for client tests (`fakerelay`), the `parley relay` command in-process (`relaycli`),
+a self-signed certificate (`tlscert`).
 
 Tests import it as `support` (pytest `pythonpath = ["tests"]` in pyproject.toml); the Go and Node
 peers are built and run from `conformance/go-relay` and `conformance/node-client` of the checkout
