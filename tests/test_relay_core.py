@@ -603,11 +603,17 @@ def test_store_and_forward_queued_then_delivered_on_reattach_after_peer_online()
     assert out[1] == ['{"t":"PEER_ONLINE","sid":"%s"}\n' % sid]
 
 
-def test_stored_frames_never_go_back_to_their_side():
+def stored_m1() -> tuple[Harness, str]:
+    """A pair (sides A, B) whose B dropped, and A's MSG "m1", stored for B."""
     h = Harness()
     sid = pair(h, "A", "B")
     h.disconnect(2)
     h.send(1, msg(sid, "m1"))
+    return h, sid
+
+
+def test_stored_frames_never_go_back_to_their_side():
+    h, sid = stored_m1()
     h.disconnect(1)
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
@@ -638,10 +644,7 @@ def test_same_side_only_peer_means_queued():
 
 
 def test_legacy_reattach_gets_stored_frames_and_they_are_done():
-    h = Harness()
-    sid = pair(h, "A", "B")
-    h.disconnect(2)
-    h.send(1, msg(sid, "m1"))
+    h, sid = stored_m1()
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid})
     assert [f["t"] for f in loads(out[3])] == ["PEER_ONLINE", "MSG"]
@@ -834,10 +837,7 @@ def test_leave_removes_member_and_drops_its_queue():
 
 
 def test_leave_keeps_frames_the_leaver_sent():
-    h = Harness()
-    sid = pair(h, "A", "B")
-    h.disconnect(2)
-    h.send(1, msg(sid, "m1"))
+    h, sid = stored_m1()
     h.send(1, {"t": "LEAVE", "sid": sid})
     assert h.core.stats()["queued_frames"] == 1
 
