@@ -603,6 +603,16 @@ def test_store_and_forward_queued_then_delivered_on_reattach_after_peer_online()
     assert out[1] == ['{"t":"PEER_ONLINE","sid":"%s"}\n' % sid]
 
 
+def sided_on_s(side_1: str, side_2: str) -> Harness:
+    """Connections 1 and 2 REATTACHed to SID "s", declaring `side_1` and `side_2`."""
+    h = Harness()
+    h.connect(1)
+    h.connect(2)
+    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": side_1}})
+    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": side_2}})
+    return h
+
+
 def stored_m1() -> tuple[Harness, str]:
     """A pair (sides A, B) whose B dropped, and A's MSG "m1", stored for B."""
     h = Harness()
@@ -634,11 +644,7 @@ def test_live_msg_never_goes_to_same_side():
 
 
 def test_same_side_only_peer_means_queued():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
-    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
+    h = sided_on_s("A", "A")
     out = h.send(1, msg("s"))
     assert [f["t"] for f in loads(out[1])] == ["QUEUED"] and 2 not in out
 
@@ -887,11 +893,7 @@ def test_frames_a_dropped_legacy_receiver_never_got_wait_for_reattach():
 
 
 def test_sided_receivers_frames_carry_no_requeue_token():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
-    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": "B"}})
+    h = sided_on_s("A", "B")
     actions = h.core.receive(1, json.dumps(msg("s", "m1")))
     assert [a.requeue for a in actions if isinstance(a, Send) and a.conn == 2] == [None]
     assert h.core.stats()["queued_frames"] == 1  # kept until B's RECEIVED
