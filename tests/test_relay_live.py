@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import base64
-import datetime
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ import pytest
 import trio
 import trio_websocket
 
-from parley.conformance.relay_suite.client import parse_http_head
+from parley.conformance.relay_suite.client import parse_http_head, upgrade_request
+from support.tlscert import self_signed
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
 from parley.relay.cli import build_relay
@@ -66,17 +66,8 @@ class RawWS:
     ) -> tuple[RawWS, int, dict[str, str]]:
         """Connect and upgrade; returns (client, HTTP status, response headers)."""
         stream = await _tcp(port, rcvbuf, src)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        lines += [f"{k}: {v}" for k, v in headers or []]
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + extra)
+        key, request = upgrade_request(f"127.0.0.1:{port}", path, headers=headers or [])
+        await stream.send_all(request + extra)
         status, resp_headers, rest = await read_http_response(stream)
         if status == 101:
             expected = base64.b64encode(
@@ -319,6 +310,22 @@ async def hello(ws: RawWS) -> int:
     return msg["conn"]
 
 
+async def greeted(port: int) -> RawWS:
+    """A client connected and upgraded, past its HELLO (the fake cores here greet each connection)."""
+    ws = await RawWS.open(port)
+    await hello(ws)
+    return ws
+
+
+async def slow_and_fast(port: int) -> tuple[RawWS, int, RawWS]:
+    """A client with a 4 KiB receive buffer (slow: it does not read) and its connection id, and
+    a second (fast) client; both past their HELLO."""
+    slow = await RawWS.open(port, rcvbuf=4096)
+    slow_id = await hello(slow)
+    fast = await greeted(port)
+    return slow, slow_id, fast
+
+
 # ---------------------------------------------------------------------------
 # handshake
 
@@ -393,8 +400,7 @@ async def test_frame_sent_right_behind_the_request_is_not_lost():
 async def test_fragmented_message_with_interleaved_ping():
     with trio.fail_after(10):
         async with running_relay(core=FakeCore()) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.send_frame(0x1, b'{"t":"EC', fin=False)
             await ws.send_frame(0x9, b"are you there")
             await ws.send_frame(0x0, b'HO","x":"\xc3', fin=False)  # a UTF-8 char split across frames
@@ -416,8 +422,7 @@ async def test_client_close_is_answered_with_same_code_and_empty_reason():
             await ws.close(4321, b"see you")
             assert await ws.recv() == ("close", 4321, "")
             assert await ws.recv() == ("eof",)
-            ws2 = await RawWS.open(port)
-            await hello(ws2)
+            ws2 = await greeted(port)
             await ws2.close(None)  # no status code at all: an empty close back
             assert await ws2.recv_frame() == (0x8, b"")
             await trio.sleep(0.05)
@@ -435,8 +440,7 @@ async def test_core_close_action_and_core_failure():
             assert await ws.recv() == ("close", 4000, "bye")
             await ws.close(4000)
             assert await ws.recv() == ("eof",)
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.send_json({"t": "RAISE"})
             assert await ws.recv() == ("close", 1011, "internal error")
             assert server.stats()["core_errors"] == 1
@@ -467,8 +471,7 @@ async def test_core_close_action_and_core_failure():
 async def test_websocket_protocol_errors_get_a_reasoned_close(frame, code):
     with trio.fail_after(10):
         async with running_relay(core=FakeCore()) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.stream.send_all(frame)
             kind, got, reason = await ws.recv()
             assert (kind, got) == ("close", code)
@@ -485,8 +488,7 @@ async def test_too_large_message_gets_error_and_connection_stays():
     too_large = json.loads('{"t":"ERROR","data":{"message":"message too large","code":"too_large"}}')
     with trio.fail_after(10):
         async with running_relay(core=FakeCore(), max_frame=limit) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             exact = '{"t":"ECHO","pad":"' + "p" * (limit - 21) + '"}'
             assert len(exact) == limit
             await ws.send_text(exact)
@@ -630,8 +632,7 @@ async def test_shutdown_flushes_pending_commits_then_closes_1001():
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             port = (await nursery.start(server.serve))[0][1]
-            a = await RawWS.open(port)
-            await hello(a)
+            a = await greeted(port)
             for n in range(5):
                 await a.send_json({"t": "PERSIST", "n": n})
             await trio.sleep(0.05)
@@ -651,8 +652,7 @@ async def test_store_backlog_pauses_readers_and_keeps_order():
     )
     with trio.fail_after(20):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            await hello(a)
+            a = await greeted(port)
             for n in range(60):
                 await a.send_json({"t": "PERSIST", "n": n})
                 await a.send_json({"t": "ECHO", "n": n})
@@ -711,10 +711,7 @@ async def test_full_send_buffer_disconnects_only_that_connection():
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 256 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             chunk = "z" * 32768
             rtts = []
             for i in range(2000):
@@ -741,36 +738,8 @@ async def test_full_send_buffer_disconnects_only_that_connection():
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    """`support.tlscert.self_signed`, as the paths' strings."""
+    certfile, keyfile = self_signed(tmp_path)
     return str(certfile), str(keyfile)
 
 
@@ -1270,15 +1239,13 @@ async def test_too_many_fragments_close_1008():
     with trio.fail_after(10):
         async with running_relay(core=core, transport_options={"max_fragments": 50}) as (server, port):
             observer = _observe(server)
-            ok = await RawWS.open(port)
-            await hello(ok)
+            ok = await greeted(port)
             # 50 fragments are fine
             wire = client_frame(1, b'{"t":"ECHO",', fin=False)
             wire += b"".join(client_frame(0, b" ", fin=False) for _ in range(48)) + client_frame(0, b'"n":1}')
             await ok.stream.send_all(wire)
             assert (await ok.recv_json())["n"] == 1
-            bad = await RawWS.open(port)
-            await hello(bad)
+            bad = await greeted(port)
             wire = client_frame(1, b"{", fin=False) + client_frame(0, b"", fin=False) * 60
             await bad.stream.send_all(wire)
             assert await bad.recv() == ("close", 1008, "too many fragments in one message")
@@ -1294,10 +1261,8 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
             core=core, transport_options={"partial_bytes_total": 100_000}
         ) as (server, port):
             observer = _observe(server)
-            one = await RawWS.open(port)
-            await hello(one)
-            two = await RawWS.open(port)
-            await hello(two)
+            one = await greeted(port)
+            two = await greeted(port)
             head = b'{"t":"ECHO","pad":"'
             await one.stream.send_all(client_frame(1, head + b"a" * 70_000, fin=False))
             await trio.sleep(0.2)
@@ -1308,8 +1273,7 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
             assert len((await one.recv_json())["pad"]) == 70_000
             assert server._partial_budget.held == 0
             # and a connection that leaves mid-message gives its bytes back
-            three = await RawWS.open(port)
-            await hello(three)
+            three = await greeted(port)
             await three.stream.send_all(client_frame(1, head + b"c" * 90_000, fin=False))
             await three.send_frame(0x9, b"sync")  # answered once the bytes before it are read
             while (await three.recv_frame())[0] != 0xA:
@@ -1328,16 +1292,14 @@ async def test_ping_flood_is_cut_off_while_a_pair_keeps_working():
     with trio.fail_after(30):
         async with running_relay(core=core) as (server, port):
             observer = _observe(server)
-            pair = await RawWS.open(port)
-            await hello(pair)
+            pair = await greeted(port)
             closes: list[tuple] = []
             rtts: list[float] = []
             ping = client_frame(1, b'{"t":"PING"}')
             control = client_frame(0x9, b"x")
 
             async def flooder(n: int) -> None:
-                ws = await RawWS.open(port)
-                await hello(ws)
+                ws = await greeted(port)
                 burst = (ping if n % 2 else control) * 500
 
                 async def send() -> None:
@@ -1403,8 +1365,7 @@ async def test_frame_rate_slows_a_fast_sender_down():
     with trio.fail_after(20):
         async with running_relay(core=core, transport_options={"frame_rate": 100.0}) as (server, port):
             observer = _observe(server)
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             started = time.monotonic()
             await ws.stream.send_all(b"".join(client_frame(1, b'{"t":"ECHO","i":%d}' % i) for i in range(300)))
             for i in range(300):
@@ -1422,10 +1383,7 @@ async def test_one_log_line_per_send_buffer_overflow(caplog):
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 64 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             await fast.send_json({"t": "MANY", "conn": slow_id, "n": 2000, "x": "z" * 1024})
             await fast.send_json({"t": "ECHO", "i": 1})
             assert (await fast.recv_json())["i"] == 1

@@ -38,19 +38,11 @@ from parley.relay.transport import TransportConfig
 
 from .test_relay_live import RawWS, RelayProcess, serving
 from support import until
+from support.relaycli import restore_relay_logger as _restore_relay_logger  # noqa: F401 (autouse)
 
 SID = "1763900000123_" + "9f3a61c2" * 4
 CIPHERTEXT = "c1f3e7" * 60
 FULL = "database or disk is full"
-
-
-@pytest.fixture(autouse=True)
-def _restore_relay_logger():
-    """`parley relay` configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def loads(texts: list[str]) -> list[dict]:
@@ -734,17 +726,7 @@ class FaultyRelayMachine(RelayMachine):
     @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]),
           abandon=st.sampled_from([False, False, True]))
     def message(self, c, s, with_id, own, abandon=False):
-        conn = pick_(self.live, c)
-        sid = pick_(self.member[conn] if own and self.member[conn] else self.sids, s)
-        n = self.next_msg
-        self.next_msg += 1
-        payload = f"{n:024x}" + "ee" * 20
-        msg_id = f"m{n}" if with_id else payload[:24]
-        data = {"payload": payload}
-        if with_id:
-            data["msgID"] = msg_id
-        side = self.member[conn].get(sid)
-        self.msgs[msg_id] = (sid, side, conn, n)
+        conn, sid, msg_id, data = self.new_message(c, s, with_id, own)
         available = self.h.core.store_available
         actions = self.h.core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": data}))
         replies = [a for a in actions if type(a).__name__ == "Send" and a.conn == conn]
@@ -793,11 +775,6 @@ class FaultyRelayMachine(RelayMachine):
         if reply["t"] == "DELIVERED_FAILED":
             assert reply["data"]["reason"] == "queue_full"
             assert set(out) == {conn}
-
-
-def pick_(items, index):
-    items = list(items)
-    return items[index % len(items)]
 
 
 FaultyRelayMachine.TestCase.settings = settings(

@@ -17,6 +17,8 @@ from parley.conformance.relay_suite.client import (
     frame_bytes,
     handshake,
     invite_params,
+    join_request,
+    joined_with_bystander,
 )
 
 pytestmark = pytest.mark.trio
@@ -35,24 +37,27 @@ def _code_frame(suite, msg, sid):
 # -- CREATE_SESSION --------------------------------------------------------------------
 
 
+async def _session_created(suite, c) -> str:
+    """CREATE_SESSION from ``c``; the next frame must be exactly SESSION_CREATED; returns its SID."""
+    await c.send({"t": "CREATE_SESSION"})
+    msg = await c.recv()
+    m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
+    assert m, msg
+    return m.group(1)
+
+
 @pytest.mark.dialects("node")
 async def test_node_create_session_replies_session_created_only(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
+        await _session_created(suite, c)
         await c.assert_silent()
 
 
 @pytest.mark.dialects("compat")
 async def test_compat_create_session_replies_session_created_then_invite_code(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
-        _code_frame(suite, await c.recv(), m.group(1))
+        sid = await _session_created(suite, c)
+        _code_frame(suite, await c.recv(), sid)
         await c.assert_silent()
 
 
@@ -88,9 +93,7 @@ async def test_compat_invite_create_with_live_code_no_reply(suite):
 async def test_invite_create_after_code_consumed_mints_new_code(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
-        sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-        await a.expect("JOIN_REQUEST", sid=sid)
+        sid, code, _ = await join_request(suite, a, b)
         await a.send({"t": "INVITE_CREATE", "sid": sid, "data": invite_params()})
         new_code = _code_frame(suite, await a.recv(), sid)
         assert new_code != code
@@ -153,14 +156,7 @@ async def test_join_request_carries_client_id(suite):
 
 
 async def _accept_setup(suite, cs):
-    a, b, c = await cs.many("creator", "joiner", "bystander")
-    sid, code = await create_session(suite, a)
-    await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-    req = await a.expect("JOIN_REQUEST", sid=sid)
-    online = frame_bytes("PEER_ONLINE", sid)
-    await c.send({"t": "REATTACH", "sid": sid})
-    for x in (a, b, c, c):
-        await x.expect_exact(online)
+    sid, a, b, c, req = await joined_with_bystander(suite, cs)
     return sid, a, b, c, req.frame["data"].get("clientID")
 
 

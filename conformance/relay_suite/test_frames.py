@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -18,6 +19,7 @@ from parley.conformance.relay_suite.client import (
     dh_public_key,
     frame_bytes,
     invite_params,
+    joined_with_bystander,
     new_sid,
     reattach_all,
 )
@@ -136,25 +138,10 @@ async def test_join_without_usable_code_is_unknown_code(suite, frame):
 # -- JOIN_ACCEPT / JOIN_DENY --------------------------------------------------------
 
 
-async def _joined(suite, cs):
-    """creator A, joiner B (JOIN_REQUEST consumed), bystander C REATTACHed."""
-    a, b, c = await cs.many("creator", "joiner", "bystander")
-    sid, code = await create_session(suite, a)
-    await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-    req = await a.expect("JOIN_REQUEST", sid=sid)
-    online = frame_bytes("PEER_ONLINE", sid)
-    await c.send({"t": "REATTACH", "sid": sid})
-    await a.expect_exact(online)
-    await b.expect_exact(online)
-    await c.expect_exact(online)
-    await c.expect_exact(online)
-    return sid, a, b, c, req
-
-
 @pytest.mark.dialects("go")
 async def test_join_accept_forwarded_verbatim_to_every_other_member(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         key = dh_public_key()
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":{ "publicKey" : "%s" , "x" : "<\\u00e9>" },"y":1}' % (sid, key))
         expected = frame_bytes("JOIN_ACCEPT", sid, '{"publicKey":"%s","x":"\\u003c\\u00e9\\u003e"}' % key)
@@ -166,7 +153,7 @@ async def test_join_accept_forwarded_verbatim_to_every_other_member(suite):
 @pytest.mark.legacy_only
 async def test_join_accept_sender_need_not_be_member(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         d = await cs.new("outsider")
         await d.send({"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "02"}})
         expected = frame_bytes("JOIN_ACCEPT", sid, '{"publicKey":"02"}')
@@ -178,7 +165,7 @@ async def test_join_accept_sender_need_not_be_member(suite):
 @pytest.mark.legacy_only
 async def test_join_accept_without_data_forwarded_without_data(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_ACCEPT", "sid": sid})
         await b.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
         await c.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
@@ -195,7 +182,7 @@ async def test_join_answer_for_unknown_session_ignored(suite, t):
 
 async def test_join_deny_tells_other_members_joiner_stays(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_DENY", "sid": sid})
         await b.expect_exact(frame_bytes("JOIN_DENIED", sid))
         await c.expect_exact(frame_bytes("JOIN_DENIED", sid))
@@ -379,14 +366,21 @@ async def test_member_that_left_is_not_counted(suite):
 # -- a receiver that stops reading ------------------------------------------------------
 
 
-async def _stall(suite, a, sid):
-    """A raw connection joins ``sid`` and never reads; returns it."""
+@asynccontextmanager
+async def _stalled(suite, a):
+    """``a`` REATTACHes to a new SID that a raw connection joins and never reads; yields the SID
+    (the raw connection is closed after the block)."""
+    sid = new_sid()
+    await a.send({"t": "REATTACH", "sid": sid})
     raw = await RawSocket.open(suite, rcvbuf=4096)
-    status, _ = await raw.upgrade()
-    assert status == 101
-    await raw.send_ws(json.dumps({"t": "REATTACH", "sid": sid}).encode())
-    await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
-    return raw
+    try:
+        status, _ = await raw.upgrade()
+        assert status == 101
+        await raw.send_ws(json.dumps({"t": "REATTACH", "sid": sid}).encode())
+        await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
+        yield sid
+    finally:
+        raw.close()
 
 
 _STALL_DATA = '{"p":"%s"}' % ("5a" * 32768)  # 64 KiB per frame
@@ -395,46 +389,34 @@ _STALL_DATA = '{"p":"%s"}' % ("5a" * 32768)  # 64 KiB per frame
 @pytest.mark.legacy_only
 async def test_stalled_receiver_delays_sender_up_to_write_deadline(suite):
     """Writes have a 2 s deadline and hold the session: the sender waits, then gets DELIVERED_FAILED."""
-    async with connect(suite, "A") as a:
-        sid = new_sid()
-        await a.send({"t": "REATTACH", "sid": sid})
-        raw = await _stall(suite, a, sid)
-        try:
-            slow = None
-            for i in range(300):  # up to ~19 MiB; loopback buffers fill long before
-                start = trio.current_time()
-                await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
-                reply = await a.recv(timeout=suite.timeout + 3.0)
-                took = trio.current_time() - start
-                assert reply.t in ("DELIVERED", "DELIVERED_FAILED"), reply
-                assert took < 5.0, f"reply {i} took {took:.2f}s; a write should give up after 2 s"
-                if took >= 1.5:
-                    slow = (i, took, reply.t)
-                    break
-            assert slow is not None, "the stalled receiver never delayed the sender"
-            assert slow[2] == "DELIVERED_FAILED", f"the timed-out write was reported as {slow[2]}"
-            # the receiver's connection is now broken: later frames fail at once
+    async with connect(suite, "A") as a, _stalled(suite, a) as sid:
+        slow = None
+        for i in range(300):  # up to ~19 MiB; loopback buffers fill long before
             start = trio.current_time()
-            await a.send({"t": "MSG", "sid": sid, "data": 1})
-            await a.expect_exact(frame_bytes("DELIVERED_FAILED", sid), timeout=3.0)
-            assert trio.current_time() - start < 1.0
-        finally:
-            raw.close()
+            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
+            reply = await a.recv(timeout=suite.timeout + 3.0)
+            took = trio.current_time() - start
+            assert reply.t in ("DELIVERED", "DELIVERED_FAILED"), reply
+            assert took < 5.0, f"reply {i} took {took:.2f}s; a write should give up after 2 s"
+            if took >= 1.5:
+                slow = (i, took, reply.t)
+                break
+        assert slow is not None, "the stalled receiver never delayed the sender"
+        assert slow[2] == "DELIVERED_FAILED", f"the timed-out write was reported as {slow[2]}"
+        # the receiver's connection is now broken: later frames fail at once
+        start = trio.current_time()
+        await a.send({"t": "MSG", "sid": sid, "data": 1})
+        await a.expect_exact(frame_bytes("DELIVERED_FAILED", sid), timeout=3.0)
+        assert trio.current_time() - start < 1.0
 
 
 @pytest.mark.parley_only
 async def test_stalled_receiver_does_not_delay_sender(suite):
-    async with connect(suite, "A") as a:
-        sid = new_sid()
-        await a.send({"t": "REATTACH", "sid": sid})
-        raw = await _stall(suite, a, sid)
-        try:
-            for i in range(100):
-                start = trio.current_time()
-                await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
-                reply = await a.recv(timeout=3.0)
-                took = trio.current_time() - start
-                assert reply.t in ("DELIVERED", "QUEUED", "DELIVERED_FAILED", "PEER_OFFLINE"), reply
-                assert took < 1.0, f"reply {i} took {took:.2f}s: a stalled receiver delayed its sender"
-        finally:
-            raw.close()
+    async with connect(suite, "A") as a, _stalled(suite, a) as sid:
+        for i in range(100):
+            start = trio.current_time()
+            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
+            reply = await a.recv(timeout=3.0)
+            took = trio.current_time() - start
+            assert reply.t in ("DELIVERED", "QUEUED", "DELIVERED_FAILED", "PEER_OFFLINE"), reply
+            assert took < 1.0, f"reply {i} took {took:.2f}s: a stalled receiver delayed its sender"

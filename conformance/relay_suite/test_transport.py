@@ -24,6 +24,21 @@ async def _pair(suite, cs):
     return sid, a, b
 
 
+def _msg(data: str):
+    """The MSG text for a SID, carrying `data` (raw JSON text) as it is."""
+    return lambda sid: '{"t":"MSG","sid":"%s","data":%s}' % (sid, data)
+
+
+async def _relayed(suite, frame, data: str | None, timeout: float | None = None) -> None:
+    """On a fresh pair A sends `frame` (a text with %s for the SID, or a function of the SID):
+    B gets exactly MSG with `data`, A gets DELIVERED."""
+    async with Clients(suite) as cs:
+        sid, a, b = await _pair(suite, cs)
+        await a.send(frame(sid) if callable(frame) else frame % sid)
+        await b.expect_exact(frame_bytes("MSG", sid, data), timeout=timeout)
+        await a.expect_exact(frame_bytes("DELIVERED", sid), timeout=timeout)
+
+
 # -- HTTP and handshake ---------------------------------------------------------
 
 
@@ -93,19 +108,11 @@ async def test_binary_message_accepted_answer_is_text(suite):
 
 
 async def test_envelope_rebuilt_key_order_newline_extra_keys_dropped(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"data":{"n":1},"x":true,"sid":"%s","t":"MSG","z":[1,2]}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"n":1}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"data":{"n":1},"x":true,"sid":"%s","t":"MSG","z":[1,2]}', '{"n":1}')
 
 
 async def test_data_left_out_when_absent(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send({"t": "MSG", "sid": sid})
-        await b.expect_exact(frame_bytes("MSG", sid))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, lambda sid: {"t": "MSG", "sid": sid}, None)
 
 
 async def test_forwarded_data_html_and_line_separator_escaped(suite):
@@ -149,11 +156,7 @@ async def test_forwarded_data_compacted_not_reencoded(suite):
     ids=["null", "string", "empty-string", "number", "zero", "array", "true", "empty-object"],
 )
 async def test_forwarded_data_any_json_value(suite, sent, forwarded):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, sent))
-        await b.expect_exact(frame_bytes("MSG", sid, forwarded))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, _msg(sent), forwarded)
 
 
 async def test_string_fields_escaped(suite):
@@ -194,22 +197,14 @@ async def test_invalid_utf8_in_string_field_becomes_replacement_character(suite)
 
 async def test_large_message_forwarded_whole(suite):
     """Messages over 4 KB may be fragmented; only the reassembled message counts."""
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        data = '{"p":"%s"}' % ("0123456789abcdef" * 4096)  # 64 KiB
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-        await b.expect_exact(frame_bytes("MSG", sid, data))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    data = '{"p":"%s"}' % ("0123456789abcdef" * 4096)  # 64 KiB
+    await _relayed(suite, _msg(data), data)
 
 
 @pytest.mark.legacy_only
 async def test_no_message_size_limit(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        data = '{"p":"%s"}' % ("f" * (3 * 1024 * 1024))  # 3 MiB, over parley's 1 MiB default
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-        await b.expect_exact(frame_bytes("MSG", sid, data), timeout=suite.timeout * 3)
-        await a.expect_exact(frame_bytes("DELIVERED", sid), timeout=suite.timeout * 3)
+    data = '{"p":"%s"}' % ("f" * (3 * 1024 * 1024))  # 3 MiB, over parley's 1 MiB default
+    await _relayed(suite, _msg(data), data, timeout=suite.timeout * 3)
 
 
 # -- closing --------------------------------------------------------------------------
@@ -227,29 +222,17 @@ async def test_close_frame_answered_with_same_code_empty_reason(suite):
 
 @pytest.mark.legacy_only
 async def test_keys_match_case_insensitively(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"T":"MSG","SiD":"%s","DATA":{"k":1}}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"k":1}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"T":"MSG","SiD":"%s","DATA":{"k":1}}', '{"k":1}')
 
 
 @pytest.mark.legacy_only
 async def test_duplicate_keys_last_wins(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"PONG","sid":"other","data":1,"t":"MSG","sid":"%s","data":{"k":2}}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"k":2}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"t":"PONG","sid":"other","data":1,"t":"MSG","sid":"%s","data":{"k":2}}', '{"k":2}')
 
 
 @pytest.mark.legacy_only
 async def test_bytes_after_first_value_ignored(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"MSG","sid":"%s","data":1} trailing ]] not json {' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, "1"))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"t":"MSG","sid":"%s","data":1} trailing ]] not json {', "1")
 
 
 @pytest.mark.legacy_only
