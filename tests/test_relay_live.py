@@ -310,11 +310,16 @@ async def hello(ws: RawWS) -> int:
     return msg["conn"]
 
 
-async def greeted(port: int) -> RawWS:
-    """A client connected and upgraded, past its HELLO (the fake cores here greet each connection)."""
+async def connected(port: int) -> tuple[RawWS, int]:
+    """A client connected and upgraded, past its HELLO (the fake cores here greet each
+    connection), and the connection id the HELLO gave."""
     ws = await RawWS.open(port)
-    await hello(ws)
-    return ws
+    return ws, await hello(ws)
+
+
+async def greeted(port: int) -> RawWS:
+    """A client connected and upgraded, past its HELLO."""
+    return (await connected(port))[0]
 
 
 async def slow_and_fast(port: int) -> tuple[RawWS, int, RawWS]:
@@ -417,8 +422,7 @@ async def test_client_close_is_answered_with_same_code_and_empty_reason():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.close(4321, b"see you")
             assert await ws.recv() == ("close", 4321, "")
             assert await ws.recv() == ("eof",)
@@ -433,8 +437,7 @@ async def test_core_close_action_and_core_failure():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 4000})
             await ws.send_json({"t": "ECHO"})  # after the close: not answered
             assert await ws.recv() == ("close", 4000, "bye")
@@ -445,8 +448,7 @@ async def test_core_close_action_and_core_failure():
             assert await ws.recv() == ("close", 1011, "internal error")
             assert server.stats()["core_errors"] == 1
             # a client that never answers our close is dropped after close_timeout
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 1000})
             assert (await ws.recv())[:2] == ("close", 1000)
             t0 = trio.current_time()
@@ -540,8 +542,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             # The relay's idle deadline runs from the last bytes it read (the upgrade
             # request), so the clock starts before the upgrade, not when HELLO arrives.
             t0 = trio.current_time()
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             seen = []
             while True:  # read raw frames, answer nothing
                 frame = await ws.recv_frame()
@@ -554,8 +555,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             assert 3 * interval * 0.8 <= trio.current_time() - t0 <= 3 * interval + 1.5
             assert 0x9 in seen and seen.count(0x1) >= 2  # WebSocket ping, then PINGs
             # an answering client (pongs only, no data) stays connected
-            ws2 = await RawWS.open(port)
-            conn2 = await hello(ws2)
+            ws2, conn2 = await connected(port)
             with trio.move_on_after(interval * 6):
                 msg = await ws2.recv()  # answers WebSocket pings
                 pytest.fail(f"unexpected {msg}")
@@ -588,10 +588,8 @@ async def test_persisted_sends_wait_for_commit_and_fast_path_does_not():
     )
     with trio.fail_after(15):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             sent = time.monotonic()
             await a.send_json({"t": "PERSIST", "n": 1})
             await a.send_json({"t": "ECHO", "n": 2})  # no Persist, but queued behind n=1
@@ -684,10 +682,8 @@ async def test_failed_commit_keeps_relaying_and_acknowledges_only_after_a_retry_
     )
     with trio.fail_after(10):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             await a.send_json({"t": "PERSIST", "n": 1})
             with trio.move_on_after(0.5):
                 pytest.fail(f"acknowledged before the commit: {await a.recv()}")
@@ -1234,11 +1230,17 @@ def _observe(server: RelayServer) -> Any:
     return observer
 
 
+@asynccontextmanager
+async def observed_relay(**transport_options: Any):
+    """An in-process relay with a FakeCore and a RecordingObserver (set before any connection
+    opens); yields (server, port, observer)."""
+    async with running_relay(core=FakeCore(), transport_options=transport_options) as (server, port):
+        yield server, port, _observe(server)
+
+
 async def test_too_many_fragments_close_1008():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(core=core, transport_options={"max_fragments": 50}) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(max_fragments=50) as (server, port, observer):
             ok = await greeted(port)
             # 50 fragments are fine
             wire = client_frame(1, b'{"t":"ECHO",', fin=False)
@@ -1255,12 +1257,8 @@ async def test_too_many_fragments_close_1008():
 
 
 async def test_unfinished_messages_share_one_relay_wide_budget():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(
-            core=core, transport_options={"partial_bytes_total": 100_000}
-        ) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(partial_bytes_total=100_000) as (server, port, observer):
             one = await greeted(port)
             two = await greeted(port)
             head = b'{"t":"ECHO","pad":"'
@@ -1288,10 +1286,8 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
 async def test_ping_flood_is_cut_off_while_a_pair_keeps_working():
     """4 connections flood {"t":"PING"} (and WebSocket pings): each is closed
     with 1008 once over its idle-frame burst; an ECHO pair's round trips stay short."""
-    core = FakeCore()
     with trio.fail_after(30):
-        async with running_relay(core=core) as (server, port):
-            observer = _observe(server)
+        async with observed_relay() as (server, port, observer):
             pair = await greeted(port)
             closes: list[tuple] = []
             rtts: list[float] = []
@@ -1361,10 +1357,8 @@ async def test_a_connection_yields_its_turn_after_turn_frames_events():
 
 
 async def test_frame_rate_slows_a_fast_sender_down():
-    core = FakeCore()
     with trio.fail_after(20):
-        async with running_relay(core=core, transport_options={"frame_rate": 100.0}) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(frame_rate=100.0) as (server, port, observer):
             ws = await greeted(port)
             started = time.monotonic()
             await ws.stream.send_all(b"".join(client_frame(1, b'{"t":"ECHO","i":%d}' % i) for i in range(300)))
