@@ -1121,6 +1121,17 @@ class RelayProcess:
         self.port = int(match.group(1))
         return self.port
 
+    async def __aenter__(self) -> int:
+        """``async with relay as port``: waits for the banner; the block's end stops the child."""
+        try:
+            return await self.started()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.stop()
+
     async def wait(self, timeout: float = 15) -> int:
         with trio.fail_after(timeout):
             return await trio.to_thread.run_sync(self.proc.wait, abandon_on_cancel=True)
@@ -1136,8 +1147,7 @@ class RelayProcess:
 async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), "--log-level", "debug")
-    try:
-        port = await relay.started()
+    async with relay as port:
         assert f"(dialect compat, store {store})" in relay.banner
         assert f"parley invite --relay ws://127.0.0.1:{port}/" in relay.banner
         with trio.fail_after(20):
@@ -1156,8 +1166,6 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
                 assert msg == ("close", 1001, "relay shutting down")
                 await ws.close(1001)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     log = relay.log_path.read_text()
     assert "Traceback" not in log
     assert "SIGTERM: shutting down" in log and "rx MSG" in log
@@ -1170,8 +1178,7 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
 async def test_store_and_forward_across_sigkill(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), name="first")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             a = await RawWS.open(port)
             b = await RawWS.open(port)
@@ -1191,12 +1198,9 @@ async def test_store_and_forward_across_sigkill(tmp_path):
             assert await a.recv_json() == {"t": "QUEUED", "sid": sid, "data": {"msgID": "queued-1"}}
             relay.proc.kill()  # SIGKILL right after the ack
             assert await relay.wait() == -signal.SIGKILL
-    finally:
-        relay.stop()
 
     relay = RelayProcess(tmp_path, "--store", str(store), name="second")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             b = await RawWS.open(port)
             await b.send_json({"t": "REATTACH", "sid": sid, "data": {"side": "side-bob"}})
@@ -1212,8 +1216,6 @@ async def test_store_and_forward_across_sigkill(tmp_path):
                 pytest.fail(f"unexpected {await b.recv()}")
             relay.proc.send_signal(signal.SIGTERM)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     with Store(store) as db:
         assert db.counts()["frames"] == 0
 
