@@ -33,7 +33,7 @@ import pytest
 import trio
 import trio_websocket
 
-from parley.conformance.relay_suite.client import parse_http_head, upgrade_request
+from parley.conformance.relay_suite.client import parse_http_head, read_http_head, upgrade_request
 from support.tlscert import self_signed
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
@@ -193,15 +193,9 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
 
 
 async def read_http_response(stream: trio.abc.ReceiveStream) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise ConnectionError("EOF during the HTTP response")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status, headers = parse_http_head(head)
-    return status, headers, rest
+    """(status, lower-cased headers, the bytes read after the head)."""
+    head, rest = await read_http_head(stream)
+    return (*parse_http_head(head), rest)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:

@@ -58,6 +58,7 @@ __all__ = [
     "new_sid",
     "go_quote",
     "parse_http_head",
+    "read_http_head",
     "upgrade_request",
     "frame_bytes",
     "reattach_all",
@@ -538,6 +539,22 @@ def upgrade_request(
         *(f"{k}: {v}" for k, v in headers),
     ]
     return key, ("\r\n".join(lines) + "\r\n\r\n").encode(encoding)
+
+
+async def read_http_head(stream: trio.abc.ReceiveStream, limit: int = 65536) -> tuple[bytes, bytes]:
+    """Read ``stream`` up to the blank line that ends an HTTP response head (RFC 9112 2.1);
+    returns (the head without its blank line, the bytes read after it). ConnectionError at EOF
+    before the blank line, or once more than ``limit`` bytes came without it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > limit:
+            raise ConnectionError(f"HTTP response head over {limit} bytes")
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ConnectionError("EOF during the HTTP response head")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
 
 
 def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
