@@ -975,12 +975,18 @@ def test_join_without_public_key_keeps_code():
     assert 1 in join(h, 2, code)
 
 
-def test_pending_join_request_delivered_on_creator_reattach():
+def creator_gone() -> tuple[Harness, str, str]:
+    """Connections 1 and 2; 1 created a session (side "A") and left. Returns (h, sid, code)."""
     h = Harness()
     h.connect(1)
     h.connect(2)
     sid, code = create(h, 1, "A")
     h.disconnect(1)
+    return h, sid, code
+
+
+def test_pending_join_request_delivered_on_creator_reattach():
+    h, sid, code = creator_gone()
     assert join(h, 2, code, key="b0b", side="B") == {}
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
@@ -993,11 +999,7 @@ def test_pending_join_request_delivered_on_creator_reattach():
 
 
 def test_pending_join_dropped_when_joiner_leaves():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    sid, code = create(h, 1, "A")
-    h.disconnect(1)
+    h, sid, code = creator_gone()
     join(h, 2, code)
     h.disconnect(2)
     h.connect(3)

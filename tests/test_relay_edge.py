@@ -488,8 +488,7 @@ async def test_emfile_storm_logs_a_bounded_number_of_lines_and_recovers(tmp_path
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
     relay = RelayProcess(tmp_path, "--store", ":memory:")
-    try:
-        port = await relay.started()
+    async with relay as port:
         for path, expected in (("/healthz", "ok\n"), ("/readyz", "ready\n")):
             result = await trio.to_thread.run_sync(
                 lambda: subprocess.run(
@@ -498,8 +497,6 @@ async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
                 )
             )
             assert result.stdout == expected + "200", result
-    finally:
-        relay.stop()
 
 
 # ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pytest
 import trio
 import trio_websocket
 
-from parley.conformance.relay_suite.client import parse_http_head, upgrade_request
+from parley.conformance.relay_suite.client import parse_http_head, read_http_head, upgrade_request
 from support.tlscert import self_signed
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
@@ -193,15 +193,9 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
 
 
 async def read_http_response(stream: trio.abc.ReceiveStream) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise ConnectionError("EOF during the HTTP response")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status, headers = parse_http_head(head)
-    return status, headers, rest
+    """(status, lower-cased headers, the bytes read after the head)."""
+    head, rest = await read_http_head(stream)
+    return (*parse_http_head(head), rest)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
@@ -310,11 +304,16 @@ async def hello(ws: RawWS) -> int:
     return msg["conn"]
 
 
-async def greeted(port: int) -> RawWS:
-    """A client connected and upgraded, past its HELLO (the fake cores here greet each connection)."""
+async def connected(port: int) -> tuple[RawWS, int]:
+    """A client connected and upgraded, past its HELLO (the fake cores here greet each
+    connection), and the connection id the HELLO gave."""
     ws = await RawWS.open(port)
-    await hello(ws)
-    return ws
+    return ws, await hello(ws)
+
+
+async def greeted(port: int) -> RawWS:
+    """A client connected and upgraded, past its HELLO."""
+    return (await connected(port))[0]
 
 
 async def slow_and_fast(port: int) -> tuple[RawWS, int, RawWS]:
@@ -417,8 +416,7 @@ async def test_client_close_is_answered_with_same_code_and_empty_reason():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.close(4321, b"see you")
             assert await ws.recv() == ("close", 4321, "")
             assert await ws.recv() == ("eof",)
@@ -433,8 +431,7 @@ async def test_core_close_action_and_core_failure():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 4000})
             await ws.send_json({"t": "ECHO"})  # after the close: not answered
             assert await ws.recv() == ("close", 4000, "bye")
@@ -445,8 +442,7 @@ async def test_core_close_action_and_core_failure():
             assert await ws.recv() == ("close", 1011, "internal error")
             assert server.stats()["core_errors"] == 1
             # a client that never answers our close is dropped after close_timeout
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 1000})
             assert (await ws.recv())[:2] == ("close", 1000)
             t0 = trio.current_time()
@@ -540,8 +536,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             # The relay's idle deadline runs from the last bytes it read (the upgrade
             # request), so the clock starts before the upgrade, not when HELLO arrives.
             t0 = trio.current_time()
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             seen = []
             while True:  # read raw frames, answer nothing
                 frame = await ws.recv_frame()
@@ -554,8 +549,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             assert 3 * interval * 0.8 <= trio.current_time() - t0 <= 3 * interval + 1.5
             assert 0x9 in seen and seen.count(0x1) >= 2  # WebSocket ping, then PINGs
             # an answering client (pongs only, no data) stays connected
-            ws2 = await RawWS.open(port)
-            conn2 = await hello(ws2)
+            ws2, conn2 = await connected(port)
             with trio.move_on_after(interval * 6):
                 msg = await ws2.recv()  # answers WebSocket pings
                 pytest.fail(f"unexpected {msg}")
@@ -588,10 +582,8 @@ async def test_persisted_sends_wait_for_commit_and_fast_path_does_not():
     )
     with trio.fail_after(15):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             sent = time.monotonic()
             await a.send_json({"t": "PERSIST", "n": 1})
             await a.send_json({"t": "ECHO", "n": 2})  # no Persist, but queued behind n=1
@@ -684,10 +676,8 @@ async def test_failed_commit_keeps_relaying_and_acknowledges_only_after_a_retry_
     )
     with trio.fail_after(10):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             await a.send_json({"t": "PERSIST", "n": 1})
             with trio.move_on_after(0.5):
                 pytest.fail(f"acknowledged before the commit: {await a.recv()}")
@@ -1125,6 +1115,17 @@ class RelayProcess:
         self.port = int(match.group(1))
         return self.port
 
+    async def __aenter__(self) -> int:
+        """``async with relay as port``: waits for the banner; the block's end stops the child."""
+        try:
+            return await self.started()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.stop()
+
     async def wait(self, timeout: float = 15) -> int:
         with trio.fail_after(timeout):
             return await trio.to_thread.run_sync(self.proc.wait, abandon_on_cancel=True)
@@ -1140,8 +1141,7 @@ class RelayProcess:
 async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), "--log-level", "debug")
-    try:
-        port = await relay.started()
+    async with relay as port:
         assert f"(dialect compat, store {store})" in relay.banner
         assert f"parley invite --relay ws://127.0.0.1:{port}/" in relay.banner
         with trio.fail_after(20):
@@ -1160,8 +1160,6 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
                 assert msg == ("close", 1001, "relay shutting down")
                 await ws.close(1001)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     log = relay.log_path.read_text()
     assert "Traceback" not in log
     assert "SIGTERM: shutting down" in log and "rx MSG" in log
@@ -1174,8 +1172,7 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
 async def test_store_and_forward_across_sigkill(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), name="first")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             a = await RawWS.open(port)
             b = await RawWS.open(port)
@@ -1195,12 +1192,9 @@ async def test_store_and_forward_across_sigkill(tmp_path):
             assert await a.recv_json() == {"t": "QUEUED", "sid": sid, "data": {"msgID": "queued-1"}}
             relay.proc.kill()  # SIGKILL right after the ack
             assert await relay.wait() == -signal.SIGKILL
-    finally:
-        relay.stop()
 
     relay = RelayProcess(tmp_path, "--store", str(store), name="second")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             b = await RawWS.open(port)
             await b.send_json({"t": "REATTACH", "sid": sid, "data": {"side": "side-bob"}})
@@ -1216,8 +1210,6 @@ async def test_store_and_forward_across_sigkill(tmp_path):
                 pytest.fail(f"unexpected {await b.recv()}")
             relay.proc.send_signal(signal.SIGTERM)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     with Store(store) as db:
         assert db.counts()["frames"] == 0
 
@@ -1234,11 +1226,17 @@ def _observe(server: RelayServer) -> Any:
     return observer
 
 
+@asynccontextmanager
+async def observed_relay(**transport_options: Any):
+    """An in-process relay with a FakeCore and a RecordingObserver (set before any connection
+    opens); yields (server, port, observer)."""
+    async with running_relay(core=FakeCore(), transport_options=transport_options) as (server, port):
+        yield server, port, _observe(server)
+
+
 async def test_too_many_fragments_close_1008():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(core=core, transport_options={"max_fragments": 50}) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(max_fragments=50) as (server, port, observer):
             ok = await greeted(port)
             # 50 fragments are fine
             wire = client_frame(1, b'{"t":"ECHO",', fin=False)
@@ -1255,12 +1253,8 @@ async def test_too_many_fragments_close_1008():
 
 
 async def test_unfinished_messages_share_one_relay_wide_budget():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(
-            core=core, transport_options={"partial_bytes_total": 100_000}
-        ) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(partial_bytes_total=100_000) as (server, port, observer):
             one = await greeted(port)
             two = await greeted(port)
             head = b'{"t":"ECHO","pad":"'
@@ -1288,10 +1282,8 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
 async def test_ping_flood_is_cut_off_while_a_pair_keeps_working():
     """4 connections flood {"t":"PING"} (and WebSocket pings): each is closed
     with 1008 once over its idle-frame burst; an ECHO pair's round trips stay short."""
-    core = FakeCore()
     with trio.fail_after(30):
-        async with running_relay(core=core) as (server, port):
-            observer = _observe(server)
+        async with observed_relay() as (server, port, observer):
             pair = await greeted(port)
             closes: list[tuple] = []
             rtts: list[float] = []
@@ -1361,10 +1353,8 @@ async def test_a_connection_yields_its_turn_after_turn_frames_events():
 
 
 async def test_frame_rate_slows_a_fast_sender_down():
-    core = FakeCore()
     with trio.fail_after(20):
-        async with running_relay(core=core, transport_options={"frame_rate": 100.0}) as (server, port):
-            observer = _observe(server)
+        async with observed_relay(frame_rate=100.0) as (server, port, observer):
             ws = await greeted(port)
             started = time.monotonic()
             await ws.stream.send_all(b"".join(client_frame(1, b'{"t":"ECHO","i":%d}' % i) for i in range(300)))

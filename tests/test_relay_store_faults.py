@@ -800,16 +800,13 @@ async def test_relay_process_restarts_on_a_full_disk(tmp_path):
 async def _restart_on_full_disk(tmp_path: Path, where: Path) -> None:
     store = where / "relay.sqlite3"
     first = RelayProcess(tmp_path, "--store", str(store), name="first")
-    try:
-        port = await first.started()
+    async with first as port:
         with trio.fail_after(20):
             a = await RawWS.open(port)
             await a.send_json({"t": "CREATE_SESSION", "data": {"side": "side-a"}})
             sid = (await a.recv_json())["sid"]
             first.proc.send_signal(signal.SIGTERM)
             assert await first.wait() == 0
-    finally:
-        first.stop()
     filler = _fill(where)
     options = ("--store-retry-max", "0.2", "--store-hold", "0.5")
     second = RelayProcess(tmp_path, "--store", str(store), *options, name="second")

@@ -49,6 +49,7 @@ __all__ = [
     "dh_public_key",
     "invite_params",
     "create_session",
+    "send_join",
     "join_request",
     "joined_with_bystander",
     "Handshake",
@@ -57,9 +58,12 @@ __all__ = [
     "new_sid",
     "go_quote",
     "parse_http_head",
+    "read_http_head",
     "upgrade_request",
     "frame_bytes",
     "reattach_all",
+    "online_pair",
+    "expect_all",
     "BAD_CODE_MESSAGE",
 ]
 
@@ -364,11 +368,19 @@ async def create_session(suite: Suite, c: RawClient, data: dict[str, Any] | None
     return sid, msg.frame["data"]["code"]
 
 
+async def send_join(joiner: RawClient, code: str, public_key: str | None = None) -> str:
+    """``joiner`` sends a JOIN with ``code`` and ``public_key`` (a fresh DH public key when
+    None); returns the key sent."""
+    key = dh_public_key() if public_key is None else public_key
+    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+    return key
+
+
 async def join_request(suite: Suite, creator: RawClient, joiner: RawClient) -> tuple[str, str, Msg]:
     """CREATE_SESSION by ``creator``, a JOIN with its code by ``joiner``; returns (sid, code,
     the JOIN_REQUEST the creator got)."""
     sid, code = await create_session(suite, creator)
-    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+    await send_join(joiner, code)
     return sid, code, await creator.expect("JOIN_REQUEST", sid=sid)
 
 
@@ -398,8 +410,8 @@ class Handshake:
 async def handshake(suite: Suite, creator: RawClient, joiner: RawClient) -> Handshake:
     """Full create / join / accept flow in the suite's dialect; returns what was seen."""
     sid, code = await create_session(suite, creator)
-    creator_key, joiner_key = dh_public_key(), dh_public_key()
-    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": joiner_key}})
+    joiner_key = await send_join(joiner, code)
+    creator_key = dh_public_key()
     req = await creator.expect("JOIN_REQUEST", sid=sid)
     data = req.frame["data"]
     assert data["publicKey"] == joiner_key, req
@@ -529,6 +541,22 @@ def upgrade_request(
     return key, ("\r\n".join(lines) + "\r\n\r\n").encode(encoding)
 
 
+async def read_http_head(stream: trio.abc.ReceiveStream, limit: int = 65536) -> tuple[bytes, bytes]:
+    """Read ``stream`` up to the blank line that ends an HTTP response head (RFC 9112 2.1);
+    returns (the head without its blank line, the bytes read after it). ConnectionError at EOF
+    before the blank line, or once more than ``limit`` bytes came without it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > limit:
+            raise ConnectionError(f"HTTP response head over {limit} bytes")
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ConnectionError("EOF during the HTTP response head")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
     """Status and lower-cased headers of an HTTP response head (without its blank line)."""
     lines = head.decode("latin-1").split("\r\n")
@@ -559,6 +587,20 @@ def frame_bytes(t: str, sid: str | None = None, data: str | None = None) -> byte
     if data is not None:
         text += ',"data":' + data
     return (text + "}\n").encode("utf-8")
+
+
+async def online_pair(cs: Clients) -> tuple[str, RawClient, RawClient]:
+    """Clients A and B REATTACHed to a fresh session, their PEER_ONLINEs read; returns (sid, a, b)."""
+    a, b = await cs.many("A", "B")
+    sid = new_sid()
+    await reattach_all(sid, a, b)
+    return sid, a, b
+
+
+async def expect_all(clients: Iterable[RawClient], expected: str | bytes) -> None:
+    """Each client in turn gets exactly ``expected`` next (PINGs aside)."""
+    for c in clients:
+        await c.expect_exact(expected)
 
 
 async def reattach_all(sid: str, *clients: RawClient, data: dict[str, Any] | None = None) -> None:

@@ -19,6 +19,7 @@ from parley.conformance.relay_suite.client import (
     invite_params,
     join_request,
     joined_with_bystander,
+    send_join,
 )
 
 pytestmark = pytest.mark.trio
@@ -145,8 +146,7 @@ async def test_join_request_carries_client_id(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         data = msg.frame["data"]
         assert set(data) == {"publicKey", "clientID"}, msg
@@ -156,16 +156,17 @@ async def test_join_request_carries_client_id(suite):
 
 
 async def _accept_setup(suite, cs):
+    """joined_with_bystander(); returns (sid, a, b, c, JOIN_ACCEPT data as compact JSON naming
+    the joiner's clientID, with a fresh DH public key)."""
     sid, a, b, c, req = await joined_with_bystander(suite, cs)
-    return sid, a, b, c, req.frame["data"].get("clientID")
+    data = compact({"clientID": req.frame["data"].get("clientID"), "publicKey": dh_public_key()})
+    return sid, a, b, c, data
 
 
 @pytest.mark.dialects("node")
 async def test_node_join_accept_becomes_joined_to_named_joiner(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, client_id = await _accept_setup(suite, cs)
-        key = dh_public_key()
-        data = compact({"clientID": client_id, "publicKey": key})
+        sid, a, b, c, data = await _accept_setup(suite, cs)
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":%s}' % (sid, data.replace(",", " , ")))
         await b.expect_exact(frame_bytes("JOINED", sid, data))
         await assert_all_silent([a, b])
@@ -174,9 +175,7 @@ async def test_node_join_accept_becomes_joined_to_named_joiner(suite):
 @pytest.mark.dialects("compat")
 async def test_compat_join_accept_then_joined_to_named_joiner(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, client_id = await _accept_setup(suite, cs)
-        key = dh_public_key()
-        data = compact({"clientID": client_id, "publicKey": key})
+        sid, a, b, c, data = await _accept_setup(suite, cs)
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":%s}' % (sid, data))
         await b.expect_exact(frame_bytes("JOIN_ACCEPT", sid, data))
         await b.expect_exact(frame_bytes("JOINED", sid, data))
@@ -187,7 +186,7 @@ async def test_compat_join_accept_then_joined_to_named_joiner(suite):
 @pytest.mark.dialects("compat")
 async def test_compat_join_accept_without_client_id_joined_to_all_others(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _accept_setup(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         key = dh_public_key()
         data = compact({"publicKey": key})
         await a.send({"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": key}})

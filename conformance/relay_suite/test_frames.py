@@ -17,11 +17,14 @@ from parley.conformance.relay_suite.client import (
     connect,
     create_session,
     dh_public_key,
+    expect_all,
     frame_bytes,
     invite_params,
     joined_with_bystander,
     new_sid,
+    online_pair,
     reattach_all,
+    send_join,
 )
 
 pytestmark = pytest.mark.trio
@@ -49,7 +52,7 @@ async def test_create_session_replies_invite_code(suite):
 
 async def test_join_unknown_code_replies_error_without_sid(suite):
     async with connect(suite) as c:
-        await c.send({"t": "JOIN", "data": {"code": "000000x", "publicKey": dh_public_key()}})
+        await send_join(c, "000000x")
         msg = await c.recv()
         bad_code(msg)
         if suite.impl == "legacy" or suite.dialect == "go":
@@ -67,8 +70,7 @@ async def test_join_request_goes_to_creator_only_joiner_gets_no_reply(suite):
         await c.send({"t": "REATTACH", "sid": sid})
         await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
         await c.expect_exact(frame_bytes("PEER_ONLINE", sid))
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         assert msg.frame["data"]["publicKey"] == key
         await assert_all_silent([a, b, c])
@@ -79,8 +81,7 @@ async def test_join_request_bytes(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         await a.expect_exact(frame_bytes("JOIN_REQUEST", sid, '{"publicKey":"%s"}' % key))
 
 
@@ -88,7 +89,7 @@ async def test_join_request_public_key_html_escaped(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": "ab<c>&d\u2028"}})
+        await send_join(b, code, "ab<c>&d\u2028")
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         assert b'"publicKey":"ab\\u003cc\\u003e\\u0026d\\u2028"' in msg.raw, msg
         if suite.dialect == "go":
@@ -100,7 +101,7 @@ async def test_join_quote_in_public_key_gives_creator_empty_message(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": 'ab"cd'}})
+        await send_join(b, code, 'ab"cd')
         msg = await a.recv()
         assert msg.is_text and msg.raw == b"", f"expected an empty text message, got {msg!r}"
         await b.assert_silent()
@@ -117,9 +118,9 @@ async def test_join_consumes_code_when_creator_is_gone(suite):
         async with connect(suite, "creator") as a:
             sid, code = await create_session(suite, a)
         await trio.sleep(0.1)  # let the relay notice the creator left
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(b, code)
         await b.assert_silent()
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(c, code)
         bad_code(await c.recv())
 
 
@@ -157,8 +158,7 @@ async def test_join_accept_sender_need_not_be_member(suite):
         d = await cs.new("outsider")
         await d.send({"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "02"}})
         expected = frame_bytes("JOIN_ACCEPT", sid, '{"publicKey":"02"}')
-        for member in (a, b, c):
-            await member.expect_exact(expected)
+        await expect_all([a, b, c], expected)
         await d.assert_silent()
 
 
@@ -167,8 +167,7 @@ async def test_join_accept_without_data_forwarded_without_data(suite):
     async with Clients(suite) as cs:
         sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_ACCEPT", "sid": sid})
-        await b.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
-        await c.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
+        await expect_all([b, c], frame_bytes("JOIN_ACCEPT", sid))
 
 
 @pytest.mark.legacy_only
@@ -184,8 +183,7 @@ async def test_join_deny_tells_other_members_joiner_stays(suite):
     async with Clients(suite) as cs:
         sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_DENY", "sid": sid})
-        await b.expect_exact(frame_bytes("JOIN_DENIED", sid))
-        await c.expect_exact(frame_bytes("JOIN_DENIED", sid))
+        await expect_all([b, c], frame_bytes("JOIN_DENIED", sid))
         await a.assert_silent()
         # the joiner is still a member
         await a.send({"t": "MSG", "sid": sid, "data": {"p": "after deny"}})
@@ -270,9 +268,7 @@ async def test_msg_alone_delivered_failed(suite):
 @pytest.mark.legacy_only
 async def test_delivered_carries_no_msgid(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await a.send({"t": "MSG", "sid": sid, "data": {"msgID": "0badc0de", "payload": "00"}})
         await b.expect("MSG", sid=sid)
         await a.expect_exact(frame_bytes("DELIVERED", sid))

@@ -11,8 +11,8 @@ from parley.conformance.relay_suite.client import (
     bad_code,
     connect,
     create_session,
-    dh_public_key,
     join_request,
+    send_join,
 )
 
 pytestmark = pytest.mark.trio
@@ -42,6 +42,6 @@ async def test_invite_code_single_use(suite):
     async with Clients(suite) as cs:
         a, b, c = await cs.many("creator", "joiner", "late")
         sid, code, _ = await join_request(suite, a, b)
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(c, code)
         bad_code(await c.recv())
         await a.assert_silent()

@@ -20,11 +20,11 @@ from parley.conformance.relay_suite.client import (
     bad_code,
     connect,
     create_session,
-    dh_public_key,
     frame_bytes,
     join_request,
     new_sid,
-    reattach_all,
+    online_pair,
+    send_join,
 )
 
 pytestmark = [pytest.mark.trio, pytest.mark.parley_only]
@@ -129,7 +129,7 @@ async def test_consumed_code_error(suite):
     async with Clients(suite) as cs:
         a, b, c = await cs.many("creator", "joiner", "late")
         sid, code, _ = await join_request(suite, a, b)
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(c, code)
         msg = await c.recv()
         bad_code(msg)
         if suite.dialect == "go":
@@ -151,7 +151,7 @@ async def test_join_request_public_key_always_valid_json(suite):
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
         key = 'ab"c\\d'
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        await send_join(b, code, key)
         with trio.move_on_after(suite.timeout):
             async with trio.open_nursery() as nursery:
 
@@ -175,9 +175,7 @@ async def test_join_request_public_key_always_valid_json(suite):
 
 async def test_delivered_carries_msgid(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await a.send({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": "0badc0de"}})
         await b.expect_exact(frame_bytes("MSG", sid, '{"payload":"00","msgID":"0badc0de"}'))
         await a.expect_exact(frame_bytes("DELIVERED", sid, '{"msgID":"0badc0de"}'))
@@ -222,9 +220,7 @@ async def test_stored_frames_not_returned_to_their_side(suite):
 
 async def test_received_forwarded_to_other_members(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await b.send({"t": "RECEIVED", "sid": sid, "data": {"msgID": "00000001"}})
         await a.expect_exact(frame_bytes("RECEIVED", sid, '{"msgID":"00000001"}'))
         await b.assert_silent()

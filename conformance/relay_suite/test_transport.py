@@ -8,20 +8,13 @@ from parley.conformance.relay_suite.client import (
     Clients,
     RawSocket,
     connect,
+    expect_all,
     frame_bytes,
     new_sid,
-    reattach_all,
+    online_pair,
 )
 
 pytestmark = pytest.mark.trio
-
-
-async def _pair(suite, cs):
-    """Two connections REATTACHed to a fresh session."""
-    a, b = await cs.many("A", "B")
-    sid = new_sid()
-    await reattach_all(sid, a, b)
-    return sid, a, b
 
 
 def _msg(data: str):
@@ -33,7 +26,7 @@ async def _relayed(suite, frame, data: str | None, timeout: float | None = None)
     """On a fresh pair A sends `frame` (a text with %s for the SID, or a function of the SID):
     B gets exactly MSG with `data`, A gets DELIVERED."""
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
+        sid, a, b = await online_pair(cs)
         await a.send(frame(sid) if callable(frame) else frame % sid)
         await b.expect_exact(frame_bytes("MSG", sid, data), timeout=timeout)
         await a.expect_exact(frame_bytes("DELIVERED", sid), timeout=timeout)
@@ -117,7 +110,7 @@ async def test_data_left_out_when_absent(suite):
 
 async def test_forwarded_data_html_and_line_separator_escaped(suite):
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
+        sid, a, b = await online_pair(cs)
         data = '{"<k>":"<b>&amp;\u2028x\u2029y"}'
         await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
         expected = '{"\\u003ck\\u003e":"\\u003cb\\u003e\\u0026amp;\\u2028x\\u2029y"}'
@@ -126,7 +119,7 @@ async def test_forwarded_data_html_and_line_separator_escaped(suite):
 
 async def test_forwarded_data_compacted_not_reencoded(suite):
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
+        sid, a, b = await online_pair(cs)
         data = (
             '{ "z" : "\\u00e9\\/\u00e9 \\"q\\" \\\\ \\t" ,\n'
             '\t"a" : [ 1 , 2.50 , -0.0e+1 , 1E3 , true , false , null ] ,\r\n'
@@ -159,40 +152,37 @@ async def test_forwarded_data_any_json_value(suite, sent, forwarded):
     await _relayed(suite, _msg(sent), forwarded)
 
 
-async def test_string_fields_escaped(suite):
-    """<, >, & and U+2028/9 in a string field are escaped; other non-ASCII stays raw UTF-8."""
+async def _both_online(suite, first, second, expected: bytes) -> None:
+    """Client A sends the REATTACH ``first``, then B ``second`` (one session, each spelled its
+    own way): each gets exactly ``expected``, its PEER_ONLINE, A first."""
     async with Clients(suite) as cs:
         a, b = await cs.many("A", "B")
-        sid = new_sid() + "<1>&\u2028\u2029\u00e9\u4e2d"
-        await a.send({"t": "REATTACH", "sid": sid})
-        await b.send({"t": "REATTACH", "sid": sid})
-        escaped = sid[: sid.index("<")] + "\\u003c1\\u003e\\u0026\\u2028\\u2029\u00e9\u4e2d"
-        expected = ('{"t":"PEER_ONLINE","sid":"%s"}\n' % escaped).encode()
-        await a.expect_exact(expected)
-        await b.expect_exact(expected)
+        await a.send(first)
+        await b.send(second)
+        await expect_all([a, b], expected)
+
+
+async def test_string_fields_escaped(suite):
+    """<, >, & and U+2028/9 in a string field are escaped; other non-ASCII stays raw UTF-8."""
+    sid = new_sid() + "<1>&\u2028\u2029\u00e9\u4e2d"
+    escaped = sid[: sid.index("<")] + "\\u003c1\\u003e\\u0026\\u2028\\u2029\u00e9\u4e2d"
+    expected = ('{"t":"PEER_ONLINE","sid":"%s"}\n' % escaped).encode()
+    reattach = {"t": "REATTACH", "sid": sid}
+    await _both_online(suite, reattach, reattach, expected)
 
 
 @pytest.mark.legacy_only
 async def test_string_fields_control_characters(suite):
-    async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid_json = '"c\\t\\n\\r\\u0001\\u001f\\u007f\\"\\\\/"'
-        await a.send('{"t":"REATTACH","sid":%s}' % sid_json)
-        await b.send('{"t":"REATTACH","sid":%s}' % sid_json)
-        expected = b'{"t":"PEER_ONLINE","sid":"c\\t\\n\\r\\u0001\\u001f\x7f\\"\\\\/"}\n'
-        await a.expect_exact(expected)
-        await b.expect_exact(expected)
+    sid_json = '"c\\t\\n\\r\\u0001\\u001f\\u007f\\"\\\\/"'
+    reattach = '{"t":"REATTACH","sid":%s}' % sid_json
+    expected = b'{"t":"PEER_ONLINE","sid":"c\\t\\n\\r\\u0001\\u001f\x7f\\"\\\\/"}\n'
+    await _both_online(suite, reattach, reattach, expected)
 
 
 @pytest.mark.legacy_only
 async def test_invalid_utf8_in_string_field_becomes_replacement_character(suite):
-    async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        await b.send({"t": "REATTACH", "sid": "u\ufffdv"})
-        await a.send(b'{"t":"REATTACH","sid":"u\xffv"}')
-        expected = '{"t":"PEER_ONLINE","sid":"u\ufffdv"}\n'.encode()
-        await b.expect_exact(expected)
-        await a.expect_exact(expected)
+    expected = '{"t":"PEER_ONLINE","sid":"u\ufffdv"}\n'.encode()
+    await _both_online(suite, {"t": "REATTACH", "sid": "u\ufffdv"}, b'{"t":"REATTACH","sid":"u\xffv"}', expected)
 
 
 async def test_large_message_forwarded_whole(suite):
