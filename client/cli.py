@@ -418,7 +418,7 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
                 terminal.info("accepting (--yes)")
                 await session.runner.call(core.accept_join)
                 continue
-            session.start_stdin()
+            await session.start_stdin()
             terminal.line("accept? [y/N]")
             answer = await session.stdin.next_line()
             if answer is not None and answer.strip().lower() in ("y", "yes"):

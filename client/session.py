@@ -4,11 +4,21 @@
 then runs the command's `flow` coroutine (the handshake dialogue, then
 `chat()`). It ends when the flow returns (the runner is then closed cleanly),
 when the core closes the session (a failed handshake), or on Ctrl-C.
+
+Input is `terminal.StdinLines` (line mode), or on a terminal
+`editor.LineEditor` (see there; `PARLEY_EDITOR=off` keeps line mode). With the
+editor, Ctrl-C is a key: it reaches `_interrupt` as SIGINT does in line mode,
+and peer presence is shown once it has held for `PRESENCE_SETTLE` seconds
+(`PARLEY_PRESENCE_SETTLE`):
+a peer that comes and goes within that (a one-shot `parley send`) shows no
+`online`/`offline` pair, and only a change from what was last shown is shown.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -17,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .errors import ClientError, Interrupted, handshake_error
-from .events import HandshakeFailed
+from .editor import INTERRUPT, LineEditor, editor_wanted
+from .events import HandshakeFailed, PeerPresence
 from .runner import Runner
 from .terminal import StdinLines, Terminal
 
@@ -28,9 +39,25 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
+log = logging.getLogger("parley.client.session")
+
 CLOSE_GRACE = 3.0
 DRAIN_TIMEOUT = 2.0
 CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto the wire
+# A one-shot `parley send` is online for well under a second on a working link;
+# a change a person should hear about lasts longer than that.
+PRESENCE_SETTLE = 1.0
+EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
+
+
+def presence_settle(env: dict[str, str] | None = None) -> float:
+    """`PARLEY_PRESENCE_SETTLE` (seconds, 0-60; `PRESENCE_SETTLE` if unset or not a number)."""
+    raw = (os.environ if env is None else env).get("PARLEY_PRESENCE_SETTLE", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return PRESENCE_SETTLE
+    return min(60.0, value) if value >= 0 else PRESENCE_SETTLE
 
 
 HELP = (
@@ -49,13 +76,25 @@ class Session:
         *,
         reconnect: bool = True,
         settings: ConnectSettings | None = None,
+        interactive: bool | None = None,
     ) -> None:
         self.core = core
         self.terminal = terminal
         self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
         self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings,
                              check_output=terminal.check_open)
-        self.stdin = StdinLines()
+        if interactive is None:
+            interactive = editor_wanted()
+        self.interactive = interactive
+        self.stdin: StdinLines | LineEditor = (
+            LineEditor(terminal.out, on_interrupt=self._key_interrupt) if interactive else StdinLines()
+        )
+        self._key_interrupts = 0
+        self._key_interrupted = trio.Event()
+        self._presence_shown: bool | None = None
+        self._presence_latest: PeerPresence | None = None
+        self._presence_changed = trio.Event()
+        self._presence_settle = presence_settle()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False
         self.chatting = False
@@ -64,7 +103,11 @@ class Session:
     def _on_event(self, event: Any) -> None:
         if isinstance(event, HandshakeFailed):
             self.failure = event
-        self.terminal.show(event)
+        if self.interactive and isinstance(event, PeerPresence):
+            self._presence_latest = event
+            self._presence_changed.set()
+        else:
+            self.terminal.show(event)
         if not self.chatting:  # only the handshake dialogue reads events; chat just shows them
             self._events_send.send_nowait(event)
 
@@ -75,9 +118,35 @@ class Session:
             if isinstance(event, types):
                 return event
 
-    def start_stdin(self) -> None:
+    async def start_stdin(self) -> None:
+        """Start reading input; with the editor, once its prompt is up (prints then go above it)."""
         assert self._nursery is not None
         self.stdin.start(self._nursery)
+        if isinstance(self.stdin, LineEditor):
+            self.terminal.editor = self.stdin
+            with trio.move_on_after(EDITOR_START_WAIT):
+                await self.stdin.started()
+            if not self.stdin.active:  # it could not take the terminal: line mode, as without one
+                log.warning("line editor unavailable (%s); reading plain lines", self.stdin.failure_reason)
+                self.terminal.editor = None
+                await self.stdin.aclose()
+                self.stdin = StdinLines()
+                self.stdin.start(self._nursery)
+
+    async def _settle_presence(self) -> None:
+        """Show the peer's presence once it has held for PRESENCE_SETTLE s (editor only)."""
+        while True:
+            await self._presence_changed.wait()
+            while True:  # until it stops changing
+                self._presence_changed = trio.Event()
+                with trio.move_on_after(self._presence_settle) as quiet:
+                    await self._presence_changed.wait()
+                if quiet.cancelled_caught:
+                    break
+            event = self._presence_latest
+            if event is not None and event.online != self._presence_shown:
+                self._presence_shown = event.online
+                self.terminal.show(event)
 
     async def run(self, flow: Callable[[], Awaitable[None]]) -> None:
         await self.runner.call(self.core.start)
@@ -92,6 +161,9 @@ class Session:
 
             nursery.start_soon(run_runner)
             nursery.start_soon(self._watch_sigint, nursery.cancel_scope)
+            if self.interactive:
+                nursery.start_soon(self._watch_keys, nursery.cancel_scope)
+                nursery.start_soon(self._settle_presence)
             await flow()
             await self.give_up()
             self.runner.close()
@@ -108,12 +180,34 @@ class Session:
             return  # Ctrl-C keeps Trio's default behaviour there
         with trio.open_signal_receiver(signal.SIGINT) as signals:
             async for _ in signals:
-                if self.interrupted:
-                    scope.cancel()  # second Ctrl-C: leave now
+                if await self._interrupt(scope):
                     return
-                self.interrupted = True
-                await self.give_up()
-                self.runner.close()
+
+    def _key_interrupt(self) -> None:
+        """Ctrl-C typed in the editor (called in Trio by the editor's thread)."""
+        self._key_interrupts += 1
+        self._key_interrupted.set()
+
+    async def _watch_keys(self, scope: trio.CancelScope) -> None:
+        handled = 0
+        while True:
+            await self._key_interrupted.wait()
+            self._key_interrupted = trio.Event()
+            while handled < self._key_interrupts:
+                handled += 1
+                if await self._interrupt(scope):
+                    return
+
+    async def _interrupt(self, scope: trio.CancelScope) -> bool:
+        """Ctrl-C: the first gives up an unfinished handshake and leaves cleanly
+        (everything saved); a second leaves now. True once there is nothing left to do."""
+        if self.interrupted:
+            scope.cancel()  # second Ctrl-C: leave now
+            return True
+        self.interrupted = True
+        await self.give_up()
+        self.runner.close()
+        return False
 
     async def give_up(self) -> None:
         """End an unfinished handshake on purpose (`ClientCore.cancel`): the
@@ -128,12 +222,14 @@ class Session:
     async def chat(self) -> None:
         """Read lines and send them until /quit or end of input."""
         self.chatting = True
-        self.start_stdin()
+        await self.start_stdin()
         self.terminal.info(HELP)
         while True:
             line = await self.stdin.next_line()
             if line is None:
                 break
+            if line is INTERRUPT:
+                continue
             command = line.strip()
             if not command:
                 continue
@@ -143,12 +239,17 @@ class Session:
                 self._command(command)
                 continue
             text = line[1:] if line.lstrip().startswith("//") else line
+            self.terminal.outgoing(text)
             try:
                 await self.runner.send_text(text)
             except ClientError as exc:
                 self.terminal.info(str(exc))
+            finally:
+                self.terminal.outgoing(None)
         await self._drain()
         self.terminal.info("bye")
+        if isinstance(self.stdin, LineEditor):
+            await self.stdin.aclose()
 
     async def _drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Leaving on purpose: give messages already sent a moment to be acknowledged.

@@ -23,6 +23,16 @@ interpreter's exit), decodes it with the terminal's encoding (that of
 `sys.stdin`: the locale's, or `PYTHONIOENCODING`; undecodable bytes become
 U+FFFD), splits it into lines and hands them to Trio through a channel;
 typing therefore never blocks receiving.
+
+On a terminal (stdin and stdout both) the chat commands use
+`parley.client.editor.LineEditor` instead: lines are printed above the input
+line through it (`Terminal.editor`), and each message of ours is ONE line,
+`you: TEXT  [state]`, rewritten in place as its state moves
+(sent -> delivered -> read) while it is still on screen; once it has
+scrolled off, only the states a person acts on (queued for an offline peer,
+not delivered, read) are printed, as one compact line each. Status kinds this
+view does not know are printed as a `* ` line, as in line mode. Everything
+else (and all of line mode) is printed as before.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import select
 import sys
 from typing import Any, TextIO
 
+import attrs
 import trio
 
 from .errors import OutputClosed
@@ -87,17 +98,56 @@ _STATUS_WORDS = {
 }
 
 
+# The editor's one-line view of a message of ours: the word after the text.
+_STATE_WORDS = {
+    Status.PENDING: "not sent yet",
+    Status.SENT: "sent",
+    Status.QUEUED: "queued: peer offline",
+    Status.DELIVERED: "delivered",
+    Status.FAILED: "not delivered; will retry",
+    Status.RECEIVED: "read",
+}
+# Shown as a compact line once the message's own line has scrolled off; "sent" and
+# "delivered" are on their way to one of these and are not worth a line of their own.
+_STATES_WORTH_A_LINE = frozenset({Status.QUEUED, Status.FAILED, Status.RECEIVED})
+MINE_KEPT = 1000  # messages of ours whose line may still be rewritten (oldest forgotten first)
+
+
+@attrs.define
+class _Mine:
+    text: str
+    status: Status
+
+
 class Terminal:
-    """Prints events as lines. `quiet_status` hides per-message sent/delivered lines."""
+    """Prints events as lines (through `editor` when one runs; see the module docstring)."""
 
     def __init__(self, out: TextIO | None = None, *, relay_url: str = "", join_hint: str = "") -> None:
         self.out = out or sys.stdout
         self.relay_url = relay_url
         self.join_hint = join_hint
         self._was_connected = False
+        self.editor: Any = None  # a running LineEditor: lines go above its input line
+        self._outgoing: str | None = None
+        self._mine: dict[str, _Mine] = {}
 
-    def line(self, text: str) -> None:
-        """Write one line; `OutputClosed` if nobody reads stdout any more."""
+    @property
+    def _editing(self) -> bool:
+        return self.editor is not None and self.editor.active
+
+    def outgoing(self, text: str | None) -> None:
+        """The text of the message about to be sent: the next unknown msgID's status is its line."""
+        self._outgoing = text
+
+    def line(self, text: str, *, durable: bool = False) -> None:
+        """Write one line; `OutputClosed` if nobody reads stdout any more.
+
+        `durable`: return only once it is on the terminal (a received message,
+        shown at its save's commit point), also when an editor runs.
+        """
+        if self._editing:
+            self.editor.write(text, durable=durable)
+            return
         try:
             self.out.write(text + "\n")
             self.out.flush()
@@ -151,8 +201,13 @@ class Terminal:
             self.info("compare it with your peer (voice, in person); a different string means someone is in between")
         elif isinstance(event, MessageIn):
             lines = event.text.split("\n") or [""]
-            for text in lines:
-                self.line(f"peer: {safe_text(text)}")
+            if self._editing:
+                self.line("\n".join(f"peer: {safe_text(text)}" for text in lines), durable=True)
+            else:
+                for text in lines:
+                    self.line(f"peer: {safe_text(text)}")
+        elif isinstance(event, MessageStatus) and self._editing and self._show_mine(event):
+            pass
         elif isinstance(event, MessageStatus):
             words = _STATUS_WORDS.get(event.status, str(event.status))
             if event.reason and event.status is Status.FAILED:
@@ -170,6 +225,37 @@ class Terminal:
             self.info(f"a message ({shown_msg_id(event.msg_id)}) could not be decrypted and was dropped")
         elif isinstance(event, HandshakeFailed):
             pass  # reported by the command as its exit message
+
+
+    def _show_mine(self, event: MessageStatus) -> bool:
+        """The editor's one line per message of ours; False if this view does not handle it."""
+        word = _STATE_WORDS.get(event.status)
+        if word is None:
+            return False  # a status kind added later: its own `* ` line
+        if event.status is Status.FAILED and event.reason:
+            word = f"not delivered ({one_line(event.reason, 60)}); will retry"
+        mine = self._mine.get(event.msg_id)
+        if mine is None:
+            if self._outgoing is None:
+                return False  # not typed here (handed over by `parley send`): line mode's words
+            mine = self._mine[event.msg_id] = _Mine(self._outgoing, event.status)
+            self._outgoing = None
+            while len(self._mine) > MINE_KEPT:
+                self._mine.pop(next(iter(self._mine)))
+            self.editor.write(self._mine_line(mine.text, word), key=event.msg_id)
+            return True
+        if mine.status is Status.RECEIVED:
+            return True  # read is where it ends; a late ack says nothing new
+        mine.status = event.status
+        fallback = None
+        if event.status in _STATES_WORTH_A_LINE:
+            fallback = f"you: {one_line(mine.text, 40)}  [{word}]"
+        self.editor.update(event.msg_id, self._mine_line(mine.text, word), fallback)
+        return True
+
+    @staticmethod
+    def _mine_line(text: str, word: str) -> str:
+        return "\n".join(f"you: {safe_text(part)}" for part in text.split("\n")) + f"  [{word}]"
 
 
 class StdinLines:

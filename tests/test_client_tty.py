@@ -14,6 +14,10 @@ own; bob types /quit and alice reads "peer offline"; alice writes to him
 meanwhile (the relay queues it); bob comes back with `parley chat`, gets it,
 and the conversation goes on; alice leaves with Ctrl-D, bob with Ctrl-C; both
 exit 0 and neither screen ever shows a traceback.
+
+This is line mode on a terminal (`PARLEY_EDITOR=off`, `PtyParley`'s default):
+plain lines a script could read. The line editor that a terminal gets by
+default is driven in `test_client_editor.py`.
 """
 
 from __future__ import annotations

@@ -163,16 +163,39 @@ class PtyParley:
     """A command on a pseudo-terminal that is its controlling tty (so Ctrl-C is a real SIGINT).
 
     `text` is everything the terminal showed so far (echoed typing included,
-    CR LF as LF). Output is read only inside `until` and `exit_code`, which
-    is enough for a line-oriented chat; call one of them now and then.
+    CR LF as LF). Output is read only inside `until`, `until_screen` and
+    `exit_code`, which is enough for a chat; call one of them now and then.
+
+    `editor=False` (the default) runs parley's line mode on the terminal
+    (`PARLEY_EDITOR=off`), whose output is plain lines that `until` reads;
+    `editor=True` runs its line editor, whose screen only a terminal emulator
+    can tell: `screen` (pyte, `size` rows x columns) is what the terminal
+    shows now, `until_screen` waits for it.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | str | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | str | None = None, *,
+                 editor: bool = False, size: tuple[int, int] = (24, 100)) -> None:
         import fcntl
         import pty
+        import struct
         import termios
 
+        env = dict(env)
+        if editor:
+            env.pop("PARLEY_EDITOR", None)
+            env.setdefault("TERM", "xterm")
+        else:
+            env["PARLEY_EDITOR"] = "off"
+        self.size = size
+        self.screen: Any = None
+        self._feed: Any = None
+        if editor:
+            import pyte
+
+            self.screen = pyte.Screen(size[1], size[0])
+            self._feed = pyte.Stream(self.screen)
         self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
 
         def controlling_tty() -> None:
             os.setsid()
@@ -206,8 +229,37 @@ class PtyParley:
         if not chunk:
             self._eof = True
             return False
-        self.text += chunk.decode("utf-8", "replace").replace("\r\n", "\n")
+        decoded = chunk.decode("utf-8", "replace")
+        if self._feed is not None:
+            self._feed.feed(decoded)
+        self.text += decoded.replace("\r\n", "\n")
         return True
+
+    def screen_lines(self) -> list[str]:
+        """What the terminal shows now, one string per row (trailing blanks cut)."""
+        assert self.screen is not None, "PtyParley(editor=True) keeps a screen"
+        return [row.rstrip() for row in self.screen.display]
+
+    async def until_screen(self, check: Any, timeout: float = 10.0) -> Any:
+        """Read until `check(rows)` (rows: `screen_lines()`) is truthy; returns its value.
+
+        `check` may also be a regex: the first match in the screen's rows joined by LF.
+        """
+        if isinstance(check, str):
+            regex = re.compile(check, re.MULTILINE)
+            check = lambda rows: regex.search("\n".join(rows))  # noqa: E731
+        with trio.move_on_after(timeout):
+            while True:
+                found = check(self.screen_lines())
+                if found:
+                    return found
+                with trio.move_on_after(0.2):  # the screen may settle without more output
+                    if not await self._read_more():
+                        found = check(self.screen_lines())
+                        if found:
+                            return found
+                        raise AssertionError("terminal closed; screen:\n" + "\n".join(self.screen_lines()))
+        raise AssertionError(f"screen never matched within {timeout}s:\n" + "\n".join(self.screen_lines()))
 
     async def until(self, pattern: str, timeout: float = 10.0, *, since: int = 0) -> re.Match[str]:
         """The first match of `pattern` (multi-line mode) in `text[since:]`, reading until it shows."""
@@ -224,8 +276,10 @@ class PtyParley:
     async def keys(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def exit_code(self, timeout: float = 10.0) -> int:
-        """Read the terminal to its end, then the exit status (SIGKILL after `timeout`)."""
+    async def exit_code(self, timeout: float = 10.0, *, close: bool = True) -> int:
+        """Read the terminal to its end, then the exit status (SIGKILL after `timeout`).
+
+        `close=False` keeps the terminal's master end open (its settings can still be read)."""
         with trio.move_on_after(timeout):
             while await self._read_more():
                 pass
@@ -234,7 +288,8 @@ class PtyParley:
         if self.proc.poll() is None:
             self.kill()
             raise AssertionError(f"did not exit within {timeout}s:\n{self.text}")
-        self.close()
+        if close:
+            self.close()
         return self.proc.returncode
 
     def close(self) -> None:
