@@ -158,6 +158,12 @@ class ParleyGroup(click.Group):
         except click.exceptions.Exit as exc:
             _flush_or_quiet()
             sys.exit(exc.exit_code)
+        except _NoArgsIsHelp as exc:
+            # `parley` (or `parley conformance`) alone: the normal help, on stdout as `--help`
+            # prints it, with click's status for it (2: no command was given).
+            _echo((exc.ctx.get_help() if exc.ctx is not None else "") or _flat(exc.format_message()))
+            _flush_or_quiet()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(f"{_flat(exc.format_message())}{hint}", exc.exit_code)
@@ -183,6 +189,11 @@ class ParleyGroup(click.Group):
             _fail(f"unexpected error: {type(leaf).__name__}: {_flat(str(leaf))} (run with -v for details)", 1)
         _flush_or_quiet()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# click >= 8.2 raises this (a UsageError, exit 2) for a group run without a command; older
+# click printed the help itself and exited 0, never reaching this handler.
+_NoArgsIsHelp: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {}))
 
 
 def _flat(text: str) -> str:
@@ -275,23 +286,22 @@ _STATE_DIR_HELP = "Directory of the state file."
 
 @click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="parley")
-@click.option("--name", envvar="PARLEY_NAME", default=DEFAULT_NAME, show_default=True, help=_NAME_HELP)
-@click.option("--relay", envvar="PARLEY_RELAY", default=DEFAULT_RELAY, show_default=True,
+@click.option("--name", envvar="PARLEY_NAME", default=DEFAULT_NAME, show_default=True, show_envvar=True,
+              help=_NAME_HELP)
+@click.option("--relay", envvar="PARLEY_RELAY", default=DEFAULT_RELAY, show_default=True, show_envvar=True,
               callback=_check_relay_url, help=_RELAY_HELP)
-@click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True,
+@click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True, show_envvar=True,
               type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
 @click.option("--connect-timeout", envvar="PARLEY_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1),
-              default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
-              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together "
-                   "(env PARLEY_CONNECT_TIMEOUT).")
+              default=DEFAULT_CONNECT_TIMEOUT, show_default=True, show_envvar=True,
+              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together.")
 @click.option("--liveness-timeout", envvar="PARLEY_LIVENESS_TIMEOUT", type=click.FloatRange(min=0),
-              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True,
+              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True, show_envvar=True,
               help="Seconds without any frame from the relay (it PINGs every 10 s) before the "
-                   "connection is taken for dead and reopened; 0 turns this off (env PARLEY_LIVENESS_TIMEOUT).")
-@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile,
+                   "connection is taken for dead and reopened; 0 turns this off.")
+@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile, show_envvar=True,
               type=click.Path(dir_okay=False),
-              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's "
-                   "(env PARLEY_CAFILE).")
+              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's.")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
@@ -317,14 +327,19 @@ def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str 
     return None if value is None else _check_relay_url(ctx, param, value)
 
 
+# The options after the command read no variable themselves (the global option does, and one
+# given on the command line must win over it), but their help names it all the same.
+_AS_GLOBAL = " As the global option.  [env var: {}]"
+
+
 def session_options(fn: Any) -> Any:
     """`--name/--relay/--state-dir` after the command too; they override the global ones."""
 
-    @click.option("--name", "sub_name", default=None, help=_NAME_HELP + " (as the global option)")
+    @click.option("--name", "sub_name", default=None, help=_NAME_HELP + _AS_GLOBAL.format("PARLEY_NAME"))
     @click.option("--relay", "sub_relay", default=None, callback=_check_relay_or_none,
-                  help=_RELAY_HELP + " (as the global option)")
+                  help=_RELAY_HELP + _AS_GLOBAL.format("PARLEY_RELAY"))
     @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
-                  help=_STATE_DIR_HELP + " (as the global option)")
+                  help=_STATE_DIR_HELP + _AS_GLOBAL.format("PARLEY_STATE_DIR"))
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
@@ -350,11 +365,11 @@ def _link_options(fn: Any) -> Any:
     """`--connect-timeout/--liveness-timeout/--cafile` after the command too (override the global ones)."""
 
     @click.option("--connect-timeout", "sub_connect_timeout", type=click.FloatRange(min=0.1), default=None,
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_CONNECT_TIMEOUT").strip())
     @click.option("--liveness-timeout", "sub_liveness_timeout", type=click.FloatRange(min=0), default=None,
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_LIVENESS_TIMEOUT").strip())
     @click.option("--cafile", "sub_cafile", default=None, callback=_check_cafile, type=click.Path(dir_okay=False),
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_CAFILE").strip())
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_connect_timeout: float | None, sub_liveness_timeout: float | None,
@@ -380,7 +395,7 @@ def _run(async_fn: Any, *args: Any) -> Any:
 def _wait_option(default: float, envvar: str, what: str) -> Any:
     """`--timeout S` of a handshake command: how long it waits for the other person."""
     return click.option("--timeout", type=click.FloatRange(min=1), default=default, show_default=True,
-                        envvar=envvar, help=f"Seconds to wait for {what} [env {envvar}].")
+                        envvar=envvar, show_envvar=True, help=f"Seconds to wait for {what}.")
 
 
 @main.command()
@@ -438,19 +453,39 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
 _CODE = re.compile(r"[0-9]{4,16}\Z")
 
 
-def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
+_CODE_SHAPE = "an invite code is digits only, e.g. 042917"
+
+
+def _normal_code(value: str) -> str:
+    """The digits of a code as typed (`042 917`, `042-917`); `click.BadParameter` if it is not one."""
     code = re.sub(r"[\s-]", "", value)
     if not _CODE.match(code):
-        raise click.BadParameter("an invite code is digits only, e.g. 042917", ctx=ctx, param=param)
+        raise click.BadParameter(_CODE_SHAPE)
     return code
 
 
+def _check_code(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """CODE as given, or asked for on a terminal; a one-line usage error where nobody can answer."""
+    if value is not None:
+        try:
+            return _normal_code(value)
+        except click.BadParameter as exc:
+            raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
+    if ctx.resilient_parsing:
+        return ""
+    if not sys.stdin.isatty():
+        raise click.UsageError("no invite CODE given (standard input is not a terminal to ask on): "
+                               "run 'parley join CODE'", ctx=ctx)
+    # click re-asks until the answer is a code; Ctrl-C/Ctrl-D here is click.Abort: "interrupted", 130
+    return click.prompt("invite code", value_proc=_normal_code, err=True)
+
+
 @main.command()
-@click.argument("code", callback=_check_code)
+@click.argument("code", required=False, callback=_check_code)
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
 @session_options
 def join(opts: Options, code: str, timeout: float) -> None:
-    """Join the session an invite CODE names, then chat."""
+    """Join the session an invite CODE names, then chat (asks for CODE if not given)."""
     store = opts.store(writable=True)
     _run(_join, opts, store, code, timeout)
 
@@ -541,6 +576,7 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
 @click.argument("sid")
 @click.argument("text", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=DEFAULT_SEND_TIMEOUT, show_default=True,
+              envvar="PARLEY_SEND_TIMEOUT", show_envvar=True,
               help="Seconds to wait for the relay's acknowledgement.")
 @click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options

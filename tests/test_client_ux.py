@@ -71,3 +71,103 @@ def test_a_received_family_emoji_reaches_the_screen_whole():
     out = io.StringIO()
     Terminal(out).show(MessageIn("1_ab", "00", f"{FAMILY} {FLAG_ENGLAND} {KEYCAP_1}\u202e"))
     assert out.getvalue() == f"peer: {FAMILY} {FLAG_ENGLAND} {KEYCAP_1}\\u202e\n"
+
+
+# --- help and prompts ------------------------------------------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+import trio  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from parley.client import cli as client_cli  # noqa: E402
+from support.parleyproc import PtyParley, clean_env  # noqa: E402
+
+TIMEOUT = 30
+
+
+async def run(*args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.run_process([sys.executable, "-m", "parley.client", *args], cwd=cwd, stdin=stdin,
+                                      capture_stdout=True, capture_stderr=True, check=False, env=clean_env(env))
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_parley_alone_prints_the_normal_help_on_stdout(tmp_path):
+    rc, out, err = await run(cwd=tmp_path)
+    assert rc == 2 and err == ""  # click's status for a group run without a command
+    lines = out.splitlines()
+    assert lines[0] == "Usage: parley [OPTIONS] COMMAND [ARGS]..."
+    assert len(lines) > 20 and max(len(line) for line in lines) <= 100
+    assert "Commands:" in lines and any(line.split()[:1] == ["join"] for line in lines)
+    rc, help_out, _ = await run("--help", cwd=tmp_path)
+    assert rc == 0 and help_out == out
+
+
+def _commands() -> list[tuple[list[str], click.Command]]:
+    ctx = click.Context(client_cli.main)
+    out: list[tuple[list[str], click.Command]] = [([], client_cli.main)]
+    for name in ("invite", "join", "chat", "send", "sessions", "label"):
+        command = client_cli.main.get_command(ctx, name)
+        if command is not None:
+            out.append(([name], command))
+    return out
+
+
+GLOBAL_VARS = ("PARLEY_NAME", "PARLEY_RELAY", "PARLEY_STATE_DIR", "PARLEY_CONNECT_TIMEOUT",
+               "PARLEY_LIVENESS_TIMEOUT", "PARLEY_CAFILE")
+
+
+@pytest.mark.parametrize("path, command", _commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_every_help_shows_its_environment_variables(path, command):
+    result = CliRunner().invoke(client_cli.main, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            assert param.show_envvar, param.name
+            assert f"env var: {param.envvar}" in text, (param.name, text)
+    for var in GLOBAL_VARS:  # the global options, and the same options after a command
+        assert f"env var: {var}" in text
+    if path in (["invite"], ["join"], ["send"]):
+        assert "env var: PARLEY_" + {"invite": "INVITE", "join": "JOIN", "send": "SEND"}[path[0]] + "_TIMEOUT" in text
+
+
+async def test_join_without_a_code_off_a_terminal_is_one_clear_line(tmp_path):
+    rc, out, err = await run("join", cwd=tmp_path, stdin=b"123456\n")
+    assert rc == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("parley: no invite CODE given") and "not a terminal" in line and "parley join CODE" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_join_without_a_code_asks_for_it_on_a_terminal(tmp_path):
+    url = f"ws://127.0.0.1:{free_port()}/"  # nobody there: the typed code is then tried and fails
+    tty = PtyParley([sys.executable, "-m", "parley.client", "--relay", url, "join"], clean_env({"TERM": "xterm"}),
+                    cwd=tmp_path)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await tty.until(r"^invite code: $|invite code: \Z")
+            mark = tty.mark()
+            await tty.keys(b"12ab\r")  # not a code: asked again
+            await tty.until(r"digits only[^\n]*\ninvite code: ", since=mark)
+            mark = tty.mark()
+            await tty.keys(b"042 917\r")
+            await tty.until(r"parley: cannot reach the relay at " + url.replace(".", r"\."), since=mark)
+            assert await tty.exit_code() == 1
+    finally:
+        if tty.proc.poll() is None:
+            tty.proc.kill()
+        tty.proc.wait()
+        tty.close()
+    assert "Traceback" not in tty.text
