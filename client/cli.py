@@ -31,6 +31,7 @@ import os
 import re
 import ssl
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -48,7 +49,9 @@ from .connect import (
     ssl_context_for,
 )
 from .core import ClientCore, short_sid
+from .entry import LABEL_FIELD
 from .errors import (
+    BadLabel,
     BadRelayURL,
     ClientError,
     HandoverNoAck,
@@ -66,10 +69,12 @@ from .errors import (
     handshake_error,
 )
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
+from .labels import check_label, check_label_free
+from .listing import SessionRow, print_status, sessions_json, sessions_table
 from .runner import Runner
 from .safetext import one_line, safe_text
 from .session import Session
-from .store import SessionInfo, StateStore
+from .store import StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
@@ -385,6 +390,21 @@ def _link_options(fn: Any) -> Any:
     return wrapper
 
 
+def _check_label_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_label(value)
+    except BadLabel as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _label_option(fn: Any) -> Any:
+    return click.option("--label", metavar="NAME", default=None, callback=_check_label_option,
+                        help="Your name for this session (shown by 'parley sessions'; 'parley chat NAME' "
+                             "resumes it).")(fn)
+
+
 def _run(async_fn: Any, *args: Any) -> Any:
     return trio.run(async_fn, *args)
 
@@ -401,15 +421,20 @@ def _wait_option(default: float, envvar: str, what: str) -> Any:
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
 @_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
+@_label_option
 @session_options
-def invite(opts: Options, yes: bool, timeout: float) -> None:
+def invite(opts: Options, yes: bool, timeout: float, label: str | None) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
     store = opts.store(writable=True)
-    _run(_invite, opts, store, yes, timeout)
+    if label is not None:
+        check_label_free(store.state, label, None)
+    _run(_invite, opts, store, yes, timeout, label)
 
 
-async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
+async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
+                  label: str | None = None) -> None:
     core = ClientCore.invite()
+    core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -483,15 +508,19 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str | None) -
 @main.command()
 @click.argument("code", required=False, callback=_check_code)
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
+@_label_option
 @session_options
-def join(opts: Options, code: str, timeout: float) -> None:
+def join(opts: Options, code: str, timeout: float, label: str | None) -> None:
     """Join the session an invite CODE names, then chat (asks for CODE if not given)."""
     store = opts.store(writable=True)
-    _run(_join, opts, store, code, timeout)
+    if label is not None:
+        check_label_free(store.state, label, None)
+    _run(_join, opts, store, code, timeout, label)
 
 
-async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
+async def _join(opts: Options, store: StateStore, code: str, timeout: float, label: str | None = None) -> None:
     core = ClientCore.join(code)
+    core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -545,7 +574,7 @@ def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -
 @click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
 def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
-    """Resume a session (the only one, or SID / a unique prefix of it) and chat."""
+    """Resume a session (the only one, or its label, SID or a unique prefix of it) and chat."""
     store = opts.store(writable=True)
     sid = store.find(sid)
     relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
@@ -581,7 +610,7 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
 @click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
 def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: bool) -> None:
-    """Send one message (TEXT, or standard input) to session SID and wait for the relay's ack.
+    """Send one message (TEXT, or standard input) to session SID (or its label) and wait for the relay's ack.
 
     Exits 0 once the relay says DELIVERED or QUEUED. Otherwise exits 1; the
     message stays saved (encrypted) and goes out with the next send or chat.
@@ -702,21 +731,55 @@ async def _send(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("session")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Remove the session's label.")
+@session_options
+def label(opts: Options, session: str, name: str | None, clear: bool) -> None:
+    """Name SESSION (its label, SID or a unique prefix) NAME, or --clear its name.
+
+    A running chat of the session keeps the name (saves merge field by field);
+    in a chat, '/label NAME' does the same.
+    """
+    if (name is None) == (not clear):
+        raise click.UsageError("give a NAME, or --clear")
+    new = None if clear else check_label(name or "")
+    store = opts.store(writable=True)
+    sid = store.find(session)
+    if new is not None:
+        check_label_free(store.state, new, sid)
+    entry = dict(store.state[sid])
+    if new is None:
+        entry.pop(LABEL_FIELD, None)
+    else:
+        entry[LABEL_FIELD] = new
+    store.save_entry(sid, entry)
+    print_status(f"session {short_sid(sid)} " + (f"is now {safe_text(new)!r}" if new else "has no label now"))
+
+
+# --- sessions -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema 1: see the README's 'Sessions').")
 @session_options
 def sessions(opts: Options, as_json: bool) -> None:
-    """List the sessions in the state file."""
+    """List the sessions in the state file: label, SID, relay, verified, peer, pending, last activity.
+
+    PEER is live ("online"/"offline") only while a parley process on this
+    machine has the session open (it keeps the file up to date); otherwise
+    it is when the peer was last seen. Listing never connects to the relay:
+    a connection would show this side online to the peer.
+    """
     store = opts.store()
-    infos = [SessionInfo.of(sid, entry) for sid, entry in store.state.items() if isinstance(entry, dict)]
+    rows = [SessionRow.of(sid, entry, store.owned_elsewhere(sid))
+            for sid, entry in store.state.items() if isinstance(entry, dict)]
     if as_json:
         # ensure_ascii: every control character in a relay-made SID is a \u escape
-        _echo(json.dumps(infos, indent=2, ensure_ascii=True))
+        _echo(json.dumps(sessions_json(rows), indent=2, ensure_ascii=True))
         return
-    if not infos:
-        _echo(f"no sessions in {safe_text(str(store.path))}")
+    if not rows:
+        print_status(f"no sessions in {safe_text(str(store.path))}")
         return
-    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
-    for info in infos:
-        peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
-        role = safe_text(info["role"] or "-")
-        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} {info['pending']}")
+    for line in sessions_table(rows, now=time.time()):
+        _echo(line)

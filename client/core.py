@@ -80,7 +80,7 @@ from parley.state import new_entry
 from . import crypto
 from .context import Mode, Phase, SessionContext, printable_line
 from .delivery import ACK_TIMEOUT, Delivery
-from .entry import SEEN_LIMIT
+from .entry import ACTIVITY_FIELD, LABEL_FIELD, PEER_SEEN_FIELD, SEEN_LIMIT
 from .errors import SessionNotKeyed
 from .events import Action, Close, PeerPresence, RelayError, Show
 from .handshake import Handshake
@@ -118,8 +118,10 @@ class ClientCore:
         relay: str | None = None,
         must_exist: bool = False,
         adopt_relay: bool = False,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.adopt_relay = adopt_relay
+        self._wall_clock = wall_clock
         private_key: str | None = None
         if mode is Mode.RESUME:
             if sid is None or entry is None:
@@ -339,7 +341,22 @@ class ClientCore:
         status (`sent` or `pending`), then the MSG when connected. Raises
         `NotReady` before the key exists, `MessageTooLong` over `MAX_TEXT_BYTES`.
         """
+        self._stamp(ACTIVITY_FIELD)
         return self.delivery.send_text(text)
+
+    def set_label(self, label: str | None) -> list[Action]:
+        """Name the session (`parley.client.labels`; None removes the name); saved at once when keyed."""
+        if label is None:
+            self.context.entry.pop(LABEL_FIELD, None)
+        else:
+            self.context.entry[LABEL_FIELD] = label
+        return [self.context.save()] if self.context.sid is not None and self.context.key else []
+
+    def _stamp(self, *fields: str) -> None:
+        """Record wall-clock seconds in the entry (`parley sessions` shows them); saved with the next save."""
+        now = int(self._wall_clock())
+        for field in fields:
+            self.context.entry[field] = now
 
     def adopt_pending(self, items: list[dict[str, Any]]) -> list[Action]:
         """Take over pending messages another parley process saved for this session.
@@ -389,6 +406,9 @@ class ClientCore:
         if not ctx.ours_sid(frame):
             return []
         online = isinstance(frame, PeerOnline)
+        if ctx.phase is Phase.READY:
+            # online: seen now; offline: it was there until now
+            self._stamp(PEER_SEEN_FIELD)
         actions: list[Action] = []
         changed = ctx.peer_online is not online
         ctx.peer_online = online
@@ -416,6 +436,8 @@ class ClientCore:
     }
 
     def _on_delivery(self, frame: Any) -> list[Action]:
+        if isinstance(frame, Msg) and self.context.ours_sid(frame) and self.context.phase is Phase.READY:
+            self._stamp(ACTIVITY_FIELD, PEER_SEEN_FIELD)  # in the entry before the save that records it
         return self._DELIVERY[type(frame)](self.delivery, frame)
 
     _DELIVERY: dict[type, Callable[[Delivery, Any], list[Action]]] = {
