@@ -434,7 +434,8 @@ def invite(opts: Options, yes: bool, timeout: float, label: str | None) -> None:
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
                   label: str | None = None) -> None:
     core = ClientCore.invite()
-    core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
+    if label is not None:
+        core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -520,7 +521,8 @@ def join(opts: Options, code: str, timeout: float, label: str | None) -> None:
 
 async def _join(opts: Options, store: StateStore, code: str, timeout: float, label: str | None = None) -> None:
     core = ClientCore.join(code)
-    core.set_label(label)
+    if label is not None:
+        core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -748,12 +750,8 @@ def label(opts: Options, session: str, name: str | None, clear: bool) -> None:
     sid = store.find(session)
     if new is not None:
         check_label_free(store.state, new, sid)
-    entry = dict(store.state[sid])
-    if new is None:
-        entry.pop(LABEL_FIELD, None)
-    else:
-        entry[LABEL_FIELD] = new
-    store.save_entry(sid, entry)
+    # null, not left out, for no label: a merged save keeps a field one side lacks
+    store.save_entry(sid, {**store.state[sid], LABEL_FIELD: new})
     print_status(f"session {short_sid(sid)} " + (f"is now {safe_text(new)!r}" if new else "has no label now"))
 
 
@@ -764,7 +762,7 @@ def label(opts: Options, session: str, name: str | None, clear: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema 1: see the README's 'Sessions').")
 @session_options
 def sessions(opts: Options, as_json: bool) -> None:
-    """List the sessions in the state file: label, SID, relay, verified, peer, pending, last activity.
+    """List the sessions in the state file: labels, presence, pending messages, last activity.
 
     PEER is live ("online"/"offline") only while a parley process on this
     machine has the session open (it keeps the file up to date); otherwise

@@ -82,7 +82,7 @@ from .context import Mode, Phase, SessionContext, printable_line
 from .delivery import ACK_TIMEOUT, Delivery
 from .entry import ACTIVITY_FIELD, LABEL_FIELD, PEER_SEEN_FIELD, SEEN_LIMIT
 from .errors import SessionNotKeyed
-from .events import Action, Close, PeerPresence, RelayError, Show
+from .events import Action, Close, PeerPresence, RelayError, SaveState, Show
 from .handshake import Handshake
 from .safetext import safe_text
 from .verify import verification_string
@@ -281,7 +281,15 @@ class ClientCore:
                 return opening
         assert ctx.sid is not None
         keyed = ctx.phase is Phase.READY and ctx.must_exist
-        actions: list[Action] = [ctx.send(Reattach(ctx.sid, side=ctx.side, create="never" if keyed else None))]
+        actions: list[Action] = []
+        if ctx.phase is Phase.READY and ctx.entry.get("peerOnline") is True:
+            # What the file says is from an earlier connection. A relay answers REATTACH with
+            # PEER_ONLINE when the peer is there and says nothing when it is not, so until it
+            # answers the peer is not known to be online: `parley sessions` must not show the
+            # stale value as this running chat's (parley.client.listing).
+            ctx.entry["peerOnline"] = False
+            actions.append(ctx.save())
+        actions.append(ctx.send(Reattach(ctx.sid, side=ctx.side, create="never" if keyed else None)))
         if self.handshake is not None:
             actions.extend(self.handshake.reattached())
         if ctx.phase is Phase.READY:
@@ -328,7 +336,17 @@ class ClientCore:
 
     def accept_join(self) -> list[Action]:
         """The user accepted the pending join request: derive the key, answer."""
-        return self.handshake.accept_join() if self.handshake is not None else []
+        return self._keyed_now(self.context.phase, self.handshake.accept_join() if self.handshake is not None else [])
+
+    def _keyed_now(self, before: Phase, actions: list[Action]) -> list[Action]:
+        """The handshake just made the key: the peer answered, so it is online now. The entry's
+        first save says so (`parley sessions` reads it while this process runs)."""
+        ctx = self.context
+        if before is Phase.READY or ctx.phase is not Phase.READY:
+            return actions
+        ctx.entry["peerOnline"] = True
+        self._stamp(PEER_SEEN_FIELD)
+        return [ctx.save() if isinstance(action, SaveState) else action for action in actions]
 
     def deny_join(self) -> list[Action]:
         """The user refused the pending join request."""
@@ -345,11 +363,11 @@ class ClientCore:
         return self.delivery.send_text(text)
 
     def set_label(self, label: str | None) -> list[Action]:
-        """Name the session (`parley.client.labels`; None removes the name); saved at once when keyed."""
-        if label is None:
-            self.context.entry.pop(LABEL_FIELD, None)
-        else:
-            self.context.entry[LABEL_FIELD] = label
+        """Name the session (`parley.client.labels`; None removes the name); saved at once when keyed.
+
+        No name is written as null, not left out: a merged save keeps a field one side lacks.
+        """
+        self.context.entry[LABEL_FIELD] = label
         return [self.context.save()] if self.context.sid is not None and self.context.key else []
 
     def _stamp(self, *fields: str) -> None:
@@ -424,7 +442,7 @@ class ClientCore:
     def _on_handshake(self, frame: Any) -> list[Action]:
         if self.handshake is None:
             return []  # a resumed session has had its handshake
-        return self._HANDSHAKE[type(frame)](self.handshake, frame)
+        return self._keyed_now(self.context.phase, self._HANDSHAKE[type(frame)](self.handshake, frame))
 
     _HANDSHAKE: dict[type, Callable[[Handshake, Any], list[Action]]] = {
         SessionCreated: Handshake.on_session_created,

@@ -171,3 +171,303 @@ async def test_join_without_a_code_asks_for_it_on_a_terminal(tmp_path):
         tty.proc.wait()
         tty.close()
     assert "Traceback" not in tty.text
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from parley.client.core import ClientCore  # noqa: E402
+from parley.client.errors import (  # noqa: E402
+    BadLabel,
+    LabelOrPrefix,
+    LabelTaken,
+    NoMatchingSession,
+    SeveralKeyedSessions,
+)
+from parley.client.events import SaveState  # noqa: E402
+from parley.client.labels import check_label, check_label_free  # noqa: E402
+from parley.client.listing import SessionRow, ago, sessions_json, sessions_table  # noqa: E402
+from parley.client.store import StateStore  # noqa: E402
+from parley.state import load_state, save_state  # noqa: E402
+
+SID_A = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
+SID_B = "1763900000456_0123abcd00000000000000000000beef"
+SID_C = "1763900000789_bobb0000000000000000000000000001"  # its random part starts like the label "bobb"
+KEY = "ab" * 32
+
+
+@pytest.mark.parametrize("name", ["bob", "Bob-laptop", "alice@work", "x", "a.b_c+d", "\u00e9lodie", "\u674e\u96f7",
+                                  "b" * 32, " padded "])
+def test_good_labels(name):
+    assert check_label(name) == name.strip()
+
+
+@pytest.mark.parametrize("name", ["", " ", "-bob", "_bob", ".bob", "a b", "a/b", "a'b", "b" * 33, "a\x1b[2J",
+                                  "bob\u200d", "\U0001f468"])
+def test_bad_labels_are_one_clear_error(name):
+    with pytest.raises(BadLabel) as info:
+        check_label(name)
+    assert "invalid label" in str(info.value) and "\x1b" not in str(info.value).replace("\\x1b", "")
+
+
+def labelled_store(tmp_path: Path, state: dict) -> StateStore:
+    path = tmp_path / "state-me.json"
+    save_state(path, state)
+    store = StateStore(path)
+    store.load()
+    return store
+
+
+def test_find_accepts_a_label_case_insensitively(tmp_path):
+    store = labelled_store(tmp_path, {SID_A: {"outbox": [], "key": KEY, "label": "alice"},
+                                      SID_B: {"outbox": [], "key": KEY, "label": "Bob"}})
+    assert store.find("alice") == SID_A and store.find("bob") == SID_B and store.find("BOB") == SID_B
+    assert store.find("9f3a") == SID_A and store.find(SID_B) == SID_B  # prefixes and SIDs as before
+    with pytest.raises(NoMatchingSession) as info:
+        store.find("carol")
+    assert "no session matching 'carol'" in str(info.value)
+    with pytest.raises(SeveralKeyedSessions) as several:
+        store.find(None)
+    assert "9f3a61c2 (alice)" in str(several.value) and "0123abcd (Bob)" in str(several.value)
+
+
+def test_a_label_that_is_also_another_sids_start_is_ambiguous(tmp_path):
+    store = labelled_store(tmp_path, {SID_A: {"outbox": [], "key": KEY, "label": "bobb"},
+                                      SID_C: {"outbox": [], "key": KEY}})
+    with pytest.raises(LabelOrPrefix) as info:
+        store.find("bobb")
+    line = str(info.value)
+    assert "'bobb' is the label of session 9f3a61c2 and the start of session bobb0000's SID" in line
+    assert store.find("bobb0") == SID_C and store.find("9f3a") == SID_A
+
+
+def test_labels_are_unique_in_a_file(tmp_path):
+    state = {SID_A: {"outbox": [], "key": KEY, "label": "bob"}, SID_B: {"outbox": [], "key": KEY}}
+    check_label_free(state, "bob", SID_A)  # its own label
+    with pytest.raises(LabelTaken) as info:
+        check_label_free(state, "BOB", SID_B)
+    assert "already session 9f3a61c2's" in str(info.value)
+
+
+# --- sessions: rows, table, JSON, live presence -----------------------------------------------
+
+NOW = 1_796_000_000
+
+
+def test_session_rows_say_live_presence_only_when_live():
+    entry = {"outbox": [], "key": KEY, "label": "bob", "relay": "wss://relay.example:443/", "verified": True,
+             "peerOnline": True, "peerSeen": NOW - 300, "lastActivity": NOW - 7200,
+             "pending": [{"msgID": "a", "payload": "00"}]}
+    stale = SessionRow.of(SID_A, entry, owned_elsewhere=False)
+    unknown = SessionRow.of(SID_A, entry, owned_elsewhere=None)
+    live = SessionRow.of(SID_A, entry, owned_elsewhere=True)
+    assert stale.peer_text(NOW) == "last seen 5m ago" == unknown.peer_text(NOW)  # never "online" from the file
+    assert live.peer_text(NOW) == "online"
+    assert SessionRow.of(SID_A, {**entry, "peerOnline": False}, True).peer_text(NOW) == "offline"
+    assert SessionRow.of(SID_A, {"key": KEY}, False).peer_text(NOW) == "unknown"
+    header, row = sessions_table([stale], NOW)
+    assert header.split() == ["SESSION", "LABEL", "RELAY", "VERIFIED", "PEER", "PENDING", "ACTIVITY"]
+    assert row.split() == ["9f3a61c2", "bob", "wss://relay.example:443", "yes", "last", "seen", "5m", "ago", "1",
+                           "2h", "ago"]
+    doc = sessions_json([stale, live])
+    assert doc["schema"] == 1
+    assert doc["sessions"][0] == {
+        "sid": SID_A, "short": "9f3a61c2", "label": "bob", "relay": "wss://relay.example:443/", "key": True,
+        "verified": True, "role": None, "live": False, "peerOnline": None,
+        "peerLastSeen": "2026-11-30T00:48:20Z", "pending": 1, "lastActivity": "2026-11-29T22:53:20Z",
+    }
+    assert doc["sessions"][1]["live"] is True and doc["sessions"][1]["peerOnline"] is True
+
+
+@pytest.mark.parametrize("entry", [
+    {"verified": "yes", "peerSeen": "soon", "lastActivity": True, "label": "a b", "relay": 7, "pending": 3},
+    {"verified": 1, "peerSeen": -5, "lastActivity": 10 ** 30, "label": ["x"], "relay": "", "outbox": "x"},
+], ids=["wrong-types", "out-of-range"])
+def test_hand_edited_fields_do_not_break_the_listing(entry):
+    row = SessionRow.of(SID_A, entry, owned_elsewhere=False)
+    assert row.verified is False and row.label is None and row.relay is None and row.pending == 0
+    json.dumps(sessions_json([row]))
+    sessions_table([row], NOW)
+
+
+def test_ago_words():
+    assert [ago(NOW - s, NOW) for s in (0, 59, 60, 3599, 3600, 86399, 86400 * 3)] == [
+        "just now", "just now", "1m ago", "59m ago", "1h ago", "23h ago", "3d ago"]
+    assert ago(NOW + 100, NOW) == "just now" and ago(None, NOW) == "-"
+
+
+def test_owned_elsewhere_asks_without_taking_the_lock(tmp_path):
+    path = tmp_path / "state-me.json"
+    save_state(path, {SID_A: {"outbox": [], "key": KEY}, SID_B: {"outbox": [], "key": KEY}})
+    lister = StateStore(path)
+    lister.load()
+    assert lister.owned_elsewhere(SID_A) is False
+    assert not (tmp_path / ".state-me.json.owners").exists()  # asking creates nothing
+    chat = StateStore(path)
+    assert chat.claim(SID_A)
+    assert lister.owned_elsewhere(SID_A) is True and lister.owned_elsewhere(SID_B) is False
+    assert chat.owned_elsewhere(SID_A) is False  # its own
+    other = StateStore(path)
+    assert other.claim(SID_B)  # asking never held a lock
+    chat.close()
+    other.close()
+    assert lister.owned_elsewhere(SID_A) is False
+
+
+def test_the_core_stamps_activity_and_when_the_peer_was_seen():
+    now = [NOW]
+    core = ClientCore.resume(SID_A, {"outbox": [], "key": KEY, "side": "5" * 32}, wall_clock=lambda: now[0])
+    core.start()
+    core.connected()
+    _, actions = core.send_text("hi")
+    saved = [a.entry for a in actions if isinstance(a, SaveState)]
+    assert saved and saved[0]["lastActivity"] == NOW and "peerSeen" not in saved[0]
+    now[0] += 60
+    actions = core.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID_A}))
+    saved = [a.entry for a in actions if isinstance(a, SaveState)]
+    assert saved and saved[-1]["peerSeen"] == NOW + 60 and saved[-1]["lastActivity"] == NOW
+    now[0] += 60
+    actions = core.frame_received(json.dumps({"t": "PEER_OFFLINE", "sid": SID_A}))
+    assert [a.entry for a in actions if isinstance(a, SaveState)][-1]["peerSeen"] == NOW + 120
+    label_actions = core.set_label("bob")
+    assert [a.entry["label"] for a in label_actions if isinstance(a, SaveState)] == ["bob"]
+    assert [a for a in core.set_label(None) if isinstance(a, SaveState)][0].entry.get("label") is None
+
+
+# --- live: labels, sessions, one-shot output -------------------------------------------------------
+
+import re  # noqa: E402
+
+from support.parleyproc import CODE_RE, VERIFY_RE, ParleyProcess  # noqa: E402
+from support.relayproc import ParleyRelay  # noqa: E402
+
+
+async def listing(home: Path, name: str) -> dict:
+    rc, out, err = await run("--name", name, "--state-dir", str(home), "sessions", "--json", cwd=home)
+    assert rc == 0 and err == "", err
+    return json.loads(out)
+
+
+async def poll_listing(home: Path, name: str, predicate, timeout: float = 15) -> dict:
+    with trio.fail_after(timeout):
+        while True:
+            doc = await listing(home, name)
+            if predicate(doc["sessions"][0]):
+                return doc
+            await trio.sleep(0.2)
+
+
+async def test_labels_and_a_live_listing_through_a_real_relay(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with ParleyRelay() as relay, trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            alice = await ParleyProcess.start(nursery, ["invite", "--yes", "--label", "bob"], relay=relay.url,
+                                              name="alice", cwd=a)
+            code = (await alice.expect(CODE_RE)).group(1)
+            bob = await ParleyProcess.start(nursery, ["join", code, "--label", "alice"], relay=relay.url,
+                                            name="bob", cwd=b)
+            await bob.expect(VERIFY_RE)
+            await alice.expect(r"^\* type a message")
+            (sid,) = load_state(a / "state-alice.json")
+            assert load_state(a / "state-alice.json")[sid]["label"] == "bob"
+            assert load_state(b / "state-bob.json")[sid]["label"] == "alice"
+
+            # alice's chat runs: her listing's presence is live
+            doc = await poll_listing(a, "alice", lambda s: s["peerOnline"] is True)
+            row = doc["sessions"][0]
+            assert row["live"] is True and row["label"] == "bob" and row["relay"] == relay.url
+            assert row["verified"] is False and row["key"] is True and row["role"] == "creator"
+            await alice.type("hello bob")
+            await bob.expect("^peer: hello bob$")
+            doc = await poll_listing(a, "alice", lambda s: s["lastActivity"] is not None and s["pending"] == 0)
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["sessions"][0]["lastActivity"])
+
+            await alice.type("/label robert")
+            await alice.expect(r"^\* this session is now 'robert'$")
+            await alice.type("/label alice")  # bob's file may say "alice"; alice's may not, for another session
+            await alice.expect(r"^\* this session is now 'alice'$")
+            await alice.type("/label robert")
+            await alice.expect(r"^\* this session is now 'robert'$")
+            await alice.type("/label no good")
+            await alice.expect(r"^\* invalid label 'no good'")
+            assert load_state(a / "state-alice.json")[sid]["label"] == "robert"
+
+            await bob.stop()
+            await alice.expect(r"^\* peer offline$")
+            doc = await poll_listing(a, "alice", lambda s: s["peerOnline"] is False)
+            assert doc["sessions"][0]["live"] is True
+            await alice.stop()
+
+            # nobody has the session open: the last presence is history, not a live value
+            doc = await listing(a, "alice")
+            row = doc["sessions"][0]
+            assert row["live"] is False and row["peerOnline"] is None and row["peerLastSeen"] is not None
+            rc, out, err = await run("--name", "alice", "--state-dir", str(a), "sessions", cwd=a)
+            assert rc == 0 and err == ""
+            header, line = out.splitlines()
+            assert header.split()[:3] == ["SESSION", "LABEL", "RELAY"]
+            assert line.split()[1:7] == ["robert", relay.url.rstrip("/"), "no", "last", "seen", "just"]
+
+            # one-shot send by label: the result alone on stdout, nothing on stderr
+            rc, out, err = await run("--name", "alice", "--state-dir", str(a), "send", "Robert", "later", cwd=a)
+            assert rc == 0 and err == "", err
+            assert re.fullmatch(r"message [0-9a-f]{8} queued by the relay for the offline peer\n", out), out
+            rc, out, err = await run("--name", "alice", "--state-dir", str(a), "label", "robert", "--clear", cwd=a)
+            assert rc == 0 and out == "" and err == f"session {sid.rpartition('_')[2][:8]} has no label now\n"
+            rc, out, err = await run("--name", "alice", "--state-dir", str(a), "send", "robert", "x", cwd=a)
+            assert rc == 1 and out == "" and "no session matching 'robert'" in err
+            rc, out, err = await run("--name", "alice", "--state-dir", str(a), "label", sid.rpartition("_")[2][:6], "bob", cwd=a)
+            assert rc == 0 and out == ""
+
+            bob = await ParleyProcess.start(nursery, ["chat", "alice"], relay=None, name="bob", cwd=b)
+            await bob.expect("^peer: later$")
+            await bob.stop()
+
+
+async def test_invite_with_a_label_another_session_has_is_refused_before_connecting(tmp_path):
+    save_state(tmp_path / "state-me.json", {SID_A: {"outbox": [], "key": KEY, "label": "bob"}})
+    url = f"ws://127.0.0.1:{free_port()}/"
+    for args in (["invite", "--label", "Bob"], ["join", "123456", "--label", "bob"]):
+        rc, out, err = await run("--name", "me", "--relay", url, *args, cwd=tmp_path)
+        assert rc == 1 and out == "" and err == "parley: the label 'Bob' is already session 9f3a61c2's; choose " \
+            "another (see 'parley sessions')\n".replace("'Bob'", f"'{args[-1]}'")
+    rc, out, err = await run("--name", "me", "invite", "--label", "a b", cwd=tmp_path)
+    assert rc == 2 and out == "" and "invalid label 'a b'" in err and len(err.splitlines()) == 1
+
+
+async def test_one_shot_commands_put_status_on_stderr(tmp_path):
+    rc, out, err = await run("sessions", cwd=tmp_path)
+    assert rc == 0 and out == "" and err == "no sessions in state-parley.json\n"
+    rc, out, err = await run("sessions", "--json", cwd=tmp_path)
+    assert rc == 0 and json.loads(out) == {"schema": 1, "sessions": []} and err == ""
+    save_state(tmp_path / "state-parley.json", {SID_A: {"outbox": [], "key": KEY}})
+    rc, out, err = await run("label", "9f3a", "alice", cwd=tmp_path)
+    assert rc == 0 and out == "" and err == "session 9f3a61c2 is now 'alice'\n"
+    rc, out, err = await run("label", "9f3a", cwd=tmp_path)
+    assert rc == 2 and out == "" and "give a NAME, or --clear" in err
+
+
+def test_the_key_is_saved_with_the_peer_online_and_a_resumed_chat_forgets_the_old_presence():
+    from parley.client import crypto
+
+    peer_public = crypto.public_key_hex(crypto.generate_private_key())
+    core = ClientCore.invite(wall_clock=lambda: NOW)
+    core.connected()
+    core.frame_received(json.dumps({"t": "INVITE_CODE", "sid": SID_A, "data": {"code": "042917"}}))
+    core.frame_received(json.dumps({"t": "JOIN_REQUEST", "sid": SID_A, "data": {"publicKey": peer_public}}))
+    saved = [a.entry for a in core.accept_join() if isinstance(a, SaveState)]
+    assert len(saved) == 1 and saved[0]["key"] and saved[0]["peerOnline"] is True and saved[0]["peerSeen"] == NOW
+
+    # a chat resumed from a file that says "online" (an earlier run): not online until the relay says so
+    resumed = ClientCore.resume(SID_A, {**saved[0]}, wall_clock=lambda: NOW + 60)
+    resumed.start()
+    actions = resumed.connected()
+    assert isinstance(actions[0], SaveState) and actions[0].entry["peerOnline"] is False
+    assert resumed.peer_online is None  # the screen says nothing until the relay does
+    actions = resumed.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID_A}))
+    assert [a.entry["peerOnline"] for a in actions if isinstance(a, SaveState)] == [True]
+    # a file that said offline costs no save on connecting
+    quiet = ClientCore.resume(SID_A, {**saved[0], "peerOnline": False})
+    quiet.start()
+    assert not any(isinstance(a, SaveState) for a in quiet.connected())
