@@ -471,3 +471,61 @@ def test_the_key_is_saved_with_the_peer_online_and_a_resumed_chat_forgets_the_ol
     quiet = ClientCore.resume(SID_A, {**saved[0], "peerOnline": False})
     quiet.start()
     assert not any(isinstance(a, SaveState) for a in quiet.connected())
+
+
+# --- the README's walkthrough, as written ------------------------------------------------------------
+
+import shlex  # noqa: E402
+
+from support import source_root  # noqa: E402
+
+
+def walkthrough_commands() -> list[str]:
+    """The `$ parley ...` lines of README "Two people, two shells", comments dropped."""
+    text = (source_root() / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Two people, two shells", 1)[1].split("\n## ", 1)[0]
+    assert ". .venv/bin/activate" in section  # how `parley` gets on PATH
+    return [line.strip()[2:].split("  #")[0].strip() for line in section.splitlines()
+            if line.strip().startswith("$ parley ")]
+
+
+async def shell_process(nursery: trio.Nursery, command: str, cwd: Path, env: dict[str, str]) -> ParleyProcess:
+    argv = ["sh", "-c", f"exec {command}"]
+    proc = ParleyProcess(argv, cwd, env)
+    await proc._open(nursery, argv, cwd=cwd, env=env)
+    return proc
+
+
+async def test_the_readme_walkthrough_works_as_written(tmp_path):
+    commands = walkthrough_commands()
+    assert [shlex.split(c)[:4] for c in commands] == [
+        ["parley", "--name", "alice", "invite"], ["parley", "--name", "bob", "join"],
+        ["parley", "--name", "bob", "chat"], ["parley", "--name", "alice", "send"],
+        ["parley", "--name", "alice", "sessions"]]
+    bindir = Path(sys.executable).parent
+    assert (bindir / "parley").exists(), "run from the venv the set-up command makes"
+    with ParleyRelay() as relay, trio.fail_after(90):
+        # what `. .venv/bin/activate` does for PATH; the relay's URL as the README allows (PARLEY_RELAY)
+        env = clean_env({"PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "PARLEY_RELAY": relay.url})
+        async with trio.open_nursery() as nursery:
+            alice = await shell_process(nursery, commands[0], tmp_path, env)
+            code = (await alice.expect(r"invite code: (\d+)")).group(1)
+            await alice.expect(r"^\* the other person runs:  parley (--relay \S+ )?join " + code + "$")
+            bob = await shell_process(nursery, commands[1].replace("535604", code), tmp_path, env)
+            await alice.expect(r"accept\? \[y/N\]")
+            await alice.type("y")
+            verification = (await alice.expect(r"^\* verification: ([0-9 ]{19})$")).group(1)
+            await bob.expect(f"^\\* verification: {verification}$")
+            await alice.type("/quit")
+            await bob.type("/quit")
+            assert await alice.wait(timeout=15) == 0 and await bob.wait(timeout=15) == 0
+            bob = await shell_process(nursery, commands[2], tmp_path, env)
+            await bob.expect(r"^\* resuming session")
+            rc, out, err = await run(*shlex.split(commands[3])[1:], cwd=tmp_path, env={"PARLEY_RELAY": relay.url})
+            assert rc == 0 and re.fullmatch(r"message \w{8} (delivered|queued by the relay for the offline peer)\n",
+                                            out), (out, err)
+            await bob.expect("^peer: see you at 6$")
+            rc, out, err = await run(*shlex.split(commands[4])[1:], cwd=tmp_path)
+            assert rc == 0 and out.splitlines()[1].split()[1] == "bob", out
+            await bob.type("/quit")
+            assert await bob.wait(timeout=15) == 0
