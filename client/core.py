@@ -92,6 +92,13 @@ __all__ = ["ClientCore", "Mode", "Phase", "short_sid"]
 log = logging.getLogger("parley.client.core")
 
 SIDE_BYTES = 16
+# Seconds a peer must stay online before the screen says so (`ClientCore._presence_shown`):
+# longer than a one-shot `parley send` stays connected (tens of milliseconds to the relay's ack),
+# short enough that a person who comes back is announced at once to a human eye.
+PRESENCE_SETTLE = 2.0
+# A presence frame this soon after connecting, and the first, answers our (RE)ATTACH: shown at once.
+# (When the peer is away the relay answers nothing, so a later PEER_ONLINE is an arrival.)
+ATTACH_ANSWER_WINDOW = 1.0
 
 
 def short_sid(sid: str) -> str:
@@ -122,6 +129,13 @@ class ClientCore:
     ) -> None:
         self.adopt_relay = adopt_relay
         self._wall_clock = wall_clock
+        self._clock = clock
+        # What the screen was last told of the peer's presence (None: nothing yet), and since when
+        # an "online" not yet shown has held; see `_presence_shown`.
+        self._shown_online: bool | None = None
+        self._online_since: float | None = None
+        self._presence_heard = False  # a presence frame came on this connection
+        self._connected_at = 0.0
         private_key: str | None = None
         if mode is Mode.RESUME:
             if sid is None or entry is None:
@@ -272,6 +286,8 @@ class ClientCore:
         """A connection to the relay is open: (re)start the session on it."""
         ctx = self.context
         ctx.is_connected = True
+        self._presence_heard = False
+        self._connected_at = self._clock()
         self.delivery.connection_opened()
         if ctx.phase is Phase.FAILED:
             return [Close()]
@@ -325,12 +341,21 @@ class ClientCore:
     def disconnected(self) -> list[Action]:
         """The connection is gone; frames sent on it may or may not have arrived."""
         self.context.is_connected = False
+        self._online_since = None
         self.delivery.connection_lost()
         return self.handshake.disconnected() if self.handshake is not None else []
 
     def tick(self, now: float | None = None) -> list[Action]:
-        """Timer: report messages whose ack is overdue (once each)."""
-        return self.delivery.tick(now)
+        """Timer: report messages whose ack is overdue (once each), and a peer online for
+        `PRESENCE_SETTLE` seconds whose arrival was not shown yet."""
+        now = self._clock() if now is None else now
+        actions = self.delivery.tick(now)
+        since = self._online_since
+        if since is not None and now - since >= PRESENCE_SETTLE and self.context.peer_online is True:
+            self._online_since = None
+            self._shown_online = True
+            actions.append(Show(PeerPresence(self.context.sid or "", True)))
+        return actions
 
     # --- user commands ------------------------------------------------------
 
@@ -433,11 +458,40 @@ class ClientCore:
         if self.delivery.note_relay_knows() or ctx.phase is Phase.READY and ctx.entry.get("peerOnline") is not online:
             ctx.entry["peerOnline"] = online
             actions.append(ctx.save())
+        # the relay's answer to our (RE)ATTACH: the first presence, within a round trip of connecting
+        first = not self._presence_heard and self._clock() - self._connected_at <= ATTACH_ANSWER_WINDOW
+        self._presence_heard = True
         if changed:
-            actions.append(Show(PeerPresence(frame.sid, online)))
+            actions.extend(self._presence_shown(frame.sid, online, first))
         if online and ctx.phase is Phase.READY and ctx.is_connected:
             actions.extend(self.delivery.retry_failed())
         return actions
+
+    def _presence_shown(self, sid: str, online: bool, first: bool) -> list[Action]:
+        """What the screen is told of a presence change in a keyed session: once, never a flicker.
+
+        A peer that comes online while we are connected is shown once it has
+        stayed `PRESENCE_SETTLE` seconds (`tick`): a one-shot `parley send`
+        of the other side connects, delivers and leaves in well under that,
+        and then neither "online" nor "offline" is shown, only its message.
+        The answer to our own (RE)ATTACH is shown at once, and so is a
+        departure of a peer shown online. Presence itself (`peer_online`,
+        the entry, retries of failed messages) changes at once regardless.
+        """
+        if online:
+            if first or self._shown_online is True:
+                self._online_since = None
+                if self._shown_online is True:
+                    return []
+                self._shown_online = True
+                return [Show(PeerPresence(sid, True))]
+            self._online_since = self._clock()
+            return []
+        settling, self._online_since = self._online_since is not None, None
+        if self._shown_online is False or (settling and self._shown_online is None):
+            return []  # went before its arrival was shown: nothing changed on the screen
+        self._shown_online = False
+        return [Show(PeerPresence(sid, False))]
 
     def _on_handshake(self, frame: Any) -> list[Action]:
         if self.handshake is None:

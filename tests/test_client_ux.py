@@ -529,3 +529,81 @@ async def test_the_readme_walkthrough_works_as_written(tmp_path):
             assert rc == 0 and out.splitlines()[1].split()[1] == "bob", out
             await bob.type("/quit")
             assert await bob.wait(timeout=15) == 0
+
+
+# --- presence shown once, no flicker -----------------------------------------------------------
+
+from parley.client.core import PRESENCE_SETTLE  # noqa: E402
+from parley.client.events import PeerPresence, Show  # noqa: E402
+
+
+def presence_shown(actions) -> list[bool]:
+    return [a.event.online for a in actions if isinstance(a, Show) and isinstance(a.event, PeerPresence)]
+
+
+def test_a_brief_visit_of_the_peer_shows_nothing():
+    now = [1000.0]
+    core = ClientCore.resume(SID_A, {"outbox": [], "key": KEY, "side": "5" * 32}, clock=lambda: now[0])
+    core.start()
+    core.connected()
+    online = json.dumps({"t": "PEER_ONLINE", "sid": SID_A})
+    offline = json.dumps({"t": "PEER_OFFLINE", "sid": SID_A})
+    assert presence_shown(core.frame_received(online)) == [True]  # the answer to our REATTACH: at once
+    assert presence_shown(core.frame_received(offline)) == [False]  # a departure: at once
+    now[0] += 60
+    assert presence_shown(core.frame_received(online)) == []  # a one-shot send arrives...
+    assert core.peer_online is True  # (presence itself is current)
+    now[0] += 0.2
+    assert presence_shown(core.tick()) == []
+    assert presence_shown(core.frame_received(offline)) == []  # ...and leaves: nothing was shown
+    now[0] += 10
+    assert presence_shown(core.tick()) == []
+    assert presence_shown(core.frame_received(online)) == []  # the peer's chat: it stays
+    now[0] += PRESENCE_SETTLE - 0.01
+    assert presence_shown(core.tick()) == []
+    now[0] += 0.01
+    assert presence_shown(core.tick()) == [True]
+    assert presence_shown(core.tick()) == []  # once
+    assert presence_shown(core.frame_received(offline)) == [False]
+
+
+def test_presence_unknown_at_first_then_a_brief_visit_shows_nothing():
+    now = [1000.0]
+    core = ClientCore.resume(SID_A, {"outbox": [], "key": KEY, "side": "5" * 32}, clock=lambda: now[0])
+    core.start()
+    core.connected()  # alone: the relay says nothing
+    now[0] += 5
+    core.tick()
+    assert presence_shown(core.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID_A}))) == []
+    assert presence_shown(core.frame_received(json.dumps({"t": "PEER_OFFLINE", "sid": SID_A}))) == []
+    # after a reconnect, the relay's answer to our REATTACH is shown at once again
+    core.disconnected()
+    core.connected()
+    assert presence_shown(core.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID_A}))) == [True]
+
+
+async def test_a_one_shot_send_does_not_flicker_the_other_sides_presence(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with ParleyRelay() as relay, trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            alice = await ParleyProcess.start(nursery, ["invite", "--yes"], relay=relay.url, name="alice", cwd=a)
+            code = (await alice.expect(CODE_RE)).group(1)
+            bob = await ParleyProcess.start(nursery, ["join", code], relay=relay.url, name="bob", cwd=b)
+            await bob.expect(VERIFY_RE)
+            await alice.expect(r"^\* type a message")
+            await alice.stop()
+            await bob.expect(r"^\* peer offline$")
+            (sid,) = load_state(a / "state-alice.json")
+            for text in ("one", "two"):
+                rc, out, err = await run("--relay", relay.url, "--name", "alice", "--state-dir", str(a), "send", sid,
+                                         text, cwd=a)
+                assert rc == 0 and err == "", err
+                await bob.expect(f"^peer: {text}$")
+            await trio.sleep(PRESENCE_SETTLE + 1.5)  # longer than the settle time and a tick
+            assert bob.seen(r"^\* peer (online|offline)$") == ["* peer offline"], bob.lines
+            alice = await ParleyProcess.start(nursery, ["chat"], relay=relay.url, name="alice", cwd=a)
+            await bob.expect(r"^\* peer online$", timeout=10)  # a chat that stays is announced, once
+            await alice.stop()
+            await bob.expect(r"^\* peer offline$")
+            await bob.stop()
+            assert bob.seen(r"^\* peer (online|offline)$") == ["* peer offline", "* peer online", "* peer offline"]
