@@ -9,6 +9,12 @@ Global options (each with an environment variable):
     --liveness-timeout S  PARLEY_LIVENESS_TIMEOUT  silence before reconnecting (default: 35; 0: off)
     --cafile PEM          PARLEY_CAFILE            CAs trusted for wss:// (default: the system's)
 
+`parley` alone prints the help on stdout and exits 2 (click's status for a
+missing command); every `--help` shows each option's environment variable.
+One-shot commands (`send`, `label`, `sessions`) print results on stdout and
+notes on stderr (`parley.client.listing.print_status`). Sessions are named
+by label, SID or a unique SID prefix (`StateStore.find`).
+
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
