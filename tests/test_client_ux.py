@@ -3,9 +3,31 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import re
+import shlex
+import socket
+import sys
+from pathlib import Path
 
+import click
+import pytest
+import trio
+from click.testing import CliRunner
+
+from parley.client import cli as client_cli
+from parley.client.core import PRESENCE_SETTLE, ClientCore
+from parley.client.errors import BadLabel, LabelOrPrefix, LabelTaken, NoMatchingSession, SeveralKeyedSessions
+from parley.client.events import PeerPresence, SaveState, Show
+from parley.client.labels import check_label, check_label_free
+from parley.client.listing import SessionRow, ago, sessions_json, sessions_table
 from parley.client.safetext import one_line, safe_text
+from parley.client.store import StateStore
+from parley.state import load_state, save_state
+from support import source_root
+from support.parleyproc import CODE_RE, VERIFY_RE, ParleyProcess, PtyParley, clean_env
+from support.relayproc import ParleyRelay
 
 # --- emoji format characters -----------------------------------------------------------------
 
@@ -75,17 +97,6 @@ def test_a_received_family_emoji_reaches_the_screen_whole():
 
 # --- help and prompts ------------------------------------------------------------------------
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import click  # noqa: E402
-import trio  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-from parley.client import cli as client_cli  # noqa: E402
-from support.parleyproc import PtyParley, clean_env  # noqa: E402
 
 TIMEOUT = 30
 
@@ -175,21 +186,6 @@ async def test_join_without_a_code_asks_for_it_on_a_terminal(tmp_path):
 
 # --- labels ------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-
-from parley.client.core import ClientCore  # noqa: E402
-from parley.client.errors import (  # noqa: E402
-    BadLabel,
-    LabelOrPrefix,
-    LabelTaken,
-    NoMatchingSession,
-    SeveralKeyedSessions,
-)
-from parley.client.events import SaveState  # noqa: E402
-from parley.client.labels import check_label, check_label_free  # noqa: E402
-from parley.client.listing import SessionRow, ago, sessions_json, sessions_table  # noqa: E402
-from parley.client.store import StateStore  # noqa: E402
-from parley.state import load_state, save_state  # noqa: E402
 
 SID_A = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 SID_B = "1763900000456_0123abcd00000000000000000000beef"
@@ -337,11 +333,6 @@ def test_the_core_stamps_activity_and_when_the_peer_was_seen():
 
 # --- live: labels, sessions, one-shot output -------------------------------------------------------
 
-import re  # noqa: E402
-
-from support.parleyproc import CODE_RE, VERIFY_RE, ParleyProcess  # noqa: E402
-from support.relayproc import ParleyRelay  # noqa: E402
-
 
 async def listing(home: Path, name: str) -> dict:
     rc, out, err = await run("--name", name, "--state-dir", str(home), "sessions", "--json", cwd=home)
@@ -475,10 +466,6 @@ def test_the_key_is_saved_with_the_peer_online_and_a_resumed_chat_forgets_the_ol
 
 # --- the README's walkthrough, as written ------------------------------------------------------------
 
-import shlex  # noqa: E402
-
-from support import source_root  # noqa: E402
-
 
 def walkthrough_commands() -> list[str]:
     """The `$ parley ...` lines of README "Two people, two shells", comments dropped."""
@@ -532,9 +519,6 @@ async def test_the_readme_walkthrough_works_as_written(tmp_path):
 
 
 # --- presence shown once, no flicker -----------------------------------------------------------
-
-from parley.client.core import PRESENCE_SETTLE  # noqa: E402
-from parley.client.events import PeerPresence, Show  # noqa: E402
 
 
 def presence_shown(actions) -> list[bool]:
