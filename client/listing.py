@@ -1,8 +1,11 @@
 """What `parley sessions` shows, and where one-shot commands put status.
 
 `SessionRow.of(sid, entry, owned_elsewhere)` reads one state entry
-(`parley.client.entry`): label, relay, `verified` (a flag the pairing code
-sets; absent means no), pending messages, `lastActivity`, and presence.
+(`parley.client.entry`): label, relay, `verified` (how the keys were
+verified, which pairing records: "pake" when the code's secret matched,
+"compared" when the people compared the verification string; `true` is
+taken as verified too; anything else, or nothing, means not verified),
+pending messages, `lastActivity`, and presence.
 Presence is live only while another process owns the session
 (`StateStore.owned_elsewhere`: a `parley chat` of it runs, connected, and
 writes each presence change to the file); otherwise the file's `peerOnline`
@@ -37,6 +40,7 @@ from .safetext import safe_text
 __all__ = ["SCHEMA", "SessionRow", "sessions_json", "sessions_table", "print_status", "ago", "rfc3339"]
 
 SCHEMA = 1
+VERIFIED_BY = {"pake": "pairing", "compared": "compared"}  # the entry's `verified` -> the table's words
 RELAY_WIDTH = 32  # a longer relay URL is cut (its host and port come first)
 
 
@@ -83,6 +87,7 @@ class SessionRow:
     relay: str | None
     key: bool
     verified: bool
+    verified_by: str | None  # "pake" or "compared" (None: not verified, or a bare `true`)
     role: str | None
     live: bool  # a process on this machine has the session open, so peer_online is current
     peer_online: bool | None  # only when live
@@ -96,12 +101,14 @@ class SessionRow:
         online = entry.get("peerOnline")
         relay, role = entry.get("relay"), entry.get("role")
         live = owned_elsewhere is True
+        how = entry.get("verified")
         return cls(
             sid=sid,
             label=label_of(entry),
             relay=relay if isinstance(relay, str) and relay else None,
             key=isinstance(entry.get("key"), str),
-            verified=entry.get("verified") is True,
+            verified=how is True or isinstance(how, str) and how in VERIFIED_BY,
+            verified_by=how if isinstance(how, str) and how in VERIFIED_BY else None,
             role=role if isinstance(role, str) else None,
             live=live,
             peer_online=online if live and isinstance(online, bool) else None,
@@ -118,6 +125,7 @@ class SessionRow:
             "relay": self.relay,
             "key": self.key,
             "verified": self.verified,
+            "verifiedBy": self.verified_by,
             "role": self.role,
             "live": self.live,
             "peerOnline": self.peer_online,
@@ -152,7 +160,7 @@ def sessions_table(rows: list[SessionRow], now: float) -> list[str]:
             short_sid(row.sid),
             safe_text(row.label) if row.label else "-",
             relay,
-            ("yes" if row.verified else "no") if row.key else "no key",
+            (VERIFIED_BY.get(row.verified_by or "", "yes") if row.verified else "no") if row.key else "no key",
             row.peer_text(now),
             str(row.pending),
             ago(row.last_activity, now),

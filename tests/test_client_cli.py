@@ -264,7 +264,7 @@ async def test_sessions_json_and_table(tmp_path):
     # issue #16 changed the listing: schema 1 (README "Sessions"), and peerOnline only while live
     # (no process has these sessions open, so the file's last presence is not shown as current)
     listed = json.loads(out)
-    none = {"label": None, "relay": None, "verified": False, "live": False, "peerOnline": None,
+    none = {"label": None, "relay": None, "verified": False, "verifiedBy": None, "live": False, "peerOnline": None,
             "peerLastSeen": None, "lastActivity": None}
     assert listed == {"schema": 1, "sessions": [
         {**none, "sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "pending": 1},

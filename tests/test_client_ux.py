@@ -252,7 +252,7 @@ NOW = 1_796_000_000
 
 
 def test_session_rows_say_live_presence_only_when_live():
-    entry = {"outbox": [], "key": KEY, "label": "bob", "relay": "wss://relay.example:443/", "verified": True,
+    entry = {"outbox": [], "key": KEY, "label": "bob", "relay": "wss://relay.example:443/", "verified": "pake",
              "peerOnline": True, "peerSeen": NOW - 300, "lastActivity": NOW - 7200,
              "pending": [{"msgID": "a", "payload": "00"}]}
     stale = SessionRow.of(SID_A, entry, owned_elsewhere=False)
@@ -264,23 +264,29 @@ def test_session_rows_say_live_presence_only_when_live():
     assert SessionRow.of(SID_A, {"key": KEY}, False).peer_text(NOW) == "unknown"
     header, row = sessions_table([stale], NOW)
     assert header.split() == ["SESSION", "LABEL", "RELAY", "VERIFIED", "PEER", "PENDING", "ACTIVITY"]
-    assert row.split() == ["9f3a61c2", "bob", "wss://relay.example:443", "yes", "last", "seen", "5m", "ago", "1",
+    assert row.split() == ["9f3a61c2", "bob", "wss://relay.example:443", "pairing", "last", "seen", "5m", "ago", "1",
                            "2h", "ago"]
     doc = sessions_json([stale, live])
     assert doc["schema"] == 1
     assert doc["sessions"][0] == {
         "sid": SID_A, "short": "9f3a61c2", "label": "bob", "relay": "wss://relay.example:443/", "key": True,
-        "verified": True, "role": None, "live": False, "peerOnline": None,
+        "verified": True, "verifiedBy": "pake", "role": None, "live": False, "peerOnline": None,
         "peerLastSeen": "2026-11-30T00:48:20Z", "pending": 1, "lastActivity": "2026-11-29T22:53:20Z",
     }
     assert doc["sessions"][1]["live"] is True and doc["sessions"][1]["peerOnline"] is True
+    for how, shown in (("compared", "compared"), (True, "yes"), ("pake", "pairing"), (False, "no"), ("x", "no")):
+        row = SessionRow.of(SID_A, {**entry, "verified": how}, owned_elsewhere=False)
+        assert sessions_table([row], NOW)[1].split()[3] == shown
+        assert row.as_json()["verified"] is (shown != "no")
+        assert row.as_json()["verifiedBy"] == (how if how in ("pake", "compared") else None)
 
 
 @pytest.mark.parametrize("entry", [
     {"verified": "yes", "peerSeen": "soon", "lastActivity": True, "label": "a b", "relay": 7, "pending": 3},
-    {"verified": 1, "peerSeen": -5, "lastActivity": 10 ** 30, "label": ["x"], "relay": "", "outbox": "x"},
+    {"verified": ["pake"], "peerSeen": -5, "lastActivity": 10 ** 30, "label": ["x"], "relay": "", "outbox": "x"},
 ], ids=["wrong-types", "out-of-range"])
 def test_hand_edited_fields_do_not_break_the_listing(entry):
+    """(and an unknown way of verifying is not taken for one)"""
     row = SessionRow.of(SID_A, entry, owned_elsewhere=False)
     assert row.verified is False and row.label is None and row.relay is None and row.pending == 0
     json.dumps(sessions_json([row]))
