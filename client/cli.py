@@ -54,7 +54,7 @@ from .connect import (
     parse_relay_url,
     ssl_context_for,
 )
-from .core import ClientCore, short_sid
+from .core import ClientCore
 from .entry import LABEL_FIELD
 from .errors import (
     BadLabel,
@@ -78,7 +78,7 @@ from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatu
 from .labels import check_label, check_label_free
 from .listing import SessionRow, print_status, sessions_json, sessions_table
 from .runner import Runner
-from .safetext import one_line, safe_text
+from .safetext import one_line, safe_text, short_sid
 from .session import Session
 from .store import StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output

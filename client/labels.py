@@ -18,11 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from parley.protocol.identifiers import short_sid
-
 from .entry import LABEL_FIELD
 from .errors import BadLabel, LabelTaken
-from .safetext import safe_text
+from .safetext import short_sid
 
 __all__ = ["MAX_LABEL", "check_label", "label_of", "sessions_labelled", "check_label_free"]
 
@@ -54,4 +52,4 @@ def check_label_free(state: dict[str, Any], label: str, sid: str | None) -> None
     """`LabelTaken` if another session than `sid` already has `label`."""
     for other in sessions_labelled(state, label):
         if other != sid:
-            raise LabelTaken(label=label, sid=safe_text(short_sid(other)))
+            raise LabelTaken(label=label, sid=short_sid(other))

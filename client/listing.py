@@ -32,10 +32,9 @@ from typing import Any
 import attrs
 import click
 
-from .core import short_sid
 from .entry import ACTIVITY_FIELD, PEER_SEEN_FIELD
 from .labels import label_of
-from .safetext import safe_text
+from .safetext import safe_text, short_sid
 
 __all__ = ["SCHEMA", "SessionRow", "sessions_json", "sessions_table", "print_status", "ago", "rfc3339"]
 

@@ -47,7 +47,6 @@ from typing import Any
 
 from parley.state import StateError, StateNotWritable, check_writable, load_state, save_state
 
-from .core import short_sid
 from .entry import SEEN_LIMIT
 from .errors import (
     LabelOrPrefix,
@@ -57,6 +56,7 @@ from .errors import (
     SeveralMatchingSessions,
 )
 from .labels import label_of, sessions_labelled
+from .safetext import short_sid
 
 __all__ = ["StateStore", "SessionInfo", "merge_entry"]
 
