@@ -9,6 +9,12 @@ Global options (each with an environment variable):
     --liveness-timeout S  PARLEY_LIVENESS_TIMEOUT  silence before reconnecting (default: 35; 0: off)
     --cafile PEM          PARLEY_CAFILE            CAs trusted for wss:// (default: the system's)
 
+`parley` alone prints the help on stdout and exits 2 (click's status for a
+missing command); every `--help` shows each option's environment variable.
+One-shot commands (`send`, `label`, `sessions`) print results on stdout and
+notes on stderr (`parley.client.listing.print_status`). Sessions are named
+by label, SID or a unique SID prefix (`StateStore.find`).
+
 Errors a person can act on (relay unreachable, invalid or expired code, join
 denied, no such session, corrupt state file, bad arguments) print one line,
 `parley: ...`, on stderr and exit non-zero (1; 2 for bad arguments; 130 for
@@ -31,6 +37,7 @@ import os
 import re
 import ssl
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -48,7 +55,9 @@ from .connect import (
     ssl_context_for,
 )
 from .core import ClientCore
+from .entry import LABEL_FIELD
 from .errors import (
+    BadLabel,
     BadRelayURL,
     ClientError,
     HandoverNoAck,
@@ -66,10 +75,12 @@ from .errors import (
     handshake_error,
 )
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
+from .labels import check_label, check_label_free
+from .listing import SessionRow, print_status, sessions_json, sessions_table
 from .runner import Runner
 from .safetext import one_line, safe_text, short_sid
 from .session import Session
-from .store import SessionInfo, StateStore
+from .store import StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output
 
 __all__ = ["main", "DEFAULT_RELAY", "DEFAULT_NAME"]
@@ -158,6 +169,12 @@ class ParleyGroup(click.Group):
         except click.exceptions.Exit as exc:
             _flush_or_quiet()
             sys.exit(exc.exit_code)
+        except _NoArgsIsHelp as exc:
+            # `parley` (or `parley conformance`) alone: the normal help, on stdout as `--help`
+            # prints it, with click's status for it (2: no command was given).
+            _echo((exc.ctx.get_help() if exc.ctx is not None else "") or _flat(exc.format_message()))
+            _flush_or_quiet()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(f"{_flat(exc.format_message())}{hint}", exc.exit_code)
@@ -183,6 +200,11 @@ class ParleyGroup(click.Group):
             _fail(f"unexpected error: {type(leaf).__name__}: {_flat(str(leaf))} (run with -v for details)", 1)
         _flush_or_quiet()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# click >= 8.2 raises this (a UsageError, exit 2) for a group run without a command; older
+# click printed the help itself and exited 0, never reaching this handler.
+_NoArgsIsHelp: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {}))
 
 
 def _flat(text: str) -> str:
@@ -275,23 +297,22 @@ _STATE_DIR_HELP = "Directory of the state file."
 
 @click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="parley")
-@click.option("--name", envvar="PARLEY_NAME", default=DEFAULT_NAME, show_default=True, help=_NAME_HELP)
-@click.option("--relay", envvar="PARLEY_RELAY", default=DEFAULT_RELAY, show_default=True,
+@click.option("--name", envvar="PARLEY_NAME", default=DEFAULT_NAME, show_default=True, show_envvar=True,
+              help=_NAME_HELP)
+@click.option("--relay", envvar="PARLEY_RELAY", default=DEFAULT_RELAY, show_default=True, show_envvar=True,
               callback=_check_relay_url, help=_RELAY_HELP)
-@click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True,
+@click.option("--state-dir", envvar="PARLEY_STATE_DIR", default=".", show_default=True, show_envvar=True,
               type=click.Path(file_okay=False), help=_STATE_DIR_HELP)
 @click.option("--connect-timeout", envvar="PARLEY_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1),
-              default=DEFAULT_CONNECT_TIMEOUT, show_default=True,
-              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together "
-                   "(env PARLEY_CONNECT_TIMEOUT).")
+              default=DEFAULT_CONNECT_TIMEOUT, show_default=True, show_envvar=True,
+              help="Seconds for one connect attempt: TCP, TLS and the WebSocket upgrade together.")
 @click.option("--liveness-timeout", envvar="PARLEY_LIVENESS_TIMEOUT", type=click.FloatRange(min=0),
-              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True,
+              default=DEFAULT_LIVENESS_TIMEOUT, show_default=True, show_envvar=True,
               help="Seconds without any frame from the relay (it PINGs every 10 s) before the "
-                   "connection is taken for dead and reopened; 0 turns this off (env PARLEY_LIVENESS_TIMEOUT).")
-@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile,
+                   "connection is taken for dead and reopened; 0 turns this off.")
+@click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile, show_envvar=True,
               type=click.Path(dir_okay=False),
-              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's "
-                   "(env PARLEY_CAFILE).")
+              help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's.")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
@@ -317,14 +338,19 @@ def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str 
     return None if value is None else _check_relay_url(ctx, param, value)
 
 
+# The options after the command read no variable themselves (the global option does, and one
+# given on the command line must win over it), but their help names it all the same.
+_AS_GLOBAL = " As the global option.  [env var: {}]"
+
+
 def session_options(fn: Any) -> Any:
     """`--name/--relay/--state-dir` after the command too; they override the global ones."""
 
-    @click.option("--name", "sub_name", default=None, help=_NAME_HELP + " (as the global option)")
+    @click.option("--name", "sub_name", default=None, help=_NAME_HELP + _AS_GLOBAL.format("PARLEY_NAME"))
     @click.option("--relay", "sub_relay", default=None, callback=_check_relay_or_none,
-                  help=_RELAY_HELP + " (as the global option)")
+                  help=_RELAY_HELP + _AS_GLOBAL.format("PARLEY_RELAY"))
     @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
-                  help=_STATE_DIR_HELP + " (as the global option)")
+                  help=_STATE_DIR_HELP + _AS_GLOBAL.format("PARLEY_STATE_DIR"))
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
@@ -350,11 +376,11 @@ def _link_options(fn: Any) -> Any:
     """`--connect-timeout/--liveness-timeout/--cafile` after the command too (override the global ones)."""
 
     @click.option("--connect-timeout", "sub_connect_timeout", type=click.FloatRange(min=0.1), default=None,
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_CONNECT_TIMEOUT").strip())
     @click.option("--liveness-timeout", "sub_liveness_timeout", type=click.FloatRange(min=0), default=None,
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_LIVENESS_TIMEOUT").strip())
     @click.option("--cafile", "sub_cafile", default=None, callback=_check_cafile, type=click.Path(dir_okay=False),
-                  help="As the global option.")
+                  help=_AS_GLOBAL.format("PARLEY_CAFILE").strip())
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_connect_timeout: float | None, sub_liveness_timeout: float | None,
@@ -370,6 +396,21 @@ def _link_options(fn: Any) -> Any:
     return wrapper
 
 
+def _check_label_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_label(value)
+    except BadLabel as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _label_option(fn: Any) -> Any:
+    return click.option("--label", metavar="NAME", default=None, callback=_check_label_option,
+                        help="Your name for this session (shown by 'parley sessions'; 'parley chat NAME' "
+                             "resumes it).")(fn)
+
+
 def _run(async_fn: Any, *args: Any) -> Any:
     return trio.run(async_fn, *args)
 
@@ -380,21 +421,27 @@ def _run(async_fn: Any, *args: Any) -> Any:
 def _wait_option(default: float, envvar: str, what: str) -> Any:
     """`--timeout S` of a handshake command: how long it waits for the other person."""
     return click.option("--timeout", type=click.FloatRange(min=1), default=default, show_default=True,
-                        envvar=envvar, help=f"Seconds to wait for {what} [env {envvar}].")
+                        envvar=envvar, show_envvar=True, help=f"Seconds to wait for {what}.")
 
 
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
 @_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
+@_label_option
 @session_options
-def invite(opts: Options, yes: bool, timeout: float) -> None:
+def invite(opts: Options, yes: bool, timeout: float, label: str | None) -> None:
     """Create a session, print its invite code, wait for the other person, chat."""
     store = opts.store(writable=True)
-    _run(_invite, opts, store, yes, timeout)
+    if label is not None:
+        check_label_free(store.state, label, None)
+    _run(_invite, opts, store, yes, timeout, label)
 
 
-async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
+async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
+                  label: str | None = None) -> None:
     core = ClientCore.invite()
+    if label is not None:
+        core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -438,25 +485,50 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
 _CODE = re.compile(r"[0-9]{4,16}\Z")
 
 
-def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
+_CODE_SHAPE = "an invite code is digits only, e.g. 042917"
+
+
+def _normal_code(value: str) -> str:
+    """The digits of a code as typed (`042 917`, `042-917`); `click.BadParameter` if it is not one."""
     code = re.sub(r"[\s-]", "", value)
     if not _CODE.match(code):
-        raise click.BadParameter("an invite code is digits only, e.g. 042917", ctx=ctx, param=param)
+        raise click.BadParameter(_CODE_SHAPE)
     return code
 
 
+def _check_code(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """CODE as given, or asked for on a terminal; a one-line usage error where nobody can answer."""
+    if value is not None:
+        try:
+            return _normal_code(value)
+        except click.BadParameter as exc:
+            raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
+    if ctx.resilient_parsing:
+        return ""
+    if not sys.stdin.isatty():
+        raise click.UsageError("no invite CODE given (standard input is not a terminal to ask on): "
+                               "run 'parley join CODE'", ctx=ctx)
+    # click re-asks until the answer is a code; Ctrl-C/Ctrl-D here is click.Abort: "interrupted", 130
+    return click.prompt("invite code", value_proc=_normal_code, err=True)
+
+
 @main.command()
-@click.argument("code", callback=_check_code)
+@click.argument("code", required=False, callback=_check_code)
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
+@_label_option
 @session_options
-def join(opts: Options, code: str, timeout: float) -> None:
-    """Join the session an invite CODE names, then chat."""
+def join(opts: Options, code: str, timeout: float, label: str | None) -> None:
+    """Join the session an invite CODE names, then chat (asks for CODE if not given)."""
     store = opts.store(writable=True)
-    _run(_join, opts, store, code, timeout)
+    if label is not None:
+        check_label_free(store.state, label, None)
+    _run(_join, opts, store, code, timeout, label)
 
 
-async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
+async def _join(opts: Options, store: StateStore, code: str, timeout: float, label: str | None = None) -> None:
     core = ClientCore.join(code)
+    if label is not None:
+        core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -510,7 +582,7 @@ def _session_relay(opts: Options, sid: str, entry: dict[str, Any], move: bool) -
 @click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
 def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
-    """Resume a session (the only one, or SID / a unique prefix of it) and chat."""
+    """Resume a session (the only one, or its label, SID or a unique prefix of it) and chat."""
     store = opts.store(writable=True)
     sid = store.find(sid)
     relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
@@ -541,11 +613,12 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
 @click.argument("sid")
 @click.argument("text", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=DEFAULT_SEND_TIMEOUT, show_default=True,
+              envvar="PARLEY_SEND_TIMEOUT", show_envvar=True,
               help="Seconds to wait for the relay's acknowledgement.")
 @click.option("--move-relay", is_flag=True, help=_MOVE_HELP)
 @session_options
 def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: bool) -> None:
-    """Send one message (TEXT, or standard input) to session SID and wait for the relay's ack.
+    """Send one message (TEXT, or standard input) to session SID (or its label) and wait for the relay's ack.
 
     Exits 0 once the relay says DELIVERED or QUEUED. Otherwise exits 1; the
     message stays saved (encrypted) and goes out with the next send or chat.
@@ -666,21 +739,51 @@ async def _send(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("session")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Remove the session's label.")
+@session_options
+def label(opts: Options, session: str, name: str | None, clear: bool) -> None:
+    """Name SESSION (its label, SID or a unique prefix) NAME, or --clear its name.
+
+    A running chat of the session keeps the name (saves merge field by field);
+    in a chat, '/label NAME' does the same.
+    """
+    if (name is None) == (not clear):
+        raise click.UsageError("give a NAME, or --clear")
+    new = None if clear else check_label(name or "")
+    store = opts.store(writable=True)
+    sid = store.find(session)
+    if new is not None:
+        check_label_free(store.state, new, sid)
+    # null, not left out, for no label: a merged save keeps a field one side lacks
+    store.save_entry(sid, {**store.state[sid], LABEL_FIELD: new})
+    print_status(f"session {short_sid(sid)} " + (f"is now {safe_text(new)!r}" if new else "has no label now"))
+
+
+# --- sessions -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema 1: see the README's 'Sessions').")
 @session_options
 def sessions(opts: Options, as_json: bool) -> None:
-    """List the sessions in the state file."""
+    """List the sessions in the state file: labels, presence, pending messages, last activity.
+
+    PEER is live ("online"/"offline") only while a parley process on this
+    machine has the session open (it keeps the file up to date); otherwise
+    it is when the peer was last seen. Listing never connects to the relay:
+    a connection would show this side online to the peer.
+    """
     store = opts.store()
-    infos = [SessionInfo.of(sid, entry) for sid, entry in store.state.items() if isinstance(entry, dict)]
+    rows = [SessionRow.of(sid, entry, store.owned_elsewhere(sid))
+            for sid, entry in store.state.items() if isinstance(entry, dict)]
     if as_json:
         # ensure_ascii: every control character in a relay-made SID is a \u escape
-        _echo(json.dumps(infos, indent=2, ensure_ascii=True))
+        _echo(json.dumps(sessions_json(rows), indent=2, ensure_ascii=True))
         return
-    if not infos:
-        _echo(f"no sessions in {safe_text(str(store.path))}")
+    if not rows:
+        print_status(f"no sessions in {safe_text(str(store.path))}")
         return
-    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
-    for info in infos:
-        peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
-        role = safe_text(info["role"] or "-")
-        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} {info['pending']}")
+    for line in sessions_table(rows, now=time.time()):
+        _echo(line)

@@ -79,9 +79,9 @@ from parley.state import new_entry
 from . import crypto
 from .context import Mode, Phase, SessionContext, printable_line
 from .delivery import ACK_TIMEOUT, Delivery
-from .entry import SEEN_LIMIT
+from .entry import ACTIVITY_FIELD, LABEL_FIELD, PEER_SEEN_FIELD, SEEN_LIMIT
 from .errors import SessionNotKeyed
-from .events import Action, Close, PeerPresence, RelayError, Show
+from .events import Action, Close, PeerPresence, RelayError, SaveState, Show
 from .handshake import Handshake
 from .safetext import safe_text, short_sid
 from .verify import verification_string
@@ -91,6 +91,13 @@ __all__ = ["ClientCore", "Mode", "Phase", "short_sid"]
 log = logging.getLogger("parley.client.core")
 
 SIDE_BYTES = 16
+# Seconds a peer must stay online before the screen says so (`ClientCore._presence_shown`):
+# longer than a one-shot `parley send` stays connected (tens of milliseconds to the relay's ack),
+# short enough that a person who comes back is announced at once to a human eye.
+PRESENCE_SETTLE = 2.0
+# A presence frame this soon after connecting, and the first, answers our (RE)ATTACH: shown at once.
+# (When the peer is away the relay answers nothing, so a later PEER_ONLINE is an arrival.)
+ATTACH_ANSWER_WINDOW = 1.0
 
 
 class ClientCore:
@@ -112,8 +119,17 @@ class ClientCore:
         relay: str | None = None,
         must_exist: bool = False,
         adopt_relay: bool = False,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.adopt_relay = adopt_relay
+        self._wall_clock = wall_clock
+        self._clock = clock
+        # What the screen was last told of the peer's presence (None: nothing yet), and since when
+        # an "online" not yet shown has held; see `_presence_shown`.
+        self._shown_online: bool | None = None
+        self._online_since: float | None = None
+        self._presence_heard = False  # a presence frame came on this connection
+        self._connected_at = 0.0
         private_key: str | None = None
         if mode is Mode.RESUME:
             if sid is None or entry is None:
@@ -264,6 +280,8 @@ class ClientCore:
         """A connection to the relay is open: (re)start the session on it."""
         ctx = self.context
         ctx.is_connected = True
+        self._presence_heard = False
+        self._connected_at = self._clock()
         self.delivery.connection_opened()
         if ctx.phase is Phase.FAILED:
             return [Close()]
@@ -273,7 +291,15 @@ class ClientCore:
                 return opening
         assert ctx.sid is not None
         keyed = ctx.phase is Phase.READY and ctx.must_exist
-        actions: list[Action] = [ctx.send(Reattach(ctx.sid, side=ctx.side, create="never" if keyed else None))]
+        actions: list[Action] = []
+        if ctx.phase is Phase.READY and ctx.entry.get("peerOnline") is True:
+            # What the file says is from an earlier connection. A relay answers REATTACH with
+            # PEER_ONLINE when the peer is there and says nothing when it is not, so until it
+            # answers the peer is not known to be online: `parley sessions` must not show the
+            # stale value as this running chat's (parley.client.listing).
+            ctx.entry["peerOnline"] = False
+            actions.append(ctx.save())
+        actions.append(ctx.send(Reattach(ctx.sid, side=ctx.side, create="never" if keyed else None)))
         if self.handshake is not None:
             actions.extend(self.handshake.reattached())
         if ctx.phase is Phase.READY:
@@ -309,18 +335,37 @@ class ClientCore:
     def disconnected(self) -> list[Action]:
         """The connection is gone; frames sent on it may or may not have arrived."""
         self.context.is_connected = False
+        self._online_since = None
         self.delivery.connection_lost()
         return self.handshake.disconnected() if self.handshake is not None else []
 
     def tick(self, now: float | None = None) -> list[Action]:
-        """Timer: report messages whose ack is overdue (once each)."""
-        return self.delivery.tick(now)
+        """Timer: report messages whose ack is overdue (once each), and a peer online for
+        `PRESENCE_SETTLE` seconds whose arrival was not shown yet."""
+        now = self._clock() if now is None else now
+        actions = self.delivery.tick(now)
+        since = self._online_since
+        if since is not None and now - since >= PRESENCE_SETTLE and self.context.peer_online is True:
+            self._online_since = None
+            self._shown_online = True
+            actions.append(Show(PeerPresence(self.context.sid or "", True)))
+        return actions
 
     # --- user commands ------------------------------------------------------
 
     def accept_join(self) -> list[Action]:
         """The user accepted the pending join request: derive the key, answer."""
-        return self.handshake.accept_join() if self.handshake is not None else []
+        return self._keyed_now(self.context.phase, self.handshake.accept_join() if self.handshake is not None else [])
+
+    def _keyed_now(self, before: Phase, actions: list[Action]) -> list[Action]:
+        """The handshake just made the key: the peer answered, so it is online now. The entry's
+        first save says so (`parley sessions` reads it while this process runs)."""
+        ctx = self.context
+        if before is Phase.READY or ctx.phase is not Phase.READY:
+            return actions
+        ctx.entry["peerOnline"] = True
+        self._stamp(PEER_SEEN_FIELD)
+        return [ctx.save() if isinstance(action, SaveState) else action for action in actions]
 
     def deny_join(self) -> list[Action]:
         """The user refused the pending join request."""
@@ -333,7 +378,22 @@ class ClientCore:
         status (`sent` or `pending`), then the MSG when connected. Raises
         `NotReady` before the key exists, `MessageTooLong` over `MAX_TEXT_BYTES`.
         """
+        self._stamp(ACTIVITY_FIELD)
         return self.delivery.send_text(text)
+
+    def set_label(self, label: str | None) -> list[Action]:
+        """Name the session (`parley.client.labels`; None removes the name); saved at once when keyed.
+
+        No name is written as null, not left out: a merged save keeps a field one side lacks.
+        """
+        self.context.entry[LABEL_FIELD] = label
+        return [self.context.save()] if self.context.sid is not None and self.context.key else []
+
+    def _stamp(self, *fields: str) -> None:
+        """Record wall-clock seconds in the entry (`parley sessions` shows them); saved with the next save."""
+        now = int(self._wall_clock())
+        for field in fields:
+            self.context.entry[field] = now
 
     def adopt_pending(self, items: list[dict[str, Any]]) -> list[Action]:
         """Take over pending messages another parley process saved for this session.
@@ -383,22 +443,54 @@ class ClientCore:
         if not ctx.ours_sid(frame):
             return []
         online = isinstance(frame, PeerOnline)
+        if ctx.phase is Phase.READY:
+            # online: seen now; offline: it was there until now
+            self._stamp(PEER_SEEN_FIELD)
         actions: list[Action] = []
         changed = ctx.peer_online is not online
         ctx.peer_online = online
         if self.delivery.note_relay_knows() or ctx.phase is Phase.READY and ctx.entry.get("peerOnline") is not online:
             ctx.entry["peerOnline"] = online
             actions.append(ctx.save())
+        # the relay's answer to our (RE)ATTACH: the first presence, within a round trip of connecting
+        first = not self._presence_heard and self._clock() - self._connected_at <= ATTACH_ANSWER_WINDOW
+        self._presence_heard = True
         if changed:
-            actions.append(Show(PeerPresence(frame.sid, online)))
+            actions.extend(self._presence_shown(frame.sid, online, first))
         if online and ctx.phase is Phase.READY and ctx.is_connected:
             actions.extend(self.delivery.retry_failed())
         return actions
 
+    def _presence_shown(self, sid: str, online: bool, first: bool) -> list[Action]:
+        """What the screen is told of a presence change in a keyed session: once, never a flicker.
+
+        A peer that comes online while we are connected is shown once it has
+        stayed `PRESENCE_SETTLE` seconds (`tick`): a one-shot `parley send`
+        of the other side connects, delivers and leaves in well under that,
+        and then neither "online" nor "offline" is shown, only its message.
+        The answer to our own (RE)ATTACH is shown at once, and so is a
+        departure of a peer shown online. Presence itself (`peer_online`,
+        the entry, retries of failed messages) changes at once regardless.
+        """
+        if online:
+            if first or self._shown_online is True:
+                self._online_since = None
+                if self._shown_online is True:
+                    return []
+                self._shown_online = True
+                return [Show(PeerPresence(sid, True))]
+            self._online_since = self._clock()
+            return []
+        settling, self._online_since = self._online_since is not None, None
+        if self._shown_online is False or (settling and self._shown_online is None):
+            return []  # went before its arrival was shown: nothing changed on the screen
+        self._shown_online = False
+        return [Show(PeerPresence(sid, False))]
+
     def _on_handshake(self, frame: Any) -> list[Action]:
         if self.handshake is None:
             return []  # a resumed session has had its handshake
-        return self._HANDSHAKE[type(frame)](self.handshake, frame)
+        return self._keyed_now(self.context.phase, self._HANDSHAKE[type(frame)](self.handshake, frame))
 
     _HANDSHAKE: dict[type, Callable[[Handshake, Any], list[Action]]] = {
         SessionCreated: Handshake.on_session_created,
@@ -410,6 +502,8 @@ class ClientCore:
     }
 
     def _on_delivery(self, frame: Any) -> list[Action]:
+        if isinstance(frame, Msg) and self.context.ours_sid(frame) and self.context.phase is Phase.READY:
+            self._stamp(ACTIVITY_FIELD, PEER_SEEN_FIELD)  # in the entry before the save that records it
         return self._DELIVERY[type(frame)](self.delivery, frame)
 
     _DELIVERY: dict[type, Callable[[Delivery, Any], list[Action]]] = {

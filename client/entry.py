@@ -18,13 +18,26 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
                    `send` use it; another one needs `--move-relay`, which
                    records the new one). Entries without it use `--relay`.
 
-Unknown fields in an entry are kept as they are.
+    label          parley: the person's name for the session (`invite/join
+                   --label`, `/label`, `parley label`); `chat NAME` and `send
+                   NAME` accept it. Unique in one state file, case-insensitively.
+    lastActivity   parley: wall-clock time (Unix seconds) of the last message
+                   sent or received.
+    peerSeen       parley: wall-clock time (Unix seconds) the peer was last known
+                   to be online: its last presence change or message. Together
+                   with `peerOnline` this is what `parley sessions` shows when
+                   no running process owns the session ("last seen").
+
+Unknown fields in an entry are kept as they are (the Node client keeps them too).
 
 `SEEN_LIMIT` bounds `seen` and `sent`: the client core keeps the last that
 many (`parley.client.context.BoundedSet`), and a merged save keeps the last
 that many of the union (`parley.client.store.merge_entry`).
 """
 
-__all__ = ["SEEN_LIMIT"]
+__all__ = ["SEEN_LIMIT", "LABEL_FIELD", "ACTIVITY_FIELD", "PEER_SEEN_FIELD"]
 
 SEEN_LIMIT = 10_000
+LABEL_FIELD = "label"
+ACTIVITY_FIELD = "lastActivity"
+PEER_SEEN_FIELD = "peerSeen"

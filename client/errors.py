@@ -33,7 +33,8 @@ __all__ = [
     "NotReady", "SessionNotKeyed", "MessageTooLong",
     "RelayUnreachable", "Interrupted", "NobodyJoined", "NoAnswer", "WrongRelay", "SessionBusy",
     "NoSuchSession", "NoKeyedSession", "NoMatchingSession",
-    "AmbiguousSession", "SeveralKeyedSessions", "SeveralMatchingSessions",
+    "AmbiguousSession", "SeveralKeyedSessions", "SeveralMatchingSessions", "LabelOrPrefix",
+    "BadLabel", "LabelTaken",
     "NotDelivered", "SendNoAck", "SendClosedEarly", "SendPeerOffline", "SendUnreachable", "SendRefused",
     "HandoverNoAck",
     "HandshakeError", "InvalidCode", "JoinDeclined", "InviteDeclined", "BadPeerKey", "HandshakeInterrupted",
@@ -135,6 +136,23 @@ class SeveralKeyedSessions(AmbiguousSession):
 
 class SeveralMatchingSessions(AmbiguousSession):
     """{query!r} matches {count} sessions: {sids}"""
+
+
+class LabelOrPrefix(AmbiguousSession):
+    """{query!r} is the label of session {labelled} and the start of session {other}'s SID; name it by more of its SID, or relabel one ('parley label SESSION NAME')"""
+
+
+# --- labels ------------------------------------------------------------------------
+
+
+class BadLabel(ClientError):
+    """invalid label {label!r}: use 1-32 letters, digits, '.', '_', '-', '@' or '+', starting with a letter or digit"""
+
+    exit_code = 2
+
+
+class LabelTaken(ClientError):
+    """the label {label!r} is already session {sid}'s; choose another (see 'parley sessions')"""
 
 
 # --- `parley send` without the relay's acknowledgement -------------------------

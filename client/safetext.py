@@ -8,7 +8,20 @@ printed, on stdout and on stderr alike.
 
 * `safe_text(text)`: printable characters as they are, tab kept, every other
   character (C0/C1 controls, DEL, format characters such as U+202E,
-  separators other than space, lone surrogates) shown as `\\xNN` / `\\uNNNN`.
+  separators other than space, lone surrogates) shown as `\\xNN` / `\\uNNNN`,
+  except the format characters that build emoji, where they build one:
+  ZWJ U+200D and ZWNJ U+200C between two visible characters (family and
+  profession sequences, and Persian and Indic words, which need them), and
+  the tag characters U+E0020-E007E of an emoji tag sequence (U+1F3F4, tags,
+  CANCEL TAG U+E007F: the flags of England, Scotland, Wales). Variation
+  selectors (U+FE00-FE0F, U+E0100-E01EF) and the keycap U+20E3 are printable
+  (combining marks) and shown anyway. Still escaped wherever they stand:
+  every bidi control (embeddings and overrides U+202A-202E, isolates
+  U+2066-2069, the marks LRM/RLM/ALM U+200E, U+200F, U+061C: they reorder
+  or disguise what is shown, CVE-2021-42574 "Trojan Source"), tag
+  characters outside a flag (a run of them is invisible ASCII, a hidden
+  message), a ZWJ/ZWNJ at either end of a word, zero-width space and word
+  joiner, and every control.
 * `one_line(text, limit)`: `safe_text` of the text with runs of white space
   made one space, cut to `limit` characters (with `...`).
 * Shapes (PROTOCOL 1.2, 2.3, 2.4): `shown_msg_id`, `shown_sid`,
@@ -45,13 +58,31 @@ def _escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+_JOINERS = frozenset("\u200c\u200d")  # ZWNJ, ZWJ (Unicode TR #51 2.3: emoji ZWJ sequences)
+# An emoji tag sequence (UTS #51 2.3): black flag, tag spec characters, CANCEL TAG.
+_EMOJI_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]{1,32}\U000e007f")
+
+
+def _visible(ch: str) -> bool:
+    return ch.isprintable() and not ch.isspace()
+
+
 def safe_text(text: str) -> str:
-    """Printable characters as they are; tabs kept; other controls escaped."""
+    """Printable characters as they are; tabs kept; emoji's joiners and flag tags kept where
+    they build one; other controls escaped (the module docstring lists them)."""
     if text.isprintable():  # the common case: nothing to escape
         return text
+    tags: set[int] = set()
+    if "\U0001f3f4" in text:
+        for match in _EMOJI_TAG_SEQUENCE.finditer(text):
+            tags.update(range(match.start() + 1, match.end()))
     out = []
-    for ch in text:
-        if ch == "\t" or ch.isprintable():
+    last = len(text) - 1
+    for i, ch in enumerate(text):
+        if ch == "\t" or ch.isprintable() or i in tags:
+            out.append(ch)
+        elif (ch in _JOINERS and 0 < i < last and (_visible(text[i - 1]) or i - 1 in tags)
+              and _visible(text[i + 1])):
             out.append(ch)
         else:
             out.append(_escape(ch))

@@ -29,7 +29,10 @@ import trio
 from .errors import ClientError, Interrupted, handshake_error
 from .editor import INTERRUPT, LineEditor, editor_wanted
 from .events import HandshakeFailed, PeerPresence
+from parley.state import load_state
+
 from .runner import Runner
+from .safetext import safe_text
 from .terminal import StdinLines, Terminal
 
 if TYPE_CHECKING:
@@ -61,7 +64,7 @@ def presence_settle(env: dict[str, str] | None = None) -> float:
 
 
 HELP = (
-    "type a message and press Enter to send it; commands: /status, /verify, /help, "
+    "type a message and press Enter to send it; commands: /status, /verify, /label NAME, /help, "
     "/quit (or Ctrl-D); start a message with // to send a leading /"
 )
 
@@ -236,6 +239,9 @@ class Session:
             if command.startswith("/") and not command.startswith("//"):
                 if command in ("/quit", "/exit", "/q"):
                     break
+                if command.split()[0] == "/label":
+                    await self._label(command[len("/label"):])
+                    continue
                 self._command(command)
                 continue
             text = line[1:] if line.lstrip().startswith("//") else line
@@ -261,6 +267,24 @@ class Session:
         with trio.move_on_after(timeout):
             while core.unanswered_ids() and not self.runner.closing:
                 await trio.sleep(0.02)
+
+    async def _label(self, name: str) -> None:
+        """`/label NAME`: name this session (`parley.client.labels`), saved at once."""
+        from .labels import check_label, check_label_free
+
+        if not name.strip():
+            label = self.core.entry.get("label")
+            self.terminal.info(f"this session is {safe_text(label)!r}" if isinstance(label, str)
+                               else "this session has no label; /label NAME gives it one")
+            return
+        try:
+            label = check_label(name)
+            check_label_free(load_state(self.runner.store.path), label, self.core.sid)
+        except ClientError as exc:
+            self.terminal.info(str(exc))
+            return
+        await self.runner.call(self.core.set_label, label)
+        self.terminal.info(f"this session is now {safe_text(label)!r}")
 
     def _command(self, command: str) -> None:
         core = self.core

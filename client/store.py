@@ -48,7 +48,14 @@ from typing import Any
 from parley.state import StateError, StateNotWritable, check_writable, load_state, save_state
 
 from .entry import SEEN_LIMIT
-from .errors import NoKeyedSession, NoMatchingSession, SeveralKeyedSessions, SeveralMatchingSessions
+from .errors import (
+    LabelOrPrefix,
+    NoKeyedSession,
+    NoMatchingSession,
+    SeveralKeyedSessions,
+    SeveralMatchingSessions,
+)
+from .labels import label_of, sessions_labelled
 from .safetext import short_sid
 
 __all__ = ["StateStore", "SessionInfo", "merge_entry"]
@@ -154,7 +161,7 @@ class StateStore:
         if sid in self._owned:
             return True
         fd = self._owner_file()
-        offset = int.from_bytes(hashlib.sha256(sid.encode("utf-8", "replace")).digest()[:8], "big") % _LOCK_SPACE
+        offset = _lock_offset(sid)
         try:
             if hasattr(fcntl, "F_OFD_SETLK"):
                 # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
@@ -167,6 +174,32 @@ class StateStore:
             raise StateError(f"cannot lock {self._owner_path()}: {exc.strerror}") from None
         self._owned.add(sid)
         return True
+
+    def owned_elsewhere(self, sid: str) -> bool | None:
+        """Whether another process owns `sid` now (a `parley chat` of it is running); None: cannot tell.
+
+        Asks without taking the lock (`F_OFD_GETLK`), and creates nothing:
+        `parley sessions` uses it to tell a live presence (the owner writes
+        every change to the file) from a stale one.
+        """
+        if sid in self._owned:
+            return False
+        if not hasattr(fcntl, "F_OFD_GETLK"):
+            return None
+        try:
+            fd = os.open(self._owner_path(), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False  # nobody ever claimed a session of this file
+        except OSError:
+            return None
+        try:
+            query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _lock_offset(sid), 1, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
 
     def _owner_path(self) -> Path:
         return self.path.with_name(f".{self.path.name}.owners")
@@ -268,10 +301,12 @@ class StateStore:
     # --- lookup -------------------------------------------------------------
 
     def find(self, query: str | None) -> str:
-        """The SID a user means: the only keyed session, or a unique (prefix) match.
+        """The SID a user means: the only keyed session, or a unique match.
 
-        A query matches a SID exactly, as a prefix of the SID, or as a prefix
-        of its random part (what `parley sessions` shows).
+        A query matches a SID exactly, a session's label (case-insensitively,
+        `parley.client.labels`), a prefix of a SID, or a prefix of a SID's
+        random part (what `parley sessions` shows). A label that is also the
+        start of another session's SID is ambiguous (`LabelOrPrefix`).
         """
         sids = [sid for sid, e in self.state.items() if isinstance(e, dict)]
         keyed = [sid for sid in sids if isinstance(self.state[sid].get("key"), str)]
@@ -280,7 +315,7 @@ class StateStore:
                 return keyed[0]
             if not keyed:
                 raise NoKeyedSession(path=self.path)
-            raise SeveralKeyedSessions(count=len(keyed), path=self.path, sids=", ".join(short_sid(s) for s in keyed))
+            raise SeveralKeyedSessions(count=len(keyed), path=self.path, sids=", ".join(_named(s, self.state[s]) for s in keyed))
         query = query.strip()
         if query in sids:
             return query
@@ -288,11 +323,30 @@ class StateStore:
             sid for sid in sids
             if query and (sid.startswith(query) or sid.rpartition("_")[2].startswith(query))
         ]
+        labelled = sessions_labelled(self.state, query)
+        if len(labelled) == 1:
+            others = [sid for sid in matches if sid != labelled[0]]
+            if others:
+                raise LabelOrPrefix(query=query, labelled=short_sid(labelled[0]), other=short_sid(others[0]))
+            return labelled[0]
+        matches = list(dict.fromkeys(labelled + matches))
         if len(matches) == 1:
             return matches[0]
         if not matches:
             raise NoMatchingSession(query=query, path=self.path)
-        raise SeveralMatchingSessions(query=query, count=len(matches), sids=", ".join(short_sid(s) for s in matches))
+        raise SeveralMatchingSessions(query=query, count=len(matches),
+                                      sids=", ".join(_named(s, self.state[s]) for s in matches))
+
+
+def _named(sid: str, entry: dict[str, Any]) -> str:
+    """`9f3a61c2`, or `9f3a61c2 (bob)` for a labelled session: how a list in an error names one."""
+    label = label_of(entry)
+    return short_sid(sid) + (f" ({label})" if label else "")
+
+
+def _lock_offset(sid: str) -> int:
+    """The byte of the owners file whose lock is `sid`'s (a hash of it, so no table is kept)."""
+    return int.from_bytes(hashlib.sha256(sid.encode("utf-8", "replace")).digest()[:8], "big") % _LOCK_SPACE
 
 
 def _copy(entry: dict[str, Any]) -> dict[str, Any]:

@@ -243,29 +243,32 @@ async def test_sessions_json_and_table(tmp_path):
     before = path.read_bytes()
     rc, out, err = await parley("sessions", "--json", cwd=tmp_path, env={"PARLEY_NAME": "alice"})
     assert rc == 0, err
+    # issue #16 changed the listing: schema 1 (README "Sessions"), and peerOnline only while live
+    # (no process has these sessions open, so the file's last presence is not shown as current)
     listed = json.loads(out)
-    assert listed == [
-        {"sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "peerOnline": None, "pending": 1},
-        {"sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "peerOnline": True, "pending": 2},
-        {"sid": "1763900000789_feedface", "short": "feedface", "key": False, "role": None, "peerOnline": None,
-         "pending": 0},
-    ]
+    none = {"label": None, "relay": None, "verified": False, "verifiedBy": None, "live": False, "peerOnline": None,
+            "peerLastSeen": None, "lastActivity": None}
+    assert listed == {"schema": 1, "sessions": [
+        {**none, "sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "pending": 1},
+        {**none, "sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "pending": 2},
+        {**none, "sid": "1763900000789_feedface", "short": "feedface", "key": False, "role": None, "pending": 0},
+    ]}
     rc, out, _ = await parley("--name", "alice", "sessions", cwd=tmp_path)
     assert rc == 0
     rows = out.strip().splitlines()
-    assert rows[0].split() == ["SESSION", "KEY", "ROLE", "PEER", "PENDING"]
-    assert rows[1].split() == ["9f3a61c2", "yes", "-", "unknown", "1"]
-    assert rows[2].split() == ["0123abcd", "yes", "joiner", "online", "2"]
-    assert rows[3].split() == ["feedface", "no", "-", "unknown", "0"]
+    assert rows[0].split() == ["SESSION", "LABEL", "RELAY", "VERIFIED", "PEER", "PENDING", "ACTIVITY"]
+    assert rows[1].split() == ["9f3a61c2", "-", "-", "no", "unknown", "1", "-"]
+    assert rows[2].split() == ["0123abcd", "-", "-", "no", "unknown", "2", "-"]
+    assert rows[3].split() == ["feedface", "-", "-", "no", "key", "unknown", "0", "-"]
     assert path.read_bytes() == before  # listing never writes
 
     elsewhere = tmp_path / "sub"
     elsewhere.mkdir()
     rc, out, _ = await parley("sessions", "--json", cwd=elsewhere,
                               env={"PARLEY_NAME": "alice", "PARLEY_STATE_DIR": str(tmp_path)})
-    assert rc == 0 and len(json.loads(out)) == 3
+    assert rc == 0 and len(json.loads(out)["sessions"]) == 3
     rc, out, _ = await parley("sessions", "--json", cwd=elsewhere)
-    assert rc == 0 and json.loads(out) == []
+    assert rc == 0 and json.loads(out) == {"schema": 1, "sessions": []}
 
 
 # --- the CLI itself ------------------------------------------------------------------------

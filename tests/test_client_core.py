@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parley.client import crypto
-from parley.client.core import ClientCore, Phase
+from parley.client.core import PRESENCE_SETTLE, ClientCore, Phase
 from parley.client.delivery import MAX_TEXT_BYTES, iv_of
 from parley.client.errors import MessageTooLong, NotReady
 from parley.client.events import (
@@ -478,7 +478,10 @@ def test_ping_pong_presence_and_relay_errors():
     out = a.frame_received(wire("PEER_OFFLINE", SID))
     assert shows(out) == [PeerPresence(SID, False)] and out[0].entry["peerOnline"] is False
     assert a.frame_received(wire("PEER_OFFLINE", SID)) == []  # no change, nothing to say
-    assert shows(a.frame_received(wire("PEER_ONLINE", SID))) == [PeerPresence(SID, True)]
+    # issue #16: a peer that comes online mid-connection is shown once it has stayed PRESENCE_SETTLE s
+    # (a one-shot send of the other side no longer flickers "online"/"offline"); was shown at once
+    assert shows(a.frame_received(wire("PEER_ONLINE", SID))) == []
+    assert shows(a.tick(a._clock() + PRESENCE_SETTLE)) == [PeerPresence(SID, True)]
     assert shows(a.frame_received(wire("ERROR", data={"message": "no such\x1bsession", "code": "no_session"}))) == [
         RelayError("no such session", "no_session")
     ]

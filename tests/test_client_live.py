@@ -476,6 +476,10 @@ async def test_chat_on_a_terminal_typing_ctrl_d_and_ctrl_c(tmp_path, go_relay_bi
                     await tty.keys(b"typed at the keyboard\r")
                     await alice.expect("^peer: typed at the keyboard$")
                     await tty.until(r"^\* message \w+: delivered$")
+                    # issue #16: a peer's arrival is shown once it has stayed PRESENCE_SETTLE s, and a
+                    # departure only after a shown arrival (no flicker for brief visits); so bob stays
+                    # until alice shows him online, as a person would, and his leaving is then shown
+                    await alice.expect(r"^\* peer online$")
                     await tty.keys(leave_with)
                     assert await tty.exit_code() == 0
                     assert "Traceback" not in tty.text

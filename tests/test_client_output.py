@@ -221,7 +221,7 @@ async def test_sessions_with_relay_made_sids_are_terminal_safe(tmp_path):
     assert rc == 0 and len(out.splitlines()) == 4
     assert_clean(out + err)
     rc, out, err = await run_parley(["--name", "bob", "sessions", "--json"], tmp_path)
-    assert rc == 0 and [s["sid"] for s in json.loads(out)][0] == "1_\x1b[2J\x1b[5mabc"
+    assert rc == 0 and [s["sid"] for s in json.loads(out)["sessions"]][0] == "1_\x1b[2J\x1b[5mabc"  # schema 1 (#16)
     assert_clean(out + err)
     rc, out, err = await run_parley(["--name", "bob", "chat"], tmp_path)  # ambiguous: lists them
     assert rc == 1 and "3 sessions" in err

@@ -486,3 +486,25 @@ async def test_quit_command(relay, tmp_path):
         with trio.fail_after(5):
             await conn.closed.wait()
         assert conn.ws.closed is not None and conn.ws.closed.code == 1000
+
+
+@bounded
+async def test_resumes_a_parley_entry_with_label_and_times(relay, tmp_path, conformance_report):
+    """Issue #16: parley's `label`, `lastActivity`, `peerSeen` (and pairing's `verified`) in an entry:
+    the Node client still resumes the session, sends on it, and keeps the fields through a rewrite."""
+    key = os.urandom(32)
+    original = {SID: {"outbox": [], "key": key.hex(), "side": "5" * 32, "role": "creator", "label": "bob",
+                      "lastActivity": 1796000000, "peerSeen": 1796000000, "peerOnline": False, "verified": True,
+                      "relay": "ws://127.0.0.1:9000/", "pending": [], "seen": [], "sent": []}}
+    path = tmp_path / "state-gina.json"
+    path.write_text(json.dumps(original, indent=2), encoding="utf-8")
+    async with open_node_client(relay.url, "gina", tmp_path, "send", "labelled", reconnect_ms=200) as gina:
+        conn = await relay.accept()
+        assert await conn.recv() == {"t": "REATTACH", "sid": SID}
+        frame = await conn.expect("MSG")
+        assert frame["sid"] == SID and decrypt(key, frame["data"]["payload"]) == "labelled"
+        await gina.next_event("sent", sid=SID)
+        await conn.send({"t": "PEER_OFFLINE", "sid": "fresh"})  # forces a rewrite
+        state = await wait_state(gina, lambda s: "fresh" in s)
+        assert state == {**original, "fresh": {"outbox": []}}
+    conformance_report(STEP, "parley entry with label/lastActivity/peerSeen/verified: resumed, fields kept")
