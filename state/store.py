@@ -231,9 +231,18 @@ def dumps_state(state: dict[str, Any]) -> str:
         text = _indented(state, "\n")
     except _Unusual:
         text = None
-    if text is None or _LONE_SURROGATE.search(text):
+    if text is None or not (text.isascii() or _encodes(text)):
         return json.dumps(_scrub(state), indent=2, ensure_ascii=False)
     return text
+
+
+def _encodes(text: str) -> bool:
+    """Whether `text` has no lone surrogate (the only str UTF-8 cannot encode); faster than a regex."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Unusual(Exception):
