@@ -18,7 +18,7 @@ import trio
 
 from .errors import ClientError, Interrupted, handshake_error
 from .events import HandshakeFailed
-from .runner import Runner
+from .runner import COMMIT_BATCH, Runner
 from .terminal import StdinLines, Terminal
 
 if TYPE_CHECKING:
@@ -49,17 +49,25 @@ class Session:
         *,
         reconnect: bool = True,
         settings: ConnectSettings | None = None,
+        commit_batch: int = COMMIT_BATCH,
     ) -> None:
         self.core = core
         self.terminal = terminal
         self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
         self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings,
-                             check_output=terminal.check_open)
+                             check_output=terminal.check_open, show_many=self._on_events,
+                             commit_batch=commit_batch)
         self.stdin = StdinLines()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False
         self.chatting = False
         self._nursery: trio.Nursery | None = None
+
+    def _on_events(self, events: list[Any]) -> None:
+        """Several events at once (a batch of received messages): one write to the terminal."""
+        with self.terminal.held():
+            for event in events:
+                self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, HandshakeFailed):

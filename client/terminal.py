@@ -28,9 +28,11 @@ typing therefore never blocks receiving.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import select
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import trio
@@ -95,15 +97,41 @@ class Terminal:
         self.relay_url = relay_url
         self.join_hint = join_hint
         self._was_connected = False
+        self._held: list[str] | None = None  # lines waiting for the end of `held()`
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Lines written inside go out together at the end, in one write and flush.
+
+        The runner shows a batch of received messages this way at the commit
+        point of the save that records them (`Runner._apply_grouped`), so a
+        kill finds either none of them on screen or all of them.
+        """
+        if self._held is not None:
+            yield  # already held: the outer block writes
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            text, self._held = "".join(self._held), None
+            if text:
+                self._write(text)
 
     def line(self, text: str) -> None:
         """Write one line; `OutputClosed` if nobody reads stdout any more."""
+        if self._held is not None:
+            self._held.append(text + "\n")
+            return
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
         try:
-            self.out.write(text + "\n")
+            self.out.write(text)
             self.out.flush()
         except UnicodeError:  # a stream without errors="replace": show what it can
             encoding = getattr(self.out, "encoding", None) or "ascii"
-            self.line((text).encode(encoding, "replace").decode(encoding, "replace"))
+            self._write(text.encode(encoding, "replace").decode(encoding, "replace"))
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise OutputClosed() from exc
         except ValueError as exc:  # "I/O operation on closed file"
