@@ -53,7 +53,11 @@ with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
+import sys
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -67,8 +71,8 @@ from trio_websocket import (
     HandshakeError,
 )
 
-from .connect import ConnectSettings, causes, open_relay, recv_or_dead, ssl_context_for
-from .context import Phase
+from .connect import ConnectSettings, causes, open_relay, recv_or_dead, sends_together, ssl_context_for
+from .context import DEFERRED, Phase
 from .core import short_sid
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
 from .events import (
@@ -261,15 +265,36 @@ class Runner:
 
     def _save(self, action: SaveState, shown: list[Any]) -> None:
         """Write one entry; `shown` (if any) are shown at the save's commit point (`_apply_local`)."""
-        if shown:
-            if self.check_output is not None:
-                # before the save: a message nobody can see is not recorded as seen,
-                # so the relay delivers it again next time
-                self.check_output()
-            adopted = self.store.save_entry(action.sid, action.entry,
-                                            at_commit=lambda: self._show_all(shown))
-        else:
-            adopted = self.store.save_entry(action.sid, action.entry)
+        action = self._before_save(action, shown)
+        at_commit = (lambda: self._show_all(shown)) if shown else None
+        self._after_save(action, self.store.save_entry(action.sid, action.entry, at_commit=at_commit))
+
+    async def _save_in_thread(self, action: SaveState, shown: list[Any]) -> None:
+        """`_save`, with the file work (write, fsync, rename) in a worker thread.
+
+        So that while a batch is committed the reader keeps taking the
+        relay's messages off the socket, and the next batch holds all that
+        came meanwhile (group commit). The events are still shown at the
+        commit point, in the Trio thread (`trio.from_thread`), which the
+        worker waits for before its rename. Not cancellable: a save, once
+        begun, ends (the caller holds the runner's lock; nothing else saves).
+        """
+        action = self._before_save(action, shown)
+        at_commit = (lambda: trio.from_thread.run_sync(self._show_all, shown)) if shown else None
+        adopted = await trio.to_thread.run_sync(
+            functools.partial(self.store.save_entry, action.sid, action.entry, at_commit=at_commit))
+        self._after_save(action, adopted)
+
+    def _before_save(self, action: SaveState, shown: list[Any]) -> SaveState:
+        """A deferred save (see `receive`) stands for the entry as it is now: no frame after it
+        has been handed to the core yet."""
+        if shown and self.check_output is not None:
+            # before the save: a message nobody can see is not recorded as seen,
+            # so the relay delivers it again next time
+            self.check_output()
+        return self.core.snapshot() if action.entry is DEFERRED else action
+
+    def _after_save(self, action: SaveState, adopted: list[dict[str, Any]]) -> None:
         self._adopted.extend(adopted)
         if not self.store.owns(action.sid) and isinstance(action.entry.get("key"), str):
             # a session this process just made (invite/join): it is its owner
@@ -354,7 +379,11 @@ class Runner:
                                 break
                         ended = batch.pop() if isinstance(batch[-1], _Ended) else None
                         if batch:
+                            if os.environ.get("BATCHLOG"):
+                                _t = __import__("time").monotonic()
                             await self.receive(batch)
+                            if os.environ.get("BATCHLOG"):
+                                print("BATCH", len(batch), round((__import__("time").monotonic() - _t) * 1000, 2), file=sys.stderr)
                         if ended is not None:
                             failure = ended.error
                             break
@@ -379,7 +408,11 @@ class Runner:
                 if self.closing:
                     break  # (what `close()` does to the read loop, which no longer gets here at once)
                 keyed = self.core.phase is Phase.READY
-                actions = self.core.frame_received(message)
+                if keyed:
+                    with self.core.saves_deferred():  # `_save` takes the one snapshot
+                        actions = self.core.frame_received(message)
+                else:
+                    actions = self.core.frame_received(message)
                 if keyed and not any(isinstance(a, (Close, ForgetState)) for a in actions):
                     group.extend(actions)
                     continue
@@ -408,8 +441,14 @@ class Runner:
         rest = [a for a in actions if not isinstance(a, SaveState)]
         last = max((i for i, a in enumerate(rest) if _incoming(a)), default=-1)
         head, tail = rest[: last + 1], rest[last + 1:]
-        self._save(saves[-1], [a.event for a in head if isinstance(a, Show)])
-        await self._apply([a for a in head if not isinstance(a, Show)] + tail, epoch)
+        await self._save_in_thread(saves[-1], [a.event for a in head if isinstance(a, Show)])
+        later = [a for a in head if not isinstance(a, Show)] + tail
+        ws = self._ws
+        if ws is None or epoch != self._epoch:
+            await self._apply(later, epoch)
+            return
+        async with (sends_together(ws) if not os.environ.get("NOCORK") else contextlib.AsyncExitStack()):  # the batch's RECEIVEDs in one write
+            await self._apply(later, epoch)
 
     # --- connection loop ----------------------------------------------------
 
