@@ -53,11 +53,8 @@ with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
-import sys
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -379,11 +376,7 @@ class Runner:
                                 break
                         ended = batch.pop() if isinstance(batch[-1], _Ended) else None
                         if batch:
-                            if os.environ.get("BATCHLOG"):
-                                _t = __import__("time").monotonic()
                             await self.receive(batch)
-                            if os.environ.get("BATCHLOG"):
-                                print("BATCH", len(batch), round((__import__("time").monotonic() - _t) * 1000, 2), file=sys.stderr)
                         if ended is not None:
                             failure = ended.error
                             break
@@ -447,7 +440,7 @@ class Runner:
         if ws is None or epoch != self._epoch:
             await self._apply(later, epoch)
             return
-        async with (sends_together(ws) if not os.environ.get("NOCORK") else contextlib.AsyncExitStack()):  # the batch's RECEIVEDs in one write
+        async with sends_together(ws):  # the batch's RECEIVEDs in one write
             await self._apply(later, epoch)
 
     # --- connection loop ----------------------------------------------------
