@@ -176,7 +176,7 @@ class Sender:
 
 
 async def one_run(label: str, pythonpath: str | None, url: str, tmp: Path, count: int, window: int,
-                  relay_pid: int) -> dict[str, Any]:
+                  relay_pid: int, timeout: float) -> dict[str, Any]:
     relay_cpu = _cpu_of(relay_pid) or 0.0
     state_dir = tmp / f"{label}-{secrets.token_hex(3)}"
     sid, key = write_session(state_dir, url)
@@ -196,7 +196,7 @@ async def one_run(label: str, pythonpath: str | None, url: str, tmp: Path, count
             task_status=task_status))
         buffer = b""
         connected = False
-        with trio.fail_after(max(120.0, count / 20)):
+        with trio.fail_after(timeout):
             while len(shown) < count or len(sender.received) < count:
                 chunk = await proc.stdout.receive_some(1 << 16)
                 if not chunk:
@@ -276,8 +276,9 @@ async def main_async(args: argparse.Namespace) -> None:
             for rep in range(args.reps):
                 if before_path:
                     results.append(await one_run("before", before_path, url, tmp, args.messages, args.window,
-                                                 relay.pid))
-                results.append(await one_run("after", after_path, url, tmp, args.messages, args.window, relay.pid))
+                                                 relay.pid, args.timeout))
+                results.append(await one_run("after", after_path, url, tmp, args.messages, args.window, relay.pid,
+                                             args.timeout))
             print(f"{args.messages} messages, sender window {args.window}, relay {url} (store :memory:); "
                   f"before = {args.before}, after = {args.after or 'the working tree'}")
             show(results)
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--window", type=int, default=200, help="unanswered MSGs the sender allows")
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
     trio.run(main_async, parser.parse_args())
 
 

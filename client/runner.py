@@ -158,11 +158,12 @@ class Runner:
         backoff: Callable[[], Any] = backoff_delays,
         settings: ConnectSettings | None = None,
         check_output: Callable[[], None] | None = None,
-        show_many: Callable[[list[Any]], None] | None = None,
+        show_many: Callable[[list[Any]], Callable[[], None]] | None = None,
         commit_batch: int = COMMIT_BATCH,
     ) -> None:
         self.core = core
-        # shows several events at once, in one write if it can (else `on_event` for each)
+        # formats several events at once and returns what writes them, in one write (see
+        # `_save_in_thread`); without it, `on_event` for each
         self.show_many = show_many
         if commit_batch < 1:
             raise ValueError("commit_batch must be at least 1")
@@ -272,12 +273,20 @@ class Runner:
         So that while a batch is committed the reader keeps taking the
         relay's messages off the socket, and the next batch holds all that
         came meanwhile (group commit). The events are still shown at the
-        commit point, in the Trio thread (`trio.from_thread`), which the
-        worker waits for before its rename. Not cancellable: a save, once
-        begun, ends (the caller holds the runner's lock; nothing else saves).
+        commit point: formatted here (`show_many`, in the Trio thread), and
+        written by the worker in one write right before its rename, so the
+        instant in which a kill shows them without recording them is no
+        longer than in a save without threads. (Without `show_many` they are
+        shown in the Trio thread, `trio.from_thread`, while the worker waits.)
+        Not cancellable: a save, once begun, ends (the caller holds the
+        runner's lock; nothing else saves).
         """
         action = self._before_save(action, shown)
-        at_commit = (lambda: trio.from_thread.run_sync(self._show_all, shown)) if shown else None
+        at_commit: Callable[[], None] | None = None
+        if shown and self.show_many is not None:
+            at_commit = self.show_many(shown)  # formatted here; written by the worker, right before its rename
+        elif shown:
+            at_commit = lambda: trio.from_thread.run_sync(self._show_all, shown)  # noqa: E731
         adopted = await trio.to_thread.run_sync(
             functools.partial(self.store.save_entry, action.sid, action.entry, at_commit=at_commit))
         self._after_save(action, adopted)
@@ -299,7 +308,7 @@ class Runner:
 
     def _show_all(self, events: list[Any]) -> None:
         if self.show_many is not None:
-            self.show_many(events)
+            self.show_many(events)()
             return
         for event in events:
             self.on_event(event)

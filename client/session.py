@@ -63,11 +63,13 @@ class Session:
         self.chatting = False
         self._nursery: trio.Nursery | None = None
 
-    def _on_events(self, events: list[Any]) -> None:
-        """Several events at once (a batch of received messages): one write to the terminal."""
-        with self.terminal.held():
+    def _on_events(self, events: list[Any]) -> Callable[[], None]:
+        """Several events at once (a batch of received messages), formatted now; returns what
+        writes them to the terminal, in one write (the runner calls it at the commit point)."""
+        with self.terminal.held() as held:
             for event in events:
                 self._on_event(event)
+        return held.write
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, HandshakeFailed):

@@ -32,6 +32,7 @@ import contextlib
 import os
 import select
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -55,7 +56,7 @@ from .events import (
 )
 from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 
-__all__ = ["Terminal", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
+__all__ = ["Terminal", "HeldLines", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
 
 
 def use_replacing_output() -> None:
@@ -89,6 +90,20 @@ _STATUS_WORDS = {
 }
 
 
+class HeldLines:
+    """Lines kept by `Terminal.held()`; `write()` writes them in one write (from any thread)."""
+
+    def __init__(self, terminal: Terminal, lines: list[str]) -> None:
+        self.terminal = terminal
+        self.lines = lines
+
+    def write(self) -> None:
+        text = "".join(self.lines)
+        self.lines.clear()
+        if text:
+            self.terminal._write(text)
+
+
 class Terminal:
     """Prints events as lines. `quiet_status` hides per-message sent/delivered lines."""
 
@@ -97,26 +112,28 @@ class Terminal:
         self.relay_url = relay_url
         self.join_hint = join_hint
         self._was_connected = False
-        self._held: list[str] | None = None  # lines waiting for the end of `held()`
+        self._held: list[str] | None = None  # lines kept by `held()`
+        self._write_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Lines written inside go out together at the end, in one write and flush.
+    def held(self) -> Iterator[HeldLines]:
+        """Lines written inside are kept, not written: `HeldLines.write()` writes them, at once.
 
-        The runner shows a batch of received messages this way at the commit
-        point of the save that records them (`Runner._apply_grouped`), so a
-        kill finds either none of them on screen or all of them.
+        The runner shows a batch of received messages this way: formatted in
+        the Trio thread, written in one write at the commit point of the save
+        that records them, by the thread doing the save, right before its
+        rename (`Runner._save_in_thread`), so a kill finds none of them or all
+        of them on screen, and, if all, almost surely recorded.
         """
         if self._held is not None:
-            yield  # already held: the outer block writes
+            yield HeldLines(self, [])  # already held: the outer block has the lines
             return
-        self._held = []
+        held = HeldLines(self, [])
+        self._held = held.lines
         try:
-            yield
+            yield held
         finally:
-            text, self._held = "".join(self._held), None
-            if text:
-                self._write(text)
+            self._held = None
 
     def line(self, text: str) -> None:
         """Write one line; `OutputClosed` if nobody reads stdout any more."""
@@ -127,8 +144,9 @@ class Terminal:
 
     def _write(self, text: str) -> None:
         try:
-            self.out.write(text)
-            self.out.flush()
+            with self._write_lock:  # a held batch is written from the thread that saves it
+                self.out.write(text)
+                self.out.flush()
         except UnicodeError:  # a stream without errors="replace": show what it can
             encoding = getattr(self.out, "encoding", None) or "ascii"
             self._write(text.encode(encoding, "replace").decode(encoding, "replace"))

@@ -72,9 +72,12 @@ def test_a_burst_is_recorded_in_one_commit_shown_at_it_then_acknowledged(tmp_pat
     shown_batches: list[tuple[list[str], list[str]]] = []
 
     def show_many(events):
-        # the commit point: after the temp file's fsync, before the rename
-        shown_batches.append(([e.text for e in events if isinstance(e, MessageIn)],
-                              load_state(path)[SID].get("seen", [])))
+        texts = [e.text for e in events if isinstance(e, MessageIn)]
+
+        def write():  # called at the commit point: after the temp file's fsync, before the rename
+            shown_batches.append((texts, load_state(path)[SID].get("seen", [])))
+
+        return write
 
     runner = Runner(core, "ws://127.0.0.1:1/", store, lambda e: None, show_many=show_many)
     ws = FakeWebSocket(path)
