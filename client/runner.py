@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,7 @@ from trio_websocket import (
     HandshakeError,
 )
 
-from .connect import ConnectSettings, causes, open_relay, recv_or_dead, sends_together, ssl_context_for
+from .connect import ConnectSettings, causes, open_relay, sends_together, ssl_context_for
 from .context import DEFERRED, Phase
 from .core import short_sid
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
@@ -351,14 +352,20 @@ class Runner:
         How the connection ended (`LinkDead`, `ConnectionClosed`) goes down the
         channel too, so `_one_connection` raises it as before, not in a group.
         """
+        silence = self.settings.liveness_timeout if self.settings.liveness_timeout > 0 else math.inf
         async with send:
-            while True:
-                try:
-                    message = await recv_or_dead(ws, self.settings.liveness_timeout)
-                except (LinkDead, ConnectionClosed) as exc:
-                    await send.send(_Ended(exc))
-                    return
-                await send.send(message)
+            # one cancel scope whose deadline moves (a new one per message cost more than parsing it)
+            with trio.CancelScope() as quiet:
+                while True:
+                    quiet.deadline = trio.current_time() + silence
+                    try:
+                        message = await ws.get_message()
+                    except ConnectionClosed as exc:
+                        await send.send(_Ended(exc))
+                        return
+                    quiet.deadline = math.inf  # waiting for room in the channel is not the relay's silence
+                    await send.send(message)
+            await send.send(_Ended(LinkDead(timeout=self.settings.liveness_timeout)))
 
     async def _pump(self, ws: Any) -> None:
         """Read the connection until it ends, feeding the core batch by batch; raises how it ended.
