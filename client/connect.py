@@ -26,7 +26,11 @@ got no answer in time.
 While connected, a relay that sends nothing (not even its PING, every 10 s by
 default, PROTOCOL 2.3) for `settings.liveness_timeout` seconds is taken for a
 dead path (a NAT or proxy that silently stopped forwarding: no FIN, no RST);
-`recv_or_dead` raises `LinkDead` and the runner reconnects.
+the runner's reader (`parley.client.runner.Runner._read_frames`) raises
+`LinkDead` and the runner reconnects.
+
+`sends_together(ws)` makes the frames sent inside one block reach the socket
+in one write (a batch's RECEIVEDs).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import ssl
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import attrs
 import trio
@@ -48,7 +51,7 @@ from .safetext import one_line
 
 __all__ = [
     "ConnectSettings", "RelayURL",
-    "parse_relay_url", "open_relay", "recv_or_dead", "ssl_context_for", "causes",
+    "parse_relay_url", "open_relay", "sends_together", "ssl_context_for", "causes",
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_LIVENESS_TIMEOUT",
 ]
 
@@ -357,12 +360,3 @@ async def open_relay(url: str | RelayURL, settings: ConnectSettings,
         if ws is None and raw is not None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(raw)
-
-
-async def recv_or_dead(ws: WebSocketConnection, liveness_timeout: float) -> Any:
-    """The next message; `LinkDead` after `liveness_timeout` s of silence (0 or less: wait forever)."""
-    if liveness_timeout <= 0:
-        return await ws.get_message()
-    with trio.move_on_after(liveness_timeout):
-        return await ws.get_message()
-    raise LinkDead(timeout=liveness_timeout)
