@@ -190,7 +190,8 @@ async def one_run(label: str, pythonpath: str | None, url: str, tmp: Path, count
         proc = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
             [sys.executable, *(["-m", "cProfile", "-o", f"{PROFILE}.{label}"] if PROFILE else []),
              "-m", "parley.client", "--name", "bob", "--state-dir", str(state_dir), "chat"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp / f"{label}.stderr", "w"), env=env, check=False,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp / f"{label}.stderr", "w"), env=env,
+            check=False,
             task_status=task_status))
         buffer = b""
         connected = False

@@ -619,8 +619,8 @@ async def _hand_over(
             return None, msg_id  # the owner had the relay's ack and saved it
         if store.claim(sid):  # the owner has gone: send it ourselves
             store.load()
-            own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
-                                    must_exist=must_exist, adopt_relay=move_relay, seen_limit=opts.dedup_window)
+            own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay, must_exist=must_exist,
+                                    adopt_relay=move_relay, seen_limit=opts.dedup_window)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
     raise HandoverNoAck(timeout=timeout)
 

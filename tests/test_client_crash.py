@@ -410,11 +410,11 @@ async def test_sigkill_during_a_burst_loses_nothing_and_shows_nothing_twice(tmp_
     alice types half of N_BURST lines into her `parley chat` while bob is away (the relay queues
     them, and replays them all at once when bob REATTACHes: large batches), then the other half,
     in clumps typed at once, while bob's `parley chat` runs are SIGKILLed and restarted (a few ms
-    after a line was shown, when the next batch is being committed, or at a random moment). A batch is shown in one write at its commit
-    point, just before the rename; a kill between that write and the rename shows the batch again:
-    so a second showing is allowed only as part of the last lines a SIGKILLed run wrote, and only
-    once. Everything else is the first test's: all shown, first shown in order, bob recorded exactly
-    alice's IVs.
+    after a line was shown, when the next batch is being committed, or at a random moment). A
+    batch is shown in one write at its commit point, just before the rename; a kill between that
+    write and the rename shows the batch again: so a second showing is allowed only as part of the
+    last lines a SIGKILLed run wrote, and only once. Everything else is the first test's: all
+    shown, first shown in order, bob recorded exactly alice's IVs.
     """
     rng = random.Random(SEED + 3)
     texts = [f"burst {i:03d} " + "x" * rng.randint(0, 40) for i in range(1, N_BURST + 1)]
