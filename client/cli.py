@@ -49,7 +49,7 @@ from .connect import (
     parse_relay_url,
     ssl_context_for,
 )
-from .core import ClientCore, short_sid
+from .core import ClientCore
 from .errors import (
     BadRelayURL,
     ClientError,
@@ -70,7 +70,7 @@ from .errors import (
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
 from .entry import MIN_DEDUP_WINDOW, SEEN_LIMIT
 from .runner import COMMIT_BATCH, Runner
-from .safetext import one_line, safe_text
+from .safetext import one_line, safe_text, short_sid
 from .session import Session
 from .store import SessionInfo, StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output
