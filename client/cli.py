@@ -8,6 +8,8 @@ Global options (each with an environment variable):
     --connect-timeout S   PARLEY_CONNECT_TIMEOUT   TCP+TLS+upgrade bound  (default: 5)
     --liveness-timeout S  PARLEY_LIVENESS_TIMEOUT  silence before reconnecting (default: 35; 0: off)
     --cafile PEM          PARLEY_CAFILE            CAs trusted for wss:// (default: the system's)
+    --dedup-window N      PARLEY_DEDUP_WINDOW      messages remembered to drop repeats (default: 10000)
+    --commit-batch N      PARLEY_COMMIT_BATCH      received messages per state save, at most (default: 500)
 
 `parley` alone prints the help on stdout and exits 2 (click's status for a
 missing command); every `--help` shows each option's environment variable.
@@ -75,9 +77,10 @@ from .errors import (
     handshake_error,
 )
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
+from .entry import MIN_DEDUP_WINDOW, SEEN_LIMIT
 from .labels import check_label, check_label_free
 from .listing import SessionRow, print_status, sessions_json, sessions_table
-from .runner import Runner
+from .runner import COMMIT_BATCH, Runner
 from .safetext import one_line, safe_text, short_sid
 from .session import Session
 from .store import StateStore
@@ -253,6 +256,8 @@ class Options:
     verbose: bool
     connect: ConnectSettings = ConnectSettings()
     relay_explicit: bool = False  # --relay or PARLEY_RELAY given, not the default
+    dedup_window: int = SEEN_LIMIT  # --dedup-window
+    commit_batch: int = COMMIT_BATCH  # --commit-batch
 
     def store(self, *, writable: bool = False) -> StateStore:
         """The state file, loaded (and refused if unsafe, see parley.state).
@@ -260,7 +265,7 @@ class Options:
         `writable`: also check that the directory takes a write, before
         anything is sent, a key made or a message acknowledged.
         """
-        store = StateStore(state_path(self.state_dir, self.name))
+        store = StateStore(state_path(self.state_dir, self.name), seen_limit=self.dedup_window)
         store.load()
         if writable:
             store.check_writable()
@@ -313,10 +318,20 @@ _STATE_DIR_HELP = "Directory of the state file."
 @click.option("--cafile", envvar="PARLEY_CAFILE", default=None, callback=_check_cafile, show_envvar=True,
               type=click.Path(dir_okay=False),
               help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's.")
+@click.option("--dedup-window", envvar="PARLEY_DEDUP_WINDOW", type=click.IntRange(min=MIN_DEDUP_WINDOW),
+              default=SEEN_LIMIT, show_default=True, show_envvar=True,
+              help="Received messages (and sent ones) remembered per session to drop a repeated one; one "
+                   "older than that many is shown again if a relay or the peer repeats it. A parley relay "
+                   "repeats at most the 1,000 frames it keeps per session.")
+@click.option("--commit-batch", envvar="PARLEY_COMMIT_BATCH", type=click.IntRange(min=1),
+              default=COMMIT_BATCH, show_default=True, show_envvar=True,
+              help="Received messages recorded in one save of the state file, at most (one fsync for "
+                   "all, then shown and acknowledged).")
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
-         liveness_timeout: float, cafile: str | None, verbose: bool) -> None:
+         liveness_timeout: float, cafile: str | None, dedup_window: int, commit_batch: int,
+         verbose: bool) -> None:
     """End-to-end encrypted chat through a blind relay, started with an invite code.
 
     The global options may also be given after the command
@@ -331,7 +346,7 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_time
     settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
     explicit = ctx.get_parameter_source("relay") is not click.core.ParameterSource.DEFAULT
     ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings,
-                      relay_explicit=explicit)
+                      relay_explicit=explicit, dedup_window=dedup_window, commit_batch=commit_batch)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -439,11 +454,11 @@ def invite(opts: Options, yes: bool, timeout: float, label: str | None) -> None:
 
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
                   label: str | None = None) -> None:
-    core = ClientCore.invite()
+    core = ClientCore.invite(seen_limit=opts.dedup_window)
     if label is not None:
         core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
-    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect, commit_batch=opts.commit_batch)
     timed_out = False
 
     async def flow() -> None:
@@ -526,11 +541,11 @@ def join(opts: Options, code: str, timeout: float, label: str | None) -> None:
 
 
 async def _join(opts: Options, store: StateStore, code: str, timeout: float, label: str | None = None) -> None:
-    core = ClientCore.join(code)
+    core = ClientCore.join(code, seen_limit=opts.dedup_window)
     if label is not None:
         core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect, commit_batch=opts.commit_batch)
     timed_out = False
 
     async def flow() -> None:
@@ -589,13 +604,14 @@ def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
     if not store.claim(sid):
         raise SessionBusy(sid=short_sid(sid))
     store.load()  # as it is now that this process owns the session
-    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay)
+    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay,
+                             seen_limit=opts.dedup_window)
     _run(_chat, attrs.evolve(opts, relay=relay), store, core)
 
 
 async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     terminal = Terminal(relay_url=opts.relay)
-    session = Session(core, opts.relay, store, terminal, settings=opts.connect)
+    session = Session(core, opts.relay, store, terminal, settings=opts.connect, commit_batch=opts.commit_batch)
     role = core.entry.get("role")
     terminal.info(f"resuming session {short_sid(core.sid or '')}" + (f" ({safe_text(role)})" if isinstance(role, str) else ""))
     if core.verification:
@@ -641,7 +657,7 @@ def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: 
     if store.claim(sid):
         store.load()
         core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, must_exist=must_exist,
-                                 adopt_relay=move_relay)
+                                 adopt_relay=move_relay, seen_limit=opts.dedup_window)
         status, msg_id = _run(_send, opts, store, core, text, timeout)
     else:
         status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, must_exist, move_relay)
@@ -663,7 +679,7 @@ async def _hand_over(
 
     If the owner ends first, this process takes the session over and sends it itself.
     """
-    core = ClientCore.resume(sid, store.state[sid], receive=False)
+    core = ClientCore.resume(sid, store.state[sid], receive=False, seen_limit=opts.dedup_window)
     msg_id, actions = core.send_text(text)  # not connected: saved, nothing sent
     for action in actions:
         if isinstance(action, SaveState):
@@ -676,8 +692,8 @@ async def _hand_over(
             return None, msg_id  # the owner had the relay's ack and saved it
         if store.claim(sid):  # the owner has gone: send it ourselves
             store.load()
-            own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
-                                    must_exist=must_exist, adopt_relay=move_relay)
+            own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay, must_exist=must_exist,
+                                    adopt_relay=move_relay, seen_limit=opts.dedup_window)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
     raise HandoverNoAck(timeout=timeout)
 

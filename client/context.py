@@ -31,7 +31,7 @@ from parley.protocol import Frame, encode_text
 
 from .events import Action, Close, FailureKind, HandshakeFailed, SaveState, SendFrame, Show
 
-__all__ = ["Mode", "Phase", "SessionContext", "BoundedSet", "printable_line"]
+__all__ = ["Mode", "Phase", "SessionContext", "BoundedSet", "printable_line", "DEFERRED"]
 
 log = logging.getLogger("parley.client.core")  # one logger for the whole core, as before the split
 
@@ -77,6 +77,10 @@ class BoundedSet:
         return list(self._order)
 
 
+DEFERRED: dict[str, Any] = {}
+"""The entry of a deferred `SaveState` (compared by identity; never written: see `SessionContext.save`)."""
+
+
 class SessionContext:
     """One session's shared record (see the module docstring)."""
 
@@ -101,6 +105,7 @@ class SessionContext:
         self.is_connected = False
         self.peer_online: bool | None = None
         self.verification: str | None = None
+        self.defer_saves = False
         self.seen = BoundedSet(entry.get("seen"), seen_limit)
         self.sent = BoundedSet(entry.get("sent"), seen_limit)
 
@@ -122,6 +127,19 @@ class SessionContext:
         return [p["msgID"] for p in self.pending if isinstance(p, dict) and "msgID" in p]
 
     def save(self) -> SaveState:
+        """A `SaveState` with a private copy of the entry (O(entry): the seen/sent lists are copied).
+
+        While `defer_saves` is set (a shell handling a batch of frames, see
+        `ClientCore.saves_deferred`), a `SaveState` holding `DEFERRED` instead:
+        the shell takes one real snapshot (`snapshot()`) when it carries the
+        batch out, rather than one per received message.
+        """
+        assert self.sid is not None
+        if self.defer_saves:
+            return SaveState(self.sid, DEFERRED)
+        return self.snapshot()
+
+    def snapshot(self) -> SaveState:
         assert self.sid is not None
         self.entry["seen"] = self.seen.as_list()
         self.entry["sent"] = self.sent.as_list()

@@ -45,10 +45,11 @@ forgot the session (relays free idle sessions), recreating it there is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from parley.protocol import (
@@ -406,6 +407,25 @@ class ClientCore:
         return self.delivery.adopt_pending(items)
 
     # --- frames -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def saves_deferred(self) -> Iterator[None]:
+        """Inside, `SaveState` actions carry `DEFERRED` instead of a copy of the entry.
+
+        For a shell that handles a batch of frames with one save: copying the
+        entry (its seen/sent lists) for every received message cost as much
+        as decrypting it. The shell then saves `snapshot()` once, after the
+        batch, and must not write a deferred `SaveState` as it is.
+        """
+        self.context.defer_saves = True
+        try:
+            yield
+        finally:
+            self.context.defer_saves = False
+
+    def snapshot(self) -> SaveState:
+        """A `SaveState` of the entry as it is now (what a deferred save stands for)."""
+        return self.context.snapshot()
 
     def frame_received(self, message: str | bytes) -> list[Action]:
         """One message from the relay."""

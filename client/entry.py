@@ -11,8 +11,8 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
     publicKey      parley: our DH public key (hex), for the verification string.
     peerPublicKey  parley: the peer's DH public key (hex).
     pending        parley: [{"msgID", "payload"}] encrypted, not yet acknowledged.
-    seen           parley: IVs (24 hex) of messages received, the last 10,000.
-    sent           parley: IVs of messages we sent, the last 10,000.
+    seen           parley: IVs (24 hex) of messages received, the last N (below).
+    sent           parley: IVs of messages we sent, the last N.
     peerOnline     parley: last presence the relay reported (true/false).
     relay          parley: the relay URL the session was made on (`chat` and
                    `send` use it; another one needs `--move-relay`, which
@@ -30,14 +30,41 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
 
 Unknown fields in an entry are kept as they are (the Node client keeps them too).
 
-`SEEN_LIMIT` bounds `seen` and `sent`: the client core keeps the last that
-many (`parley.client.context.BoundedSet`), and a merged save keeps the last
-that many of the union (`parley.client.store.merge_entry`).
+Deduplication, and its bound. The protocol gives a received message no
+sequence number (PROTOCOL 1.4: a Node sender's msgID is 8 random hex, a
+parley sender's 16; the IV is random), so there is no high-water mark to
+keep: what the file keeps is a window, the IVs of the last N messages
+received (`seen`), N = `--dedup-window` / `PARLEY_DEDUP_WINDOW`, default
+`SEEN_LIMIT`. The client core keeps the last N (`parley.client.context.
+BoundedSet`), a merged save the last N of the union (`parley.client.store.
+merge_entry`); `sent` has the same bound. The window covers every repeat an
+honest relay or peer sends:
+
+* a parley relay re-delivers only frames whose RECEIVED it has not had, on
+  the next REATTACH, before anything newer; everything recorded after such a
+  frame came on the same connection and is unacknowledged too, so it is
+  among the frames the relay keeps per session (at most 1,000, relay
+  `queue_max_frames`): fewer than 1,000 messages back, whatever N is
+  (`MIN_DEDUP_WINDOW`);
+* a parley sender resends the messages it has no ack for, before anything
+  new: a repeat is at most as many messages back as it had unacknowledged
+  when its connection broke (one typed line or one `parley send` at a time,
+  in practice; the relay answers every MSG at once);
+* the Go relay stores nothing and repeats nothing; the Node client never
+  resends.
+
+Beyond the window (a sender that had more than N messages unacknowledged
+and resends them all, or a relay replaying old frames on purpose) the
+repeated message is shown again and recorded again: never lost, shown
+twice. Each IV costs 33 bytes of the file (`"<24 hex>",` on its own
+indented line), so the default keeps `seen` under 340 KB per session, which
+a grouped save (`parley.client.runner`) rewrites once per batch.
 """
 
-__all__ = ["SEEN_LIMIT", "LABEL_FIELD", "ACTIVITY_FIELD", "PEER_SEEN_FIELD"]
+__all__ = ["SEEN_LIMIT", "MIN_DEDUP_WINDOW", "LABEL_FIELD", "ACTIVITY_FIELD", "PEER_SEEN_FIELD"]
 
-SEEN_LIMIT = 10_000
+SEEN_LIMIT = 10_000  # 10x a parley relay's per-session queue; < 340 KB of `seen` per session
+MIN_DEDUP_WINDOW = 1_000  # a parley relay's per-session queue (relay.config queue_max_frames)
 LABEL_FIELD = "label"
 ACTIVITY_FIELD = "lastActivity"
 PEER_SEEN_FIELD = "peerSeen"

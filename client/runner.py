@@ -14,6 +14,21 @@ Core calls and the actions they return are serialised by one lock, so the
 order of frames on the wire is the order the core produced them in (which the
 matching of a Go relay's untagged acks relies on).
 
+Receiving is grouped (`_pump`, `receive`, `_apply_grouped`): a reader task
+takes the relay's messages off the socket into a channel of `commit_batch`
+places; the runner hands the core every message that is ready (up to
+`commit_batch`; it waits only for the first, so a lone message is handled at
+once and an idle session waits on nothing but the socket) and, once the
+session is keyed, carries out all their actions with ONE save, the last
+`SaveState` (each holds the whole entry). The received messages are shown at
+that save's commit point, in one write, and the RECEIVED frames go out after
+it, in order. A burst therefore costs one write+fsync+rename per batch, not
+per message, with the same promise as before: a RECEIVED never leaves before
+the commit that records its message; a message recorded as seen has been
+shown; a SIGKILL in the instant between the batch's write to the terminal
+and the rename shows that batch again (the relay redelivers it), nothing
+else is ever shown twice.
+
 Connections are opened by `parley.client.connect.open_relay`: TCP, TLS and
 the upgrade together bounded by `settings.connect_timeout`, each failure with
 its reason. While connected, silence from the relay for
@@ -38,7 +53,9 @@ with exponential backoff (0.5 s doubling to 15 s, with jitter) unless
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -52,7 +69,8 @@ from trio_websocket import (
     HandshakeError,
 )
 
-from .connect import ConnectSettings, causes, open_relay, recv_or_dead, ssl_context_for
+from .connect import ConnectSettings, causes, open_relay, sends_together, ssl_context_for
+from .context import DEFERRED, Phase
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
 from .events import (
     Action,
@@ -77,6 +95,20 @@ __all__ = ["Runner", "backoff_delays"]
 log = logging.getLogger("parley.client.runner")
 
 TICK_INTERVAL = 1.0
+COMMIT_BATCH = 500
+
+
+class _Ended:
+    """How the connection ended, sent after its last message by `_read_frames`."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _incoming(action: Action) -> bool:
+    return isinstance(action, Show) and isinstance(action.event, (MessageIn, Undecryptable))
 
 
 def backoff_delays(first: float = 0.5, cap: float = 15.0, rng: random.Random | None = None):
@@ -126,8 +158,16 @@ class Runner:
         backoff: Callable[[], Any] = backoff_delays,
         settings: ConnectSettings | None = None,
         check_output: Callable[[], None] | None = None,
+        show_many: Callable[[list[Any]], Callable[[], None]] | None = None,
+        commit_batch: int = COMMIT_BATCH,
     ) -> None:
         self.core = core
+        # formats several events at once and returns what writes them, in one write (see
+        # `_save_in_thread`); without it, `on_event` for each
+        self.show_many = show_many
+        if commit_batch < 1:
+            raise ValueError("commit_batch must be at least 1")
+        self.commit_batch = commit_batch
         self.url = url
         self.store = store
         self.on_event = on_event
@@ -213,19 +253,7 @@ class Runner:
                         break
                     incoming.append(nxt.event)
                     i += 1
-                if incoming:
-                    if self.check_output is not None:
-                        # before the save: a message nobody can see is not recorded as seen,
-                        # so the relay delivers it again next time
-                        self.check_output()
-                    adopted = self.store.save_entry(action.sid, action.entry,
-                                                    at_commit=lambda events=incoming: self._show_all(events))
-                else:
-                    adopted = self.store.save_entry(action.sid, action.entry)
-                self._adopted.extend(adopted)
-                if not self.store.owns(action.sid) and isinstance(action.entry.get("key"), str):
-                    # a session this process just made (invite/join): it is its owner
-                    self.store.claim(action.sid)
+                self._save(action, incoming)
             elif isinstance(action, Show):
                 self.on_event(action.event)
             elif isinstance(action, Close):
@@ -233,7 +261,55 @@ class Runner:
             elif isinstance(action, ForgetState):
                 self.store.forget_entry(action.sid)
 
+    def _save(self, action: SaveState, shown: list[Any]) -> None:
+        """Write one entry; `shown` (if any) are shown at the save's commit point (`_apply_local`)."""
+        action = self._before_save(action, shown)
+        at_commit = (lambda: self._show_all(shown)) if shown else None
+        self._after_save(action, self.store.save_entry(action.sid, action.entry, at_commit=at_commit))
+
+    async def _save_in_thread(self, action: SaveState, shown: list[Any]) -> None:
+        """`_save`, with the file work (write, fsync, rename) in a worker thread.
+
+        So that while a batch is committed the reader keeps taking the
+        relay's messages off the socket, and the next batch holds all that
+        came meanwhile (group commit). The events are still shown at the
+        commit point: formatted here (`show_many`, in the Trio thread), and
+        written by the worker in one write right before its rename, so the
+        instant in which a kill shows them without recording them is no
+        longer than in a save without threads. (Without `show_many` they are
+        shown in the Trio thread, `trio.from_thread`, while the worker waits.)
+        Not cancellable: a save, once begun, ends (the caller holds the
+        runner's lock; nothing else saves).
+        """
+        action = self._before_save(action, shown)
+        at_commit: Callable[[], None] | None = None
+        if shown and self.show_many is not None:
+            at_commit = self.show_many(shown)  # formatted here; written by the worker, right before its rename
+        elif shown:
+            at_commit = lambda: trio.from_thread.run_sync(self._show_all, shown)  # noqa: E731
+        adopted = await trio.to_thread.run_sync(
+            functools.partial(self.store.save_entry, action.sid, action.entry, at_commit=at_commit))
+        self._after_save(action, adopted)
+
+    def _before_save(self, action: SaveState, shown: list[Any]) -> SaveState:
+        """A deferred save (see `receive`) stands for the entry as it is now: no frame after it
+        has been handed to the core yet."""
+        if shown and self.check_output is not None:
+            # before the save: a message nobody can see is not recorded as seen,
+            # so the relay delivers it again next time
+            self.check_output()
+        return self.core.snapshot() if action.entry is DEFERRED else action
+
+    def _after_save(self, action: SaveState, adopted: list[dict[str, Any]]) -> None:
+        self._adopted.extend(adopted)
+        if not self.store.owns(action.sid) and isinstance(action.entry.get("key"), str):
+            # a session this process just made (invite/join): it is its owner
+            self.store.claim(action.sid)
+
     def _show_all(self, events: list[Any]) -> None:
+        if self.show_many is not None:
+            self.show_many(events)()
+            return
         for event in events:
             self.on_event(event)
 
@@ -266,6 +342,121 @@ class Runner:
     @property
     def closing(self) -> bool:
         return self._closing.is_set()
+
+    # --- receiving: frames in batches, one state commit each -----------------
+
+    async def _read_frames(self, ws: Any, send: trio.MemorySendChannel[Any]) -> None:
+        """Move the relay's messages into `send` as they come (at most `commit_batch` waiting).
+
+        How the connection ended (`LinkDead`, `ConnectionClosed`) goes down the
+        channel too, so `_one_connection` raises it as before, not in a group.
+        """
+        silence = self.settings.liveness_timeout if self.settings.liveness_timeout > 0 else math.inf
+        async with send:
+            # one cancel scope whose deadline moves (a new one per message cost more than parsing it)
+            with trio.CancelScope() as quiet:
+                while True:
+                    quiet.deadline = trio.current_time() + silence
+                    try:
+                        message = await ws.get_message()
+                    except ConnectionClosed as exc:
+                        await send.send(_Ended(exc))
+                        return
+                    quiet.deadline = math.inf  # waiting for room in the channel is not the relay's silence
+                    await send.send(message)
+            await send.send(_Ended(LinkDead(timeout=self.settings.liveness_timeout)))
+
+    async def _pump(self, ws: Any) -> None:
+        """Read the connection until it ends, feeding the core batch by batch; raises how it ended.
+
+        A reader task keeps taking messages off the socket while a batch is
+        being committed; this task hands the core every message that is
+        ready, up to `commit_batch`, as one batch. Waiting happens only for
+        the first message of a batch: a message arriving alone is handled at
+        once. Errors are raised here, after the nursery, so callers see them
+        as before (not inside an exception group).
+        """
+        send, frames = trio.open_memory_channel[Any](self.commit_batch)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_frames, ws, send)
+            async with frames:
+                try:
+                    while True:
+                        batch = [await frames.receive()]
+                        while len(batch) < self.commit_batch and not isinstance(batch[-1], _Ended):
+                            try:
+                                batch.append(frames.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        ended = batch.pop() if isinstance(batch[-1], _Ended) else None
+                        if batch:
+                            await self.receive(batch)
+                        if ended is not None:
+                            failure = ended.error
+                            break
+                except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                    failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def receive(self, messages: list[Any]) -> None:
+        """Feed the core these messages from the relay, with one state commit for all of them.
+
+        Once the session has its key (phase READY) the actions of consecutive
+        frames are gathered and carried out by `_apply_grouped`; before that
+        (the handshake), and for a frame whose actions end the session or
+        forget its entry, frame by frame as `call` does.
+        """
+        async with self._lock:
+            epoch = self._epoch
+            group: list[Action] = []
+            for message in messages:
+                if self.closing:
+                    break  # (what `close()` does to the read loop, which no longer gets here at once)
+                keyed = self.core.phase is Phase.READY
+                if keyed:
+                    with self.core.saves_deferred():  # `_save` takes the one snapshot
+                        actions = self.core.frame_received(message)
+                else:
+                    actions = self.core.frame_received(message)
+                if keyed and not any(isinstance(a, (Close, ForgetState)) for a in actions):
+                    group.extend(actions)
+                    continue
+                await self._apply_grouped(group, epoch)
+                group = []
+                await self._apply(actions, epoch)
+            await self._apply_grouped(group, epoch)
+            await self._adopt(epoch)
+
+    async def _apply_grouped(self, actions: list[Action], epoch: int) -> None:
+        """Carry out a batch's actions with ONE save, the last `SaveState` (each is the whole entry).
+
+        The save comes first; the events shown up to the last received message
+        (`MessageIn`, `Undecryptable`) are shown at its commit point, all in
+        one write (`show_many`), and then everything else, sends and the
+        other events, in the order the core produced it. So every RECEIVED
+        (and every frame) goes out after the commit that records what it
+        answers, and a message is never shown without being recorded (see
+        `_apply_local`), only, after a SIGKILL between that one write and
+        the rename, shown again.
+        """
+        saves = [a for a in actions if isinstance(a, SaveState)]
+        if not saves or len({a.sid for a in saves}) > 1:
+            await self._apply(actions, epoch)
+            return
+        rest = [a for a in actions if not isinstance(a, SaveState)]
+        last = max((i for i, a in enumerate(rest) if _incoming(a)), default=-1)
+        head, tail = rest[: last + 1], rest[last + 1:]
+        await self._save_in_thread(saves[-1], [a.event for a in head if isinstance(a, Show)])
+        later = [a for a in head if not isinstance(a, Show)] + tail
+        ws = self._ws
+        if ws is None or epoch != self._epoch:
+            await self._apply(later, epoch)
+            return
+        async with sends_together(ws):  # the batch's RECEIVEDs in one write
+            await self._apply(later, epoch)
 
     # --- connection loop ----------------------------------------------------
 
@@ -333,9 +524,7 @@ class Runner:
                     await self.call(self.core.connected)
                     # reported once the session's first frames (REATTACH ...) are out
                     self.on_event(ConnectionNotice(NoticeKind.CONNECTED, self.url))
-                    while True:
-                        message = await recv_or_dead(ws, self.settings.liveness_timeout)
-                        await self.call(self.core.frame_received, message)
+                    await self._pump(ws)
             finally:
                 self._read_scope = None
                 self._ws = None

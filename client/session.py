@@ -31,7 +31,7 @@ from .editor import INTERRUPT, LineEditor, editor_wanted
 from .events import HandshakeFailed, PeerPresence
 from parley.state import load_state
 
-from .runner import Runner
+from .runner import COMMIT_BATCH, Runner
 from .safetext import safe_text
 from .terminal import StdinLines, Terminal
 
@@ -80,12 +80,14 @@ class Session:
         reconnect: bool = True,
         settings: ConnectSettings | None = None,
         interactive: bool | None = None,
+        commit_batch: int = COMMIT_BATCH,
     ) -> None:
         self.core = core
         self.terminal = terminal
         self._events_send, self._events = trio.open_memory_channel[Any](math.inf)
         self.runner = Runner(core, url, store, self._on_event, reconnect=reconnect, settings=settings,
-                             check_output=terminal.check_open)
+                             check_output=terminal.check_open, show_many=self._on_events,
+                             commit_batch=commit_batch)
         if interactive is None:
             interactive = editor_wanted()
         self.interactive = interactive
@@ -102,6 +104,14 @@ class Session:
         self.interrupted = False
         self.chatting = False
         self._nursery: trio.Nursery | None = None
+
+    def _on_events(self, events: list[Any]) -> Callable[[], None]:
+        """Several events at once (a batch of received messages), formatted now; returns what
+        writes them to the terminal, in one write (the runner calls it at the commit point)."""
+        with self.terminal.held() as held:
+            for event in events:
+                self._on_event(event)
+        return held.write
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, HandshakeFailed):

@@ -126,8 +126,9 @@ def merge_entry(
 class StateStore:
     """One state file. `load()` raises `CorruptStateFile` and leaves the file alone."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, seen_limit: int = SEEN_LIMIT) -> None:
         self.path = Path(path)
+        self.seen_limit = seen_limit  # what a merged save keeps of `seen`/`sent` (see merge_entry)
         self.state: dict[str, dict[str, Any]] = {}
         self._base: dict[str, dict[str, Any]] = {}  # sid -> entry as last read or written here
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written here
@@ -263,7 +264,7 @@ class StateStore:
         """
         with self._locked():
             current = load_state(self.path)
-            merged, adopted = merge_entry(self._base.get(sid), entry, current.get(sid))
+            merged, adopted = merge_entry(self._base.get(sid), entry, current.get(sid), self.seen_limit)
             current[sid] = merged
             save_state(self.path, current, at_commit)
             self.state = current

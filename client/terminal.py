@@ -38,9 +38,12 @@ else (and all of line mode) is printed as before.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import select
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import attrs
@@ -64,7 +67,7 @@ from .events import (
 )
 from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 
-__all__ = ["Terminal", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
+__all__ = ["Terminal", "HeldLines", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
 
 
 def use_replacing_output() -> None:
@@ -119,6 +122,25 @@ class _Mine:
     status: Status
 
 
+class HeldLines:
+    """Lines kept by `Terminal.held()`; `write()` writes them at once (from any thread)."""
+
+    def __init__(self, terminal: Terminal, lines: list[str]) -> None:
+        self.terminal = terminal
+        self.lines = lines
+
+    def write(self) -> None:
+        lines, self.lines[:] = list(self.lines), []
+        if not lines:
+            return
+        terminal = self.terminal
+        if terminal._editing:  # above the input line; the last returns once all are on screen
+            for i, text in enumerate(lines):
+                terminal.editor.write(text[:-1], durable=i == len(lines) - 1)
+            return
+        terminal._write("".join(lines))
+
+
 class Terminal:
     """Prints events as lines (through `editor` when one runs; see the module docstring)."""
 
@@ -130,6 +152,8 @@ class Terminal:
         self.editor: Any = None  # a running LineEditor: lines go above its input line
         self._outgoing: str | None = None
         self._mine: dict[str, _Mine] = {}
+        self._held: list[str] | None = None  # lines kept by `held()`
+        self._write_lock = threading.Lock()
 
     @property
     def _editing(self) -> bool:
@@ -139,21 +163,51 @@ class Terminal:
         """The text of the message about to be sent: the next unknown msgID's status is its line."""
         self._outgoing = text
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[HeldLines]:
+        """Lines written inside are kept, not written: `HeldLines.write()` writes them, at once.
+
+        The runner shows a batch of received messages this way: formatted in
+        the Trio thread, written in one write at the commit point of the save
+        that records them, by the thread doing the save, right before its
+        rename (`Runner._save_in_thread`), so a kill finds none of them or all
+        of them on screen, and, if all, almost surely recorded. With an editor
+        running, they go above its input line and the write returns once they
+        are on screen.
+        """
+        if self._held is not None:
+            yield HeldLines(self, [])  # already held: the outer block has the lines
+            return
+        held = HeldLines(self, [])
+        self._held = held.lines
+        try:
+            yield held
+        finally:
+            self._held = None
+
     def line(self, text: str, *, durable: bool = False) -> None:
         """Write one line; `OutputClosed` if nobody reads stdout any more.
 
-        `durable`: return only once it is on the terminal (a received message,
-        shown at its save's commit point), also when an editor runs.
+        Inside `held()` the line is kept for the batch's write. `durable`:
+        return only once it is on the terminal (a received message, shown at
+        its save's commit point), also when an editor runs.
         """
+        if self._held is not None:
+            self._held.append(text + "\n")
+            return
         if self._editing:
             self.editor.write(text, durable=durable)
             return
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
         try:
-            self.out.write(text + "\n")
-            self.out.flush()
+            with self._write_lock:  # a held batch is written from the thread that saves it
+                self.out.write(text)
+                self.out.flush()
         except UnicodeError:  # a stream without errors="replace": show what it can
             encoding = getattr(self.out, "encoding", None) or "ascii"
-            self.line((text).encode(encoding, "replace").decode(encoding, "replace"))
+            self._write(text.encode(encoding, "replace").decode(encoding, "replace"))
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise OutputClosed() from exc
         except ValueError as exc:  # "I/O operation on closed file"

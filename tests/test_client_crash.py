@@ -399,3 +399,124 @@ async def test_sigkill_anywhere_loses_nothing_and_shows_nothing_twice(tmp_path, 
     )
     print(summary)
     conformance_report("client crash test", summary)
+
+
+N_BURST = 600
+
+
+async def test_sigkill_during_a_burst_loses_nothing_and_shows_nothing_twice(tmp_path, conformance_report):
+    """The same promise with bursts (issue #16: many received messages share one state commit).
+
+    alice types half of N_BURST lines into her `parley chat` while bob is away (the relay queues
+    them, and replays them all at once when bob REATTACHes: large batches), then the other half,
+    in clumps typed at once, while bob's `parley chat` runs are SIGKILLed and restarted (a few ms
+    after a line was shown, when the next batch is being committed, or at a random moment). A
+    batch is shown in one write at its commit point, just before the rename; a kill between that
+    write and the rename shows the batch again: so a second showing is allowed only as part of the
+    last lines a SIGKILLed run wrote, and only once. Everything else is the first test's: all
+    shown, first shown in order, bob recorded exactly alice's IVs.
+    """
+    rng = random.Random(SEED + 3)
+    texts = [f"burst {i:03d} " + "x" * rng.randint(0, 40) for i in range(1, N_BURST + 1)]
+    half = N_BURST // 2
+    barrier = "end of the burst test"
+    tally: collections.Counter[str] = collections.Counter()
+    bob_runs: list[ParleyProcess] = []
+    relay = ParleyRelay(store=tmp_path / "relay.sqlite3", ping_interval=1, log_path=tmp_path / "relay.log").start()
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                procs = Procs(nursery, relay.url, tmp_path)
+                try:
+                    alice = await procs.start("alice", "invite", "--yes")
+                    code = (await alice.expect(CODE_RE)).group(1)
+                    bob = await procs.start("bob", "join", code)
+                    await alice.expect(r"^\* type a message")
+                    await bob.expect(r"^\* type a message")
+                    assert await bob.stop() == 0
+                    (sid,) = [s for s, e in state_of(tmp_path / "alice", "alice").items() if "key" in e]
+
+                    # bob away: the first half is queued by the relay
+                    for text in texts[:half]:
+                        await alice.type(text)
+                    await new_statuses(alice, set(), r"queued by the relay \(peer offline\)", half, timeout=60)
+
+                    chaos_over = trio.Event()
+                    bob_done = trio.Event()
+
+                    async def bob_chaos() -> None:
+                        while not chaos_over.is_set():
+                            run = await procs.start("bob", "chat")
+                            bob_runs.append(run)
+                            with trio.move_on_after(rng.uniform(0.3, 3.0)):
+                                async with trio.open_nursery() as inner:
+                                    inner.start_soon(cancel_when, chaos_over, inner.cancel_scope)
+                                    for _ in range(rng.randint(1, 25)):
+                                        await run.expect(r"^peer: ", timeout=20)
+                                    await trio.sleep(rng.uniform(0, 0.006))
+                                    tally["bob killed just after showing a message"] += 1
+                                    inner.cancel_scope.cancel()
+                            await kill(run)
+                            tally["bob killed"] += 1
+                            await trio.sleep(rng.uniform(0.05, 0.5))
+                        bob_done.set()
+
+                    nursery.start_soon(bob_chaos)
+                    await trio.sleep(rng.uniform(0.5, 1.5))
+                    live = texts[half:]
+                    while live:  # live, in clumps typed at once (bursts), with pauses between them
+                        clump, live = live[:(n := rng.randint(1, 30))], live[n:]
+                        for text in clump:
+                            await alice.type(text)
+                        await trio.sleep(rng.uniform(0, 0.5))
+                    await new_statuses(alice, set(), STATUS_ACKED, N_BURST, timeout=90)
+                    await trio.sleep(rng.uniform(0.5, 2.0))  # a few more kills while bob catches up
+                    chaos_over.set()
+                    await bob_done.wait()
+
+                    bob = await procs.start("bob", "chat")
+                    bob_runs.append(bob)
+                    await alice.type(barrier)  # the relay delivers in order: once bob shows it, he has all
+                    await bob.expect(f"^peer: {re.escape(barrier)}$", timeout=60)
+                    await alice.type("/quit")
+                    assert await alice.wait(timeout=20) == 0, alice.describe()
+                    assert await bob.stop() == 0, bob.describe()
+                finally:
+                    await procs.aclose()
+    finally:
+        relay.close()
+
+    shown = [(k, j, line[len("peer: "):]) for k, run in enumerate(bob_runs)
+             for j, line in enumerate(run.lines) if line.startswith("peer: ")]
+    counts = collections.Counter(text for _, _, text in shown)
+    expected = texts + [barrier]
+    detail = f"(seed {SEED + 3}; {dict(tally)}; {len(bob_runs)} bob runs; relay log {tmp_path / 'relay.log'})"
+    missing = [t for t in expected if counts[t] == 0]
+    assert not missing, f"never shown: {missing[:5]}... {detail}"
+    assert not set(counts) - set(expected), f"shown but never sent {detail}"
+    first: dict[str, tuple[int, int]] = {}
+    again: collections.defaultdict[int, list[int]] = collections.defaultdict(list)  # run -> first showings repeated
+    for k, j, text in shown:
+        if text not in first:
+            first[text] = (k, j)
+            continue
+        assert counts[text] == 2, f"shown {counts[text]} times: {text!r} {detail}"
+        k0, j0 = first[text]
+        assert k > k0 and bob_runs[k0].returncode == -9, f"shown twice within a run or after a clean end {detail}"
+        again[k0].append(j0)
+    for k0, lines in again.items():  # the repeated lines are the last ones that run wrote
+        peer_lines = [j for j, line in enumerate(bob_runs[k0].lines) if line.startswith("peer: ")]
+        assert sorted(lines) == peer_lines[-len(lines):], f"run {k0} shown again, not its last batch {detail}"
+    assert list(first) == expected, f"first shown out of order {detail}"
+    for run in bob_runs:
+        assert "Traceback" not in run.stderr_text, run.describe()
+    entry_a = state_of(tmp_path / "alice", "alice")[sid]
+    entry_b = state_of(tmp_path / "bob", "bob")[sid]
+    assert entry_a["pending"] == []
+    assert sorted(entry_b["seen"]) == sorted(entry_a["sent"]), "bob recorded IVs alice never sent, or missed some"
+    summary = (f"burst: {N_BURST} messages (half queued, half live) + 1 barrier; bob {len(bob_runs)} runs "
+               f"({tally['bob killed']} SIGKILLed, {tally['bob killed just after showing a message']} of them just "
+               f"after showing a message); all shown, in order, none lost; shown again after a kill at the "
+               f"instant of a batch's commit: {sum(len(v) for v in again.values())} lines")
+    print(summary)
+    conformance_report("client crash test (burst)", summary)

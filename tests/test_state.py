@@ -205,3 +205,36 @@ def test_kill_during_save_leaves_old_or_new_file_whole(tmp_path):
         generations.add(state["gen"]["n"])
         assert len(state["gen"]["outbox"]) in (0, 5)
     assert max(generations) >= 1
+
+
+# --- the writer: json.dumps(indent=2) exactly, faster ------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=4))
+def test_dumps_state_writes_what_json_dumps_indent_2_writes(state):
+    """The fast writer (parley.state.store._indented) against the standard one, surrogates included."""
+    import json
+
+    from parley.state import dumps_state
+    from parley.state.store import _scrub
+
+    assert dumps_state(state) == json.dumps(_scrub(state), indent=2, ensure_ascii=False)
+
+
+def test_dumps_state_of_deep_or_odd_values_falls_back_to_json_dumps():
+    import json
+
+    from parley.state import dumps_state
+
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    odd = {"s": {"t": (1, 2.5), "u": {1: "x"}, "deep": deep, "lone": "a\ud800b", "ctl": "\x00\"\\\u2028"}}
+    assert dumps_state(odd) == json.dumps(odd, indent=2, ensure_ascii=False).replace("\ud800", "\ufffd")
