@@ -129,7 +129,11 @@ class Handshake:
         self.pair_timeout = pair_timeout
         self._note_sent = note_sent
         self._release_held = release_held or (lambda: [context.save()])
-        self.pairing: Pairing | None = None
+        # the inviter's pairing exists from the start, so its SPAKE2 message is made while
+        # the code is shown (`on_invite_code`); the joiner's once the answer names the session
+        self.pairing: Pairing | None = (
+            Pairing(creator=True, secret=secret, entropy=random) if context.mode is Mode.INVITE else None
+        )
         self._pair_deadline: float | None = None
         self._pairing_last: Msg | None = None  # our last pairing MSG (the joiner repeats its reply)
         self._pairing_ids: set[str] = set()  # msgIDs of our pairing MSGs
@@ -214,8 +218,8 @@ class Handshake:
         except crypto.CryptoError:
             deny = ctx.send(JoinDeny(ctx.sid, client_id=request.client_id))
             return [deny, *ctx.fail(FailureKind.BAD_PEER_KEY, "the joiner's public key is invalid")]
-        self.pairing = Pairing(creator=True, secret=self.secret, sid=ctx.sid, creator_public=self.public_key,
-                               joiner_public=request.public_key, entropy=self._random)
+        assert self.pairing is not None
+        self.pairing.bind(ctx.sid, self.public_key, request.public_key)
         offer = self.pairing.offer()
         accept = JoinAccept.build(ctx.sid, self.public_key, request.client_id, spake2=offer)
         actions = self._establish(Role.CREATOR, key, request.public_key)
@@ -263,6 +267,8 @@ class Handshake:
         ctx.sid = frame.sid
         self.invite_code = frame.code
         ctx.phase = Phase.INVITED
+        if self.pairing is not None:
+            self.pairing.prepare()  # while a person reads the code out
         return [Show(InviteReady(frame.sid, frame.code, self.secret))]
 
     def on_join_request(self, frame: JoinRequest) -> list[Action]:

@@ -14,7 +14,7 @@ stays the MODP-14 one (the state file stays Node's).
 What is derived (every hash SHA-256):
 
     password  = the secret's 8 ASCII digits
-    idA, idB  = b"parley-pair-v1 creator " + sid,  b"parley-pair-v1 joiner " + sid
+    idA, idB  = b"parley-pair-v1 creator",  b"parley-pair-v1 joiner"
     X, Y      = SPAKE2_A(password, idA, idB).start(), SPAKE2_B(...).start()   (33 bytes each)
     K         = finish(...)                                   (32 bytes, same on both sides)
     PRK       = HKDF-Extract(salt=b"parley-pair-v1", IKM=K)              (RFC 5869 2.2)
@@ -24,6 +24,11 @@ What is derived (every hash SHA-256):
                 || X || Y
     MAC_A     = HMAC-SHA256(KcA, b"creator" || T)     sent by the creator
     MAC_B     = HMAC-SHA256(KcB, b"joiner" || T)      sent by the joiner
+
+The session id is bound by T (the context both MACs cover), not by the
+SPAKE2 identities, so the inviter can compute X while its code is shown
+(`prepare()`), before the session's keys exist: one scalar multiplication
+less on the handshake's path.
 
 Each side builds T from the keys *it* saw (its own and the one the relay
 handed it), so a substituted key gives different T on the two sides; MACs are
@@ -69,8 +74,8 @@ SECRET_GROUP = 4
 _DH_BYTES = 256
 _MAC_HEX = 64
 _SPAKE2_HEX = 66  # python-spake2 0.9, Ed25519: side byte + 32 bytes
-_ID_A = LABEL + b" creator "
-_ID_B = LABEL + b" joiner "
+_ID_A = LABEL + b" creator"
+_ID_B = LABEL + b" joiner"
 
 
 # --- the code ---------------------------------------------------------------
@@ -191,7 +196,8 @@ class Pairing:
 
     `creator`: the inviting side (SPAKE2 side A). `secret`: the code's secret
     (8 digits) or None. `sid`, `creator_public`, `joiner_public`: the session
-    and the MODP-14 public keys (hex) as this side saw them.
+    and the MODP-14 public keys (hex) as this side saw them; given here or
+    later with `bind()`, before `offer()`/`answer()`.
     """
 
     def __init__(
@@ -199,9 +205,9 @@ class Pairing:
         *,
         creator: bool,
         secret: str | None,
-        sid: str,
-        creator_public: str,
-        joiner_public: str,
+        sid: str | None = None,
+        creator_public: str | None = None,
+        joiner_public: str | None = None,
         entropy: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.creator = creator
@@ -222,16 +228,21 @@ class Pairing:
     def secret_given(self) -> bool:
         return bool(self.secret)
 
-    def _ids(self) -> tuple[bytes, bytes]:
-        sid = self.sid.encode("utf-8")
-        return _ID_A + sid, _ID_B + sid
+    def bind(self, sid: str, creator_public: str, joiner_public: str) -> None:
+        """The session and both MODP-14 public keys (hex), as this side saw them."""
+        self.sid = sid
+        self._publics = (creator_public, joiner_public)
+
+    def prepare(self) -> None:
+        """Compute our SPAKE2 message now (it needs only the secret); a no-op without one."""
+        if self.secret and self._spake is None:
+            cls = SPAKE2_A if self.creator else SPAKE2_B
+            self._spake = cls(self.secret.encode("ascii"), idA=_ID_A, idB=_ID_B, entropy_f=self._entropy)
+            self._ours = self._spake.start()
 
     def _start(self) -> bytes:
-        assert self.secret
-        id_a, id_b = self._ids()
-        cls = SPAKE2_A if self.creator else SPAKE2_B
-        self._spake = cls(self.secret.encode("ascii"), idA=id_a, idB=id_b, entropy_f=self._entropy)
-        self._ours = self._spake.start()
+        self.prepare()
+        assert self._ours is not None
         return self._ours
 
     def _finish(self, theirs_hex: object) -> bytes | None:
@@ -245,7 +256,8 @@ class Pairing:
             return None
 
     def _macs(self, key: bytes, theirs: bytes) -> tuple[bytes, bytes]:
-        assert self._ours is not None
+        assert self._ours is not None and self.sid is not None
+        assert self._publics[0] is not None and self._publics[1] is not None
         x, y = (self._ours, theirs) if self.creator else (theirs, self._ours)
         text = transcript(self.sid, self._publics[0], self._publics[1], x, y)
         ka, kb = confirmation_keys(key)
