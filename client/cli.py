@@ -49,7 +49,7 @@ from .connect import (
 )
 from .context import VERIFIED_HOW
 from .core import ClientCore, short_sid
-from .handshake import PAIR_TIMEOUT
+from .pairlink import PAIR_TIMEOUT
 from .pairing import split_code
 from .errors import (
     BadRelayURL,

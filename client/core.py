@@ -83,8 +83,9 @@ from .delivery import ACK_TIMEOUT, Delivery
 from .entry import SEEN_LIMIT
 from .errors import SessionNotKeyed
 from .events import Action, Close, MessageStatus, PairingNote, PairingShown, PeerPresence, RelayError, Role, Show, Status
-from .handshake import PAIR_TIMEOUT, Handshake
+from .handshake import Handshake
 from .pairing import new_secret
+from .pairlink import PAIR_TIMEOUT, PairingLink
 from .safetext import safe_text
 from .verify import verification_string
 
@@ -142,10 +143,14 @@ class ClientCore:
         self.delivery = Delivery(self.context, random=random, clock=clock, ack_timeout=ack_timeout,
                                  receive=receive)
         self._clock = clock
+        creator = mode is Mode.INVITE or (mode is Mode.RESUME and entry.get("role") == "creator")
+        self.pairing = PairingLink(self.context, creator=creator, secret=secret, random=random, clock=clock,
+                                   pair_timeout=pair_timeout, note_sent=self.delivery.note_sent,
+                                   release_held=self.delivery.release_held, enabled=pairing)
+        if mode is Mode.RESUME:
+            self.pairing.resumed()
         self.handshake = (
-            Handshake(self.context, code=code, private_key=private_key, secret=secret, random=random,
-                      clock=clock, pair_timeout=pair_timeout, note_sent=self.delivery.note_sent,
-                      release_held=self.delivery.release_held)
+            Handshake(self.context, code=code, private_key=private_key, link=self.pairing)
             if private_key is not None else None
         )
         if mode is Mode.RESUME:
@@ -255,7 +260,7 @@ class ClientCore:
     @property
     def secret(self) -> str | None:
         """The invite code's secret part (inviter: made here; joiner: as typed), or None."""
-        return self.handshake.secret if self.handshake is not None else None
+        return self.pairing.secret
 
     @property
     def receive(self) -> bool:
@@ -316,8 +321,7 @@ class ClientCore:
         if self.handshake is not None:
             actions.extend(self.handshake.reattached())
         if ctx.phase is Phase.READY:
-            if self.handshake is not None:
-                actions.extend(self.handshake.pairing_repeat())
+            actions.extend(self.pairing.repeat())
             actions.extend(self.delivery.resend_all())
         return actions
 
@@ -356,8 +360,7 @@ class ClientCore:
     def tick(self, now: float | None = None) -> list[Action]:
         """Timer: report messages whose ack is overdue (once each), and a pairing answer that is."""
         now = self._clock() if now is None else now
-        actions = self.handshake.pairing_tick(now) if self.handshake is not None else []
-        return actions + self.delivery.tick(now)
+        return self.pairing.tick(now) + self.delivery.tick(now)
 
     def confirm_verification(self) -> list[Action]:
         """The person compared the verification string with the peer's and it matched.
@@ -449,8 +452,7 @@ class ClientCore:
         if changed:
             actions.append(Show(PeerPresence(frame.sid, online)))
         if online and ctx.phase is Phase.READY and ctx.is_connected:
-            if self.handshake is not None:
-                actions.extend(self.handshake.pairing_repeat())
+            actions.extend(self.pairing.repeat())
             actions.extend(self.delivery.retry_failed())
         return actions
 
@@ -472,19 +474,12 @@ class ClientCore:
         return self._DELIVERY[type(frame)](self.delivery, frame)
 
     def _on_msg(self, frame: Msg) -> list[Action]:
-        if self.handshake is not None:
-            if frame.payload is None:
-                pairing = self.handshake.pairing_frame(frame)
-                if pairing is not None:
-                    return pairing
-            elif self.context.ours_sid(frame):
-                return self.handshake.pairing_peer_message() + self.delivery.on_msg(frame)
-        elif frame.payload is None and frame.data is not None and '"pairing"' in frame.data:
-            # a resumed session has no pairing to run (it ran, or was cut short): acknowledge it
-            msg_id = frame.msg_id
-            if self.context.ours_sid(frame) and isinstance(msg_id, str):
-                return [self.context.send(Received(frame.sid, msg_id))]
-            return []
+        if frame.payload is None:
+            pairing = self.pairing.frame(frame)
+            if pairing is not None:
+                return pairing
+        elif self.context.ours_sid(frame):
+            return self.pairing.peer_message() + self.delivery.on_msg(frame)
         return self.delivery.on_msg(frame)
 
     _DELIVERY: dict[type, Callable[[Delivery, Any], list[Action]]] = {

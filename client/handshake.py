@@ -45,24 +45,13 @@ state file (the entry is written first when the key exists).
 | 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
 | 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
 
-Pairing (issue #15; `parley.client.pairing`, frames in protocol/EXTENSIONS.md
-"Pairing"). Once the key exists the handshake also runs the pairing: the
-inviter's JOIN_ACCEPT carries its SPAKE2 message, the joiner answers with a
-pairing MSG, the inviter confirms. `pairing_frame(data)` takes the pairing
-MSGs (answered with RECEIVED like any MSG), `pairing_repeat()` resends the
-joiner's reply after a reconnect or PEER_ONLINE, `pairing_tick(now)` says
-once that no answer came within `pair_timeout`. Verified: the entry gets
-`verified: "pake"` and held messages go out. Failed: a `failed` notice to
-the peer, the entry is forgotten (no key kept), `PAIRING_FAILED`. No pairing
-(a legacy peer, a code typed without its secret, an answer stripped): the
-reason is shown and the session stays unverified until compared.
+Pairing (issue #15): the handshake starts the session's `PairingLink`
+(`parley.client.pairlink`): the inviter's JOIN_ACCEPT carries `link.offer()`,
+the joiner hands the answer's `spake2` to `link.answer()`; the link runs the
+rest.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from collections.abc import Callable
 
 from parley.protocol import (
     CreateSession,
@@ -76,22 +65,16 @@ from parley.protocol import (
     Joined,
     JoinRequest,
     Leave,
-    Msg,
     PeerOffline,
     PeerOnline,
-    Received,
     SessionCreated,
 )
-from parley.protocol import gojson
 from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 
 from . import crypto
 from .context import Mode, Phase, SessionContext, printable_line
-from .events import (
-    Action, FailureKind, ForgetState, InviteReady, JoinRequested, KeyEstablished, PairingNote, PairingShown,
-    PeerPresence, Role, Show,
-)
-from .pairing import Pairing, Result, State
+from .events import Action, FailureKind, ForgetState, InviteReady, JoinRequested, KeyEstablished, PeerPresence, Role, Show
+from .pairlink import PairingLink
 from .verify import verification_string
 
 __all__ = ["Handshake", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY"]
@@ -99,10 +82,6 @@ __all__ = ["Handshake", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY"]
 # HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
 JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
 JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
-# HandshakeFailed(PAIRING_FAILED).detail for the joiner (the inviter's is the error's default)
-PAIRING_FAILED_JOINER = "ask the other person for a new invite code and type all of it"
-PAIR_TIMEOUT = 10.0  # seconds: see README "Pairing"
-PAIRING_MSG_ID_BYTES = 8
 
 
 class Handshake:
@@ -114,29 +93,11 @@ class Handshake:
         *,
         code: str | None,
         private_key: str,
-        secret: str | None = None,
-        random: Callable[[int], bytes] = os.urandom,
-        clock: Callable[[], float] | None = None,
-        pair_timeout: float = PAIR_TIMEOUT,
-        note_sent: Callable[[str], None] = lambda msg_id: None,
-        release_held: Callable[[], list[Action]] | None = None,
+        link: PairingLink | None = None,
     ) -> None:
         self.context = context
         self._code = code
-        self.secret = secret  # the code's secret part (inviter: generated; joiner: typed), or None
-        self._random = random
-        self._clock = clock
-        self.pair_timeout = pair_timeout
-        self._note_sent = note_sent
-        self._release_held = release_held or (lambda: [context.save()])
-        # the inviter's pairing exists from the start, so its SPAKE2 message is made while
-        # the code is shown (`on_invite_code`); the joiner's once the answer names the session
-        self.pairing: Pairing | None = (
-            Pairing(creator=True, secret=secret, entropy=random) if context.mode is Mode.INVITE else None
-        )
-        self._pair_deadline: float | None = None
-        self._pairing_last: Msg | None = None  # our last pairing MSG (the joiner repeats its reply)
-        self._pairing_ids: set[str] = set()  # msgIDs of our pairing MSGs
+        self.link = link  # the session's pairing (`parley.client.pairlink`), started here
         self._private_key: str | None = private_key
         self.public_key = crypto.public_key_hex(private_key)
         self.invite_code: str | None = None
@@ -218,13 +179,9 @@ class Handshake:
         except crypto.CryptoError:
             deny = ctx.send(JoinDeny(ctx.sid, client_id=request.client_id))
             return [deny, *ctx.fail(FailureKind.BAD_PEER_KEY, "the joiner's public key is invalid")]
-        assert self.pairing is not None
-        self.pairing.bind(ctx.sid, self.public_key, request.public_key)
-        offer = self.pairing.offer()
+        offer = self.link.offer(ctx.sid, self.public_key, request.public_key) if self.link is not None else None
         accept = JoinAccept.build(ctx.sid, self.public_key, request.client_id, spake2=offer)
         actions = self._establish(Role.CREATOR, key, request.public_key)
-        if offer is not None:
-            self._start_pair_clock()
         if ctx.is_connected:
             actions.insert(1, ctx.send(accept))  # right after the entry is saved
         else:
@@ -267,9 +224,9 @@ class Handshake:
         ctx.sid = frame.sid
         self.invite_code = frame.code
         ctx.phase = Phase.INVITED
-        if self.pairing is not None:
-            self.pairing.prepare()  # while a person reads the code out
-        return [Show(InviteReady(frame.sid, frame.code, self.secret))]
+        if self.link is not None:
+            self.link.prepare()  # while a person reads the code out
+        return [Show(InviteReady(frame.sid, frame.code, self.link.secret if self.link is not None else None))]
 
     def on_join_request(self, frame: JoinRequest) -> list[Action]:
         ctx = self.context
@@ -299,13 +256,10 @@ class Handshake:
             return ctx.fail(FailureKind.BAD_PEER_KEY, "the creator's public key is invalid")
         ctx.sid = frame.sid
         actions = self._establish(Role.JOINER, key, peer)
-        self.pairing = Pairing(creator=False, secret=self.secret, sid=frame.sid, creator_public=peer,
-                               joiner_public=self.public_key, entropy=self._random)
-        offer = frame.spake2 if isinstance(frame.spake2, str) else None
-        result = self.pairing.answer(offer)
-        if result.state is State.REPLIED:
-            self._start_pair_clock()
-        return actions + self._pairing_actions(result)
+        if self.link is not None:
+            offer = frame.spake2 if isinstance(frame.spake2, str) else None
+            actions += self.link.answer(frame.sid, peer, self.public_key, offer)
+        return actions
 
     def _establish(self, role: Role, key: str, peer_public: str) -> list[Action]:
         ctx = self.context
@@ -395,101 +349,3 @@ class Handshake:
                 self._request = None
                 return ctx.fail(FailureKind.JOINER_LEFT)
         return None
-
-    # --- pairing --------------------------------------------------------------
-
-    def _start_pair_clock(self) -> None:
-        if self._clock is not None:
-            self._pair_deadline = self._clock() + self.pair_timeout
-
-    def _role(self) -> Role:
-        return Role.CREATOR if self.context.mode is Mode.INVITE else Role.JOINER
-
-    def _pairing_actions(self, result: Result) -> list[Action]:
-        """What a pairing step means for the session: frames out, the entry, the screen."""
-        ctx = self.context
-        assert ctx.sid is not None
-        actions: list[Action] = []
-        if result.send is not None:
-            msg_id = self._random(PAIRING_MSG_ID_BYTES).hex()
-            data = gojson.dumps({"msgID": msg_id, **result.send})
-            frame = Msg(ctx.sid, data, msg_id=msg_id)
-            self._pairing_ids.add(msg_id)
-            self._pairing_last = frame
-            if ctx.is_connected:
-                self._note_sent(msg_id)
-                actions.append(ctx.send(frame))
-        if not result.changed:
-            return actions
-        if result.state is State.VERIFIED:
-            self._pair_deadline = None
-            ctx.entry["verified"] = "pake"
-            save, *rest = self._release_held()  # saves `verified` with the held lines moved
-            actions += [save, Show(PairingShown(ctx.sid, PairingNote.VERIFIED, self._role())), *rest]
-        elif result.state is State.FAILED:
-            self._pair_deadline = None
-            detail = PAIRING_FAILED_JOINER if self._role() is Role.JOINER else ""
-            actions.append(ForgetState(ctx.sid))
-            actions.extend(ctx.fail(FailureKind.PAIRING_FAILED, detail))
-        elif result.state is State.UNPAIRED and result.unpaired is not None:
-            self._pair_deadline = None
-            actions.append(Show(PairingShown(ctx.sid, PairingNote(result.unpaired.value), self._role())))
-        return actions
-
-    def pairing_frame(self, frame: Msg) -> list[Action] | None:
-        """A MSG without payload: a pairing step (then its actions, RECEIVED first), or None."""
-        ctx = self.context
-        raw = frame.data
-        if raw is None or '"pairing"' not in raw:
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("pairing"), str):
-            return None
-        if not ctx.ours_sid(frame) or ctx.phase is not Phase.READY:
-            return []
-        msg_id = data.get("msgID")
-        if isinstance(msg_id, str) and msg_id in self._pairing_ids:
-            return []  # our own, handed back by a relay
-        actions: list[Action] = []
-        if isinstance(msg_id, str):
-            actions.append(ctx.send(Received(frame.sid, msg_id)))
-        if self.pairing is not None:
-            result = self.pairing.receive(data)
-            if result.send is not None and not result.changed and self._pairing_last is not None:
-                # the same reply again: the same answer, byte for byte
-                if ctx.is_connected:
-                    self._note_sent(self._pairing_last.msg_id or "")
-                    actions.append(ctx.send(self._pairing_last))
-                return actions
-            actions.extend(self._pairing_actions(result))
-        return actions
-
-    def pairing_peer_message(self) -> list[Action]:
-        """A chat message from the peer came (before any pairing answer, perhaps)."""
-        if self.pairing is None or self.context.phase is not Phase.READY:
-            return []
-        return self._pairing_actions(self.pairing.peer_message_first())
-
-    def pairing_repeat(self) -> list[Action]:
-        """Joiner: the reply again (reconnected, or the inviter is back), while no answer came."""
-        ctx = self.context
-        if self.pairing is None or self.pairing.repeat() is None or self._pairing_last is None:
-            return []
-        if not ctx.is_connected or ctx.phase is not Phase.READY:
-            return []
-        self._note_sent(self._pairing_last.msg_id or "")
-        return [ctx.send(self._pairing_last)]
-
-    def pairing_tick(self, now: float) -> list[Action]:
-        """Once: no pairing answer within `pair_timeout` (the session stays unverified, and says so)."""
-        ctx = self.context
-        if self._pair_deadline is None or now < self._pair_deadline or ctx.phase is not Phase.READY:
-            return []
-        self._pair_deadline = None
-        if self.pairing is None or self.pairing.state not in (State.OFFERED, State.REPLIED):
-            return []
-        assert ctx.sid is not None
-        return [Show(PairingShown(ctx.sid, PairingNote.NO_ANSWER, self._role()))]

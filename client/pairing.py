@@ -275,6 +275,42 @@ class Pairing:
     def _same(self) -> Result:
         return Result(self.state, None, self.unpaired, False)
 
+    # --- kept over a restart ----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """What a restarted client needs to finish a pairing whose SPAKE2 part is done, or None.
+
+        A joiner that replied keeps the MAC_A it expects; a creator that
+        confirmed keeps the reply it accepted (to answer it again). Nothing
+        secret: both travel on the wire, and neither lets anyone test a guess.
+        """
+        if not self.creator and self.state is State.REPLIED:
+            return {"state": "replied", "expect": self._expected.hex()}
+        if self.creator and self.state is State.VERIFIED and self._reply_seen is not None:
+            return {"state": "answered", "reply": list(self._reply_seen)}
+        return None
+
+    @classmethod
+    def restore(cls, creator: bool, kept: object) -> Pairing | None:
+        """A pairing from `snapshot()` (None for anything else): it tests no further guess."""
+        if not isinstance(kept, dict):
+            return None
+        pairing = cls(creator=creator, secret=None)
+        pairing._finished = True
+        if not creator and kept.get("state") == "replied" and isinstance(kept.get("expect"), str):
+            try:
+                pairing._expected = bytes.fromhex(kept["expect"])
+            except ValueError:
+                return None
+            pairing.state = State.REPLIED
+            return pairing
+        reply = kept.get("reply")
+        if creator and kept.get("state") == "answered" and isinstance(reply, list) and len(reply) == 2:
+            pairing._reply_seen = (reply[0], reply[1])
+            pairing.state = State.VERIFIED
+            return pairing
+        return None
+
     # --- creator ------------------------------------------------------------
 
     def offer(self) -> str | None:
@@ -312,11 +348,9 @@ class Pairing:
         reply = {"pairing": Step.REPLY.value, "spake2": y.hex(), "confirm": mac_b.hex()}
         return self._to(State.REPLIED, reply)
 
-    def repeat(self) -> dict[str, str] | None:
-        """Joiner: the reply again (after a reconnect, or the inviter coming back), while it waits."""
-        if not self.creator and self.state is State.REPLIED:
-            return self._sent
-        return None
+    def repeat(self) -> bool:
+        """Joiner: whether to send the reply again (after a reconnect, or the inviter coming back)."""
+        return not self.creator and self.state is State.REPLIED
 
     # --- both -----------------------------------------------------------------
 
@@ -338,13 +372,13 @@ class Pairing:
             if self.state is State.OFFERED or (self.state is State.UNPAIRED and not self._finished):
                 return self._to(State.UNPAIRED, unpaired=Unpaired.SECRET_UNUSED)
             return self._same()
-        if step != Step.REPLY.value or self._spake is None:
+        if step != Step.REPLY.value:
             return self._same()
         y_hex, mac_hex = data.get("spake2"), data.get("confirm")
-        if self._finished:
+        if self._finished or self._spake is None:
             # The same reply again (the joiner did not get our answer): the same answer.
             if self._reply_seen == (y_hex, mac_hex) and self.state is State.VERIFIED:
-                return Result(self.state, self._sent, self.unpaired, False)
+                return Result(self.state, self._sent or {"pairing": Step.CONFIRM.value}, self.unpaired, False)
             return self._same()  # any other second reply: no second guess
         self._reply_seen = (y_hex, mac_hex) if isinstance(y_hex, str) and isinstance(mac_hex, str) else None
         key = self._finish(y_hex)

@@ -183,8 +183,9 @@ class Session:
                 self.terminal.info("verification: unknown (session made by another client); it cannot be "
                                    "compared: use --no-verify to send in it")
             elif core.verified:
-                how = "pairing" if core.entry.get("verified") == "pake" else "compared"
-                self.terminal.info(f"verification: {core.verification} (verified: {how})")
+                how = "by pairing" if core.entry.get("verified") == "pake" else "by comparing this string"
+                self.terminal.info(f"verification: {core.verification}")
+                self.terminal.info(f"this session is verified ({how})")
             else:
                 self.terminal.info(f"verification: {core.verification}")
                 self.terminal.info("does your peer see exactly this string (ask by voice or in person)? [y/N]")

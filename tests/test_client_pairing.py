@@ -362,3 +362,48 @@ def test_resume_keeps_verified():
     legacy.connected()
     msg_id, out = legacy.send_text("held")
     assert shows(out) == [MessageStatus(SID, msg_id, Status.HELD)]
+
+
+def saved(actions: list[Any]) -> dict[str, Any]:
+    return json.loads(json.dumps([a for a in actions if isinstance(a, SaveState)][-1].entry))
+
+
+def test_a_pairing_cut_short_by_restarts_finishes_on_resume():
+    """The joiner quits right after its reply, the inviter right after confirming (a Go relay keeps
+    nothing): both resume from their files, the reply is sent again byte for byte, answered again
+    byte for byte, and the joiner is verified then. Nothing secret was kept for it."""
+    pair = Pair()
+    bob_entry = saved(pair.bob_out)
+    (reply,) = [a for a in pair.bob_out if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert bob_entry["pairing"]["state"] == "replied" and pair.code.split("-", 1)[1].replace("-", "") \
+        not in json.dumps(bob_entry)
+    alice_out = pair.to_alice([reply])  # the confirmation is lost: bob has gone
+    alice_entry = saved(alice_out)
+    (confirm,) = [a for a in alice_out if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert alice_entry["verified"] == "pake" and alice_entry["pairing"]["state"] == "answered"
+
+    bob = ClientCore.resume(SID, bob_entry, random=Rand(11), clock=Clock())
+    alice = ClientCore.resume(SID, alice_entry, random=Rand(12), clock=Clock())
+    bob.start()
+    alice.start()
+    alice.connected()
+    again = [a for a in bob.connected() if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert [a.text for a in again] == [reply.text]
+    answer = alice.frame_received(encode_text(parse(again[0].text)))
+    (confirm2,) = [a for a in answer if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert confirm2.text == confirm.text
+    out = bob.frame_received(encode_text(parse(confirm2.text)))
+    assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(out)
+    assert bob.verified and saved(out)["pairing"] is None
+
+
+def test_a_restored_joiner_refuses_a_wrong_confirmation():
+    pair = Pair()
+    bob = ClientCore.resume(SID, saved(pair.bob_out), random=Rand(11), clock=Clock())
+    bob.start()
+    bob.connected()
+    forged = Msg(SID, gojson.dumps({"msgID": "00" * 8, "pairing": "confirm", "confirm": "ab" * 32}), msg_id="00" * 8)
+    out = bob.frame_received(encode_text(forged))
+    assert ForgetState(SID) in out and HandshakeFailed(FailureKind.PAIRING_FAILED,
+                                                       "ask the other person for a new invite code and type all of it") \
+        in shows(out)
