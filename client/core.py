@@ -254,6 +254,11 @@ class ClientCore:
         return self.context.hold and not self.context.verified
 
     @property
+    def pairing_in_flight(self) -> bool:
+        """Our pairing message is out and its answer has not come (while connected)."""
+        return self.context.is_connected and self.pairing.in_flight
+
+    @property
     def held_ids(self) -> list[str]:
         return self.delivery.held_ids
 

@@ -96,6 +96,12 @@ class PairingLink:
                 self._ids.add(msg_id)
 
     @property
+    def in_flight(self) -> bool:
+        """Our SPAKE2 message is out and the answer has not come (OFFERED or REPLIED)."""
+        return self.pairing is not None and self.pairing.state in (State.OFFERED, State.REPLIED) \
+            and self.context.phase is Phase.READY
+
+    @property
     def role(self) -> Role:
         return Role.CREATOR if self.creator else Role.JOINER
 

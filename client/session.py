@@ -160,11 +160,14 @@ class Session:
         """Leaving on purpose: give messages already sent a moment to be acknowledged.
 
         Whatever is still unacknowledged stays in the state file and is resent
-        next time, so this only spares a needless resend.
+        next time, so this only spares a needless resend. A pairing under way
+        (our SPAKE2 message out, no answer yet) is waited for as well: an
+        inviter that left before the answer cannot finish it on resume.
         """
         core = self.core
         with trio.move_on_after(timeout):
-            while core.unanswered_ids() and not self.runner.closing:
+            # a pairing under way is finished too: cut short, it leaves the session unverified
+            while (core.unanswered_ids() or core.pairing_in_flight) and not self.runner.closing:
                 await trio.sleep(0.02)
 
     async def _verify_answer(self, answer: str) -> None:
