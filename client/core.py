@@ -82,7 +82,7 @@ from .context import Mode, Phase, SessionContext, printable_line
 from .delivery import ACK_TIMEOUT, Delivery
 from .entry import SEEN_LIMIT
 from .errors import SessionNotKeyed
-from .events import Action, Close, MessageStatus, PairingNote, PairingShown, PeerPresence, RelayError, Role, Show, Status
+from .events import Action, Close, PairingNote, PairingShown, PeerPresence, RelayError, Role, Show
 from .handshake import Handshake
 from .pairing import new_secret
 from .pairlink import PAIR_TIMEOUT, PairingLink

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 from parley.protocol import Msg, Received
 from parley.protocol import gojson

@@ -166,9 +166,18 @@ async def test_node_joiner_gets_no_pairing_and_lines_wait_for_verify(tmp_path, k
                 assert (await nick.next_event("message", timeout=10))["text"] == "held for nick"
                 await alice.stop()
         assert keyed(tmp_path / "a", "alice")[sid]["verified"] == "compared"
-        # the Node client resumes the file parley wrote (with `verified`, `held`) and keeps the fields
         nstate = json.loads((tmp_path / "n" / "state-nick.json").read_text())
         assert nstate[sid]["key"] == keyed(tmp_path / "a", "alice")[sid]["key"]
+        # the Node client resumes the file parley wrote (with `verified`, `held`) and keeps those fields
+        async with node(url, "alice", tmp_path / "a", "resume") as node_alice:
+            await node_alice.next_event("reattach", timeout=10)
+            async with node(url, "nick", tmp_path / "n", "resume") as nick2:
+                await nick2.next_event("reattach", timeout=10)
+                await nick2.send("to the node-resumed parley file")
+                assert (await node_alice.next_event("message", timeout=10))["text"] == \
+                    "to the node-resumed parley file"
+        entry = state_of(tmp_path / "a", "alice")[sid]
+        assert entry["verified"] == "compared" and entry["held"] == []
 
 
 async def test_node_creator_parley_joiner_is_told_and_held_until_verify(tmp_path, go_relay_binary,
