@@ -330,6 +330,16 @@ class ClientCore:
             actions.extend(self.delivery.resend_all())
         return actions
 
+    def spare_time(self) -> list[Action]:
+        """The shell has just sent what it had to (the JOIN, say): do work that can be done ahead.
+
+        Computes our SPAKE2 message while the answer travels, so it is not on
+        the handshake's path. Returns no actions.
+        """
+        if self.context.phase in (Phase.JOINING, Phase.INVITED):
+            self.pairing.prepare()
+        return []
+
     def leave(self) -> list[Action]:
         """The user is leaving: the connection about to close is no failure."""
         if self.handshake is not None:

@@ -340,7 +340,7 @@ class Pairing:
             return self._to(State.UNPAIRED, unpaired=Unpaired.OFFER_MISSING if self.secret else Unpaired.NO_PAIRING)
         if not self.secret:
             return self._to(State.UNPAIRED, {"pairing": Step.NOSECRET.value}, Unpaired.SECRET_NOT_TYPED)
-        y = self._start()
+        y = self._start()  # (computed ahead by prepare(), normally)
         key = self._finish(offer_hex)
         if key is None:
             return self._to(State.FAILED, {"pairing": Step.FAILED.value})

@@ -70,7 +70,9 @@ class PairingLink:
         self.pair_timeout = pair_timeout
         self._note_sent = note_sent
         self._release_held = release_held or (lambda: [context.save()])
-        self.pairing: Pairing | None = Pairing(creator=True, secret=secret, entropy=random) if creator else None
+        # made now, so that its SPAKE2 message can be computed ahead (`prepare`): the inviter's
+        # while its code is read out, the joiner's while its JOIN travels
+        self.pairing: Pairing | None = Pairing(creator=creator, secret=secret, entropy=random) if enabled else None
         self._deadline: float | None = None
         self._last: Msg | None = None  # our last pairing MSG (repeated as it is)
         self._ids: set[str] = set()  # msgIDs of our pairing MSGs
@@ -79,6 +81,7 @@ class PairingLink:
         """A resumed session: pick up a pairing the entry says is half done (`pairing`)."""
         ctx = self.context
         kept = ctx.entry.get("pairing")
+        self.pairing = None  # its handshake is over: only a half-done pairing goes on
         if ctx.verified and not self.creator:
             return
         self.pairing = Pairing.restore(self.creator, kept)
@@ -107,13 +110,14 @@ class PairingLink:
     # --- started by the handshake ----------------------------------------------
 
     def prepare(self) -> None:
-        """Inviter: make the SPAKE2 message now (while the code is read out)."""
-        if self.pairing is not None:
+        """Make our SPAKE2 message now, off the handshake's path (idempotent)."""
+        if self.pairing is not None and self.pairing.state is State.IDLE:
             self.pairing.prepare()
 
     def offer(self, sid: str, creator_public: str, joiner_public: str) -> str | None:
         """Inviter accepting: hex X for JOIN_ACCEPT's `spake2` (None: no secret, nothing offered)."""
-        assert self.pairing is not None
+        if self.pairing is None:
+            return None
         self.pairing.bind(sid, creator_public, joiner_public)
         offer = self.pairing.offer()
         if offer is not None:
@@ -122,10 +126,9 @@ class PairingLink:
 
     def answer(self, sid: str, creator_public: str, joiner_public: str, offer: str | None) -> list[Action]:
         """Joiner with the key: the inviter's `spake2` (or None) -> our reply (or the reason for none)."""
-        if not self.enabled:
+        if self.pairing is None:
             return []
-        self.pairing = Pairing(creator=False, secret=self.secret, sid=sid, creator_public=creator_public,
-                               joiner_public=joiner_public, entropy=self._random)
+        self.pairing.bind(sid, creator_public, joiner_public)
         result = self.pairing.answer(offer)
         if result.state is State.REPLIED:
             self._deadline = self._clock() + self.pair_timeout
