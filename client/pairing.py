@@ -26,9 +26,9 @@ What is derived (every hash SHA-256):
     MAC_B     = HMAC-SHA256(KcB, b"joiner" || T)      sent by the joiner
 
 The session id is bound by T (the context both MACs cover), not by the
-SPAKE2 identities, so the inviter can compute X while its code is shown
-(`prepare()`), before the session's keys exist: one scalar multiplication
-less on the handshake's path.
+SPAKE2 identities, so each side can compute its SPAKE2 message ahead
+(`prepare()`: the inviter while its code is shown, the joiner while its JOIN
+travels), before the session exists: `start()` is off the handshake's path.
 
 Each side builds T from the keys *it* saw (its own and the one the relay
 handed it), so a substituted key gives different T on the two sides; MACs are
