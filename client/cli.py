@@ -48,9 +48,9 @@ from .connect import (
     ssl_context_for,
 )
 from .context import VERIFIED_HOW
-from .core import ClientCore, short_sid
-from .pairlink import PAIR_TIMEOUT
+from .core import ClientCore
 from .pairing import split_code
+from .pairlink import PAIR_TIMEOUT
 from .errors import (
     BadRelayURL,
     ClientError,
@@ -71,7 +71,7 @@ from .errors import (
 )
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
 from .runner import Runner
-from .safetext import one_line, safe_text
+from .safetext import one_line, safe_text, short_sid
 from .session import Session
 from .store import SessionInfo, StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output
