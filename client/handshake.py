@@ -53,6 +53,8 @@ rest.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from parley.protocol import (
     CreateSession,
     ErrorFrame,
@@ -74,14 +76,26 @@ from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 from . import crypto
 from .context import Mode, Phase, SessionContext, printable_line
 from .events import Action, FailureKind, ForgetState, InviteReady, JoinRequested, KeyEstablished, PeerPresence, Role, Show
-from .pairlink import PairingLink
 from .verify import verification_string
 
-__all__ = ["Handshake", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY"]
+__all__ = ["Handshake", "PairingStart", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY"]
 
 # HandshakeFailed(JOINER_LEFT).detail: when the joiner went (none: before we answered)
 JOINER_LEFT_AFTER_ANSWER = "before your answer reached them"
 JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
+
+
+class PairingStart(Protocol):
+    """What the handshake asks of the session's pairing (`parley.client.pairlink.PairingLink`, which
+    the core hands in; not imported here, so the client's imports stay six deep, issue #13)."""
+
+    secret: str | None
+
+    def prepare(self) -> None: ...
+
+    def offer(self, sid: str, creator_public: str, joiner_public: str) -> str | None: ...
+
+    def answer(self, sid: str, creator_public: str, joiner_public: str, offer: str | None) -> list[Action]: ...
 
 
 class Handshake:
@@ -93,7 +107,7 @@ class Handshake:
         *,
         code: str | None,
         private_key: str,
-        link: PairingLink | None = None,
+        link: PairingStart | None = None,
     ) -> None:
         self.context = context
         self._code = code
