@@ -56,8 +56,11 @@ from .connect import (
     parse_relay_url,
     ssl_context_for,
 )
+from .context import VERIFIED_HOW
 from .core import ClientCore
 from .entry import LABEL_FIELD
+from .pairing import split_code
+from .pairlink import PAIR_TIMEOUT
 from .errors import (
     BadLabel,
     BadRelayURL,
@@ -65,6 +68,7 @@ from .errors import (
     HandoverNoAck,
     NoAnswer,
     NobodyJoined,
+    NotVerified,
     OutputClosed,
     RelayUnreachable,
     SendClosedEarly,
@@ -258,6 +262,7 @@ class Options:
     relay_explicit: bool = False  # --relay or PARLEY_RELAY given, not the default
     dedup_window: int = SEEN_LIMIT  # --dedup-window
     commit_batch: int = COMMIT_BATCH  # --commit-batch
+    no_verify: bool = False  # --no-verify / PARLEY_NO_VERIFY: send in unverified sessions (scripts)
 
     def store(self, *, writable: bool = False) -> StateStore:
         """The state file, loaded (and refused if unsafe, see parley.state).
@@ -298,6 +303,8 @@ def _check_cafile(ctx: click.Context, param: click.Parameter, value: str | None)
 _NAME_HELP = "Your name here; the state file is state-NAME.json."
 _RELAY_HELP = "The relay's WebSocket URL."
 _STATE_DIR_HELP = "Directory of the state file."
+_NO_VERIFY_HELP = ("Send what is typed (and 'parley send') even in a session that is not verified yet (no "
+                   "pairing, verification string not compared); for scripts [env PARLEY_NO_VERIFY=1].")
 
 
 @click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -327,11 +334,12 @@ _STATE_DIR_HELP = "Directory of the state file."
               default=COMMIT_BATCH, show_default=True, show_envvar=True,
               help="Received messages recorded in one save of the state file, at most (one fsync for "
                    "all, then shown and acknowledged).")
+@click.option("--no-verify", is_flag=True, envvar="PARLEY_NO_VERIFY", show_envvar=True, help=_NO_VERIFY_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
          liveness_timeout: float, cafile: str | None, dedup_window: int, commit_batch: int,
-         verbose: bool) -> None:
+         no_verify: bool, verbose: bool) -> None:
     """End-to-end encrypted chat through a blind relay, started with an invite code.
 
     The global options may also be given after the command
@@ -346,7 +354,8 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_time
     settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
     explicit = ctx.get_parameter_source("relay") is not click.core.ParameterSource.DEFAULT
     ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings,
-                      relay_explicit=explicit, dedup_window=dedup_window, commit_batch=commit_batch)
+                      relay_explicit=explicit, dedup_window=dedup_window, commit_batch=commit_batch,
+                      no_verify=no_verify)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -366,13 +375,16 @@ def session_options(fn: Any) -> Any:
                   help=_RELAY_HELP + _AS_GLOBAL.format("PARLEY_RELAY"))
     @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
                   help=_STATE_DIR_HELP + _AS_GLOBAL.format("PARLEY_STATE_DIR"))
+    @click.option("--no-verify", "sub_no_verify", is_flag=True, default=False,
+                  help="As the global option.  [env var: PARLEY_NO_VERIFY]")
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
-                sub_state_dir: str | None, **kwargs: Any) -> Any:
+                sub_state_dir: str | None, sub_no_verify: bool, **kwargs: Any) -> Any:
         opts: Options = ctx.obj
         opts = attrs.evolve(
             opts,
+            no_verify=opts.no_verify or sub_no_verify,
             name=sub_name if sub_name is not None else opts.name,
             relay=sub_relay if sub_relay is not None else opts.relay,
             relay_explicit=opts.relay_explicit or sub_relay is not None,
@@ -439,22 +451,37 @@ def _wait_option(default: float, envvar: str, what: str) -> Any:
                         envvar=envvar, show_envvar=True, help=f"Seconds to wait for {what}.")
 
 
+def _pair_timeout_option() -> Any:
+    """`--pair-timeout S`: when to say that the pairing answer has not come (the session stays unverified)."""
+    return click.option("--pair-timeout", type=click.FloatRange(min=0.1), default=PAIR_TIMEOUT, show_default=True,
+                        envvar="PARLEY_PAIR_TIMEOUT", show_envvar=True,
+                        help="Seconds to wait for the peer's pairing answer before saying the session is not "
+                             "verified (a late answer still verifies it).")
+
+
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
 @_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
 @_label_option
+@_pair_timeout_option()
 @session_options
-def invite(opts: Options, yes: bool, timeout: float, label: str | None) -> None:
-    """Create a session, print its invite code, wait for the other person, chat."""
+def invite(opts: Options, yes: bool, timeout: float, label: str | None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+    """Create a session, print its invite code, wait for the other person, chat.
+
+    The code is the relay's code and a secret part this client makes up
+    (RELAY-SSSS-SSSS); the relay never sees the secret. A parley client that
+    joins with the whole code pairs with it: a relay in between is caught.
+    """
     store = opts.store(writable=True)
     if label is not None:
         check_label_free(store.state, label, None)
-    _run(_invite, opts, store, yes, timeout, label)
+    _run(_invite, opts, store, yes, timeout, label, pair_timeout)
 
 
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
-                  label: str | None = None) -> None:
-    core = ClientCore.invite(seen_limit=opts.dedup_window)
+                  label: str | None = None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+    core = ClientCore.invite(seen_limit=opts.dedup_window, hold_unverified=not opts.no_verify,
+                             pair_timeout=pair_timeout)
     if label is not None:
         core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
@@ -500,26 +527,31 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
 _CODE = re.compile(r"[0-9]{4,16}\Z")
 
 
-_CODE_SHAPE = "an invite code is digits only, e.g. 042917"
+_CODE_SHAPE = "an invite code is digits only, e.g. 042917 or 042917-7295-1843"
 
 
-def _normal_code(value: str) -> str:
-    """The digits of a code as typed (`042 917`, `042-917`); `click.BadParameter` if it is not one."""
-    code = re.sub(r"[\s-]", "", value)
+def _normal_code(value: str) -> tuple[str, str | None]:
+    """A code as typed (`042917-7295-1843`, `042 917`) -> (the relay's part, the secret or None).
+
+    `click.BadParameter` if it is not one.
+    """
+    code, secret = split_code(value)
     if not _CODE.match(code):
         raise click.BadParameter(_CODE_SHAPE)
-    return code
+    return code, secret
 
 
-def _check_code(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
-    """CODE as given, or asked for on a terminal; a one-line usage error where nobody can answer."""
-    if value is not None:
+def _check_code(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...]) -> tuple[str, str | None]:
+    """CODE as given (one argument, or its groups as several) or asked for on a terminal ->
+    (the relay's part, the secret or None); a one-line usage error where nobody can answer."""
+    if value:
         try:
-            return _normal_code(value)
+            return _normal_code(" ".join(value))
         except click.BadParameter as exc:
             raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
     if ctx.resilient_parsing:
-        return ""
+        return "", None
     if not sys.stdin.isatty():
         raise click.UsageError("no invite CODE given (standard input is not a terminal to ask on): "
                                "run 'parley join CODE'", ctx=ctx)
@@ -528,20 +560,29 @@ def _check_code(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @main.command()
-@click.argument("code", required=False, callback=_check_code)
+@click.argument("code", nargs=-1, required=False, callback=_check_code)
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
 @_label_option
+@_pair_timeout_option()
 @session_options
-def join(opts: Options, code: str, timeout: float, label: str | None) -> None:
-    """Join the session an invite CODE names, then chat (asks for CODE if not given)."""
+def join(opts: Options, code: tuple[str, str | None], timeout: float, label: str | None,
+         pair_timeout: float = PAIR_TIMEOUT) -> None:
+    """Join the session an invite CODE names, then chat (asks for CODE if not given).
+
+    Only the code's first part goes to the relay; its secret part (the two
+    groups of four digits) pairs this client with the inviter's.
+    """
     store = opts.store(writable=True)
     if label is not None:
         check_label_free(store.state, label, None)
-    _run(_join, opts, store, code, timeout, label)
+    _run(_join, opts, store, code, timeout, label, pair_timeout)
 
 
-async def _join(opts: Options, store: StateStore, code: str, timeout: float, label: str | None = None) -> None:
-    core = ClientCore.join(code, seen_limit=opts.dedup_window)
+async def _join(opts: Options, store: StateStore, code: tuple[str, str | None] | str, timeout: float,
+                label: str | None = None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+    relay_code, secret = split_code(code) if isinstance(code, str) else code
+    core = ClientCore.join(relay_code, secret, seen_limit=opts.dedup_window, hold_unverified=not opts.no_verify,
+                           pair_timeout=pair_timeout)
     if label is not None:
         core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)
@@ -605,7 +646,7 @@ def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
         raise SessionBusy(sid=short_sid(sid))
     store.load()  # as it is now that this process owns the session
     core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay,
-                             seen_limit=opts.dedup_window)
+                             seen_limit=opts.dedup_window, hold_unverified=not opts.no_verify)
     _run(_chat, attrs.evolve(opts, relay=relay), store, core)
 
 
@@ -619,6 +660,10 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     waiting = len(core.pending_ids()) + len(core.entry.get("outbox") or [])
     if waiting:
         terminal.info(f"{waiting} message(s) waiting to be sent")
+    if core.holding:
+        held = len(core.held_ids) + len(core.entry.get("outbox") or [])
+        terminal.info("this session is NOT verified: compare the verification string with your peer, then /verify; "
+                      f"until then what you type is held ({held} held now)")
     await session.run(session.chat)
 
 
@@ -652,12 +697,15 @@ def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: 
         raise click.UsageError("nothing to send (empty message)")
     store = opts.store(writable=True)
     sid = store.find(sid)
+    if not opts.no_verify and store.state[sid].get("verified") not in VERIFIED_HOW:
+        raise NotVerified(sid=short_sid(sid))
     relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
     opts = attrs.evolve(opts, relay=relay)
     if store.claim(sid):
         store.load()
         core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, must_exist=must_exist,
-                                 adopt_relay=move_relay, seen_limit=opts.dedup_window)
+                                 adopt_relay=move_relay, seen_limit=opts.dedup_window,
+                                 hold_unverified=False)  # checked above
         status, msg_id = _run(_send, opts, store, core, text, timeout)
     else:
         status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, must_exist, move_relay)
@@ -679,7 +727,8 @@ async def _hand_over(
 
     If the owner ends first, this process takes the session over and sends it itself.
     """
-    core = ClientCore.resume(sid, store.state[sid], receive=False, seen_limit=opts.dedup_window)
+    core = ClientCore.resume(sid, store.state[sid], receive=False, seen_limit=opts.dedup_window,
+                             hold_unverified=False)
     msg_id, actions = core.send_text(text)  # not connected: saved, nothing sent
     for action in actions:
         if isinstance(action, SaveState):
@@ -693,7 +742,7 @@ async def _hand_over(
         if store.claim(sid):  # the owner has gone: send it ourselves
             store.load()
             own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay, must_exist=must_exist,
-                                    adopt_relay=move_relay, seen_limit=opts.dedup_window)
+                                    adopt_relay=move_relay, seen_limit=opts.dedup_window, hold_unverified=False)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
     raise HandoverNoAck(timeout=timeout)
 

@@ -524,6 +524,7 @@ class Runner:
                     await self.call(self.core.connected)
                     # reported once the session's first frames (REATTACH ...) are out
                     self.on_event(ConnectionNotice(NoticeKind.CONNECTED, self.url))
+                    await self.call(self.core.spare_time)  # e.g. pairing's arithmetic, while the JOIN travels
                     await self._pump(ws)
             finally:
                 self._read_scope = None

@@ -36,6 +36,7 @@ def free_port() -> int:
 
 async def parley(*args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None) -> tuple[int, str, str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_") or k == "PARLEY_SOURCE_ROOT"}
+    full_env["PARLEY_NO_VERIFY"] = "1"  # issue #15's held-until-verified rule: tests/test_client_pairing*.py
     full_env.update(env or {})
     with trio.fail_after(TIMEOUT):
         proc = await trio.run_process(
@@ -236,6 +237,7 @@ async def test_sessions_json_and_table(tmp_path):
             "seen": [],
             "sent": [],
             "peerOnline": True,
+            "verified": "pake",
         },
         "1763900000789_feedface": {"outbox": []},
     }
@@ -250,7 +252,9 @@ async def test_sessions_json_and_table(tmp_path):
             "peerLastSeen": None, "lastActivity": None}
     assert listed == {"schema": 1, "sessions": [
         {**none, "sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "pending": 1},
-        {**none, "sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "pending": 2},
+        # issue #15: verified by pairing ("pake" in the entry)
+        {**none, "sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "pending": 2,
+         "verified": True, "verifiedBy": "pake"},
         {**none, "sid": "1763900000789_feedface", "short": "feedface", "key": False, "role": None, "pending": 0},
     ]}
     rc, out, _ = await parley("--name", "alice", "sessions", cwd=tmp_path)
@@ -258,7 +262,7 @@ async def test_sessions_json_and_table(tmp_path):
     rows = out.strip().splitlines()
     assert rows[0].split() == ["SESSION", "LABEL", "RELAY", "VERIFIED", "PEER", "PENDING", "ACTIVITY"]
     assert rows[1].split() == ["9f3a61c2", "-", "-", "no", "unknown", "1", "-"]
-    assert rows[2].split() == ["0123abcd", "-", "-", "no", "unknown", "2", "-"]
+    assert rows[2].split() == ["0123abcd", "-", "-", "pairing", "unknown", "2", "-"]
     assert rows[3].split() == ["feedface", "-", "-", "no", "key", "unknown", "0", "-"]
     assert path.read_bytes() == before  # listing never writes
 
