@@ -26,7 +26,7 @@ import trio
 from parley.client import crypto
 from support.coreharness import Harness
 from support.golang import GoRelay
-from support.mitm import MitmCore, open_mitm
+from support.mitm import TO_RELAY, MitmCore, Send, open_mitm
 from support.parleyproc import VERIFY_RE, fingerprint, invite_and_join, state_of
 from support.relayproc import ParleyRelay
 
@@ -79,16 +79,22 @@ class Wire:
 
     def send(self, conn: int, frame: dict) -> list[str]:
         """`frame` from client `conn`; returns what the MITM passed on to the relay."""
-        passed = self.mitm.from_client(conn, json.dumps(frame))
-        for text in passed:
-            self._deliver(self.h.send(conn, text))
-        return passed
+        return self._route(self.mitm.from_client(conn, json.dumps(frame)))
+
+    def _route(self, sends: list[Send]) -> list[str]:
+        to_relay = []
+        for send in sends:
+            if send.to == TO_RELAY:
+                to_relay.append(send.message)
+                self._deliver(self.h.send(send.conn, send.message))
+            else:
+                self.inbox.setdefault(send.conn, []).append(json.loads(send.message))
+        return to_relay
 
     def _deliver(self, out: dict[int, list[str]]) -> None:
         for conn, texts in out.items():
             for text in texts:
-                for passed in self.mitm.from_relay(conn, text):
-                    self.inbox.setdefault(conn, []).append(json.loads(passed))
+                self._route(self.mitm.from_relay(conn, text))
 
     def take(self, conn: int, t: str) -> list[dict]:
         frames = [f for f in self.inbox.get(conn, []) if f["t"] == t]
@@ -167,12 +173,12 @@ def test_core_passes_what_it_cannot_open_and_passive_mode_changes_nothing():
     wire = Wire("compat", mitm)
     creator, _ = key_up(wire)
     unknown = json.dumps({"t": "MSG", "sid": "1763900000123_" + "0" * 32, "data": {"payload": "00" * 40}})
-    assert mitm.from_client(1, unknown) == [unknown]
+    assert mitm.from_client(1, unknown) == [Send(TO_RELAY, 1, unknown)]
     forged = json.dumps({"t": "MSG", "sid": creator.sid, "data": {"payload": "11" * 40, "msgID": "x"}})
-    assert mitm.from_client(1, forged) == [forged]
+    assert mitm.from_client(1, forged) == [Send(TO_RELAY, 1, forged)]
     assert mitm.passed_unopened == 1
     for junk in ("not json", b"\xff\xfe", "[]", '{"t":"JOIN","data":{"code":"1","publicKey":"02"}}'):
-        assert mitm.from_client(1, junk) == [junk]
+        assert mitm.from_client(1, junk) == [Send(TO_RELAY, 1, junk)]
     assert mitm.texts == []
 
     passive = MitmCore("passive")
