@@ -61,9 +61,12 @@ class Client:
         self.public = crypto.public_key_hex(self.private)
         self.key: str | None = None
         self.sid: str | None = None
+        self.peer_public: str | None = None  # the key this side was shown
+        self.answer: dict = {}  # joiner: the data of the answer it keyed from
 
     def key_with(self, peer_public: str) -> None:
         self.key = crypto.session_key(self.private, peer_public)
+        self.peer_public = peer_public
 
 
 class Wire:
@@ -113,9 +116,10 @@ def _invite(wire: Wire) -> dict:
     return invite
 
 
-def key_up(wire: Wire) -> tuple[Client, Client]:
+def key_up(wire: Wire, offer=None) -> tuple[Client, Client]:
     """Creator (conn 1) and joiner (conn 2) key up through the relay core as legacy clients do;
-    the joiner takes the first answer (JOIN_ACCEPT or JOINED), whichever its dialect sends."""
+    the joiner takes the first answer (JOIN_ACCEPT or JOINED), whichever its dialect sends.
+    `offer(creator) -> dict`: fields the creator adds to its JOIN_ACCEPT (parley's pairing)."""
     creator, joiner = Client(), Client()
     wire.connect(1)
     wire.connect(2)
@@ -129,11 +133,14 @@ def key_up(wire: Wire) -> tuple[Client, Client]:
     answer = {"publicKey": creator.public}
     if "clientID" in request["data"]:
         answer = {"clientID": request["data"]["clientID"], **answer}
+    if offer is not None:
+        answer.update(offer(creator))
     wire.send(1, {"t": "JOIN_ACCEPT", "sid": creator.sid, "data": answer})
     answers = wire.take(2, "JOIN_ACCEPT") + wire.take(2, "JOINED")
     assert answers, "the joiner got no answer"
-    assert len({a["data"]["publicKey"] for a in answers}) == 1  # compat: both carry the same key
+    assert len({json.dumps(a["data"], sort_keys=True) for a in answers}) == 1  # compat: the same data twice
     joiner.sid = answers[0]["sid"]
+    joiner.answer = answers[0]["data"]
     joiner.key_with(answers[0]["data"]["publicKey"])
     return creator, joiner
 

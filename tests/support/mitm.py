@@ -48,7 +48,9 @@ goes through unchanged. The plaintexts are kept in memory for the test's asserti
   digits; random unless set): toward the inviter it is the joiner (SPAKE2 side B; it answers the
   inviter's `JOIN_ACCEPT` at once with its own `reply`), toward the joiner it is the inviter
   (side A: its own X in the `JOIN_ACCEPT`, and a `confirm` for the joiner's `reply`). The
-  clients' own pairing MSGs and their receipts for the MITM's go no further. The MACs follow the
+  MITM's pairing MSGs go straight to the client; the clients' own still go to the relay (which
+  acks them as usual) but are dropped on their way to the peer, and the clients' receipts for
+  the MITM's MSGs go no further. The MACs follow the
   construction the pake branch documents (SPAKE2 RFC 9382 as python-spake2 0.9 runs it, ids
   `parley-pair-v1 creator|joiner <sid>`, HKDF-SHA256 RFC 5869 -> KcA || KcB, HMAC-SHA256 over the
   transcript of the SID, both MODP-14 keys and X, Y), written here from that description, not
@@ -283,7 +285,7 @@ class MitmCore:
         if t == "JOIN_ACCEPT":
             return self._on_join_accept(conn, envelope) or passed
         if t == "MSG":
-            return self._on_msg(conn, envelope) or passed
+            return self._on_msg(conn, envelope, message) or passed
         if t == "RECEIVED" and self.mode == "guess":
             data = envelope.get("data")
             if isinstance(data, dict) and data.get("msgID") in self._injected_ids:
@@ -301,7 +303,8 @@ class MitmCore:
         t = envelope.get("t")
         if t == "JOIN_REQUEST":
             self._on_join_request(conn, envelope)
-        elif t == "MSG" and self.mode == "strip_pairing" and self._is_pairing_msg(envelope):
+        elif t == "MSG" and self.mode in ("strip_pairing", "guess") and self._is_pairing_msg(envelope):
+            # strip: the peer looks legacy; guess: the MITM is the peer (its own go out directly)
             pairing = self._by_sid.get(envelope.get("sid"))  # type: ignore[arg-type]
             if pairing is not None:
                 pairing.stripped += 1
@@ -444,15 +447,15 @@ class MitmCore:
 
     # --- messages --------------------------------------------------------------------------
 
-    def _on_msg(self, conn: int, envelope: dict[str, Any]) -> list[Send] | None:
+    def _on_msg(self, conn: int, envelope: dict[str, Any], message: str | bytes) -> list[Send] | None:
         data, sid = envelope.get("data"), envelope.get("sid")
         pairing = self._by_sid.get(sid) if isinstance(sid, str) else None
         if pairing is None or not isinstance(data, dict):
             return None
         if "pairing" in data:
             self.pairing_msgs_seen += 1
-            if self.mode == "guess":
-                return self._on_pairing_msg(conn, pairing, data)
+            if self.mode == "guess":  # the relay still carries it (and acks it); the peer never gets it
+                return [Send(TO_RELAY, conn, message), *self._on_pairing_msg(conn, pairing, data)]
             return None
         if not isinstance(data.get("payload"), str):
             return None
