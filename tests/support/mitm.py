@@ -51,10 +51,10 @@ goes through unchanged. The plaintexts are kept in memory for the test's asserti
   MITM's pairing MSGs go straight to the client; the clients' own still go to the relay (which
   acks them as usual) but are dropped on their way to the peer, and the clients' receipts for
   the MITM's MSGs go no further. The MACs follow the
-  construction the pake branch documents (SPAKE2 RFC 9382 as python-spake2 0.9 runs it, ids
-  `parley-pair-v1 creator|joiner <sid>`, HKDF-SHA256 RFC 5869 -> KcA || KcB, HMAC-SHA256 over the
-  transcript of the SID, both MODP-14 keys and X, Y), written here from that description, not
-  imported: with the right secret the MITM passes both confirmations and reads the chat (so a
+  construction README "Pairing: what travels and what is derived" documents (SPAKE2, RFC 9382,
+  as python-spake2 0.9 runs it, ids `parley-pair-v1 creator|joiner`; HKDF-SHA256, RFC 5869, ->
+  KcA || KcB; HMAC-SHA256 over the transcript T of the SID, both MODP-14 keys and X, Y), written
+  here from that description, not imported: with the right secret the MITM passes both confirmations and reads the chat (so a
   refusal with a wrong one is the guess failing, not the MITM); `Pairing.guess_passed` records,
   per side, whether its MAC from that side verified.
 * `passive`: forwards everything unchanged (a control: the same proxy, no attack).
@@ -129,7 +129,9 @@ class Pairing:
 
     `to_joiner`/`to_creator` are private exponents (hex); `shown_to_*` the public keys each side
     is shown; `joiner_key`/`creator_key` the 64-hex session keys the MITM shares with each side
-    (None until that side's public key passed by). `guess`: the MITM's PAKE state (mode guess).
+    (None until that side's public key passed by). `pake`: the MITM's own SPAKE2 runs and MACs
+    (mode guess); `guess_passed`: per side, whether the MAC that side sent verified (the guess was
+    right); `stripped`: pairing fields and MSGs removed (mode strip_pairing).
     """
 
     to_joiner: str
@@ -141,9 +143,9 @@ class Pairing:
     sid: str | None = None
     creator_conn: int | None = None
     joiner_conn: int | None = None
-    stripped: int = 0  # pairing fields and MSGs removed (strip_pairing)
-    guess_passed: dict[str, bool] = field(default_factory=dict)  # side -> its MAC verified
-    pake: dict[str, Any] = field(default_factory=dict)  # mode guess: SPAKE2 messages, keys, MACs
+    stripped: int = 0
+    guess_passed: dict[str, bool] = field(default_factory=dict)
+    pake: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shown_to_joiner(self) -> str:
@@ -198,8 +200,9 @@ def _seal(key_hex: str, plain: bytes, original_payload: str) -> str:
 # --- parley pairing, as the attacker computes it ----------------------------------------------
 
 
-def _spake2_ids(sid: str) -> tuple[bytes, bytes]:
-    return PAIR_LABEL + b" creator " + sid.encode(), PAIR_LABEL + b" joiner " + sid.encode()
+# SPAKE2 identities; the session is bound by the transcript T, not by these (README "Pairing")
+SPAKE2_ID_A = PAIR_LABEL + b" creator"
+SPAKE2_ID_B = PAIR_LABEL + b" joiner"
 
 
 def _confirmation_keys(spake2_key: bytes) -> tuple[bytes, bytes]:
@@ -257,6 +260,7 @@ class MitmCore:
         self.substituted = 0  # public keys replaced
         self.reencrypted = 0  # MSGs re-encrypted
         self.passed_unopened = 0  # MSGs of a known pairing that no key opened
+        self.payload_msgs = 0  # MSGs with a payload (a chat line) that clients sent, opened or not
         self.pairing_msgs_seen = 0  # parley pairing MSGs from clients
 
     # --- what tests read -------------------------------------------------------------------
@@ -390,10 +394,9 @@ class MitmCore:
         """The inviter offered X: answer it as the joiner (side B, our guess), and make our own X
         for the joiner (side A, the same guess). Returns (our X hex, our reply MSG to the inviter)."""
         password = self.guess_secret.encode("ascii")
-        id_a, id_b = _spake2_ids(sid)
-        toward_creator = SPAKE2_B(password, idA=id_a, idB=id_b)
+        toward_creator = SPAKE2_B(password, idA=SPAKE2_ID_A, idB=SPAKE2_ID_B)
         y = toward_creator.start()
-        toward_joiner = SPAKE2_A(password, idA=id_a, idB=id_b)
+        toward_joiner = SPAKE2_A(password, idA=SPAKE2_ID_A, idB=SPAKE2_ID_B)
         x = toward_joiner.start()
         pairing.pake.update(toward_joiner=toward_joiner, x_to_joiner=x)
         key = _finish(toward_creator, offer_hex)
@@ -449,6 +452,8 @@ class MitmCore:
 
     def _on_msg(self, conn: int, envelope: dict[str, Any], message: str | bytes) -> list[Send] | None:
         data, sid = envelope.get("data"), envelope.get("sid")
+        if isinstance(data, dict) and "payload" in data:
+            self.payload_msgs += 1
         pairing = self._by_sid.get(sid) if isinstance(sid, str) else None
         if pairing is None or not isinstance(data, dict):
             return None
