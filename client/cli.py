@@ -47,13 +47,17 @@ from .connect import (
     parse_relay_url,
     ssl_context_for,
 )
+from .context import VERIFIED_HOW
 from .core import ClientCore
+from .pairing import split_code
+from .pairlink import PAIR_TIMEOUT
 from .errors import (
     BadRelayURL,
     ClientError,
     HandoverNoAck,
     NoAnswer,
     NobodyJoined,
+    NotVerified,
     OutputClosed,
     RelayUnreachable,
     SendClosedEarly,
@@ -231,6 +235,7 @@ class Options:
     verbose: bool
     connect: ConnectSettings = ConnectSettings()
     relay_explicit: bool = False  # --relay or PARLEY_RELAY given, not the default
+    no_verify: bool = False  # --no-verify / PARLEY_NO_VERIFY: send in unverified sessions (scripts)
 
     def store(self, *, writable: bool = False) -> StateStore:
         """The state file, loaded (and refused if unsafe, see parley.state).
@@ -271,6 +276,8 @@ def _check_cafile(ctx: click.Context, param: click.Parameter, value: str | None)
 _NAME_HELP = "Your name here; the state file is state-NAME.json."
 _RELAY_HELP = "The relay's WebSocket URL."
 _STATE_DIR_HELP = "Directory of the state file."
+_NO_VERIFY_HELP = ("Send what is typed (and 'parley send') even in a session that is not verified yet (no "
+                   "pairing, verification string not compared); for scripts [env PARLEY_NO_VERIFY=1].")
 
 
 @click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -292,10 +299,11 @@ _STATE_DIR_HELP = "Directory of the state file."
               type=click.Path(dir_okay=False),
               help="PEM file of the CA certificates to trust for a wss:// relay, instead of the system's "
                    "(env PARLEY_CAFILE).")
+@click.option("--no-verify", is_flag=True, envvar="PARLEY_NO_VERIFY", help=_NO_VERIFY_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log frame types and timings to stderr.")
 @click.pass_context
 def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_timeout: float,
-         liveness_timeout: float, cafile: str | None, verbose: bool) -> None:
+         liveness_timeout: float, cafile: str | None, no_verify: bool, verbose: bool) -> None:
     """End-to-end encrypted chat through a blind relay, started with an invite code.
 
     The global options may also be given after the command
@@ -310,7 +318,7 @@ def main(ctx: click.Context, name: str, relay: str, state_dir: str, connect_time
     settings = ConnectSettings(connect_timeout=connect_timeout, liveness_timeout=liveness_timeout, cafile=cafile)
     explicit = ctx.get_parameter_source("relay") is not click.core.ParameterSource.DEFAULT
     ctx.obj = Options(name=name, relay=relay, state_dir=state_dir, verbose=verbose, connect=settings,
-                      relay_explicit=explicit)
+                      relay_explicit=explicit, no_verify=no_verify)
 
 
 def _check_relay_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -325,13 +333,16 @@ def session_options(fn: Any) -> Any:
                   help=_RELAY_HELP + " (as the global option)")
     @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
                   help=_STATE_DIR_HELP + " (as the global option)")
+    @click.option("--no-verify", "sub_no_verify", is_flag=True, default=False,
+                  help="As the global option [env PARLEY_NO_VERIFY=1].")
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
-                sub_state_dir: str | None, **kwargs: Any) -> Any:
+                sub_state_dir: str | None, sub_no_verify: bool, **kwargs: Any) -> Any:
         opts: Options = ctx.obj
         opts = attrs.evolve(
             opts,
+            no_verify=opts.no_verify or sub_no_verify,
             name=sub_name if sub_name is not None else opts.name,
             relay=sub_relay if sub_relay is not None else opts.relay,
             relay_explicit=opts.relay_explicit or sub_relay is not None,
@@ -383,18 +394,33 @@ def _wait_option(default: float, envvar: str, what: str) -> Any:
                         envvar=envvar, help=f"Seconds to wait for {what} [env {envvar}].")
 
 
+def _pair_timeout_option() -> Any:
+    """`--pair-timeout S`: when to say that the pairing answer has not come (the session stays unverified)."""
+    return click.option("--pair-timeout", type=click.FloatRange(min=0.1), default=PAIR_TIMEOUT, show_default=True,
+                        envvar="PARLEY_PAIR_TIMEOUT",
+                        help="Seconds to wait for the peer's pairing answer before saying the session is not "
+                             "verified (a late answer still verifies it) [env PARLEY_PAIR_TIMEOUT].")
+
+
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
 @_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
+@_pair_timeout_option()
 @session_options
-def invite(opts: Options, yes: bool, timeout: float) -> None:
-    """Create a session, print its invite code, wait for the other person, chat."""
+def invite(opts: Options, yes: bool, timeout: float, pair_timeout: float = PAIR_TIMEOUT) -> None:
+    """Create a session, print its invite code, wait for the other person, chat.
+
+    The code is the relay's code and a secret part this client makes up
+    (RELAY-SSSS-SSSS); the relay never sees the secret. A parley client that
+    joins with the whole code pairs with it: a relay in between is caught.
+    """
     store = opts.store(writable=True)
-    _run(_invite, opts, store, yes, timeout)
+    _run(_invite, opts, store, yes, timeout, pair_timeout)
 
 
-async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT) -> None:
-    core = ClientCore.invite()
+async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
+                  pair_timeout: float = PAIR_TIMEOUT) -> None:
+    core = ClientCore.invite(hold_unverified=not opts.no_verify, pair_timeout=pair_timeout)
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -438,25 +464,35 @@ async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = 
 _CODE = re.compile(r"[0-9]{4,16}\Z")
 
 
-def _check_code(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    code = re.sub(r"[\s-]", "", value)
+def _check_code(ctx: click.Context, param: click.Parameter, value: tuple[str, ...] | str) -> tuple[str, str | None]:
+    """CODE as typed (one argument, or its groups as several) -> (the relay's part, the secret or None)."""
+    text = " ".join(value) if isinstance(value, tuple) else value
+    code, secret = split_code(text)
     if not _CODE.match(code):
-        raise click.BadParameter("an invite code is digits only, e.g. 042917", ctx=ctx, param=param)
-    return code
+        raise click.BadParameter("an invite code is digits only, e.g. 042917 or 042917-7295-1843",
+                                 ctx=ctx, param=param)
+    return code, secret
 
 
 @main.command()
-@click.argument("code", callback=_check_code)
+@click.argument("code", nargs=-1, required=True, callback=_check_code)
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
+@_pair_timeout_option()
 @session_options
-def join(opts: Options, code: str, timeout: float) -> None:
-    """Join the session an invite CODE names, then chat."""
+def join(opts: Options, code: tuple[str, str | None], timeout: float, pair_timeout: float = PAIR_TIMEOUT) -> None:
+    """Join the session an invite CODE names, then chat.
+
+    Only the code's first part goes to the relay; its secret part (the two
+    groups of four digits) pairs this client with the inviter's.
+    """
     store = opts.store(writable=True)
-    _run(_join, opts, store, code, timeout)
+    _run(_join, opts, store, code, timeout, pair_timeout)
 
 
-async def _join(opts: Options, store: StateStore, code: str, timeout: float) -> None:
-    core = ClientCore.join(code)
+async def _join(opts: Options, store: StateStore, code: tuple[str, str | None] | str, timeout: float,
+                pair_timeout: float = PAIR_TIMEOUT) -> None:
+    relay_code, secret = split_code(code) if isinstance(code, str) else code
+    core = ClientCore.join(relay_code, secret, hold_unverified=not opts.no_verify, pair_timeout=pair_timeout)
     terminal = Terminal(relay_url=opts.relay)
     session = Session(core, opts.relay, store, terminal, settings=opts.connect)
     timed_out = False
@@ -517,7 +553,8 @@ def chat(opts: Options, sid: str | None, move_relay: bool) -> None:
     if not store.claim(sid):
         raise SessionBusy(sid=short_sid(sid))
     store.load()  # as it is now that this process owns the session
-    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay)
+    core = ClientCore.resume(sid, store.state[sid], relay=relay, must_exist=must_exist, adopt_relay=move_relay,
+                             hold_unverified=not opts.no_verify)
     _run(_chat, attrs.evolve(opts, relay=relay), store, core)
 
 
@@ -531,6 +568,10 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
     waiting = len(core.pending_ids()) + len(core.entry.get("outbox") or [])
     if waiting:
         terminal.info(f"{waiting} message(s) waiting to be sent")
+    if core.holding:
+        held = len(core.held_ids) + len(core.entry.get("outbox") or [])
+        terminal.info("this session is NOT verified: compare the verification string with your peer, then /verify; "
+                      f"until then what you type is held ({held} held now)")
     await session.run(session.chat)
 
 
@@ -563,12 +604,14 @@ def send(opts: Options, sid: str, text: str | None, timeout: float, move_relay: 
         raise click.UsageError("nothing to send (empty message)")
     store = opts.store(writable=True)
     sid = store.find(sid)
+    if not opts.no_verify and store.state[sid].get("verified") not in VERIFIED_HOW:
+        raise NotVerified(sid=short_sid(sid))
     relay, must_exist = _session_relay(opts, sid, store.state[sid], move_relay)
     opts = attrs.evolve(opts, relay=relay)
     if store.claim(sid):
         store.load()
         core = ClientCore.resume(sid, store.state[sid], receive=False, relay=relay, must_exist=must_exist,
-                                 adopt_relay=move_relay)
+                                 adopt_relay=move_relay, hold_unverified=False)  # checked above
         status, msg_id = _run(_send, opts, store, core, text, timeout)
     else:
         status, msg_id = _run(_hand_over, opts, store, sid, text, timeout, must_exist, move_relay)
@@ -590,7 +633,7 @@ async def _hand_over(
 
     If the owner ends first, this process takes the session over and sends it itself.
     """
-    core = ClientCore.resume(sid, store.state[sid], receive=False)
+    core = ClientCore.resume(sid, store.state[sid], receive=False, hold_unverified=False)
     msg_id, actions = core.send_text(text)  # not connected: saved, nothing sent
     for action in actions:
         if isinstance(action, SaveState):
@@ -604,7 +647,7 @@ async def _hand_over(
         if store.claim(sid):  # the owner has gone: send it ourselves
             store.load()
             own = ClientCore.resume(sid, store.state[sid], receive=False, relay=opts.relay,
-                                    must_exist=must_exist, adopt_relay=move_relay)
+                                    must_exist=must_exist, adopt_relay=move_relay, hold_unverified=False)
             return await _send(opts, store, own, None, max(0.1, deadline - trio.current_time()), msg_id)
     raise HandoverNoAck(timeout=timeout)
 
@@ -679,8 +722,10 @@ def sessions(opts: Options, as_json: bool) -> None:
     if not infos:
         _echo(f"no sessions in {safe_text(str(store.path))}")
         return
-    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} PENDING")
+    _echo(f"{'SESSION':<10} {'KEY':<4} {'ROLE':<8} {'PEER':<8} {'VERIFIED':<9} PENDING")
     for info in infos:
         peer = {True: "online", False: "offline", None: "unknown"}[info["peerOnline"]]
         role = safe_text(info["role"] or "-")
-        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} {info['pending']}")
+        verified = info["verified"] or "no"
+        _echo(f"{safe_text(info['short']):<10} {'yes' if info['key'] else 'no':<4} {role:<8} {peer:<8} "
+              f"{verified:<9} {info['pending']}")

@@ -31,7 +31,10 @@ from parley.protocol import Frame, encode_text
 
 from .events import Action, Close, FailureKind, HandshakeFailed, SaveState, SendFrame, Show
 
-__all__ = ["Mode", "Phase", "SessionContext", "BoundedSet", "printable_line"]
+__all__ = ["Mode", "Phase", "SessionContext", "BoundedSet", "printable_line", "VERIFIED_HOW"]
+
+# entry["verified"]: how the session was verified (absent: not yet)
+VERIFIED_HOW = ("pake", "compared")
 
 log = logging.getLogger("parley.client.core")  # one logger for the whole core, as before the split
 
@@ -90,8 +93,10 @@ class SessionContext:
         relay: str | None,
         must_exist: bool,
         seen_limit: int,
+        hold: bool = True,
     ) -> None:
         self.mode = mode
+        self.hold = hold  # typed lines wait (encrypted, in `held`) until the session is verified
         self.sid = sid
         self.entry = entry
         self.side = side
@@ -108,6 +113,11 @@ class SessionContext:
     def key(self) -> str | None:
         key = self.entry.get("key")
         return key if isinstance(key, str) else None
+
+    @property
+    def verified(self) -> bool:
+        """The pairing confirmed it (`"pake"`) or the person compared the string (`"compared"`)."""
+        return self.entry.get("verified") in VERIFIED_HOW
 
     @property
     def pending(self) -> list[dict[str, str]]:

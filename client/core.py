@@ -81,8 +81,10 @@ from .context import Mode, Phase, SessionContext, printable_line
 from .delivery import ACK_TIMEOUT, Delivery
 from .entry import SEEN_LIMIT
 from .errors import SessionNotKeyed
-from .events import Action, Close, PeerPresence, RelayError, Show
+from .events import Action, Close, PairingNote, PairingShown, PeerPresence, RelayError, Role, Show
 from .handshake import Handshake
+from .pairing import new_secret
+from .pairlink import PAIR_TIMEOUT, PairingLink
 from .safetext import safe_text, short_sid
 from .verify import verification_string
 
@@ -112,6 +114,10 @@ class ClientCore:
         relay: str | None = None,
         must_exist: bool = False,
         adopt_relay: bool = False,
+        secret: str | None = None,
+        pairing: bool = True,
+        hold_unverified: bool = True,
+        pair_timeout: float = PAIR_TIMEOUT,
     ) -> None:
         self.adopt_relay = adopt_relay
         private_key: str | None = None
@@ -121,14 +127,26 @@ class ClientCore:
         else:
             entry = new_entry()
             private_key = keygen()
+            if not pairing:
+                secret = None  # a legacy client's handshake: no secret, nothing offered
+            elif mode is Mode.INVITE and secret is None:
+                secret = new_secret(random)  # the code's part the relay never sees
         side = self._valid_side(entry.get("side")) or random(SIDE_BYTES).hex()
         self.context = SessionContext(mode, entry, side, sid=sid, relay=relay, must_exist=must_exist,
-                                      seen_limit=seen_limit)
-        self.handshake = (
-            Handshake(self.context, code=code, private_key=private_key) if private_key is not None else None
-        )
+                                      seen_limit=seen_limit, hold=hold_unverified)
         self.delivery = Delivery(self.context, random=random, clock=clock, ack_timeout=ack_timeout,
                                  receive=receive)
+        self._clock = clock
+        creator = mode is Mode.INVITE or (mode is Mode.RESUME and entry.get("role") == "creator")
+        self.pairing = PairingLink(self.context, creator=creator, secret=secret, random=random, clock=clock,
+                                   pair_timeout=pair_timeout, note_sent=self.delivery.note_sent,
+                                   release_held=self.delivery.release_held, enabled=pairing)
+        if mode is Mode.RESUME:
+            self.pairing.resumed()
+        self.handshake = (
+            Handshake(self.context, code=code, private_key=private_key, link=self.pairing)
+            if private_key is not None else None
+        )
         if mode is Mode.RESUME:
             self._verify_from_entry()  # presence starts unknown: the relay will tell
 
@@ -140,9 +158,10 @@ class ClientCore:
         return cls(Mode.INVITE, **kwargs)
 
     @classmethod
-    def join(cls, code: str, **kwargs: Any) -> ClientCore:
-        """A core that joins the session an invite code names."""
-        return cls(Mode.JOIN, code=code, **kwargs)
+    def join(cls, code: str, secret: str | None = None, **kwargs: Any) -> ClientCore:
+        """A core that joins the session an invite code names (`code`: the relay's part;
+        `secret`: the part the relay never sees, None for a code without one)."""
+        return cls(Mode.JOIN, code=code, secret=secret, **kwargs)
 
     @classmethod
     def resume(cls, sid: str, entry: dict[str, Any], **kwargs: Any) -> ClientCore:
@@ -219,6 +238,30 @@ class ClientCore:
         return self.context.verification
 
     @property
+    def verified(self) -> bool:
+        """Pairing confirmed the session, or the person confirmed the verification string."""
+        return self.context.verified
+
+    @property
+    def holding(self) -> bool:
+        """Typed lines are held (not sent) now: unverified, and no --no-verify."""
+        return self.context.hold and not self.context.verified
+
+    @property
+    def pairing_in_flight(self) -> bool:
+        """Our pairing message is out and its answer has not come (while connected)."""
+        return self.context.is_connected and self.pairing.in_flight
+
+    @property
+    def held_ids(self) -> list[str]:
+        return self.delivery.held_ids
+
+    @property
+    def secret(self) -> str | None:
+        """The invite code's secret part (inviter: made here; joiner: as typed), or None."""
+        return self.pairing.secret
+
+    @property
     def receive(self) -> bool:
         return self.delivery.receive
 
@@ -277,8 +320,19 @@ class ClientCore:
         if self.handshake is not None:
             actions.extend(self.handshake.reattached())
         if ctx.phase is Phase.READY:
+            actions.extend(self.pairing.repeat())
             actions.extend(self.delivery.resend_all())
         return actions
+
+    def spare_time(self) -> list[Action]:
+        """The shell has just sent what it had to (the JOIN, say): do work that can be done ahead.
+
+        Computes our SPAKE2 message while the answer travels, so it is not on
+        the handshake's path. Returns no actions.
+        """
+        if self.context.phase in (Phase.JOINING, Phase.INVITED):
+            self.pairing.prepare()
+        return []
 
     def leave(self) -> list[Action]:
         """The user is leaving: the connection about to close is no failure."""
@@ -313,8 +367,23 @@ class ClientCore:
         return self.handshake.disconnected() if self.handshake is not None else []
 
     def tick(self, now: float | None = None) -> list[Action]:
-        """Timer: report messages whose ack is overdue (once each)."""
-        return self.delivery.tick(now)
+        """Timer: report messages whose ack is overdue (once each), and a pairing answer that is."""
+        now = self._clock() if now is None else now
+        return self.pairing.tick(now) + self.delivery.tick(now)
+
+    def confirm_verification(self) -> list[Action]:
+        """The person compared the verification string with the peer's and it matched.
+
+        The session is verified from now on (`verified: "compared"`, saved), and
+        held messages go out. A no-op if it is verified already or has no key.
+        """
+        ctx = self.context
+        if ctx.verified or ctx.key is None or ctx.sid is None or ctx.phase is not Phase.READY:
+            return []
+        ctx.entry["verified"] = "compared"
+        role = Role.CREATOR if ctx.entry.get("role") == Role.CREATOR.value else Role.JOINER
+        save, *rest = self.delivery.release_held()  # saves `verified` with the held lines moved
+        return [save, Show(PairingShown(ctx.sid, PairingNote.COMPARED, role)), *rest]
 
     # --- user commands ------------------------------------------------------
 
@@ -392,6 +461,7 @@ class ClientCore:
         if changed:
             actions.append(Show(PeerPresence(frame.sid, online)))
         if online and ctx.phase is Phase.READY and ctx.is_connected:
+            actions.extend(self.pairing.repeat())
             actions.extend(self.delivery.retry_failed())
         return actions
 
@@ -412,12 +482,20 @@ class ClientCore:
     def _on_delivery(self, frame: Any) -> list[Action]:
         return self._DELIVERY[type(frame)](self.delivery, frame)
 
+    def _on_msg(self, frame: Msg) -> list[Action]:
+        if frame.payload is None:
+            pairing = self.pairing.frame(frame)
+            if pairing is not None:
+                return pairing
+        elif self.context.ours_sid(frame):
+            return self.pairing.peer_message() + self.delivery.on_msg(frame)
+        return self.delivery.on_msg(frame)
+
     _DELIVERY: dict[type, Callable[[Delivery, Any], list[Action]]] = {
         Delivered: Delivery.on_ack,
         Queued: Delivery.on_ack,
         DeliveredFailed: Delivery.on_ack,
         Received: Delivery.on_received,
-        Msg: Delivery.on_msg,
     }
 
     _ROUTES: dict[type, Callable[[ClientCore, Any], list[Action]]] = {
@@ -427,4 +505,5 @@ class ClientCore:
         PeerOffline: _on_presence,
         **dict.fromkeys(_HANDSHAKE, _on_handshake),
         **dict.fromkeys(_DELIVERY, _on_delivery),
+        Msg: _on_msg,
     }

@@ -20,6 +20,14 @@ than reporting QUEUED for messages the peer will never get. Once the relay
 shows it knows the session (presence, an ack, a message for it), its URL is
 recorded in the entry (`note_relay_knows`).
 
+Held until verified (issue #15): while the session is not verified (no
+pairing confirmed it, nobody compared the verification string) and
+`context.hold` is set (no `--no-verify`), a typed message is encrypted once
+into the entry's `held` list and shown HELD, not sent; `release_held()`
+(the session was just verified) moves them, in order, into `pending` and
+sends them. The same happens at start for a session already verified, or
+resumed with `--no-verify`.
+
 The clock (`clock() -> seconds`) and randomness (`random(n) -> n bytes`) are
 injected.
 """
@@ -103,20 +111,66 @@ class Delivery:
         actions: list[Action] = []
         outbox = entry.get("outbox")
         adopted: list[str] = []
+        holding = ctx.hold and not ctx.verified
         if isinstance(outbox, list) and outbox:
             for text in outbox:
-                if isinstance(text, str):
-                    adopted.append(self._encrypt_into_pending(text))
+                if isinstance(text, str):  # typed before the key: held too while unverified
+                    adopted.append(self._encrypt_into_pending(text, into="held" if holding else "pending"))
             entry["outbox"] = []
             changed = True
         if "pending" not in entry:
             entry["pending"] = []
             changed = True
+        released = [] if holding else self._take_held()
+        if released:
+            changed = True
         if changed:
             actions.append(ctx.save())
+        status = Status.HELD if holding else Status.PENDING
         for msg_id in adopted:
+            actions.append(Show(MessageStatus(ctx.sid, msg_id, status)))
+        for msg_id in released:
             actions.append(Show(MessageStatus(ctx.sid, msg_id, Status.PENDING)))
         return actions
+
+    # --- held until verified ------------------------------------------------
+
+    @property
+    def held_ids(self) -> list[str]:
+        held = self.context.entry.get("held")
+        return [h["msgID"] for h in held if isinstance(h, dict) and isinstance(h.get("msgID"), str)] \
+            if isinstance(held, list) else []
+
+    def _take_held(self) -> list[str]:
+        """Move every held message into `pending` (the caller saves); their msgIDs."""
+        ctx = self.context
+        held = ctx.entry.get("held")
+        if not isinstance(held, list) or not held:
+            return []
+        ctx.entry["held"] = []  # emptied, not removed: a merged save keeps a removed field (client.store)
+        moved = []
+        for item in held:
+            if isinstance(item, dict) and isinstance(item.get("msgID"), str) and isinstance(item.get("payload"), str):
+                ctx.pending.append({"msgID": item["msgID"], "payload": item["payload"]})
+                moved.append(item["msgID"])
+        return moved
+
+    def release_held(self) -> list[Action]:
+        """The session is verified now: save the entry (held messages moved to pending), send them."""
+        ctx = self.context
+        moved = self._take_held()
+        actions: list[Action] = [ctx.save()]
+        if ctx.is_connected and ctx.phase is Phase.READY:
+            actions.extend(self._send_pending(moved))
+        else:
+            actions.extend(Show(MessageStatus(ctx.sid, m, Status.PENDING)) for m in moved)
+        return actions
+
+    def note_sent(self, msg_id: str) -> None:
+        """A MSG the core sent that is no message of the user's (pairing): kept in the in-flight
+        order, so a Go relay's untagged acks keep lining up with ours."""
+        self._in_flight.pop(msg_id, None)
+        self._in_flight[msg_id] = self._clock()
 
     def connection_opened(self) -> None:
         self._in_flight.clear()
@@ -159,6 +213,9 @@ class Delivery:
         if size > MAX_TEXT_BYTES:
             # hex doubles it; a relay's frame limit (parley: 1 MiB) must not be hit
             raise MessageTooLong(size=size, limit=MAX_TEXT_BYTES)
+        if ctx.hold and not ctx.verified:
+            msg_id = self._encrypt_into_pending(text, into="held")
+            return msg_id, [ctx.save(), Show(MessageStatus(ctx.sid, msg_id, Status.HELD))]
         msg_id = self._encrypt_into_pending(text)
         actions: list[Action] = [ctx.save()]
         if ctx.is_connected:
@@ -189,13 +246,19 @@ class Delivery:
             return self._send_pending(new_ids)
         return [Show(MessageStatus(ctx.sid, m, Status.PENDING)) for m in new_ids]
 
-    def _encrypt_into_pending(self, text: str) -> str:
+    def _encrypt_into_pending(self, text: str, into: str = "pending") -> str:
         ctx = self.context
         assert ctx.key is not None
         msg_id = self._random(MSG_ID_BYTES).hex()
         iv = self._random(crypto.IV_BYTES)
         payload = crypto.encrypt_payload(ctx.key, text, iv=iv)
-        ctx.pending.append({"msgID": msg_id, "payload": payload})
+        if into == "pending":
+            ctx.pending.append({"msgID": msg_id, "payload": payload})
+        else:
+            held = ctx.entry.get(into)
+            if not isinstance(held, list):
+                held = ctx.entry[into] = []
+            held.append({"msgID": msg_id, "payload": payload})
         ctx.sent.add(iv_of(payload))
         self._ours.add(msg_id)
         return msg_id

@@ -17,6 +17,14 @@ State entry (Node's fields kept as Node reads them, parley's beside them):
     relay          parley: the relay URL the session was made on (`chat` and
                    `send` use it; another one needs `--move-relay`, which
                    records the new one). Entries without it use `--relay`.
+    verified       parley: how the session was verified: "pake" (pairing confirmed it)
+                   or "compared" (the person confirmed the verification string,
+                   /verify); absent until then (issue #15, `parley.client.pairlink`).
+    held           parley: [{"msgID", "payload"}] encrypted like `pending`, typed while
+                   the session was unverified; moved to `pending` once it is verified.
+    pairing        parley: a pairing whose SPAKE2 part is done but not yet confirmed
+                   (`parley.client.pairing.Pairing.snapshot`, no secret in it), so a
+                   restarted client finishes it; null once done.
 
 Unknown fields in an entry are kept as they are.
 

@@ -37,7 +37,7 @@ __all__ = [
     "NotDelivered", "SendNoAck", "SendClosedEarly", "SendPeerOffline", "SendUnreachable", "SendRefused",
     "HandoverNoAck",
     "HandshakeError", "InvalidCode", "JoinDeclined", "InviteDeclined", "BadPeerKey", "HandshakeInterrupted",
-    "CodeExpired", "InviterLeft", "JoinerLeft", "UnknownSession", "RelayRefused",
+    "CodeExpired", "InviterLeft", "JoinerLeft", "UnknownSession", "PairingFailed", "RelayRefused", "NotVerified",
     "handshake_error", "failure_message",
     "ConnectFailed", "LinkDead", "BadRelayURL", "NotAURL", "NotWebSocketURL", "NotWsURL", "BadPort", "NoHost",
     "OutputClosed",
@@ -76,6 +76,11 @@ class NotReady(ClientError):
 
 class SessionNotKeyed(NotReady):
     """session {sid} has no key yet (its handshake never finished)"""
+
+
+class NotVerified(ClientError):
+    """session {sid} is not verified yet, so nothing is sent to it: compare the verification string with
+    your peer in 'parley chat' (/verify), or add --no-verify (PARLEY_NO_VERIFY=1) to send anyway"""
 
 
 class MessageTooLong(ClientError):
@@ -227,6 +232,13 @@ class UnknownSession(HandshakeError):
     default_detail = "this address"
 
 
+class PairingFailed(HandshakeError):
+    """pairing failed: the secret part of the code did not match on both sides (it was mistyped, or someone
+    in between tried to guess it); nothing was kept; {detail}"""
+
+    default_detail = "make a new invite ('parley invite') and read the whole code again"
+
+
 class RelayRefused(HandshakeError):
     """the relay refused: {detail}"""
 
@@ -244,6 +256,7 @@ _HANDSHAKE_ERRORS: dict[FailureKind, type[HandshakeError]] = {
     FailureKind.INVITER_LEFT: InviterLeft,
     FailureKind.JOINER_LEFT: JoinerLeft,
     FailureKind.UNKNOWN_SESSION: UnknownSession,
+    FailureKind.PAIRING_FAILED: PairingFailed,
 }
 
 

@@ -30,7 +30,7 @@ import attrs
 
 __all__ = [
     "SaveState", "SendFrame", "Show", "Close", "ForgetState", "Action",
-    "Status", "FailureKind", "Role", "NoticeKind",
+    "Status", "FailureKind", "Role", "NoticeKind", "PairingNote", "PairingShown",
     "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
     "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
     "AckOverdue", "ConnectionNotice", "Event",
@@ -89,6 +89,7 @@ class Status(_Kind):
     DELIVERED = "delivered"  # the relay handed it to the peer's connection (done)
     FAILED = "failed"  # the relay could not deliver or keep it; resent when the peer is back
     RECEIVED = "received"  # the peer's client recorded it (RECEIVED receipt)
+    HELD = "held"  # encrypted and saved, not sent: the session is not verified yet
 
 
 class FailureKind(_Kind):
@@ -104,6 +105,7 @@ class FailureKind(_Kind):
     INVITER_LEFT = "inviter_left"  # the inviter gave up before answering our join
     JOINER_LEFT = "joiner_left"  # the joiner went before the handshake finished
     UNKNOWN_SESSION = "unknown_session"  # a parley relay does not know the (keyed) session
+    PAIRING_FAILED = "pairing_failed"  # the code's secret did not match (mistyped, or a guess in between)
 
 
 class Role(_Kind):
@@ -121,10 +123,33 @@ class NoticeKind(_Kind):
     RETRY = "retry"  # the next connect attempt comes after `delay` seconds
 
 
+class PairingNote(_Kind):
+    """Where a session's pairing (`parley.client.pairing`) stands, as shown (`PairingShown.note`)."""
+
+    VERIFIED = "verified"  # the code's secret matched on both sides (entry `verified: "pake"`)
+    COMPARED = "compared"  # the person confirmed the verification string (`verified: "compared"`)
+    NO_PAIRING = "no_pairing"  # joiner: the inviter offered no pairing and our code had no secret
+    OFFER_MISSING = "offer_missing"  # joiner: our code had a secret; the inviter offered no pairing
+    SECRET_NOT_TYPED = "secret_not_typed"  # joiner: the inviter offered pairing; we typed no secret
+    SECRET_UNUSED = "secret_unused"  # creator: the joiner says it has no secret
+    PEER_NO_PAIRING = "peer_no_pairing"  # creator: a message came before any pairing answer
+    NO_ANSWER = "no_answer"  # the pairing answer did not come within the pairing timeout
+
+
 @attrs.frozen
 class InviteReady:
     sid: str
     code: str = attrs.field(repr=False)
+    secret: str | None = attrs.field(default=None, repr=False, eq=False)  # the code's secret part (ours)
+
+
+@attrs.frozen
+class PairingShown:
+    """The pairing's outcome or a reason the session stays unverified."""
+
+    sid: str
+    note: PairingNote = attrs.field(converter=PairingNote)
+    role: Role = attrs.field(converter=Role)
 
 
 @attrs.frozen
@@ -201,6 +226,6 @@ class ConnectionNotice:
 
 
 Event = Union[
-    InviteReady, JoinRequested, KeyEstablished, MessageIn, MessageStatus, AckOverdue,
+    PairingShown, InviteReady, JoinRequested, KeyEstablished, MessageIn, MessageStatus, AckOverdue,
     PeerPresence, HandshakeFailed, RelayError, Undecryptable,
 ]

@@ -44,6 +44,11 @@ state file (the entry is written first when the key exists).
 | 10 | inviter's connection drops while asked / after accepting | reconnects, REATTACH; presence is counted again from the relay's PEER_ONLINE frames (its own old connection may be among them); the answer goes out then (kept unsent); parley relay: `peer_left` if the joiner is gone by then | `peer offline` / `peer online` shown while waiting; the answer arrives after the REATTACH |
 | 11 | joiner's connection drops / relay restarts after JOIN | as row 7 (PEER_OFFLINE while asked; `peer_left` after answering, parley relay) | fails at once: "the connection dropped during the handshake; ask for a new invite code", exit 1 (it cannot REATTACH: no SID yet) |
 | 12 | relay unreachable at the start | "cannot reach the relay", exit 1 | same |
+
+Pairing (issue #15): the handshake starts the session's `PairingLink`
+(`parley.client.pairlink`): the inviter's JOIN_ACCEPT carries `link.offer()`,
+the joiner hands the answer's `spake2` to `link.answer()`; the link runs the
+rest.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from parley.protocol.endings import CODE_EXPIRED, PEER_LEFT
 from . import crypto
 from .context import Mode, Phase, SessionContext, printable_line
 from .events import Action, FailureKind, ForgetState, InviteReady, JoinRequested, KeyEstablished, PeerPresence, Role, Show
+from .pairlink import PairingLink
 from .verify import verification_string
 
 __all__ = ["Handshake", "JOINER_LEFT_AFTER_ANSWER", "JOINER_LEFT_WHILE_AWAY"]
@@ -81,9 +87,17 @@ JOINER_LEFT_WHILE_AWAY = "while you were disconnected"
 class Handshake:
     """The handshake of one session (invite or join). `private_key`: our DH key (hex)."""
 
-    def __init__(self, context: SessionContext, *, code: str | None, private_key: str) -> None:
+    def __init__(
+        self,
+        context: SessionContext,
+        *,
+        code: str | None,
+        private_key: str,
+        link: PairingLink | None = None,
+    ) -> None:
         self.context = context
         self._code = code
+        self.link = link  # the session's pairing (`parley.client.pairlink`), started here
         self._private_key: str | None = private_key
         self.public_key = crypto.public_key_hex(private_key)
         self.invite_code: str | None = None
@@ -165,7 +179,8 @@ class Handshake:
         except crypto.CryptoError:
             deny = ctx.send(JoinDeny(ctx.sid, client_id=request.client_id))
             return [deny, *ctx.fail(FailureKind.BAD_PEER_KEY, "the joiner's public key is invalid")]
-        accept = JoinAccept.build(ctx.sid, self.public_key, request.client_id)
+        offer = self.link.offer(ctx.sid, self.public_key, request.public_key) if self.link is not None else None
+        accept = JoinAccept.build(ctx.sid, self.public_key, request.client_id, spake2=offer)
         actions = self._establish(Role.CREATOR, key, request.public_key)
         if ctx.is_connected:
             actions.insert(1, ctx.send(accept))  # right after the entry is saved
@@ -209,7 +224,9 @@ class Handshake:
         ctx.sid = frame.sid
         self.invite_code = frame.code
         ctx.phase = Phase.INVITED
-        return [Show(InviteReady(frame.sid, frame.code))]
+        if self.link is not None:
+            self.link.prepare()  # while a person reads the code out
+        return [Show(InviteReady(frame.sid, frame.code, self.link.secret if self.link is not None else None))]
 
     def on_join_request(self, frame: JoinRequest) -> list[Action]:
         ctx = self.context
@@ -238,7 +255,11 @@ class Handshake:
         except crypto.CryptoError:
             return ctx.fail(FailureKind.BAD_PEER_KEY, "the creator's public key is invalid")
         ctx.sid = frame.sid
-        return self._establish(Role.JOINER, key, peer)
+        actions = self._establish(Role.JOINER, key, peer)
+        if self.link is not None:
+            offer = frame.spake2 if isinstance(frame.spake2, str) else None
+            actions += self.link.answer(frame.sid, peer, self.public_key, offer)
+        return actions
 
     def _establish(self, role: Role, key: str, peer_public: str) -> list[Action]:
         ctx = self.context

@@ -333,6 +333,7 @@ class Runner:
                     await self.call(self.core.connected)
                     # reported once the session's first frames (REATTACH ...) are out
                     self.on_event(ConnectionNotice(NoticeKind.CONNECTED, self.url))
+                    await self.call(self.core.spare_time)  # e.g. pairing's arithmetic, while the JOIN travels
                     while True:
                         message = await recv_or_dead(ws, self.settings.liveness_timeout)
                         await self.call(self.core.frame_received, message)

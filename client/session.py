@@ -34,8 +34,9 @@ CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto 
 
 
 HELP = (
-    "type a message and press Enter to send it; commands: /status, /verify, /help, "
-    "/quit (or Ctrl-D); start a message with // to send a leading /"
+    "type a message and press Enter to send it; commands: /status, /verify (compare the verification "
+    "string; until then what you type is held), /help, /quit (or Ctrl-D); start a message with // to send a "
+    "leading /"
 )
 
 
@@ -59,6 +60,7 @@ class Session:
         self.failure: HandshakeFailed | None = None
         self.interrupted = False
         self.chatting = False
+        self._asking_verify = False  # the next line answers "/verify"'s question
         self._nursery: trio.Nursery | None = None
 
     def _on_event(self, event: Any) -> None:
@@ -137,6 +139,10 @@ class Session:
             command = line.strip()
             if not command:
                 continue
+            if self._asking_verify:
+                self._asking_verify = False
+                await self._verify_answer(command)
+                continue
             if command.startswith("/") and not command.startswith("//"):
                 if command in ("/quit", "/exit", "/q"):
                     break
@@ -154,23 +160,44 @@ class Session:
         """Leaving on purpose: give messages already sent a moment to be acknowledged.
 
         Whatever is still unacknowledged stays in the state file and is resent
-        next time, so this only spares a needless resend.
+        next time, so this only spares a needless resend. A pairing under way
+        (our SPAKE2 message out, no answer yet) is waited for as well: an
+        inviter that left before the answer cannot finish it on resume.
         """
         core = self.core
         with trio.move_on_after(timeout):
-            while core.unanswered_ids() and not self.runner.closing:
+            # a pairing under way is finished too: cut short, it leaves the session unverified
+            while (core.unanswered_ids() or core.pairing_in_flight) and not self.runner.closing:
                 await trio.sleep(0.02)
+
+    async def _verify_answer(self, answer: str) -> None:
+        if answer.lower() in ("y", "yes"):
+            await self.runner.call(self.core.confirm_verification)
+            return
+        self.terminal.info("not verified. If the strings differ, someone is in between: leave (/quit) and "
+                           "make a new invite; what you type stays held")
 
     def _command(self, command: str) -> None:
         core = self.core
         if command == "/help":
             self.terminal.info(HELP)
         elif command == "/verify":
-            self.terminal.info(f"verification: {core.verification or 'unknown (session made by another client)'}")
+            if core.verification is None:
+                self.terminal.info("verification: unknown (session made by another client); it cannot be "
+                                   "compared: use --no-verify to send in it")
+            elif core.verified:
+                how = "by pairing" if core.entry.get("verified") == "pake" else "by comparing this string"
+                self.terminal.info(f"verification: {core.verification}")
+                self.terminal.info(f"this session is verified ({how})")
+            else:
+                self.terminal.info(f"verification: {core.verification}")
+                self.terminal.info("does your peer see exactly this string (ask by voice or in person)? [y/N]")
+                self._asking_verify = True
         elif command == "/status":
             peer = {True: "online", False: "offline", None: "unknown"}[core.peer_online]
             link = "connected" if core.is_connected else "not connected"
-            self.terminal.info(f"{link}; peer {peer}; {len(core.pending_ids())} message(s) not yet acknowledged")
+            held = f"; NOT verified: {len(core.held_ids)} message(s) held (/verify)" if core.holding else ""
+            self.terminal.info(f"{link}; peer {peer}; {len(core.pending_ids())} message(s) not yet acknowledged{held}")
         else:
             self.terminal.info(f"unknown command {command.split()[0]!r}; /help lists them")
 

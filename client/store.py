@@ -315,6 +315,8 @@ class SessionInfo:
             "key": isinstance(entry.get("key"), str),
             "role": role if isinstance(role, str) else None,
             "peerOnline": online if isinstance(online, bool) else None,
+            # how it was verified: "pake" (pairing) or "compared" (the string, /verify); None: not yet
+            "verified": entry.get("verified") if entry.get("verified") in ("pake", "compared") else None,
             "pending": (len(pending) if isinstance(pending, list) else 0)
             + (len(outbox) if isinstance(outbox, list) else 0),
         }

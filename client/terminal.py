@@ -46,12 +46,16 @@ from .events import (
     MessageIn,
     MessageStatus,
     NoticeKind,
+    PairingNote,
+    PairingShown,
     PeerPresence,
+    Role,
     RelayError,
     Status,
     Undecryptable,
 )
-from .safetext import one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
+from .pairing import format_code
+from .safetext import INVITE_CODE_RE, one_line, safe_text, shown_error_code, shown_invite_code, shown_msg_id, shown_sid
 
 __all__ = ["Terminal", "StdinLines", "safe_text", "use_replacing_output", "input_encoding"]
 
@@ -84,7 +88,37 @@ _STATUS_WORDS = {
     Status.DELIVERED: "delivered",
     Status.FAILED: "not delivered (peer offline); will retry when the peer is back",
     Status.RECEIVED: "received by the peer",
+    Status.HELD: "held, not sent: the session is not verified yet (compare the verification string, then /verify)",
 }
+
+_COMPARE = "this session is NOT verified: compare the verification string with your peer (voice, in person), then /verify"
+# What each pairing outcome says (issue #15; `parley.client.pairing`). Keyed by (note, role); None: both roles.
+PAIRING_WORDS = {
+    (PairingNote.VERIFIED, None): "verified: the code's secret matched on both sides, so nobody is in between",
+    (PairingNote.COMPARED, None): "verified: you and your peer compared the verification string",
+    (PairingNote.NO_PAIRING, None):
+        f"the inviter is not a parley client (it does no pairing, or is an older parley); {_COMPARE}",
+    (PairingNote.OFFER_MISSING, None):
+        f"your code had a secret part but the inviter did not use it (an older parley, or the relay removed it); "
+        f"{_COMPARE}",
+    (PairingNote.SECRET_NOT_TYPED, None):
+        f"the inviter's code has a secret part you did not type (join with the whole code to pair); {_COMPARE}",
+    (PairingNote.SECRET_UNUSED, None):
+        f"your code had a secret but the peer did not use it (it typed only the first part, or the relay "
+        f"removed it); {_COMPARE}",
+    (PairingNote.PEER_NO_PAIRING, None):
+        f"your code had a secret but the peer did not use it: it is not a parley client (or the relay removed "
+        f"its pairing); {_COMPARE}",
+    (PairingNote.NO_ANSWER, Role.CREATOR):
+        f"your code had a secret but the peer has not used it: it is not a parley client, or the relay holds "
+        f"its answer back; {_COMPARE}",
+    (PairingNote.NO_ANSWER, Role.JOINER):
+        f"the inviter has not confirmed the pairing (it left, or the relay holds its answer back); {_COMPARE}",
+}
+
+
+def pairing_words(event: PairingShown) -> str:
+    return PAIRING_WORDS.get((event.note, event.role)) or PAIRING_WORDS[(event.note, None)]
 
 
 class Terminal:
@@ -140,8 +174,12 @@ class Terminal:
                 self.info(f"reconnecting in {event.delay:.1f}s{why}")
         elif isinstance(event, InviteReady):
             code = shown_invite_code(event.code)
-            self.info(f"invite code: {code}")
-            self.info(f"the other person runs:  {safe_text(self.join_hint)}{code}")
+            full = format_code(code, event.secret) if INVITE_CODE_RE.match(event.code) else code
+            self.info(f"invite code: {full}")
+            self.info(f"the other person runs:  {safe_text(self.join_hint)}{full}")
+            if full != code:
+                self.info(f"(a client without pairing, such as the Node client, takes {code} only; "
+                          "then compare the verification string)")
             self.info("waiting for them to join (Ctrl-C to give up)")
         elif isinstance(event, JoinRequested):
             self.info(f"someone used the code to join session {shown_sid(event.sid)}")
@@ -168,6 +206,8 @@ class Terminal:
             self.info(f"relay error{code}: {one_line(event.message, 200)}")
         elif isinstance(event, Undecryptable):
             self.info(f"a message ({shown_msg_id(event.msg_id)}) could not be decrypted and was dropped")
+        elif isinstance(event, PairingShown):
+            self.info(pairing_words(event))
         elif isinstance(event, HandshakeFailed):
             pass  # reported by the command as its exit message
 

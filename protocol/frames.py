@@ -178,12 +178,16 @@ class JoinAccept(ForwardedFrame):
     data: str | None = None
     public_key: str | None = data_field("publicKey")
     client_id: str | None = data_field("clientID")
+    # parley only: the inviter's SPAKE2 message (protocol/EXTENSIONS.md, "Pairing")
+    spake2: str | None = data_field("spake2")
 
     @classmethod
-    def build(cls, sid: str, public_key: str, client_id: str | None = None) -> JoinAccept:
+    def build(cls, sid: str, public_key: str, client_id: str | None = None, spake2: str | None = None) -> JoinAccept:
         value = {"clientID": client_id} if client_id is not None else {}
         value["publicKey"] = public_key
-        return cls(sid, gojson.dumps(value), public_key=public_key, client_id=client_id)
+        if spake2 is not None:
+            value["spake2"] = spake2
+        return cls(sid, gojson.dumps(value), public_key=public_key, client_id=client_id, spake2=spake2)
 
 
 @frame_type("JOINED", Sid.REQUIRED)
@@ -195,6 +199,7 @@ class Joined(ForwardedFrame):
     data: str | None = None
     public_key: str | None = data_field("publicKey", aliases=("alicePubKey",))
     client_id: str | None = data_field("clientID")
+    spake2: str | None = data_field("spake2")  # parley only, as JOIN_ACCEPT's
 
 
 # --- relay -> client -------------------------------------------------------

@@ -36,6 +36,7 @@ def free_port() -> int:
 
 async def parley(*args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None) -> tuple[int, str, str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_") or k == "PARLEY_SOURCE_ROOT"}
+    full_env["PARLEY_NO_VERIFY"] = "1"  # issue #15's held-until-verified rule: tests/test_client_pairing*.py
     full_env.update(env or {})
     with trio.fail_after(TIMEOUT):
         proc = await trio.run_process(
@@ -236,6 +237,7 @@ async def test_sessions_json_and_table(tmp_path):
             "seen": [],
             "sent": [],
             "peerOnline": True,
+            "verified": "pake",
         },
         "1763900000789_feedface": {"outbox": []},
     }
@@ -245,18 +247,21 @@ async def test_sessions_json_and_table(tmp_path):
     assert rc == 0, err
     listed = json.loads(out)
     assert listed == [
-        {"sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "peerOnline": None, "pending": 1},
-        {"sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "peerOnline": True, "pending": 2},
+        {"sid": SID_A, "short": "9f3a61c2", "key": True, "role": None, "peerOnline": None, "verified": None,
+         "pending": 1},
+        {"sid": SID_B, "short": "0123abcd", "key": True, "role": "joiner", "peerOnline": True, "verified": "pake",
+         "pending": 2},
         {"sid": "1763900000789_feedface", "short": "feedface", "key": False, "role": None, "peerOnline": None,
-         "pending": 0},
+         "verified": None, "pending": 0},
     ]
     rc, out, _ = await parley("--name", "alice", "sessions", cwd=tmp_path)
     assert rc == 0
     rows = out.strip().splitlines()
-    assert rows[0].split() == ["SESSION", "KEY", "ROLE", "PEER", "PENDING"]
-    assert rows[1].split() == ["9f3a61c2", "yes", "-", "unknown", "1"]
-    assert rows[2].split() == ["0123abcd", "yes", "joiner", "online", "2"]
-    assert rows[3].split() == ["feedface", "no", "-", "unknown", "0"]
+    # issue #15: a VERIFIED column (pake: pairing; compared: the string, /verify; no: not yet)
+    assert rows[0].split() == ["SESSION", "KEY", "ROLE", "PEER", "VERIFIED", "PENDING"]
+    assert rows[1].split() == ["9f3a61c2", "yes", "-", "unknown", "no", "1"]
+    assert rows[2].split() == ["0123abcd", "yes", "joiner", "online", "pake", "2"]
+    assert rows[3].split() == ["feedface", "no", "-", "unknown", "no", "0"]
     assert path.read_bytes() == before  # listing never writes
 
     elsewhere = tmp_path / "sub"

@@ -41,6 +41,10 @@ def make(kind: str, *args: Any, priv: str = _PRIV_A, **kw: Any) -> ClientCore:
     kw.setdefault("clock", lambda: 1000.0)
     if kind != "resume":
         kw.setdefault("keygen", lambda: priv)
+    # issue #15: these tests are about the legacy handshake and delivery; pairing and the
+    # held-until-verified rule have their own tests (tests/test_client_pairing.py)
+    kw.setdefault("pairing", False)
+    kw.setdefault("hold_unverified", False)
     return getattr(ClientCore, kind)(*args, **kw)
 
 

@@ -28,7 +28,7 @@ from support.golang import GoRelay
 from support.relayproc import ParleyRelay
 
 TEST_TIMEOUT = 90
-CODE_RE = r"invite code: (\d+)"
+CODE_RE = r"invite code: ((\d+)(?:-\d{4}-\d{4})?)"  # 1: the whole code (issue #15); 2: the relay's part
 VERIFY_RE = r"^\* verification: ([0-9 ]{19})$"
 
 TIMINGS: dict[str, list[float]] = {}
@@ -312,7 +312,9 @@ async def test_ctrl_c_leaves_cleanly_with_state_saved(tmp_path, go_relay_binary)
 @pytest.mark.parametrize("relay_url", RELAYS, indirect=True)
 async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request, conformance_report):
     from parley.client.core import ClientCore
-    from parley.client.events import InviteReady, JoinRequested, KeyEstablished, MessageIn, MessageStatus, Status
+    from parley.client.events import (
+        InviteReady, JoinRequested, KeyEstablished, MessageIn, MessageStatus, PairingNote, PairingShown, Status,
+    )
     from parley.client.runner import Runner
     from parley.client.store import StateStore
 
@@ -349,7 +351,7 @@ async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request,
 
             hand = []
             t0 = time.perf_counter()
-            bob = ClientCore.join(code)
+            bob = ClientCore.join(code, alice.secret)  # the whole code: pairing (issue #15)
             rb = Runner(bob, relay_url, StateStore(tmp_path / "state-b.json"), sink("b"))
             nursery.start_soon(rb.run)
             await wait_for("a", lambda e: isinstance(e, JoinRequested))
@@ -358,6 +360,9 @@ async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request,
             kb = await wait_for("b", lambda e: isinstance(e, KeyEstablished))
             hand.append(time.perf_counter() - t0)
             assert ka.verification == kb.verification
+            for who in "ab":
+                await wait_for(who, lambda e: isinstance(e, PairingShown) and e.note is PairingNote.VERIFIED)
+            hand.append(time.perf_counter() - t0)
 
             rtts = []
             for i in range(20):
@@ -370,6 +375,7 @@ async def test_inprocess_handshake_and_send_timing(relay_url, tmp_path, request,
             ra.close()
             rb.close()
     record(f"handshake in-process, join to both keys ({label})", hand[0])
+    record(f"handshake in-process, join to both confirmed ({label})", hand[1])
     record(f"send to DELIVERED in-process, median of 20 ({label})", sorted(rtts)[10])
     conformance_report(
         f"client live timings ({label} relay)",
@@ -447,7 +453,7 @@ async def test_parley_creator_node_joiner_over_parley_relay(tmp_path, dialect, c
     with parley_relay(dialect) as (url, _), trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             alice = await start(nursery, url, "alice", tmp_path / "a", "invite", "--yes")
-            code = (await alice.expect(CODE_RE)).group(1)
+            code = (await alice.expect(CODE_RE)).group(2)  # the Node client takes the relay's part
             async with node(url, "nick", tmp_path / "n", "join", code) as nick:
                 await _keyed_and_talking(alice, tmp_path / "a", "alice", nick, "hi nick", "hi alice")
                 assert not nick.find("frame", t="INVITE_CODE")  # no INVITE_CREATE loop on the joiner

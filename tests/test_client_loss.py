@@ -156,7 +156,7 @@ def test_received_only_after_the_message_is_saved(tmp_path, monkeypatch):
     save_state(path, {SID: entry(side="b" * 32)})
     store = StateStore(path)
     store.load()
-    core = ClientCore.resume(SID, store.state[SID])
+    core = ClientCore.resume(SID, store.state[SID], hold_unverified=False)  # issue #15: not about holding
     shown: list[object] = []
     runner = Runner(core, "ws://127.0.0.1:1/", store, shown.append)
     ws = FakeWebSocket()
@@ -214,7 +214,7 @@ def test_core_records_the_relay_with_the_key():
 
 
 def test_core_fails_on_no_session_instead_of_reporting_queued():
-    core = ClientCore.resume(SID, entry(), relay="ws://127.0.0.1:31002/", must_exist=True)
+    core = ClientCore.resume(SID, entry(), relay="ws://127.0.0.1:31002/", must_exist=True, hold_unverified=False)  # issue #15: not about holding
     core.start()
     (reattach,) = core.connected()
     assert json.loads(reattach.text)["data"]["create"] == "never"
@@ -229,7 +229,7 @@ def test_core_fails_on_no_session_instead_of_reporting_queued():
 
 
 def test_core_moving_relay_lets_the_relay_create_the_session():
-    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://b/", adopt_relay=True)
+    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://b/", adopt_relay=True, hold_unverified=False)  # issue #15: not about holding
     start = core.start()
     assert core.entry["relay"] == "ws://b/" and start  # recorded with a save
     (reattach,) = core.connected()
@@ -279,12 +279,12 @@ def test_relay_remembers_a_bounded_number_of_refused_sessions_per_connection():
 
 def test_core_trusts_the_recorded_relay_and_records_one_that_knows_the_session():
     # the entry's own relay: no create:"never" (a relay forgets idle sessions; recreating is right)
-    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://a/")
+    core = ClientCore.resume(SID, entry(relay="ws://a/"), relay="ws://a/", hold_unverified=False)  # issue #15: not about holding
     core.start()
     (reattach,) = core.connected()
     assert "create" not in json.loads(reattach.text)["data"]
     # an entry that does not say: asked, and recorded once the relay shows it knows the session
-    core = ClientCore.resume(SID, entry(), relay="ws://b/", must_exist=True)
+    core = ClientCore.resume(SID, entry(), relay="ws://b/", must_exist=True, hold_unverified=False)  # issue #15: not about holding
     core.start()
     core.connected()
     out = core.frame_received(json.dumps({"t": "PEER_ONLINE", "sid": SID}))
@@ -328,7 +328,7 @@ def test_store_saves_merge_instead_of_overwriting(tmp_path):
     chat, send = StateStore(path), StateStore(path)
     chat.load()
     send.load()
-    core = ClientCore.resume(SID, send.state[SID], receive=False)
+    core = ClientCore.resume(SID, send.state[SID], receive=False, hold_unverified=False)  # issue #15: not about holding
     msg_id, actions = core.send_text("kept?")
     send.save_entry(SID, actions[0].entry)
     mine = dict(chat.state[SID], peerOnline=True)  # e.g. the peer came online
@@ -356,12 +356,12 @@ def test_owner_adopts_handed_over_messages_and_sends_them(tmp_path):
     owner = StateStore(path)
     owner.load()
     assert owner.claim(SID)
-    core = ClientCore.resume(SID, owner.state[SID])
+    core = ClientCore.resume(SID, owner.state[SID], hold_unverified=False)  # issue #15: not about holding
     core.start()
     core.connected()
     other = StateStore(path)
     other.load()
-    sender = ClientCore.resume(SID, other.state[SID], receive=False)
+    sender = ClientCore.resume(SID, other.state[SID], receive=False, hold_unverified=False)  # issue #15: not about holding
     msg_id, actions = sender.send_text("handed over")
     other.save_entry(SID, actions[0].entry)
     items = owner.poll(SID)

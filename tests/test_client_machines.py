@@ -36,7 +36,7 @@ KEY_AB = crypto.session_key(PRIV_A, PUB_B)
 
 def context(mode: Mode, entry: dict | None = None, sid: str | None = None) -> SessionContext:
     return SessionContext(mode, entry if entry is not None else {}, "s" * 32, sid=sid, relay="ws://r/",
-                          must_exist=False, seen_limit=100)
+                          must_exist=False, seen_limit=100, hold=False)  # held: tests/test_client_pairing.py
 
 
 def sent_types(actions: list) -> list[str]:

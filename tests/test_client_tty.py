@@ -73,7 +73,7 @@ async def test_two_people_at_two_terminals(tmp_path):
             try:
                 # --- alice invites; bob runs what her screen tells him to -------------------------
                 alice = terminal(f"parley --relay {url} invite", home_a)
-                code = (await alice.until(r"^\* invite code: (\d+)$")).group(1)
+                code = (await alice.until(r"^\* invite code: (\d+-\d{4}-\d{4})$")).group(1)  # issue #15: with the secret
                 printed = (await alice.until(r"^\* the other person runs:\s+(.+)$")).group(1).strip()
                 assert printed == f"parley --relay {url} join {code}"
                 await alice.until(r"^\* waiting for them to join \(Ctrl-C to give up\)$")

@@ -1,0 +1,409 @@
+"""Pairing (issue #15), sans I/O: the code's secret authenticates the MODP-14 exchange.
+
+Two `ClientCore`s are wired through a tiny in-test relay that forwards what
+every relay forwards verbatim (JOIN_ACCEPT's and MSG's `data`), and can be
+told to misbehave (substitute DH keys, strip fields, drop frames). Live runs
+through real relays are in tests/test_client_pairing_live.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from parley.client import crypto
+from parley.client.core import ClientCore, Phase
+from parley.client.errors import PairingFailed, handshake_error
+from parley.client.events import (
+    Close,
+    FailureKind,
+    ForgetState,
+    HandshakeFailed,
+    InviteReady,
+    MessageIn,
+    MessageStatus,
+    PairingNote,
+    PairingShown,
+    SaveState,
+    SendFrame,
+    Show,
+    Status,
+)
+from parley.client.pairing import (
+    Pairing,
+    State,
+    confirmation_keys,
+    format_code,
+    hkdf_sha256,
+    new_secret,
+    split_code,
+)
+from parley.protocol import encode_text, gojson, parse
+from parley.protocol.frames import JoinAccept, JoinRequest, Msg
+
+SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
+_PRIV_A, _PRIV_B, _PRIV_M = "1f" * 32, "2e" * 32, "4c" * 32
+PUB_A, PUB_B, PUB_M = (crypto.public_key_hex(p) for p in (_PRIV_A, _PRIV_B, _PRIV_M))
+
+
+class Rand:
+    def __init__(self, seed: int) -> None:
+        self._r = random.Random(seed)
+
+    def __call__(self, n: int) -> bytes:
+        return self._r.randbytes(n)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sends(actions: list[Any]) -> list[Any]:
+    return [parse(a.text) for a in actions if isinstance(a, SendFrame)]
+
+
+def shows(actions: list[Any]) -> list[Any]:
+    return [a.event for a in actions if isinstance(a, Show)]
+
+
+def pairing_data(frame: Any) -> dict[str, Any]:
+    return json.loads(frame.data)
+
+
+class Pair:
+    """An inviter and a joiner, keyed through a Go-style relay that forwards `data` verbatim."""
+
+    def __init__(self, *, typed: str | None = "same", joiner_secret: bool = True, hold: bool = True,
+                 mitm: bool = False, strip_offer: bool = False) -> None:
+        self.clock = Clock()
+        self.alice = ClientCore.invite(random=Rand(1), clock=self.clock, keygen=lambda: _PRIV_A,
+                                       hold_unverified=hold)
+        self.alice.connected()
+        out = self.alice.frame_received(encode_text(parse(
+            '{"t":"INVITE_CODE","sid":"%s","data":{"code":"042917"}}' % SID)))
+        ready = shows(out)[0]
+        assert isinstance(ready, InviteReady) and ready.secret is not None
+        self.code = format_code(ready.code, ready.secret)
+        relay_part, secret = split_code(self.code)
+        if typed == "wrong":
+            secret = f"{(int(secret) + 1) % 10**8:08d}"
+        if not joiner_secret:
+            secret = None
+        self.bob = ClientCore.join(relay_part, secret=secret, random=Rand(2), clock=self.clock,
+                                   keygen=lambda: _PRIV_B, hold_unverified=hold)
+        join = sends(self.bob.connected())[0]
+        assert join.code == "042917"  # the relay gets its own part only
+        self.mitm = mitm
+        # the relay hands alice a JOIN_REQUEST (a MITM relay: with its own key instead of bob's)
+        request = JoinRequest(SID, PUB_M if mitm else join.public_key)
+        self.alice.frame_received(encode_text(request))
+        out = self.alice.accept_join()
+        accept = sends(out)[0]
+        assert isinstance(accept, JoinAccept)
+        self.accept = accept
+        data = json.loads(accept.data)
+        if mitm:
+            data["publicKey"] = PUB_M  # bob gets the relay's key too; SPAKE2 passes through
+        if strip_offer:
+            data.pop("spake2", None)
+        self.bob_out = self.bob.frame_received(encode_text(JoinAccept(SID, gojson.dumps(data))))
+
+    def to_alice(self, actions: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for f in sends(actions):
+            if isinstance(f, Msg):
+                out += self.alice.frame_received(encode_text(f))
+        return out
+
+    def to_bob(self, actions: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for f in sends(actions):
+            if isinstance(f, Msg):
+                out += self.bob.frame_received(encode_text(f))
+        return out
+
+
+# --- the code ---------------------------------------------------------------------
+
+
+def test_code_shows_relay_part_and_two_groups_and_splits_back():
+    assert format_code("535604", "72951843") == "535604-7295-1843"
+    assert split_code("535604-7295-1843") == ("535604", "72951843")
+    assert split_code(" 535604 7295 1843 ") == ("535604", "72951843")
+    assert split_code("535604") == ("535604", None)  # a legacy code (Node inviter, typed alone)
+    assert split_code("5356-04") == ("535604", None)
+    assert split_code("12345678-7295-1843") == ("12345678", "72951843")  # --code-digits 8
+    assert split_code("535604-729-1843") == ("5356047291843", None)  # not the shape: left to the caller
+
+
+def test_secret_is_8_uniform_digits_from_the_injected_random():
+    draws = iter([(0xFFFFFFFF).to_bytes(4, "big"), (12345).to_bytes(4, "big")])
+    assert new_secret(lambda n: next(draws)) == "00012345"  # the biased top draw is rejected
+    rng = Rand(9)
+    values = {new_secret(rng) for _ in range(200)}
+    assert all(len(v) == 8 and v.isdigit() for v in values) and len(values) == 200
+
+
+def test_hkdf_matches_rfc5869_test_case_1():
+    okm = hkdf_sha256(bytes([0x0B] * 22), salt=bytes(range(13)), info=bytes(range(0xF0, 0xFA)), length=42)
+    assert okm.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c"
+                         "5db02d56ecc4c5bf34007208d5b887185865")
+    ka, kb = confirmation_keys(b"\x01" * 32)
+    assert len(ka) == len(kb) == 32 and ka != kb
+
+
+# --- the state machine alone ------------------------------------------------------
+
+
+def machines(secret_a: str, secret_b: str | None, pub_seen_by_b: str = PUB_A) -> tuple[Pairing, Pairing]:
+    a = Pairing(creator=True, secret=secret_a, sid=SID, creator_public=PUB_A, joiner_public=PUB_B, entropy=Rand(3))
+    b = Pairing(creator=False, secret=secret_b, sid=SID, creator_public=pub_seen_by_b, joiner_public=PUB_B,
+                entropy=Rand(4))
+    return a, b
+
+
+def test_machine_same_secret_verifies_both():
+    a, b = machines("11112222", "11112222")
+    reply = b.answer(a.offer())
+    assert reply.state is State.REPLIED and reply.send["pairing"] == "reply"
+    confirm = a.receive(reply.send)
+    assert confirm.state is State.VERIFIED and confirm.send["pairing"] == "confirm"
+    assert b.receive(confirm.send).state is State.VERIFIED
+
+
+def test_machine_wrong_secret_fails_and_allows_no_second_guess():
+    a, b = machines("11112222", "11112223")
+    reply = b.answer(a.offer())
+    failed = a.receive(reply.send)
+    assert failed.state is State.FAILED and failed.send == {"pairing": "failed"}
+    # a second reply (a second guess) changes nothing
+    _, b2 = machines("11112222", "11112222")
+    again = a.receive(b2.answer(Pairing(creator=True, secret="11112222", sid=SID, creator_public=PUB_A,
+                                        joiner_public=PUB_B, entropy=Rand(5)).offer()).send)
+    assert again.state is State.FAILED and again.send is None
+    assert b.receive(failed.send).state is State.FAILED
+
+
+def test_machine_substituted_key_fails_with_the_right_secret():
+    a, b = machines("11112222", "11112222", pub_seen_by_b=PUB_M)
+    assert a.receive(b.answer(a.offer()).send).state is State.FAILED
+
+
+@pytest.mark.parametrize("bad", [
+    {"pairing": "reply"},
+    {"pairing": "reply", "spake2": "zz" * 33, "confirm": "00" * 32},
+    {"pairing": "reply", "spake2": "41" + "00" * 32, "confirm": "00" * 32},  # wrong side byte
+    {"pairing": "reply", "spake2": "42" + "ff" * 32, "confirm": "00" * 32},  # not a point
+    {"pairing": "reply", "spake2": "42" * 5000, "confirm": "00" * 32},
+    {"pairing": "reply", "spake2": 5, "confirm": []},
+])
+def test_machine_hostile_reply_fails_cleanly(bad):
+    a, _ = machines("11112222", "11112222")
+    a.offer()
+    result = a.receive(bad)
+    assert result.state is State.FAILED
+
+
+def test_machine_hostile_confirm_fails_the_joiner_cleanly():
+    a, b = machines("11112222", "11112222")
+    b.answer(a.offer())
+    assert b.receive({"pairing": "confirm", "confirm": "nothex" * 10}).state is State.FAILED
+
+
+# --- two cores ----------------------------------------------------------------------
+
+
+def test_pairing_verifies_both_and_holds_lines_until_then():
+    pair = Pair()
+    bob = pair.bob
+    assert not bob.verified and bob.holding
+    msg_id, out = bob.send_text("typed before pairing finished")
+    assert shows(out) == [MessageStatus(SID, msg_id, Status.HELD)] and not sends(out)
+    assert out[0].entry["held"][0]["msgID"] == msg_id and out[0].entry["pending"] == []
+    alice_out = pair.to_alice(pair.bob_out)
+    assert PairingShown(SID, PairingNote.VERIFIED, "creator") in shows(alice_out)
+    assert [s for s in alice_out if isinstance(s, SaveState)][-1].entry["verified"] == "pake"
+    bob_out = pair.to_bob(alice_out)
+    assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(bob_out)
+    # the held line goes out now, as saved
+    msgs = [f for f in sends(bob_out) if isinstance(f, Msg) and f.payload]
+    assert [m.msg_id for m in msgs] == [msg_id]
+    assert pair.alice.verified and bob.verified and bob.held_ids == []
+    text = pair.alice.frame_received(encode_text(msgs[0]))
+    assert MessageIn(SID, msg_id, "typed before pairing finished") in shows(text)
+
+
+def test_wrong_secret_stops_both_and_keeps_no_key():
+    pair = Pair(typed="wrong")
+    alice_out = pair.to_alice(pair.bob_out)
+    assert ForgetState(SID) in alice_out and Close() in alice_out
+    failed = [e for e in shows(alice_out) if isinstance(e, HandshakeFailed)]
+    assert failed == [HandshakeFailed(FailureKind.PAIRING_FAILED)]
+    assert "mistyped" in str(handshake_error(failed[0])) and "parley invite" in str(handshake_error(failed[0]))
+    bob_out = pair.to_bob(alice_out)
+    assert ForgetState(SID) in bob_out and Close() in bob_out
+    (bob_failed,) = [e for e in shows(bob_out) if isinstance(e, HandshakeFailed)]
+    assert isinstance(handshake_error(bob_failed), PairingFailed) and "new invite code" in str(handshake_error(bob_failed))
+    assert pair.alice.phase is Phase.FAILED and pair.bob.phase is Phase.FAILED
+
+
+def test_relay_substituting_keys_is_caught_on_both_screens():
+    pair = Pair(mitm=True)
+    alice_out = pair.to_alice(pair.bob_out)
+    assert HandshakeFailed(FailureKind.PAIRING_FAILED) in shows(alice_out) and ForgetState(SID) in alice_out
+    bob_out = pair.to_bob(alice_out)
+    assert HandshakeFailed(FailureKind.PAIRING_FAILED, "ask the other person for a new invite code and type all of it") \
+        in shows(bob_out)
+
+
+def test_joiner_without_the_secret_is_unverified_on_both_screens():
+    pair = Pair(joiner_secret=False)
+    assert PairingShown(SID, PairingNote.SECRET_NOT_TYPED, "joiner") in shows(pair.bob_out)
+    nosecret = [f for f in sends(pair.bob_out) if isinstance(f, Msg)]
+    assert [pairing_data(f)["pairing"] for f in nosecret] == ["nosecret"]
+    alice_out = pair.to_alice(pair.bob_out)
+    assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(alice_out)
+    assert not pair.alice.verified and not pair.bob.verified
+    msg_id, out = pair.alice.send_text("hi")
+    assert shows(out) == [MessageStatus(SID, msg_id, Status.HELD)]
+
+
+def test_stripped_offer_is_said_on_both_screens_not_a_silent_downgrade():
+    pair = Pair(strip_offer=True)
+    assert PairingShown(SID, PairingNote.OFFER_MISSING, "joiner") in shows(pair.bob_out)
+    assert not [f for f in sends(pair.bob_out) if isinstance(f, Msg)]
+    pair.clock.now += 9.9
+    assert pair.alice.tick() == []
+    pair.clock.now += 0.2
+    assert shows(pair.alice.tick()) == [PairingShown(SID, PairingNote.NO_ANSWER, "creator")]
+    assert pair.alice.tick() == []  # once
+    assert not pair.alice.verified
+
+
+def test_peer_that_sends_a_message_without_pairing_is_named_legacy():
+    pair = Pair()
+    key = pair.alice.key
+    assert key is not None
+    legacy = Msg.build(SID, crypto.encrypt_payload(key, "hello from node"), "0123abcd")
+    out = pair.alice.frame_received(encode_text(legacy))
+    assert shows(out)[0] == PairingShown(SID, PairingNote.PEER_NO_PAIRING, "creator")
+    assert MessageIn(SID, "0123abcd", "hello from node") in shows(out)
+    assert not pair.alice.verified
+
+
+def test_comparing_the_string_verifies_and_releases_held_lines():
+    pair = Pair(joiner_secret=False)
+    msg_id, _ = pair.bob.send_text("wait for it")
+    out = pair.bob.confirm_verification()
+    assert out[0].entry["verified"] == "compared" and out[0].entry["held"] == []
+    assert PairingShown(SID, PairingNote.COMPARED, "joiner") in shows(out)
+    assert [f.msg_id for f in sends(out) if isinstance(f, Msg)] == [msg_id]
+    assert pair.bob.confirm_verification() == []
+
+
+def test_no_verify_sends_at_once_but_pairing_still_runs():
+    pair = Pair(hold=False)
+    msg_id, out = pair.bob.send_text("now")
+    assert [f.msg_id for f in sends(out)] == [msg_id]
+    assert PairingShown(SID, PairingNote.VERIFIED, "creator") in shows(pair.to_alice(pair.bob_out))
+
+
+def test_reply_repeated_after_reconnect_and_answered_the_same():
+    pair = Pair()
+    (reply,) = [a for a in pair.bob_out if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    pair.bob.disconnected()
+    again = [a for a in pair.bob.connected() if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert [a.text for a in again] == [reply.text]  # byte for byte
+    first = pair.to_alice([reply])
+    second = pair.to_alice([reply])
+    c1 = [f for f in sends(first) if isinstance(f, Msg)]
+    c2 = [f for f in sends(second) if isinstance(f, Msg)]
+    assert c1 and [encode_text(f) for f in c1] == [encode_text(f) for f in c2]
+    assert pair.to_bob(second) and pair.bob.verified
+    # verified: nothing more is repeated
+    pair.bob.disconnected()
+    assert not [a for a in pair.bob.connected() if isinstance(a, SendFrame) and '"pairing"' in a.text]
+
+
+def test_pairing_msgs_get_receipts_and_untagged_acks_stay_aligned():
+    pair = Pair(hold=False)
+    # bob: the reply went out first, then a message; a Go relay acks both without ids
+    msg_id, _ = pair.bob.send_text("one")
+    out = pair.bob.frame_received('{"t":"DELIVERED","sid":"%s"}' % SID)
+    assert not shows(out)  # the pairing reply's ack, not the message's
+    out = pair.bob.frame_received('{"t":"DELIVERED","sid":"%s"}' % SID)
+    assert shows(out) == [MessageStatus(SID, msg_id, Status.DELIVERED)]
+    alice_out = pair.to_alice(pair.bob_out)
+    receipts = [f for f in sends(alice_out) if f.TYPE == "RECEIVED"]
+    assert len(receipts) == 1
+
+
+def test_resume_keeps_verified():
+    pair = Pair()
+    pair.to_bob(pair.to_alice(pair.bob_out))
+    entry = json.loads(json.dumps(pair.bob.entry))
+    again = ClientCore.resume(SID, entry, random=Rand(7), clock=Clock())
+    assert again.verified and not again.holding
+    again.start()
+    again.connected()
+    msg_id, out = again.send_text("after restart")
+    assert [f.msg_id for f in sends(out)] == [msg_id]
+    # an entry from before pairing (or the Node client's) is unverified: held
+    old = {k: v for k, v in entry.items() if k != "verified"}
+    legacy = ClientCore.resume(SID, old, random=Rand(8), clock=Clock())
+    legacy.start()
+    legacy.connected()
+    msg_id, out = legacy.send_text("held")
+    assert shows(out) == [MessageStatus(SID, msg_id, Status.HELD)]
+
+
+def saved(actions: list[Any]) -> dict[str, Any]:
+    return json.loads(json.dumps([a for a in actions if isinstance(a, SaveState)][-1].entry))
+
+
+def test_a_pairing_cut_short_by_restarts_finishes_on_resume():
+    """The joiner quits right after its reply, the inviter right after confirming (a Go relay keeps
+    nothing): both resume from their files, the reply is sent again byte for byte, answered again
+    byte for byte, and the joiner is verified then. Nothing secret was kept for it."""
+    pair = Pair()
+    bob_entry = saved(pair.bob_out)
+    (reply,) = [a for a in pair.bob_out if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert bob_entry["pairing"]["state"] == "replied" and pair.code.split("-", 1)[1].replace("-", "") \
+        not in json.dumps(bob_entry)
+    alice_out = pair.to_alice([reply])  # the confirmation is lost: bob has gone
+    alice_entry = saved(alice_out)
+    (confirm,) = [a for a in alice_out if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert alice_entry["verified"] == "pake" and alice_entry["pairing"]["state"] == "answered"
+
+    bob = ClientCore.resume(SID, bob_entry, random=Rand(11), clock=Clock())
+    alice = ClientCore.resume(SID, alice_entry, random=Rand(12), clock=Clock())
+    bob.start()
+    alice.start()
+    alice.connected()
+    again = [a for a in bob.connected() if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert [a.text for a in again] == [reply.text]
+    answer = alice.frame_received(encode_text(parse(again[0].text)))
+    (confirm2,) = [a for a in answer if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    assert confirm2.text == confirm.text
+    out = bob.frame_received(encode_text(parse(confirm2.text)))
+    assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(out)
+    assert bob.verified and saved(out)["pairing"] is None
+
+
+def test_a_restored_joiner_refuses_a_wrong_confirmation():
+    pair = Pair()
+    bob = ClientCore.resume(SID, saved(pair.bob_out), random=Rand(11), clock=Clock())
+    bob.start()
+    bob.connected()
+    forged = Msg(SID, gojson.dumps({"msgID": "00" * 8, "pairing": "confirm", "confirm": "ab" * 32}), msg_id="00" * 8)
+    out = bob.frame_received(encode_text(forged))
+    assert ForgetState(SID) in out and HandshakeFailed(FailureKind.PAIRING_FAILED,
+                                                       "ask the other person for a new invite code and type all of it") \
+        in shows(out)
