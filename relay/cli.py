@@ -110,6 +110,7 @@ def build_relay(
     observer: Observer | None = None,
     store_init: bool = False,
     store_check: str = "full",
+    server_factory: Any = None,
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
@@ -119,6 +120,9 @@ def build_relay(
     `observer` hears about limit hits (core and shell); by default a
     `LimitReporter` that counts them for metrics and logs them rate-limited,
     showing addresses as `server_options["log_addresses"]` says.
+
+    `server_factory(core, store, config, observer=...)` makes the server
+    (default `RelayServer`; a cluster node passes `relay.cluster.node.ClusterServer`).
 
     Raises StoreError / ValueError with a one-line message. The caller closes
     the store after `serve()` returns.
@@ -149,7 +153,7 @@ def build_relay(
                 "store: %d session(s), %d side(s), %d live code(s), %d queued frame(s) restored",
                 len(snapshot.sessions), len(snapshot.sides), len(snapshot.codes), len(snapshot.frames),
             )
-        server = RelayServer(
+        server = (server_factory or RelayServer)(
             core,
             store_obj,
             ServerConfig(
@@ -401,6 +405,18 @@ _QUOTA_FIELDS = {
               type=click.FloatRange(0, 3600), default=5.0, show_default=True, show_envvar=True,
               help="How long replies that wait for a failing store are held; then unsaved messages "
                    "get DELIVERED_FAILED store_unavailable.")
+# Relay cluster (README "Relay cluster"; relay/cluster/__init__.py)
+@_option("--backplane", envvar="PARLEY_RELAY_BACKPLANE", metavar="URL", show_envvar=True, default=None,
+              help="Share sessions with other relay nodes through Redis/Valkey: redis://HOST:PORT/DB, "
+                   "rediss://HOST:PORT/DB or unix:///PATH?db=N. The store is then Redis (no --store). "
+                   "[default: none, one process with its SQLite store]")
+@_option("--backplane-lease", envvar="PARLEY_RELAY_BACKPLANE_LEASE", metavar="SECONDS",
+              type=click.FloatRange(0.3, 600), default=5.0, show_default=True, show_envvar=True,
+              help="A node silent this long is dead: its sessions are taken over and its clients' "
+                   "peers see PEER_OFFLINE.")
+@_option("--backplane-timeout", envvar="PARLEY_RELAY_BACKPLANE_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(0.05, 60), default=2.0, show_default=True, show_envvar=True,
+              help="Longest wait for one Redis reply before it counts as a failure (and is retried).")
 @_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
               type=click.IntRange(0, 65535), default=None, show_envvar=True,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "
@@ -472,6 +488,9 @@ def relay(
     store_retry_min: float,
     store_retry_max: float,
     store_hold: float,
+    backplane: str | None,
+    backplane_lease: float,
+    backplane_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
     log_format: str,
@@ -505,6 +524,16 @@ def relay(
         raise _OneLineError(str(exc), 2) from None
     if store_retry_min > store_retry_max:
         raise _OneLineError("--store-retry-min must not exceed --store-retry-max", 2)
+    cluster: Any = None
+    if backplane:
+        if store_path:
+            raise _OneLineError("--store and --backplane exclude each other (the backplane is the store)", 2)
+        from .cluster import cli as cluster_cli
+
+        try:
+            cluster = cluster_cli.prepare(backplane, lease=backplane_lease, timeout=backplane_timeout)
+        except ValueError as exc:
+            raise _OneLineError(str(exc), 2) from None
     relay_logging.configure(log_level.lower(), log_format.lower())
     store = store_path or str(default_store_path())
     try:
@@ -512,7 +541,8 @@ def relay(
             host=bind_host,
             port=port,
             dialect=dialect,
-            store=store,
+            store=MEMORY if cluster is not None else store,
+            server_factory=cluster.server_factory if cluster is not None else None,
             max_frame=max_frame,
             ping_interval=ping_interval,
             certfile=certfile,
@@ -566,18 +596,24 @@ def relay(
             shown_host = bind_host
         url = format_url(shown_host, bound_port, server.tls)
         dash = "—" if (sys.stdout.encoding or "").lower().replace("-", "") == "utf8" else "-"
+        where = f"backplane {cluster.shown_url}, node {cluster.node_id}" if cluster is not None else f"store {store}"
         print(
-            f"parley relay listening on {url} (dialect {dialect}, store {store}) "
+            f"parley relay listening on {url} (dialect {dialect}, {where}) "
             f"{dash} clients connect with: parley invite --relay {url}",
             flush=True,
         )
 
     try:
-        trio.run(run_until_signalled, server, announce)
+        if cluster is not None:
+            trio.run(cluster.run, server, announce)
+        else:
+            trio.run(run_until_signalled, server, announce)
     except KeyboardInterrupt:
         sys.exit(130)
     except (OSError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
+        if cluster is not None and cluster.is_start_error(leaf):
+            raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, MetricsBindError):
             raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, OSError) and not server.listeners:
@@ -585,6 +621,7 @@ def relay(
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
             sys.exit(130)
+
         # a failure inside the relay: already logged. SQLite's own text may
         # quote stored values: never shown.
         if isinstance(leaf, sqlite3.Error):

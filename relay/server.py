@@ -530,6 +530,7 @@ class RelayServer:
             services.start_soon(self._tick_loop, tick_scope)
             services.start_soon(self._stats_loop)
             services.start_soon(self._flush_observer_loop)
+            await self._start_services(services)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 await conns.start(self._listen, listeners)
@@ -551,6 +552,10 @@ class RelayServer:
             self.counters["store_ops"],
             self.counters["store_batches"],
         )
+
+    async def _start_services(self, services: trio.Nursery) -> None:
+        """Start a subclass's own service tasks (a cluster node's bus and
+        heartbeat, `relay.cluster.node`); none here."""
 
     async def _bind_metrics(self, listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
         """The metrics listeners (none without `metrics_port`), bound before any

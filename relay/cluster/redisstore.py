@@ -25,6 +25,8 @@ Keys (prefix default `parley:`; one Redis database per relay cluster):
     <p>scodes:<sid>      SET   the session's codes (DeleteSession drops them)
     <p>f:<sid>           HASH  seq -> SaveFrame JSON (loaded in seq order)
     <p>owner:<sid>       STRING the owner node's id (set by the first batch, deleted with the session)
+    <p>owned:<id>        SET   the SIDs a node owns (a dead node's are adopted in bulk)
+    <p>nodes             SET   node ids that registered and have not been cleaned up
     <p>node:<id>         STRING a live node, with a PX expiry (`relay.cluster.lease`)
 
 Every op is idempotent (SET/HSET/SADD/HDEL/DEL, RPUSH only when LPOS finds
@@ -106,6 +108,7 @@ for i = 3, #ARGV do
 end
 for sid, _ in pairs(seen) do
   redis.call('SET', p .. 'owner:' .. sid, me)
+  redis.call('SADD', p .. 'owned:' .. me, sid)
 end
 for i, op in ipairs(ops) do
   local k = op.k
@@ -113,6 +116,7 @@ for i, op in ipairs(ops) do
   if k == 'ss' then
     redis.call('SET', p .. 's:' .. op.sid, raw)
     redis.call('SET', p .. 'owner:' .. op.sid, me)
+    redis.call('SADD', p .. 'owned:' .. me, op.sid)
     redis.call('SADD', p .. 'sids', op.sid)
   elseif k == 'ds' then
     local codes = redis.call('SMEMBERS', p .. 'scodes:' .. op.sid)
@@ -120,6 +124,7 @@ for i, op in ipairs(ops) do
     redis.call('DEL', p .. 's:' .. op.sid, p .. 'sides:' .. op.sid, p .. 'scodes:' .. op.sid,
                p .. 'f:' .. op.sid, p .. 'owner:' .. op.sid)
     redis.call('SREM', p .. 'sids', op.sid)
+    redis.call('SREM', p .. 'owned:' .. me, op.sid)
   elseif k == 'sd' then
     if not redis.call('LPOS', p .. 'sides:' .. op.sid, op.side) then
       redis.call('RPUSH', p .. 'sides:' .. op.sid, op.side)

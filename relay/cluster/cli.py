@@ -1,0 +1,68 @@
+"""`parley relay --backplane URL`: the parts of the command that are the cluster's."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import trio
+
+from .node import ClusterOptions, ClusterServer, node_name
+from .lease import new_token
+from .redisstore import BackplaneUnavailable, RedisStore, open_client, parse_url, shown_url
+
+__all__ = ["prepare", "BackplaneStartError", "Prepared"]
+
+
+class BackplaneStartError(OSError):
+    """Redis could not be reached at start: the relay exits with this one line."""
+
+
+class Prepared:
+    def __init__(self, url: str, *, lease: float, timeout: float) -> None:
+        self.url = parse_url(url)
+        self.shown_url = shown_url(url)
+        self.node_id = new_token(node_name())
+        self.options = ClusterOptions(lease=lease, timeout=timeout)
+        self.client = open_client(url, timeout=timeout)
+        self.store = RedisStore(self.client, token=self.node_id, timeout=timeout)
+        self.server_factory = functools.partial(
+            ClusterServer, backplane=self.store, options=self.options, node_id=self.node_id
+        )
+
+    @staticmethod
+    def is_start_error(exc: BaseException) -> bool:
+        return isinstance(exc, BackplaneStartError)
+
+    async def run(self, server: ClusterServer, announce: Any) -> None:
+        """Connect, register the node, serve until signalled, deregister."""
+        from ..cli import run_until_signalled
+
+        started = False
+        try:
+            async with self.client:
+                await server.start_backplane()
+                started = True
+                try:
+                    await run_until_signalled(server, announce)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        with trio.move_on_after(self.options.timeout):
+                            await server.stop_backplane()
+        except Exception as exc:
+            if started:
+                raise
+            leaf = exc
+            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, BackplaneUnavailable) and leaf.__cause__ is not None:
+                leaf = leaf.__cause__
+            raise BackplaneStartError(
+                f"cannot reach the backplane at {self.shown_url}: {type(leaf).__name__}"
+            ) from None
+
+
+def prepare(url: str, *, lease: float, timeout: float) -> Prepared:
+    """Check the URL and make the node's client, store and server factory
+    (nothing connects yet). Raises ValueError with a one-line reason."""
+    return Prepared(url, lease=lease, timeout=timeout)
