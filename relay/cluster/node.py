@@ -539,8 +539,14 @@ class ClusterServer(RelayServer):
                 if not self.backplane_ok:
                     self.backplane_ok = True
                     log.warning("backplane reachable again")
+                    if self._fault_core is not None and self._pipeline.healthy:
+                        self._fault_core.set_store_available(True)
                 await self._check_peers()
             except BackplaneUnavailable as exc:
+                # Told to the core at once (not only at the next failed commit):
+                # new sessions, codes and stored MSGs are refused from now on.
+                if self._fault_core is not None:
+                    self._fault_core.set_store_available(False)
                 if self.backplane_ok:
                     self.backplane_ok = False
                     log.error("backplane unreachable (%s): not ready; sessions this node holds go on, "
