@@ -102,6 +102,7 @@ class RedisServer:
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
         extra: list[str] | None = None,
+        password: str | None = None,
     ) -> None:
         self.binary = redis_binary()
         self._own_dir = directory is None
@@ -110,6 +111,7 @@ class RedisServer:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.extra = list(extra or [])
+        self.password = password  # --requirepass; `url` leaves it out
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         sock = self.dir / "redis.sock"
@@ -150,6 +152,8 @@ class RedisServer:
         ]
         if self.unix_socket is not None:
             cmd += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
         return cmd + self.extra
 
     def start(self) -> RedisServer:
@@ -192,7 +196,7 @@ class RedisServer:
                 raise RedisStartError(
                     f"redis-server exited with {self.proc.returncode} at start-up; log:\n{self.log_tail()}"
                 )
-            if self._ready(port, deadline):
+            if self._ready(port, deadline, self.password):
                 return
             if time.monotonic() >= deadline:
                 raise RedisStartError(
@@ -201,10 +205,15 @@ class RedisServer:
             time.sleep(0.02)
 
     @staticmethod
-    def _ready(port: int, deadline: float) -> bool:
+    def _ready(port: int, deadline: float, password: str | None = None) -> bool:
         """PONG, and INFO persistence says the AOF is loaded (`loading:0`)."""
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=max(0.05, deadline - time.monotonic())) as s:
+                if password is not None:
+                    secret = password.encode()
+                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                    if not s.recv(64).startswith(b"+OK\r\n"):
+                        return False
                 s.sendall(b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nINFO\r\n$11\r\npersistence\r\n")
                 data = b""
                 # Replies: "+PONG" (or "-LOADING ..."), then "$N" and N bytes of INFO text.
