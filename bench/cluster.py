@@ -299,8 +299,32 @@ async def run_load(
     return {"msgs": n1 - n0, "seconds": t1 - t0, "cpu": {name: cpu1[name] - cpu0[name] for name in pids}}
 
 
-def start_relay(extra: list[str], cpus: set[int]) -> ParleyRelay:
-    relay = ParleyRelay(dialect="compat", extra=BENCH_OPTIONS + extra, start_timeout=60).start()
+async def flush(url: str) -> None:
+    import coredis
+
+    client = coredis.Redis.from_url(url)
+    async with client:
+        await client.flushall()
+
+
+class BenchRelay(ParleyRelay):
+    """`parley relay` with the bench's options; on a backplane, without --store (the backplane
+    is the store: the two exclude each other)."""
+
+    def __init__(self, backplane: str | None) -> None:
+        super().__init__(dialect="compat", extra=BENCH_OPTIONS, start_timeout=60)
+        self.backplane = backplane
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        if self.backplane is None:
+            return cmd
+        at = cmd.index("--store")
+        return cmd[:at] + cmd[at + 2:] + ["--backplane", self.backplane]
+
+
+def start_relay(backplane: str | None, cpus: set[int]) -> ParleyRelay:
+    relay = BenchRelay(backplane).start()
     pin(relay.pid, cpus)
     return relay
 
@@ -309,12 +333,13 @@ def run_mode(mode: str, redis: RedisServer | None, args: argparse.Namespace, cpu
     relays: list[ParleyRelay] = []
     try:
         if mode == "embedded":
-            relays.append(start_relay([], cpus))
+            relays.append(start_relay(None, cpus))
             url_a = url_b = relays[0].url
         else:
             assert redis is not None
+            trio.run(flush, redis.url)  # no sessions or nodes left from the previous mode
             for _ in range(2):
-                relays.append(start_relay(["--backplane", redis.url], cpus))
+                relays.append(start_relay(redis.url, cpus))
             url_a = relays[0].url
             url_b = relays[0].url if mode == "same" else relays[1].url
         pids = {f"node{i}": r.pid for i, r in enumerate(relays)}
