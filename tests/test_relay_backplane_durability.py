@@ -172,3 +172,18 @@ async def test_durability_when_config_and_info_are_forbidden():
             report = await read_durability(client)
     assert report.source is None and not report.durable
     assert "durability unknown" in report.warnings[0]
+
+
+def test_log_durability_lines(caplog):
+    import logging
+
+    from parley.relay.cluster.durability import Durability, log_durability
+
+    log = logging.getLogger("test.durability")
+    with caplog.at_level(logging.INFO, logger="test.durability"):
+        log_durability(Durability("yes", "always", "", "config", ()), log, "redis://h:6379/0")
+        weak = assess({"appendonly": "yes", "appendfsync": "everysec"})
+        log_durability(Durability("yes", "everysec", "", "config", weak), log)
+    assert [r.levelname for r in caplog.records] == ["INFO", "WARNING"]
+    assert "QUEUED survives a Redis crash" in caplog.records[0].getMessage()
+    assert caplog.records[1].getMessage() == weak[0]

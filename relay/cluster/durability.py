@@ -30,6 +30,7 @@ and where CONFIG is refused (managed services rename or forbid it) falls back to
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import ssl
@@ -51,6 +52,7 @@ __all__ = [
     "open_backplane",
     "assess",
     "read_durability",
+    "log_durability",
     "DEFAULT_PORT",
 ]
 
@@ -324,3 +326,13 @@ async def read_durability(client: coredis.Redis) -> Durability:
 def _refusal(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:120]
+
+
+def log_durability(report: Durability, log: logging.Logger, url: BackplaneURL | str | None = None) -> None:
+    """One line at start-up: each warning at WARNING, or at INFO that the settings are durable."""
+    where = f" ({url})" if url is not None else ""
+    if not report.warnings:
+        log.info("backplane%s durability: appendonly %s, appendfsync %s: QUEUED survives a Redis crash",
+                 where, report.appendonly, report.appendfsync)
+    for warning in report.warnings:
+        log.warning("%s%s", warning, where)
