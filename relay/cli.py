@@ -11,6 +11,7 @@ Bad options print one line and exit non-zero, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from .observe import LimitReporter, Observer
 from .server import RelayServer, ServerConfig
 from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
 from .transport import TransportConfig
+from .workers import WorkerPolicy, WorkersFailed, reserve_port, supervise
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
 
@@ -456,6 +458,24 @@ _QUOTA_FIELDS = {
 @_option("--idle-frame-burst", envvar="PARLEY_RELAY_IDLE_FRAME_BURST", metavar="N",
               type=click.IntRange(1), default=100, show_default=True, show_envvar=True,
               help="... of which this many at once; past it: close 1008.")
+# Workers: N processes sharing the port (README "Relay cluster: workers and durability")
+@_option("--workers", envvar="PARLEY_RELAY_WORKERS", metavar="N", type=click.IntRange(1, 1024),
+              default=1, show_default=True, show_envvar=True,
+              help="Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
+                   "restarted when they die; more than 1 needs --backplane.")
+@_option("--reuse-port", envvar="PARLEY_RELAY_REUSE_PORT", is_flag=True, default=False, show_envvar=True,
+              help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
+                   "same port (what --workers gives each worker).")
+@_option("--worker-drain-timeout", envvar="PARLEY_RELAY_WORKER_DRAIN_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(0.1, 3600), default=15.0, show_default=True, show_envvar=True,
+              help="After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
+@_option("--worker-restart-max", envvar="PARLEY_RELAY_WORKER_RESTART_MAX", metavar="SECONDS",
+              type=click.FloatRange(0.5, 3600), default=30.0, show_default=True, show_envvar=True,
+              help="Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
+                   "0.5 s after a minute up).")
+@_option("--worker-start-timeout", envvar="PARLEY_RELAY_WORKER_START_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(1, 3600), default=60.0, show_default=True, show_envvar=True,
+              help="How long a worker may take to listen (store check, backplane) before it is killed.")
 def relay(
     host: str,
     port: int,
@@ -501,6 +521,11 @@ def relay(
     frame_rate: float,
     idle_frame_rate: float,
     idle_frame_burst: int,
+    workers: int,
+    reuse_port: bool,
+    worker_drain_timeout: float,
+    worker_restart_max: float,
+    worker_start_timeout: float,
     **quotas: Any,
 ) -> None:
     """Run the parley relay."""
@@ -535,6 +560,17 @@ def relay(
         except ValueError as exc:
             raise _OneLineError(str(exc), 2) from None
     relay_logging.configure(log_level.lower(), log_format.lower())
+    if workers > 1:
+        if not ctx.params.get("backplane"):
+            raise _OneLineError(
+                f"--workers {workers} needs --backplane redis://HOST:PORT/DB: without a shared backplane "
+                "each worker would hold its own sessions", 2,
+            )
+        policy = WorkerPolicy(
+            workers=workers, start_timeout=worker_start_timeout, drain_timeout=worker_drain_timeout,
+            restart_max=worker_restart_max,
+        )
+        sys.exit(_run_workers(ctx, policy, bind_host, port, metrics_port, dialect, bool(certfile)))
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
@@ -582,6 +618,7 @@ def relay(
                 "metrics_host": metrics_host,
                 "metrics_port": metrics_port,
                 "log_addresses": log_addresses.lower(),
+                "reuse_port": reuse_port,
             },
             quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
             store_init=store_init,
@@ -630,6 +667,83 @@ def relay(
     finally:
         if store_obj is not None:
             store_obj.close()
+
+
+# Options the supervisor sets for each worker itself (or that only the supervisor reads).
+_SUPERVISOR_ONLY = {"host", "port", "workers", "reuse_port", "metrics_port", "worker_drain_timeout",
+                    "worker_restart_max", "worker_start_timeout"}
+
+
+def worker_options(ctx: click.Context) -> list[str]:
+    """The options given on this command line, as arguments for a worker (options that came
+    from the environment reach the worker through its environment, which it inherits)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name is None or name in _SUPERVISOR_ONLY:
+            continue
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value:
+                args.append(flag)
+            elif param.secondary_opts:
+                args.append(max(param.secondary_opts, key=len))
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def _run_workers(
+    ctx: click.Context, policy: WorkerPolicy, bind_host: str | None, port: int, metrics_port: int | None,
+    dialect: str, tls: bool,
+) -> int:
+    """Supervise `policy.workers` relay processes on one port (relay/workers.py); the exit status."""
+    try:
+        holder, port = reserve_port(port, bind_host)
+    except OSError as exc:
+        where = format_url(bind_host or "0.0.0.0", port, tls)
+        raise _OneLineError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    common = worker_options(ctx)
+
+    def command(index: int) -> list[str]:
+        argv = [sys.executable, "-m", "parley.relay", *common, "--workers", "1", "--reuse-port", "--port", str(port)]
+        if bind_host is not None:
+            argv += ["--host", bind_host]
+        if metrics_port is not None:
+            # One endpoint per worker: M, M+1, ... (0: each a free port, logged by the worker).
+            argv += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+        return argv
+
+    def environment(index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PARLEY_RELAY_WORKER"] = str(index)  # for the operator's ps/env; the worker ignores it
+        return env
+
+    def ready(lines: list[str]) -> None:
+        url = format_url(bind_host or "0.0.0.0", port, tls)
+        dash = "—" if (sys.stdout.encoding or "").lower().replace("-", "") == "utf8" else "-"
+        print(
+            f"parley relay listening on {url} ({policy.workers} workers, dialect {dialect}) "
+            f"{dash} clients connect with: parley invite --relay {url}",
+            flush=True,
+        )
+
+    try:
+        trio.run(functools.partial(supervise, command, policy, environment=environment, on_ready=ready))
+    except WorkersFailed as exc:
+        click.echo(f"parley relay: error: {exc}", err=True)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        holder.close()
+    return 0
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
