@@ -7,9 +7,14 @@ from typing import Any
 
 import trio
 
-from .node import ClusterOptions, ClusterServer, node_name
+import logging
+
+from .durability import _reason, log_durability, parse_backplane_url, read_durability
 from .lease import new_token
-from .redisstore import BackplaneUnavailable, RedisStore, open_client, parse_url, shown_url
+from .node import ClusterOptions, ClusterServer, node_name
+from .redisstore import BackplaneUnavailable, RedisStore
+
+log = logging.getLogger("parley.relay.cluster")
 
 __all__ = ["prepare", "BackplaneStartError", "Prepared"]
 
@@ -20,11 +25,11 @@ class BackplaneStartError(OSError):
 
 class Prepared:
     def __init__(self, url: str, *, lease: float, timeout: float) -> None:
-        self.url = parse_url(url)
-        self.shown_url = shown_url(url)
+        self.url = parse_backplane_url(url)  # ValueError: one line, no password
+        self.shown_url = str(self.url)
         self.node_id = new_token(node_name())
         self.options = ClusterOptions(lease=lease, timeout=timeout)
-        self.client = open_client(url, timeout=timeout)
+        self.client = self.url.client(connect_timeout=timeout, stream_timeout=timeout, decode_responses=True)
         self.store = RedisStore(self.client, token=self.node_id, timeout=timeout)
         self.server_factory = functools.partial(
             ClusterServer, backplane=self.store, options=self.options, node_id=self.node_id
@@ -44,6 +49,10 @@ class Prepared:
                 await server.start_backplane()
                 started = True
                 try:
+                    log_durability(await read_durability(self.client), log, self.url)
+                except Exception as exc:  # a warning is not worth a failed start
+                    log.warning("backplane durability not checked: %s", type(exc).__name__)
+                try:
                     await run_until_signalled(server, announce)
                 finally:
                     with trio.CancelScope(shield=True):
@@ -52,14 +61,7 @@ class Prepared:
         except Exception as exc:
             if started:
                 raise
-            leaf = exc
-            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-                leaf = leaf.exceptions[0]
-            if isinstance(leaf, BackplaneUnavailable) and leaf.__cause__ is not None:
-                leaf = leaf.__cause__
-            raise BackplaneStartError(
-                f"cannot reach the backplane at {self.shown_url}: {type(leaf).__name__}"
-            ) from None
+            raise BackplaneStartError(f"cannot reach the backplane at {self.shown_url}: {_reason(exc)}") from None
 
 
 def prepare(url: str, *, lease: float, timeout: float) -> Prepared:

@@ -64,10 +64,9 @@ from ..actions import (
 )
 from ..store import StoreError
 
-__all__ = ["RedisStore", "BackplaneUnavailable", "LeaseLost", "DEFAULT_PREFIX", "parse_url", "open_client"]
+__all__ = ["RedisStore", "BackplaneUnavailable", "LeaseLost", "DEFAULT_PREFIX", "open_client"]
 
 DEFAULT_PREFIX = "parley:"
-SCHEMES = ("redis", "rediss", "unix")
 
 
 class BackplaneUnavailable(Exception):
@@ -184,31 +183,14 @@ def encode_op(op: StoreOp) -> str:
     return json.dumps(_drop_none(d), separators=(",", ":"), ensure_ascii=False)
 
 
-def parse_url(url: str) -> str:
-    """Check a backplane URL's shape (`redis://HOST:PORT/DB`, `rediss://...`,
-    `unix:///path?db=N`); returns it, or raises ValueError with a one-line
-    reason (never quoting a password)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
-        raise ValueError("--backplane must be redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH")
-    if not rest or rest.startswith("/") and scheme.lower() != "unix":
-        raise ValueError("--backplane needs a host: redis://HOST:PORT/DB")
-    return url
-
-
-def shown_url(url: str) -> str:
-    """The URL without any user or password, for logs and errors."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest.split("/", 1)[0]:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
-
-
 def open_client(url: str, *, timeout: float) -> coredis.Redis:
-    """A coredis client for `url` (not yet connected; use it as `async with`).
-    `timeout`: seconds for a connect and for one reply."""
-    return coredis.Redis.from_url(
-        url, decode_responses=True, connect_timeout=timeout, stream_timeout=timeout,
+    """A coredis client for `url` (`relay.cluster.durability.parse_backplane_url`
+    checks it; not yet connected: `async with client:`). `timeout`: seconds
+    for a connect and for one reply."""
+    from .durability import parse_backplane_url
+
+    return parse_backplane_url(url).client(
+        connect_timeout=timeout, stream_timeout=timeout, decode_responses=True
     )
 
 
