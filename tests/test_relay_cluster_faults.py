@@ -25,7 +25,6 @@ import trio
 import trio_websocket
 
 from support.clusternodes import NodeRelay, cluster
-from support.clusterredis import redis_server  # noqa: F401 (fixture)
 from test_relay_cluster_live import create, exchange, join_and_accept, recv, recv_type, send
 
 LEASE = 1.5
@@ -178,7 +177,7 @@ async def test_redis_unreachable_while_running_refuses_new_sessions_and_recovers
             sid, code = await create(a)
             await join_and_accept(a, b, code, sid)
             assert _readyz(node_a)[0] == 200
-            redis_server.stop(kill=True)
+            redis_server.kill()
             await trio.sleep(LEASE)  # a heartbeat or two
             status, body = await trio.to_thread.run_sync(_readyz, node_a)
             assert status == 503 and "backplane" in body

@@ -19,7 +19,6 @@ import trio
 import trio_websocket
 
 from support.clusternodes import NodeRelay, cluster
-from support.clusterredis import redis_server  # noqa: F401 (fixture)
 
 PING = '{"t":"PING"}\n'
 PK_A = "a1" * 256
@@ -133,12 +132,15 @@ async def test_queued_on_one_node_reattach_on_another_gets_every_frame_once_in_o
 
 
 def test_unreachable_backplane_at_start_is_one_line_and_exit_1(tmp_path):
-    from support.clusterredis import free_port
+    import socket
 
-    node = NodeRelay(f"redis://127.0.0.1:{free_port()}/0")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = NodeRelay(f"redis://127.0.0.1:{port}/0")
     with pytest.raises(Exception) as info:
         node.start()
     node.close()
     assert "exited with 1" in str(info.value)
     lines = [line for line in str(info.value).splitlines() if "parley relay" in line]
-    assert lines and "cannot reach the backplane at redis://127.0.0.1:" in lines[-1]
+    assert lines and lines[-1].endswith(f"cannot reach the backplane at redis://127.0.0.1:{port}/0: connection refused")

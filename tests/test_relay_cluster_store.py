@@ -28,7 +28,6 @@ from parley.relay.actions import (
 from parley.relay.cluster.lease import Lease, Renewal
 from parley.relay.cluster.redisstore import BackplaneUnavailable, LeaseLost, RedisStore, open_client
 from parley.relay.store import MEMORY, Store
-from support.clusterredis import RedisServer, redis_server  # noqa: F401 (fixture)
 
 SID_A = "1763900000123_" + "a" * 32
 SID_B = "1763900000456_" + "b" * 32
@@ -60,7 +59,7 @@ def _normal(snap: Snapshot) -> tuple:
     )
 
 
-async def _store(server: RedisServer, token: str = TOKEN):
+async def _store(server, token: str = TOKEN):
     client = open_client(server.url, timeout=2.0)
     return client, RedisStore(client, token=token, timeout=2.0)
 
@@ -188,7 +187,7 @@ async def test_redis_restart_keeps_what_was_acknowledged(redis_server):
 async def test_unreachable_is_backplane_unavailable(redis_server):
     client, store = await _store(redis_server)
     async with client:
-        redis_server.stop(kill=True)
+        redis_server.kill()
         with trio.fail_after(10):
             with pytest.raises(BackplaneUnavailable):
                 await store.apply_async(_ops())
