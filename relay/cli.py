@@ -113,6 +113,7 @@ def build_relay(
     store_init: bool = False,
     store_check: str = "full",
     server_factory: Any = None,
+    rng: Any = None,
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
@@ -123,6 +124,8 @@ def build_relay(
     `LimitReporter` that counts them for metrics and logs them rate-limited,
     showing addresses as `server_options["log_addresses"]` says.
 
+    `rng` is the core's randomness (default `secrets`; a cluster node deals
+    out the code space, `relay.cluster.codes`).
     `server_factory(core, store, config, observer=...)` makes the server
     (default `RelayServer`; a cluster node passes `relay.cluster.node.ClusterServer`).
 
@@ -146,7 +149,8 @@ def build_relay(
                 "replay_chunk_bytes", min(1 << 20, max(1, transport.effective_send_buffer_bytes // 4))
             )
             core = RelayCore(
-                _core_config(dialect, max_frame, options), clock=time.time, rng=secrets, observer=observer
+                _core_config(dialect, max_frame, options), clock=time.time, rng=rng or secrets,
+                observer=observer
             )
         if store_obj is not None:
             snapshot = store_obj.load()
@@ -416,6 +420,10 @@ _QUOTA_FIELDS = {
               type=click.FloatRange(0.3, 600), default=5.0, show_default=True, show_envvar=True,
               help="A node silent this long is dead: its sessions are taken over and its clients' "
                    "peers see PEER_OFFLINE.")
+@_option("--backplane-code-slots", envvar="PARLEY_RELAY_BACKPLANE_CODE_SLOTS", metavar="N",
+              type=click.IntRange(1, 1000), default=16, show_default=True, show_envvar=True,
+              help="Shares of the invite-code space, one per node (so codes never collide between "
+                   "nodes): at most this many nodes; give every node the same value.")
 @_option("--backplane-timeout", envvar="PARLEY_RELAY_BACKPLANE_TIMEOUT", metavar="SECONDS",
               type=click.FloatRange(0.05, 60), default=2.0, show_default=True, show_envvar=True,
               help="Longest wait for one Redis reply before it counts as a failure (and is retried).")
@@ -510,6 +518,7 @@ def relay(
     store_hold: float,
     backplane: str | None,
     backplane_lease: float,
+    backplane_code_slots: int,
     backplane_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -556,7 +565,9 @@ def relay(
         from .cluster import cli as cluster_cli
 
         try:
-            cluster = cluster_cli.prepare(backplane, lease=backplane_lease, timeout=backplane_timeout)
+            cluster = cluster_cli.prepare(
+                backplane, lease=backplane_lease, timeout=backplane_timeout, code_slots=backplane_code_slots
+            )
         except ValueError as exc:
             raise _OneLineError(str(exc), 2) from None
     relay_logging.configure(log_level.lower(), log_format.lower())
@@ -571,6 +582,10 @@ def relay(
             restart_max=worker_restart_max,
         )
         sys.exit(_run_workers(ctx, policy, bind_host, port, metrics_port, dialect, bool(certfile)))
+    quota_options = {_QUOTA_FIELDS[name]: value for name, value in quotas.items()}
+    if cluster is not None:
+        quota_options["max_live_codes"] = cluster.live_code_cap(quota_options.get("max_live_codes"), code_digits)
+        cluster.options.code_ttl = code_ttl
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
@@ -620,7 +635,8 @@ def relay(
                 "log_addresses": log_addresses.lower(),
                 "reuse_port": reuse_port,
             },
-            quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
+            quota_options=quota_options,
+            rng=cluster.rng if cluster is not None else None,
             store_init=store_init,
             store_check=store_check,
         )

@@ -144,3 +144,18 @@ def test_unreachable_backplane_at_start_is_one_line_and_exit_1(tmp_path):
     assert "exited with 1" in str(info.value)
     lines = [line for line in str(info.value).splitlines() if "parley relay" in line]
     assert lines and lines[-1].endswith(f"cannot reach the backplane at redis://127.0.0.1:{port}/0: connection refused")
+
+
+async def test_each_node_mints_codes_from_its_own_share(redis_server):
+    """Codes never collide between nodes: each node draws from one residue class mod 16."""
+    with cluster(redis_server.url, 3) as nodes, trio.fail_after(30):
+        residues = []
+        for node in nodes:
+            mine = set()
+            async with trio_websocket.open_websocket_url(node.url) as ws:
+                for _ in range(6):
+                    _sid, code = await create(ws)
+                    mine.add(int(code) % 16)
+            assert len(mine) == 1
+            residues.append(mine.pop())
+        assert len(set(residues)) == 3

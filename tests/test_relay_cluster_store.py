@@ -211,3 +211,22 @@ async def test_lease_renew_regain_and_lost(redis_server):
         assert not await a.release()
         assert await b.release()
         assert await client.get("parley:lease") is None
+
+
+def test_code_shares_are_uniform_over_the_slot_and_disjoint():
+    from parley.relay.cluster.codes import ShardedRandom, live_code_cap
+
+    seen = {}
+    for slot in range(4):
+        rng = ShardedRandom(4)
+        rng.slot = slot
+        draws = [rng.randbelow(1000) for _ in range(4000)]
+        assert all(d % 4 == slot and 0 <= d < 1000 for d in draws)
+        assert len(set(draws)) > 200  # spread over the 250 numbers of the share
+        seen[slot] = set(draws)
+    assert not set.intersection(*seen.values())
+    unclaimed = ShardedRandom(4)
+    assert len({unclaimed.randbelow(10) % 4 for _ in range(200)}) == 4
+    # per node: a single relay's default shared out, never over a tenth of the share
+    assert live_code_cap(None, 6, 16) == 6250
+    assert live_code_cap(10**6, 6, 16) == 6250 and live_code_cap(500, 6, 16) == 500

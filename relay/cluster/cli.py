@@ -9,6 +9,7 @@ import trio
 
 import logging
 
+from .codes import ShardedRandom, live_code_cap
 from .durability import _reason, log_durability, parse_backplane_url, read_durability
 from .lease import new_token
 from .node import ClusterOptions, ClusterServer, node_name
@@ -24,16 +25,20 @@ class BackplaneStartError(OSError):
 
 
 class Prepared:
-    def __init__(self, url: str, *, lease: float, timeout: float) -> None:
+    def __init__(self, url: str, *, lease: float, timeout: float, code_slots: int = 16) -> None:
         self.url = parse_backplane_url(url)  # ValueError: one line, no password
         self.shown_url = str(self.url)
         self.node_id = new_token(node_name())
-        self.options = ClusterOptions(lease=lease, timeout=timeout)
+        self.options = ClusterOptions(lease=lease, timeout=timeout, code_slots=code_slots)
+        self.rng = ShardedRandom(code_slots)
         self.client = self.url.client(connect_timeout=timeout, stream_timeout=timeout, decode_responses=True)
         self.store = RedisStore(self.client, token=self.node_id, timeout=timeout)
         self.server_factory = functools.partial(
-            ClusterServer, backplane=self.store, options=self.options, node_id=self.node_id
+            ClusterServer, backplane=self.store, options=self.options, node_id=self.node_id, codes=self.rng
         )
+
+    def live_code_cap(self, requested: int | None, digits: int) -> int:
+        return live_code_cap(requested, digits, self.options.code_slots)
 
     @staticmethod
     def is_start_error(exc: BaseException) -> bool:
@@ -61,10 +66,15 @@ class Prepared:
         except Exception as exc:
             if started:
                 raise
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, BackplaneStartError):
+                raise leaf from None
             raise BackplaneStartError(f"cannot reach the backplane at {self.shown_url}: {_reason(exc)}") from None
 
 
-def prepare(url: str, *, lease: float, timeout: float) -> Prepared:
+def prepare(url: str, *, lease: float, timeout: float, code_slots: int = 16) -> Prepared:
     """Check the URL and make the node's client, store and server factory
     (nothing connects yet). Raises ValueError with a one-line reason."""
-    return Prepared(url, lease=lease, timeout=timeout)
+    return Prepared(url, lease=lease, timeout=timeout, code_slots=code_slots)

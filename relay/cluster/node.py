@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import deque
@@ -49,6 +50,7 @@ from .. import metrics
 from ..actions import Close, Send
 from ..core import UNAVAILABLE_MESSAGE
 from ..server import RelayServer, ServerConfig
+from .codes import ShardedRandom
 from .lease import Lease, Renewal, new_token
 from .redisstore import BackplaneUnavailable, RedisStore, _TRANSIENT
 
@@ -87,10 +89,15 @@ def node_name() -> str:
 class ClusterOptions:
     """The backplane's settings (README "Relay cluster")."""
 
-    def __init__(self, *, lease: float = 5.0, timeout: float = 2.0, prefix: str = "parley:") -> None:
+    def __init__(
+        self, *, lease: float = 5.0, timeout: float = 2.0, prefix: str = "parley:", code_slots: int = 16,
+        code_ttl: float = 600.0,
+    ) -> None:
         self.lease = lease
         self.timeout = timeout
         self.prefix = prefix
+        self.code_slots = code_slots
+        self.code_ttl = code_ttl
 
 
 def route_key(message: str | bytes, max_sid: int) -> tuple[str, str] | None:
@@ -197,7 +204,7 @@ class ClusterServer(RelayServer):
 
     def __init__(
         self, core: Any, store: Any, config: ServerConfig, *, observer: Any = None,
-        backplane: RedisStore, options: ClusterOptions, node_id: str,
+        backplane: RedisStore, options: ClusterOptions, node_id: str, codes: ShardedRandom | None = None,
     ) -> None:
         super().__init__(core, backplane, config, observer=observer)
         self.node_id = node_id
@@ -208,6 +215,8 @@ class ClusterServer(RelayServer):
         self.lease = Lease(self.client, self.prefix + "node:" + node_id, node_id,
                            lease=options.lease, timeout=options.timeout)
         self.bus = Bus(self)
+        self.codes = codes  # the core's rng: its code slot is claimed at start
+        self.slot_lease: Lease | None = None
         self._max_sid = getattr(getattr(core, "config", None), "max_sid_length", 256)
         self._routes: dict[str, str] = {}  # sid -> owner node (never this one)
         self._forwarded: dict[int, dict[str, set[str]]] = {}  # conn -> owner -> sids sent there
@@ -250,6 +259,29 @@ class ClusterServer(RelayServer):
         self.last_rtt = time.monotonic() - started
         await self.lease.try_acquire()
         await self.call(self.client.sadd, self.prefix + "nodes", [self.node_id])
+        if self.codes is not None:
+            await self._claim_code_slot()
+
+    async def _claim_code_slot(self) -> None:
+        """One share of the invite-code space (`relay.cluster.codes`); a slot
+        outlives its node by the code TTL."""
+        assert self.codes is not None
+        slots = list(range(self.options.code_slots))
+        secrets.SystemRandom().shuffle(slots)
+        for slot in slots:
+            lease = Lease(self.client, f"{self.prefix}codeslot:{slot}", self.node_id,
+                          lease=self.options.lease + self.options.code_ttl, timeout=self.options.timeout)
+            if await lease.try_acquire():
+                self.slot_lease = lease
+                self.codes.slot = slot
+                log.info("node %s: invite-code slot %d of %d", self.node_id, slot, self.options.code_slots)
+                return
+        from .cli import BackplaneStartError
+
+        raise BackplaneStartError(
+            f"all {self.options.code_slots} invite-code slots are held by live relay nodes (or were, less "
+            "than a code TTL ago): raise --backplane-code-slots on every node"
+        )
 
     async def stop_backplane(self) -> None:
         """Clean exit: drop the liveness key so other nodes take over at once."""
@@ -531,6 +563,10 @@ class ClusterServer(RelayServer):
             try:
                 renewal = await self.lease.renew()
                 rtt = time.monotonic() - started
+                if self.slot_lease is not None and await self.slot_lease.renew() is Renewal.LOST:
+                    log.critical("this node's invite-code slot was taken by another node while it was cut "
+                                 "off from the backplane: shutting down")
+                    self.request_shutdown()
                 self.last_rtt = rtt
                 self.backplane_rtt.observe(rtt)
                 if renewal is Renewal.REGAINED:
