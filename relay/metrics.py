@@ -176,6 +176,9 @@ class RelayCollector(Collector):
         ):
             if key in sstats:
                 yield CounterMetricFamily(p + name, doc, value=sstats[key])
+        extra = getattr(server, "metric_families", None)  # a cluster node's (relay/cluster/node.py)
+        if callable(extra):
+            yield from extra(p)
 
 
 def make_registry(server: Any, *, process: bool = True) -> CollectorRegistry:

@@ -159,3 +159,29 @@ async def test_each_node_mints_codes_from_its_own_share(redis_server):
             assert len(mine) == 1
             residues.append(mine.pop())
         assert len(set(residues)) == 3
+
+
+async def test_node_metrics_and_readiness(redis_server):
+    import urllib.request
+
+    with cluster(redis_server.url, 2, extra=["--metrics-port", "0", "--log-level", "info"]) as nodes, \
+            trio.fail_after(30):
+        async with trio_websocket.open_websocket_url(nodes[0].url) as a, \
+                trio_websocket.open_websocket_url(nodes[1].url) as b:
+            sid, code = await create(a)
+            await join_and_accept(a, b, code, sid)
+            await exchange(a, b, sid, "mx")
+        await trio.sleep(1.0)  # a heartbeat: the nodes see each other
+        log = nodes[1].log_text()
+        port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log).group(1))
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return reply.read().decode()
+
+        text = await trio.to_thread.run_sync(scrape)
+        assert "parley_relay_backplane_up 1.0" in text
+        assert "parley_relay_cluster_nodes_alive 2.0" in text
+        assert re.search(r"parley_relay_backplane_rtt_seconds_count [1-9]", text)
+        assert re.search(r"parley_relay_cluster_forwarded_total [1-9]", text)  # b's frames went to a
+        assert 'parley_relay_cluster_node_info{code_slot="' in text

@@ -38,10 +38,12 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import coredis
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from parley.protocol import ErrorFrame, ErrorCode, PeerOffline, ProtocolError, encode_text, parse, parse_canonical_msg
 from parley.protocol.frames import Join
@@ -312,6 +314,37 @@ class ClusterServer(RelayServer):
             "peers_alive": len(self.peers_alive),
             "backplane_down": int(not self.backplane_ok),
         }
+
+    def metric_families(self, p: str) -> Iterator[Any]:
+        """The node's cluster metrics (README "Relay cluster: backplane"), read at scrape time."""
+        yield GaugeMetricFamily(p + "backplane_up", "1 while the node's heartbeat reaches Redis.",
+                                value=int(self.backplane_ok))
+        yield self.backplane_rtt.family(p + "backplane_rtt_seconds",
+                                        "Round trip of the node's heartbeat to Redis.")
+        yield GaugeMetricFamily(p + "backplane_rtt_last_seconds", "The latest heartbeat round trip.",
+                                value=self.last_rtt)
+        yield GaugeMetricFamily(p + "cluster_nodes_alive", "Relay nodes this node sees alive, itself included.",
+                                value=len(self.peers_alive) + 1)
+        info = InfoMetricFamily(p + "cluster_node", "This node's id and invite-code slot.")
+        info.add_metric([], {"node": self.node_id, "code_slot": str(getattr(self.codes, "slot", ""))})
+        yield info
+        yield GaugeMetricFamily(p + "cluster_routes", "Sessions this node knows another node owns.",
+                                value=len(self._routes))
+        yield GaugeMetricFamily(p + "cluster_remote_connections",
+                                "Other nodes' connections in sessions this node owns.", value=len(self._remote))
+        yield GaugeMetricFamily(p + "cluster_bus_backlog", "Bus items waiting to be published.",
+                                value=self.bus.backlog)
+        for key, doc in (
+            ("forwarded", "Client frames forwarded to their session's owner node."),
+            ("bus_in", "Bus items received from other nodes."),
+            ("resolves", "Owner lookups in Redis (frames for a session not known here)."),
+            ("adopted", "Sessions loaded from Redis into this node's core."),
+            ("takeovers", "Sessions taken over from a dead node."),
+            ("dead_nodes", "Times a node was found dead."),
+            ("moved_closes", "Connections closed 1012 because their session's owner died."),
+            ("unavailable", "Frames answered ERROR unavailable because Redis could not be asked."),
+        ):
+            yield CounterMetricFamily(p + "cluster_" + key, doc, value=self.cluster_counters[key])
 
     # -- routing ---------------------------------------------------------------------------
 
