@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 from .relayproc import ParleyRelay
@@ -40,3 +41,47 @@ def cluster(backplane: str, count: int, **kwargs):
     finally:
         for node in nodes:
             node.close()
+
+
+@contextlib.asynccontextmanager
+async def round_robin(urls: list[str]):
+    """A TCP load balancer on 127.0.0.1 in front of `urls` (ws://127.0.0.1:PORT/): the k-th
+    connection goes to node k mod n, as a real balancer would spread clients (so a client that
+    reconnects lands on another node). Yields its ws:// URL; bounded to the `async with`."""
+    import re
+
+    import trio
+
+    targets = [int(re.search(r":(\d+)/", url).group(1)) for url in urls]
+    turn = 0
+
+    async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await sink.send_eof()
+
+    async def handle(client: trio.SocketStream) -> None:
+        nonlocal turn
+        port = targets[turn % len(targets)]
+        turn += 1
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream)
+            nursery.start_soon(pump, upstream, client)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield f"ws://127.0.0.1:{port}/"
+        finally:
+            nursery.cancel_scope.cancel()
