@@ -189,7 +189,7 @@ class Bus:
                 text = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
                 try:
                     receivers = await server.call(server.client.publish, server.channel(node), text)
-                except BackplaneUnavailable:
+                except (BackplaneUnavailable, coredis.exceptions.RedisError):
                     receivers = 0
                 self.published += 1
                 if server._debug:
@@ -407,6 +407,9 @@ class ClusterServer(RelayServer):
                 owner, sid = await self._find_owner(key)
         except (BackplaneUnavailable, trio.TooSlowError):
             owner = None
+        except Exception:  # a bug or an unexpected reply: this connection's frames, not the relay
+            log.exception("session owner lookup failed")
+            owner = None
         if self._debug:
             log.debug("conn %d: session owner %s", conn_id, "unknown" if owner is None else
                       "this node" if owner == self.node_id else owner)
@@ -509,7 +512,11 @@ class ClusterServer(RelayServer):
                         if message["type"] == "message":
                             if self._debug:
                                 log.debug("bus: %d byte(s) in", len(message["data"]))
-                            self._on_bus(json.loads(message["data"]))
+                            try:
+                                self._on_bus(json.loads(message["data"]))
+                            except Exception:  # a malformed item must not stop the bus
+                                self.counters["core_errors"] += 1
+                                log.exception("bus message not handled")
             except _TRANSIENT + (BackplaneUnavailable, coredis.exceptions.RedisError) as exc:
                 if self.bus_ok:
                     log.warning("backplane bus subscription lost (%s): resubscribing", type(exc).__name__)
@@ -611,7 +618,7 @@ class ClusterServer(RelayServer):
                     if self._fault_core is not None and self._pipeline.healthy:
                         self._fault_core.set_store_available(True)
                 await self._check_peers()
-            except BackplaneUnavailable as exc:
+            except (BackplaneUnavailable, coredis.exceptions.RedisError) as exc:
                 # Told to the core at once (not only at the next failed commit):
                 # new sessions, codes and stored MSGs are refused from now on.
                 if self._fault_core is not None:
@@ -619,7 +626,7 @@ class ClusterServer(RelayServer):
                 if self.backplane_ok:
                     self.backplane_ok = False
                     log.error("backplane unreachable (%s): not ready; sessions this node holds go on, "
-                              "new ones are refused until it is back", exc)
+                              "new ones are refused until it is back", type(exc).__name__)
             await trio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _check_still_owner(self) -> None:

@@ -267,7 +267,9 @@ class RedisStore:
         except rexc.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise LeaseLost("a session this node wrote is owned by another node now") from None
-            raise
+            # OOM (maxmemory), MISCONF (disk), a script error: the store cannot take the
+            # batch now; retried like an outage (nothing was written: see the script).
+            raise BackplaneUnavailable(describe_error(exc)) from exc
         return int(count)
 
     def apply(self, ops: Iterable[StoreOp]) -> int:  # pragma: no cover - the pipeline awaits apply_async
