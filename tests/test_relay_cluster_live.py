@@ -185,3 +185,17 @@ async def test_node_metrics_and_readiness(redis_server):
         assert re.search(r"parley_relay_backplane_rtt_seconds_count [1-9]", text)
         assert re.search(r"parley_relay_cluster_forwarded_total [1-9]", text)  # b's frames went to a
         assert 'parley_relay_cluster_node_info{code_slot="' in text
+
+
+async def test_code_slots_run_out_is_one_line_and_a_clean_stop_frees_its_slot(redis_server):
+    slots = ["--backplane-code-slots", "1"]
+    with cluster(redis_server.url, 1, extra=slots) as (first,):
+        second = NodeRelay(redis_server.url, extra=slots)
+        with pytest.raises(Exception) as info:
+            second.start()
+        second.close()
+        assert "all 1 invite-code slots are held by live relay nodes" in str(info.value)
+    # the first one stopped cleanly with no live code: its slot is free again
+    with cluster(redis_server.url, 1, extra=slots) as (third,), trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(third.url) as ws:
+            await create(ws)

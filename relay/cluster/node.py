@@ -286,10 +286,14 @@ class ClusterServer(RelayServer):
         )
 
     async def stop_backplane(self) -> None:
-        """Clean exit: drop the liveness key so other nodes take over at once."""
+        """Clean exit: drop the liveness key so other nodes take over at once,
+        and the code slot too when none of this node's codes is live (else it
+        stays taken until they have expired)."""
         try:
             await self.lease.release()
-        except BackplaneUnavailable:
+            if self.slot_lease is not None and not self._core.stats().get("live_codes", 1):
+                await self.slot_lease.release()
+        except (BackplaneUnavailable, coredis.exceptions.RedisError):
             pass
 
     async def _start_services(self, services: trio.Nursery) -> None:
