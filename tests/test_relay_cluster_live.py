@@ -199,3 +199,16 @@ async def test_code_slots_run_out_is_one_line_and_a_clean_stop_frees_its_slot(re
     with cluster(redis_server.url, 1, extra=slots) as (third,), trio.fail_after(10):
         async with trio_websocket.open_websocket_url(third.url) as ws:
             await create(ws)
+
+
+async def test_workers_share_one_port_and_one_set_of_sessions(redis_server):
+    """`parley relay --workers 3 --backplane URL`: the kernel deals connections over the
+    workers (SO_REUSEPORT), so pairs land on one worker or two; every pair works."""
+    with cluster(redis_server.url, 1, extra=["--workers", "3"], start_timeout=60) as (relay,), \
+            trio.fail_after(60):
+        for i in range(12):
+            async with trio_websocket.open_websocket_url(relay.url) as a, \
+                    trio_websocket.open_websocket_url(relay.url) as b:
+                sid, code = await create(a)
+                await join_and_accept(a, b, code, sid)
+                await exchange(a, b, sid, f"w{i:02d}")
