@@ -239,3 +239,69 @@ async def test_thousand_concurrent_joins_for_hundred_codes_each_joined_once(redi
                     extra = await recv(ws, timeout=1)
                     raise AssertionError(f"a second frame for one code: {extra['t']}")
             nursery.cancel_scope.cancel()
+
+
+async def test_node_cut_off_from_redis_is_replaced_and_stops_when_the_link_heals(redis_server):
+    """A network split between node A and Redis (B still reaches it): after A's lease the
+    session A owned moves to B (its member on B sees PEER_OFFLINE and reconnects); A cannot
+    acknowledge anything (its writes need Redis); once the link heals A finds its session taken
+    and stops, its client reconnects, and the pair goes on on B. Nothing acknowledged is lost."""
+    from support.clusternodes import CuttableLink
+
+    async with trio.open_nursery() as nursery:
+        link = CuttableLink(redis_server.port)
+        await nursery.start(link.serve)
+        a_url = f"redis://127.0.0.1:{link.port}/0"
+        node_a = NodeRelay(a_url, lease=LEASE)
+        node_b = NodeRelay(redis_server.url, lease=LEASE)
+        try:
+            # started from a thread: the link runs in this event loop
+            await trio.to_thread.run_sync(node_a.start)
+            await trio.to_thread.run_sync(node_b.start)
+            with trio.fail_after(60):
+                async with trio_websocket.open_websocket_url(node_a.url) as a, \
+                        trio_websocket.open_websocket_url(node_b.url) as b:
+                    sid, code = await create(a, side="side-a")
+                    await join_and_accept(a, b, code, sid, side="side-b")
+                    await exchange(a, b, sid, "s1")
+                    await send(b, {"t": "RECEIVED", "sid": sid, "data": {"msgID": "s101"}})
+                    await send(a, {"t": "RECEIVED", "sid": sid, "data": {"msgID": "s102"}})
+                    await trio.sleep(0.3)
+                    link.cut()
+                    cut_at = time.monotonic()
+                    assert await recv_type(b, "PEER_OFFLINE", timeout=OFFLINE_BOUND + 5) == \
+                        {"t": "PEER_OFFLINE", "sid": sid}
+                    assert time.monotonic() - cut_at < OFFLINE_BOUND
+                    assert await closed_code(b) == 1012
+                    # meanwhile a's MSG cannot be acknowledged: it needs Redis (or b, gone from a's view)
+                    acked_during_split = []
+                    await send(a, {"t": "MSG", "sid": sid, "data": {"payload": "dd" * 8, "msgID": "split"}})
+                    with trio.move_on_after(LEASE):
+                        while True:
+                            frame = await recv(a, timeout=30)
+                            if frame["t"] in ("QUEUED", "DELIVERED"):
+                                acked_during_split.append(frame["data"]["msgID"])
+                    async with trio_websocket.open_websocket_url(node_b.url) as b2:
+                        await send(b2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
+                        await trio.sleep(1.0)
+                        link.heal()
+                        # a finds its session taken and stops: its client is disconnected
+                        with trio.fail_after(20):
+                            try:
+                                while True:
+                                    frame = await recv(a, timeout=20)
+                                    if frame["t"] in ("QUEUED", "DELIVERED"):
+                                        acked_during_split.append(frame["data"]["msgID"])
+                            except trio_websocket.ConnectionClosed:
+                                pass
+                        assert acked_during_split == []
+                        async with trio_websocket.open_websocket_url(node_b.url) as a2:
+                            await send(a2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+                            assert (await recv_type(b2, "PEER_ONLINE"))["sid"] == sid
+                            await exchange_skipping_presence(a2, b2, sid, "s2")
+            log_a = node_a.log_text()
+            assert "took over sessions of this node" in log_a or "owned by another node" in log_a, log_a[-2000:]
+        finally:
+            node_a.close()
+            node_b.close()
+            nursery.cancel_scope.cancel()

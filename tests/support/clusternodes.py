@@ -85,3 +85,60 @@ async def round_robin(urls: list[str]):
             yield f"ws://127.0.0.1:{port}/"
         finally:
             nursery.cancel_scope.cancel()
+
+
+class CuttableLink:
+    """A TCP proxy on 127.0.0.1 to `port` that a test can cut (every connection through it
+    closed, new ones closed at once: a network split) and heal. Run `serve` in a nursery;
+    `port` is where clients connect once it has started."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port: int | None = None
+        self.open = True
+        self._streams: set = set()
+
+    async def serve(self, task_status=None) -> None:
+        import trio
+
+        async def pump(source, sink) -> None:
+            try:
+                while data := await source.receive_some(65536):
+                    if not self.open:
+                        return
+                    await sink.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async def handle(client) -> None:
+            if not self.open:
+                await client.aclose()
+                return
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                await client.aclose()
+                return
+            pair = (client, upstream)
+            self._streams.add(pair)
+            try:
+                async with client, upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, client, upstream)
+                    nursery.start_soon(pump, upstream, client)
+                    while self.open:
+                        await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._streams.discard(pair)
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            self.port = listeners[0].socket.getsockname()[1]
+            if task_status is not None:
+                task_status.started(self.port)
+
+    def cut(self) -> None:
+        self.open = False
+
+    def heal(self) -> None:
+        self.open = True
