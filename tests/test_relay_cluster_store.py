@@ -230,3 +230,22 @@ def test_code_shares_are_uniform_over_the_slot_and_disjoint():
     # per node: a single relay's default shared out, never over a tenth of the share
     assert live_code_cap(None, 6, 16) == 6250
     assert live_code_cap(10**6, 6, 16) == 6250 and live_code_cap(500, 6, 16) == 500
+
+
+def test_routes_no_connection_uses_are_forgotten():
+    import secrets as _secrets
+    import time as _time
+
+    from parley.relay.cluster.node import ClusterOptions, ClusterServer
+    from parley.relay.core import RelayCore
+    from parley.relay.server import ServerConfig
+
+    client = open_client("redis://127.0.0.1:1/0", timeout=1.0)  # never connected here
+    node = ClusterServer(RelayCore(clock=_time.time, rng=_secrets), None, ServerConfig(),
+                         backplane=RedisStore(client, token="n1"), options=ClusterOptions(), node_id="n1")
+    node._routes = {f"{i}_" + "a" * 32: "n2" for i in range(1000)}
+    node._forwarded = {5: {"n2": {"7_" + "a" * 32}}}
+    node._by_origin = {"n3": set(), "n4": {1 << 40}}
+    node._prune_routes()
+    assert node._routes == {"7_" + "a" * 32: "n2"}
+    assert node._by_origin == {"n4": {1 << 40}}

@@ -622,6 +622,7 @@ class ClusterServer(RelayServer):
                     if self._fault_core is not None and self._pipeline.healthy:
                         self._fault_core.set_store_available(True)
                 await self._check_peers()
+                self._prune_routes()
             except (BackplaneUnavailable, coredis.exceptions.RedisError) as exc:
                 # Told to the core at once (not only at the next failed commit):
                 # new sessions, codes and stored MSGs are refused from now on.
@@ -632,6 +633,19 @@ class ClusterServer(RelayServer):
                     log.error("backplane unreachable (%s): not ready; sessions this node holds go on, "
                               "new ones are refused until it is back", type(exc).__name__)
             await trio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _prune_routes(self) -> None:
+        """Forget routes no connection of this node uses any more (memory stays
+        bounded by what is in use: the next frame for a forgotten one asks Redis)."""
+        if len(self._routes) <= 4 * max(16, len(self._forwarded)):
+            return
+        used: set[str] = set()
+        for by_owner in self._forwarded.values():
+            for sids in by_owner.values():
+                used.update(sids)
+        self._routes = {sid: owner for sid, owner in self._routes.items() if sid in used}
+        for origin in [o for o, rids in self._by_origin.items() if not rids]:
+            del self._by_origin[origin]
 
     async def _check_still_owner(self) -> None:
         """Our liveness key had expired: if any session we hold was taken over
