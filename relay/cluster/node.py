@@ -537,6 +537,11 @@ class ClusterServer(RelayServer):
                 kind = item[0]
                 if kind == "f":
                     _, origin, cid, address, text, binary = item
+                    if origin == self.node_id:  # our own client's frame, bounced back by a stale route
+                        local = attached.get(cid)
+                        if local is not None:
+                            self.on_message(local, base64.b64decode(text) if binary else text)
+                        continue
                     rid = self._remote.get((origin, cid))
                     if rid is None:
                         rid = next(self._rids)
