@@ -538,9 +538,13 @@ class ClusterServer(RelayServer):
                 if kind == "f":
                     _, origin, cid, address, text, binary = item
                     if origin == self.node_id:  # our own client's frame, bounced back by a stale route
+                        message = base64.b64decode(text) if binary else text
+                        key = route_key(message, self._max_sid)
+                        if key is not None and key[0] == "sid":
+                            self._routes.pop(key[1], None)  # ask Redis again, never ping-pong
                         local = attached.get(cid)
                         if local is not None:
-                            self.on_message(local, base64.b64decode(text) if binary else text)
+                            self.on_message(local, message)
                         continue
                     rid = self._remote.get((origin, cid))
                     if rid is None:
