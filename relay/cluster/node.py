@@ -371,7 +371,9 @@ class ClusterServer(RelayServer):
             kind, value = key
             if kind == "sid":
                 if not core.holds(value):
-                    owner = self._routes.get(value)
+                    # A frame forwarded here for a session this node does not hold followed a
+                    # stale route: Redis is asked (never route to route, which could loop).
+                    owner = self._routes.get(value) if type(conn) is not RemoteConn else None
                     if owner is not None:
                         self._forward(conn, owner, value, message)
                         return
@@ -500,6 +502,7 @@ class ClusterServer(RelayServer):
         with trio.move_on_after(self.options.timeout):
             while self._pipeline.committed < target and self._pipeline.healthy:
                 await trio.sleep(0.005)
+        self._routes.pop(sid, None)
         snapshot = await self.backplane.load_session(sid)
         if self._core.adopt(snapshot):
             self.cluster_counters["adopted"] += 1
