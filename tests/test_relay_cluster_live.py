@@ -212,3 +212,34 @@ async def test_workers_share_one_port_and_one_set_of_sessions(redis_server):
                 sid, code = await create(a)
                 await join_and_accept(a, b, code, sid)
                 await exchange(a, b, sid, f"w{i:02d}")
+
+
+async def test_legacy_store_and_forward_across_nodes_as_today(redis_server):
+    """Legacy clients (no side): QUEUED on A, a REATTACH on C gets every frame in order, and
+    a frame written to a legacy receiver is done (the next REATTACH gets nothing), as on one relay."""
+    with cluster(redis_server.url, 3) as (node_a, node_b, node_c), trio.fail_after(40):
+        async with trio_websocket.open_websocket_url(node_a.url) as a:
+            async with trio_websocket.open_websocket_url(node_b.url) as b:
+                sid, code = await create(a)
+                await join_and_accept(a, b, code, sid)
+            assert (await recv(a))["t"] == "PEER_OFFLINE"
+            sent = []
+            for i in range(6):
+                data = {"payload": f"{i:02x}" * 10, "msgID": f"l{i}"}
+                await send(a, {"t": "MSG", "sid": sid, "data": data})
+                assert (await recv(a))["t"] == "QUEUED"
+                sent.append(data)
+        async with trio_websocket.open_websocket_url(node_c.url) as b2:
+            await send(b2, {"t": "REATTACH", "sid": sid})
+            got = []
+            while len(got) < len(sent):
+                frame = await recv(b2)
+                if frame["t"] == "MSG":
+                    got.append(frame["data"])
+            assert got == sent
+        await trio.sleep(0.5)  # the replay's deletes reach the owner's store
+        async with trio_websocket.open_websocket_url(node_b.url) as b3:
+            await send(b3, {"t": "REATTACH", "sid": sid})
+            await send(b3, {"t": "MSG", "sid": sid, "data": {"payload": "ab" * 8, "msgID": "end"}})
+            frame = await recv(b3)
+            assert frame["t"] == "QUEUED" and frame["data"] == {"msgID": "end"}  # nothing was replayed first
