@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import trio
-
-import logging
 
 from .codes import ShardedRandom, live_code_cap
 from .durability import _reason, log_durability, parse_backplane_url, read_durability
 from .lease import new_token
 from .node import ClusterOptions, ClusterServer, node_name
-from .redisstore import BackplaneUnavailable, RedisStore
+from .redisstore import RedisStore
 
 log = logging.getLogger("parley.relay.cluster")
 

@@ -53,7 +53,7 @@ from ..actions import Close, Send
 from ..core import UNAVAILABLE_MESSAGE
 from ..server import RelayServer, ServerConfig
 from .codes import ShardedRandom
-from .lease import Lease, Renewal, new_token
+from .lease import Lease, Renewal
 from .redisstore import BackplaneUnavailable, RedisStore, _TRANSIENT
 
 __all__ = ["ClusterServer", "ClusterOptions", "RemoteConn", "node_name"]
