@@ -11,6 +11,7 @@ Bad options print one line and exit non-zero, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from .observe import LimitReporter, Observer
 from .server import RelayServer, ServerConfig
 from .store import CHECKS, MEMORY, Store, StoreError, default_store_path, describe_error
 from .transport import TransportConfig
+from .workers import WorkerPolicy, WorkersFailed, reserve_port, supervise
 
 __all__ = ["relay", "main", "build_relay", "format_url"]
 
@@ -118,6 +120,8 @@ def build_relay(
     observer: Observer | None = None,
     store_init: bool = False,
     store_check: str = "full",
+    server_factory: Any = None,
+    rng: Any = None,
 ) -> tuple[RelayServer, Store | None]:
     """The relay server with its core and store, the store's state restored.
 
@@ -127,6 +131,11 @@ def build_relay(
     `observer` hears about limit hits (core and shell); by default a
     `LimitReporter` that counts them for metrics and logs them rate-limited,
     showing addresses as `server_options["log_addresses"]` says.
+
+    `rng` is the core's randomness (default `secrets`; a cluster node deals
+    out the code space, `relay.cluster.codes`).
+    `server_factory(core, store, config, observer=...)` makes the server
+    (default `RelayServer`; a cluster node passes `relay.cluster.node.ClusterServer`).
 
     Raises StoreError / ValueError with a one-line message. The caller closes
     the store after `serve()` returns.
@@ -148,7 +157,8 @@ def build_relay(
                 "replay_chunk_bytes", min(1 << 20, max(1, transport.effective_send_buffer_bytes // 4))
             )
             core = RelayCore(
-                _core_config(dialect, max_frame, options), clock=time.time, rng=secrets, observer=observer
+                _core_config(dialect, max_frame, options), clock=time.time, rng=rng or secrets,
+                observer=observer
             )
         if store_obj is not None:
             snapshot = store_obj.load()
@@ -157,7 +167,7 @@ def build_relay(
                 "store: %d session(s), %d side(s), %d live code(s), %d queued frame(s) restored",
                 len(snapshot.sessions), len(snapshot.sides), len(snapshot.codes), len(snapshot.frames),
             )
-        server = RelayServer(
+        server = (server_factory or RelayServer)(
             core,
             store_obj,
             ServerConfig(host=host, port=port, certfile=certfile, keyfile=keyfile, transport=transport,
@@ -374,6 +384,19 @@ _QUOTA_FIELDS = {
 @_env_option("--store-hold", "SECONDS", click.FloatRange(0, 3600), 5.0,
              "How long replies that wait for a failing store are held; then unsaved messages "
              "get DELIVERED_FAILED store_unavailable.")
+# Relay cluster (README "Relay cluster: backplane"; relay/cluster/__init__.py)
+@_option("--backplane", envvar="PARLEY_RELAY_BACKPLANE", metavar="URL", show_envvar=True, default=None,
+              help="Share sessions with other relay nodes through Redis/Valkey: redis://HOST:PORT/DB, "
+                   "rediss://HOST:PORT/DB or unix:///PATH?db=N. The store is then Redis (no --store). "
+                   "[default: none, one process with its SQLite store]")
+@_env_option("--backplane-lease", "SECONDS", click.FloatRange(0.3, 600), 5.0,
+             "A node silent this long is dead: its sessions are taken over and its clients' "
+             "peers see PEER_OFFLINE.")
+@_env_option("--backplane-code-slots", "N", click.IntRange(1, 1000), 16,
+             "Shares of the invite-code space, one per node (so codes never collide between "
+             "nodes): at most this many nodes; give every node the same value.")
+@_env_option("--backplane-timeout", "SECONDS", click.FloatRange(0.05, 60), 2.0,
+             "Longest wait for one Redis reply before it counts as a failure (and is retried).")
 @_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
               type=click.IntRange(0, 65535), default=None, show_envvar=True,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "
@@ -407,6 +430,24 @@ _QUOTA_FIELDS = {
 @_env_option("--idle-frame-rate", "PER_SECOND", click.FloatRange(0.01), 10.0,
              "Frames per second that do nothing (ping, pong, empty) one connection may send.")
 @_env_option("--idle-frame-burst", "N", click.IntRange(1), 100, "... of which this many at once; past it: close 1008.")
+# Workers: N processes sharing the port (README "Relay cluster: workers and durability")
+@_option("--workers", envvar="PARLEY_RELAY_WORKERS", metavar="N", type=click.IntRange(1, 1024),
+              default=1, show_default=True, show_envvar=True,
+              help="Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
+                   "restarted when they die; more than 1 needs --backplane.")
+@_option("--reuse-port", envvar="PARLEY_RELAY_REUSE_PORT", is_flag=True, default=False, show_envvar=True,
+              help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
+                   "same port (what --workers gives each worker).")
+@_option("--worker-drain-timeout", envvar="PARLEY_RELAY_WORKER_DRAIN_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(0.1, 3600), default=15.0, show_default=True, show_envvar=True,
+              help="After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
+@_option("--worker-restart-max", envvar="PARLEY_RELAY_WORKER_RESTART_MAX", metavar="SECONDS",
+              type=click.FloatRange(0.5, 3600), default=30.0, show_default=True, show_envvar=True,
+              help="Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
+                   "0.5 s after a minute up).")
+@_option("--worker-start-timeout", envvar="PARLEY_RELAY_WORKER_START_TIMEOUT", metavar="SECONDS",
+              type=click.FloatRange(1, 3600), default=60.0, show_default=True, show_envvar=True,
+              help="How long a worker may take to listen (store check, backplane) before it is killed.")
 def relay(
     host: str,
     port: int,
@@ -439,6 +480,10 @@ def relay(
     store_retry_min: float,
     store_retry_max: float,
     store_hold: float,
+    backplane: str | None,
+    backplane_lease: float,
+    backplane_code_slots: int,
+    backplane_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
     log_format: str,
@@ -449,6 +494,11 @@ def relay(
     frame_rate: float,
     idle_frame_rate: float,
     idle_frame_burst: int,
+    workers: int,
+    reuse_port: bool,
+    worker_drain_timeout: float,
+    worker_restart_max: float,
+    worker_start_timeout: float,
     **quotas: Any,
 ) -> None:
     """Run the parley relay."""
@@ -472,11 +522,39 @@ def relay(
         raise _OneLineError(str(exc), 2) from None
     if store_retry_min > store_retry_max:
         raise _OneLineError("--store-retry-min must not exceed --store-retry-max", 2)
+    cluster: Any = None
+    if backplane:
+        if store_path:
+            raise _OneLineError("--store and --backplane exclude each other (the backplane is the store)", 2)
+        from .cluster import cli as cluster_cli
+
+        try:
+            cluster = cluster_cli.prepare(
+                backplane, lease=backplane_lease, timeout=backplane_timeout, code_slots=backplane_code_slots
+            )
+        except ValueError as exc:
+            raise _OneLineError(str(exc), 2) from None
     relay_logging.configure(log_level.lower(), log_format.lower())
+    if workers > 1:
+        if not ctx.params.get("backplane"):
+            raise _OneLineError(
+                f"--workers {workers} needs --backplane redis://HOST:PORT/DB: without a shared backplane "
+                "each worker would hold its own sessions", 2,
+            )
+        policy = WorkerPolicy(
+            workers=workers, start_timeout=worker_start_timeout, drain_timeout=worker_drain_timeout,
+            restart_max=worker_restart_max,
+        )
+        sys.exit(_run_workers(ctx, policy, bind_host, port, metrics_port, dialect, bool(certfile)))
+    quota_options = {_QUOTA_FIELDS[name]: value for name, value in quotas.items()}
+    if cluster is not None:
+        quota_options["max_live_codes"] = cluster.live_code_cap(quota_options.get("max_live_codes"), code_digits)
+        cluster.options.code_ttl = code_ttl
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
-            host=bind_host, port=port, dialect=dialect, store=store,
+            host=bind_host, port=port, dialect=dialect, store=MEMORY if cluster is not None else store,
+            server_factory=cluster.server_factory if cluster is not None else None,
             max_frame=max_frame, ping_interval=ping_interval, certfile=certfile, keyfile=keyfile,
             core_options={
                 "code_digits": code_digits,
@@ -513,8 +591,10 @@ def relay(
                 "metrics_host": metrics_host,
                 "metrics_port": metrics_port,
                 "log_addresses": log_addresses.lower(),
+                "reuse_port": reuse_port,
             },
-            quota_options={_QUOTA_FIELDS[name]: value for name, value in quotas.items()},
+            quota_options=quota_options,
+            rng=cluster.rng if cluster is not None else None,
             store_init=store_init,
             store_check=store_check,
         )
@@ -527,18 +607,24 @@ def relay(
             shown_host = bind_host
         url = format_url(shown_host, bound_port, server.tls)
         dash = "—" if (sys.stdout.encoding or "").lower().replace("-", "") == "utf8" else "-"
+        where = f"backplane {cluster.shown_url}, node {cluster.node_id}" if cluster is not None else f"store {store}"
         print(
-            f"parley relay listening on {url} (dialect {dialect}, store {store}) "
+            f"parley relay listening on {url} (dialect {dialect}, {where}) "
             f"{dash} clients connect with: parley invite --relay {url}",
             flush=True,
         )
 
     try:
-        trio.run(run_until_signalled, server, announce)
+        if cluster is not None:
+            trio.run(cluster.run, server, announce)
+        else:
+            trio.run(run_until_signalled, server, announce)
     except KeyboardInterrupt:
         sys.exit(130)
     except (OSError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
+        if cluster is not None and cluster.is_start_error(leaf):
+            raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, MetricsBindError):
             raise _OneLineError(str(leaf)) from None
         if isinstance(leaf, OSError) and not server.listeners:
@@ -546,6 +632,7 @@ def relay(
             raise _OneLineError(f"cannot listen on {where}: {leaf.strerror or leaf}") from None
         if isinstance(leaf, KeyboardInterrupt):
             sys.exit(130)
+
         # a failure inside the relay: already logged. SQLite's own text may
         # quote stored values: never shown.
         if isinstance(leaf, sqlite3.Error):
@@ -554,6 +641,83 @@ def relay(
     finally:
         if store_obj is not None:
             store_obj.close()
+
+
+# Options the supervisor sets for each worker itself (or that only the supervisor reads).
+_SUPERVISOR_ONLY = {"host", "port", "workers", "reuse_port", "metrics_port", "worker_drain_timeout",
+                    "worker_restart_max", "worker_start_timeout"}
+
+
+def worker_options(ctx: click.Context) -> list[str]:
+    """The options given on this command line, as arguments for a worker (options that came
+    from the environment reach the worker through its environment, which it inherits)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name is None or name in _SUPERVISOR_ONLY:
+            continue
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value:
+                args.append(flag)
+            elif param.secondary_opts:
+                args.append(max(param.secondary_opts, key=len))
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def _run_workers(
+    ctx: click.Context, policy: WorkerPolicy, bind_host: str | None, port: int, metrics_port: int | None,
+    dialect: str, tls: bool,
+) -> int:
+    """Supervise `policy.workers` relay processes on one port (relay/workers.py); the exit status."""
+    try:
+        holder, port = reserve_port(port, bind_host)
+    except OSError as exc:
+        where = format_url(bind_host or "0.0.0.0", port, tls)
+        raise _OneLineError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    common = worker_options(ctx)
+
+    def command(index: int) -> list[str]:
+        argv = [sys.executable, "-m", "parley.relay", *common, "--workers", "1", "--reuse-port", "--port", str(port)]
+        if bind_host is not None:
+            argv += ["--host", bind_host]
+        if metrics_port is not None:
+            # One endpoint per worker: M, M+1, ... (0: each a free port, logged by the worker).
+            argv += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+        return argv
+
+    def environment(index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PARLEY_RELAY_WORKER"] = str(index)  # for the operator's ps/env; the worker ignores it
+        return env
+
+    def ready(lines: list[str]) -> None:
+        url = format_url(bind_host or "0.0.0.0", port, tls)
+        dash = "—" if (sys.stdout.encoding or "").lower().replace("-", "") == "utf8" else "-"
+        print(
+            f"parley relay listening on {url} ({policy.workers} workers, dialect {dialect}) "
+            f"{dash} clients connect with: parley invite --relay {url}",
+            flush=True,
+        )
+
+    try:
+        trio.run(functools.partial(supervise, command, policy, environment=environment, on_ready=ready))
+    except WorkersFailed as exc:
+        click.echo(f"parley relay: error: {exc}", err=True)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        holder.close()
+    return 0
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

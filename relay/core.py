@@ -447,7 +447,44 @@ class RelayCore:
 
     def restore(self, snapshot: Snapshot) -> None:
         """Load what the store holds. Call once, before the first `connect`."""
+        self._load(snapshot)
+
+    def adopt(self, snapshot: Snapshot) -> list[str]:
+        """Take over sessions another relay node owned (`relay.cluster`): load
+        the rows of `snapshot` (one or more sessions, as the store hands them
+        out) for every session this core does not hold yet, exactly as
+        `restore` would; rows of sessions it holds are ignored. Returns the
+        SIDs adopted. No actions: the rows are in the store already, and
+        nobody is attached to an adopted session until it REATTACHes."""
+        held = self._sessions
+        new = {s.sid for s in snapshot.sessions if s.sid not in held}
+        new.update(f.sid for f in snapshot.frames if f.sid not in held)
+        if not new:
+            return []
+        self._load(Snapshot(
+            sessions=tuple(s for s in snapshot.sessions if s.sid in new),
+            sides=tuple(s for s in snapshot.sides if s.sid in new),
+            codes=tuple(c for c in snapshot.codes if c.sid in new and c.code not in self._codes),
+            frames=tuple(f for f in snapshot.frames if f.sid in new),
+        ))
+        return sorted(new)
+
+    def holds(self, sid: str) -> bool:
+        """Whether this core has the session (a cluster node: owns it)."""
+        return sid in self._sessions
+
+    def code_session(self, code: str) -> str | None:
+        """The SID a live code of this core is for, else None."""
+        entry = self._codes.get(code)
+        return None if entry is None else entry[0]
+
+    def session_ids(self) -> list[str]:
+        """Every SID this core holds (a cluster node checks it still owns them)."""
+        return list(self._sessions)
+
+    def _load(self, snapshot: Snapshot) -> None:
         now = self._clock()
+        loaded: dict[str, None] = {}  # in the order added (the idle list's order)
 
         def who(key: str | None) -> _Who | None:
             return None if key is None else _who(key)
@@ -455,6 +492,7 @@ class RelayCore:
         for saved in snapshot.sessions:
             if saved.sid not in self._sessions:
                 self._add_session(_Session(saved.sid, saved.auto, who(saved.owner), None))
+                loaded[saved.sid] = None
         for saved in snapshot.sides:
             sess = self._sessions.get(saved.sid)
             if sess is not None and saved.side not in sess.sides:
@@ -473,13 +511,14 @@ class RelayCore:
             sess = self._sessions.get(saved.sid)
             if sess is None:  # frames without their session row: count as auto-created
                 sess = self._add_session(_Session(saved.sid, True, None, None))
+                loaded[saved.sid] = None
             stored = StoredFrame(saved.seq, saved.from_side, None, saved.msg_id, saved.text,
                                  _size(saved.text), saved.expires_at, who(saved.sender))
             if self._frames.load(saved.sid, stored):
                 self._hold_bytes(sess, stored)
-        for sess in self._sessions.values():
-            if not self._frames.count(sess.sid):
-                self._idle[sess.sid] = now + self.config.session_ttl
+        for sid in loaded:
+            if not self._frames.count(sid) and not self._sessions[sid].members:
+                self._idle[sid] = now + self.config.session_ttl
 
     # ------------------------------------------------------- connections
 

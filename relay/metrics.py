@@ -161,6 +161,9 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily(p + "event_loop_lag_last_seconds", "The latest event-loop lag measured.",
                                 value=server.loop_lag_seconds.last)
         yield from _present(CounterMetricFamily, sstats, _SERVER_COUNTERS)
+        extra = getattr(server, "metric_families", None)  # a cluster node's (relay/cluster/node.py)
+        if callable(extra):
+            yield from extra(p)
 
 
 # (stats key, metric name after the prefix, help): the core's gauges, the server's counters

@@ -188,6 +188,11 @@ class StorePipeline:
         """Commit what is pending, batch after batch, until cancelled."""
         store = self.store
         assert store is not None
+        # A backplane store (relay.cluster.redisstore) is async and names its
+        # own transient errors; SQLite's run in a worker thread.
+        apply_async = getattr(store, "apply_async", None)
+        transient = getattr(store, "transient_errors", (sqlite3.Error,))
+        describe = getattr(store, "describe_error", describe_error)
         debug = log.isEnabledFor(logging.DEBUG)
         counters = self._counters
         delay = 0.0
@@ -201,13 +206,16 @@ class StorePipeline:
             del self.pending[: len(batch)]
             started = time.monotonic()
             try:
-                await trio.to_thread.run_sync(store.apply, batch, limiter=self._limiter)
-            except sqlite3.Error as exc:
+                if apply_async is not None:
+                    await apply_async(batch)
+                else:
+                    await trio.to_thread.run_sync(store.apply, batch, limiter=self._limiter)
+            except transient as exc:
                 # Rolled back: the same ops go first again. Their sends stay held.
                 self.pending[:0] = batch
                 counters["store_failures"] += 1
                 if self.healthy:
-                    self._down(exc)
+                    self._down(describe(exc))
                     delay = self._limits.store_retry_min
                 else:
                     self._down_attempts += 1
@@ -217,7 +225,7 @@ class StorePipeline:
             except Exception as exc:
                 # Not the store but a bug (an op it cannot write): stop rather
                 # than retry it forever. Its sends are still held.
-                log.critical("store commit failed (%s): stopping the relay", describe_error(exc))
+                log.critical("store commit failed (%s): stopping the relay", describe(exc))
                 raise
             elapsed = time.monotonic() - started
             self.last_commit_seconds = elapsed
@@ -241,7 +249,7 @@ class StorePipeline:
             self._commit_event.set()
             self._commit_event = trio.Event()
 
-    def _down(self, exc: BaseException) -> None:
+    def _down(self, what: str) -> None:
         self.healthy = False
         self._down_since = trio.current_time()
         self._down_attempts = 1
@@ -249,7 +257,7 @@ class StorePipeline:
         log.error(
             "store unavailable: %s; retrying every %g-%g s with %d op(s) pending; new sessions, "
             "codes and stored messages are refused meanwhile, live messages keep flowing",
-            describe_error(exc), self._limits.store_retry_min, self._limits.store_retry_max,
+            what, self._limits.store_retry_min, self._limits.store_retry_max,
             len(self.pending),
         )
         self._tell_core(False)

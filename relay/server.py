@@ -187,6 +187,7 @@ class ServerConfig:
     store_retry_max: float = 5.0  # retries back off (x2) up to this
     store_hold: float = 5.0  # a failing store holds sends this long, then releases them
     shutdown_timeout: float = 5.0
+    reuse_port: bool = False  # SO_REUSEPORT: share the port with other workers (relay/workers.py)
     stats_interval: float = 60.0
     # connection edge (see the module docstring; README "Relay: connections and upgrades")
     max_connections: int = 0  # 0: as many as the descriptor limit allows
@@ -474,7 +475,12 @@ class RelayServer:
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._info = log.isEnabledFor(logging.INFO)
         # Bind first, outside any nursery: an address in use is a plain OSError.
-        listeners = await trio.open_tcp_listeners(self._config.port, host=self._config.host)
+        if self._config.reuse_port:
+            from .workers import open_shared_listeners
+
+            listeners = await open_shared_listeners(self._config.port, self._config.host)
+        else:
+            listeners = await trio.open_tcp_listeners(self._config.port, host=self._config.host)
         metrics_listeners = await self._bind_metrics(listeners)
         if self._config.raise_fd_limit:
             raise_soft_limit()
@@ -530,6 +536,7 @@ class RelayServer:
             services.start_soon(self._tick_loop, tick_scope)
             services.start_soon(self._stats_loop)
             services.start_soon(self._flush_observer_loop)
+            await self._start_services(services)
             async with trio.open_nursery() as conns:
                 self._conn_nursery = conns
                 await conns.start(self._listen, listeners)
@@ -551,6 +558,10 @@ class RelayServer:
             self.counters["store_ops"],
             self.counters["store_batches"],
         )
+
+    async def _start_services(self, services: trio.Nursery) -> None:
+        """Start a subclass's own service tasks (a cluster node's bus and
+        heartbeat, `relay.cluster.node`); none here."""
 
     async def _bind_metrics(self, listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
         """The metrics listeners (none without `metrics_port`), bound before any

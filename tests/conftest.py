@@ -69,3 +69,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_configure(config):
     # Tests that start processes find the checkout through this variable too.
     os.environ.setdefault("PARLEY_SOURCE_ROOT", str(REPO_ROOT))
+
+
+# A fresh redis-server (AOF, appendfsync always) per test: tests/support/redisproc.py.
+from support.redisproc import redis_server  # noqa: E402,F401

@@ -43,6 +43,22 @@ def parley_relay(dialect: str) -> RelayProvider:
     return provider
 
 
+def parley_cluster(dialect: str) -> RelayProvider:
+    """Three `--backplane` nodes behind a round-robin balancer: the creator and the joiner land
+    on different nodes, and each restart (resume) on another one again (relay/cluster)."""
+
+    @asynccontextmanager
+    async def provider(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+        from support.clusternodes import cluster, round_robin
+
+        redis = request.getfixturevalue("redis_server")
+        with cluster(redis.url, 3, dialect=dialect) as nodes:
+            async with round_robin([node.url for node in nodes]) as url:
+                yield url
+
+    return provider
+
+
 RelayProvider = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[str]]
 
 RELAYS: dict[str, RelayProvider] = {
@@ -50,6 +66,8 @@ RELAYS: dict[str, RelayProvider] = {
     "parley-compat": parley_relay("compat"),
     "parley-node": parley_relay("node"),
     "parley-go": parley_relay("go"),
+    "cluster-compat": parley_cluster("compat"),
+    "cluster-node": parley_cluster("node"),
 }
 
 
@@ -116,6 +134,12 @@ CELLS = [
     passes("parley-go", "parley", "parley", "parley with parley over parley (go dialect)"),
     passes("go", "parley", "parley", "parley with parley over the Go relay"),
     passes("go", "node", "parley", "Node creator, parley joiner over the Go relay"),
+    # A 3-node cluster behind a round-robin balancer (issue #14): creator and joiner on
+    # different nodes, both roles, resumed on other nodes.
+    passes("cluster-compat", "parley", "node", "parley creator, Node joiner on different cluster nodes"),
+    passes("cluster-compat", "node", "parley", "Node creator, parley joiner on different cluster nodes"),
+    passes("cluster-node", "node", "node", "the Node client on different cluster nodes (node dialect)"),
+    passes("cluster-compat", "parley", "parley", "parley with parley on different cluster nodes"),
 ]
 
 

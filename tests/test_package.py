@@ -38,8 +38,8 @@ def test_console_script_version_and_help():
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 # Modules that drive processes or fake the relay's clock for tests; they live in tests/support.
-TOOLING = {"childproc", "coreharness", "fakerelay", "golang", "harness", "matrix", "nodepeer", "parleyproc",
-           "relaycli", "relayproc", "testing", "support", "tlscert"}
+TOOLING = {"childproc", "clusternodes", "coreharness", "fakerelay", "golang", "harness", "matrix", "nodepeer",
+           "parleyproc", "redisproc", "relaycli", "relayproc", "testing", "support", "tlscert"}
 
 
 def _configured_packages() -> dict[str, str]:
@@ -52,7 +52,9 @@ def _configured_packages() -> dict[str, str]:
 
 def test_package_list_is_the_product_and_test_tooling_is_not_in_it():
     packages = _configured_packages()
-    assert set(packages) == {f"parley.{name}" for name in PACKAGES} | {"parley.conformance.relay_suite"}
+    # relay/cluster (issue #14: the backplane) installs as parley.relay.cluster.
+    assert set(packages) == {f"parley.{name}" for name in PACKAGES} | {"parley.conformance.relay_suite",
+                                                                       "parley.relay.cluster"}
     # Every Python package directory of the checkout is installed, except the test tooling.
     skip = {".venv", ".git", "node_modules", "build", "dist", "tests", "bench"}
     found = {

@@ -36,6 +36,7 @@ from parley.protocol.errors import BAD_CODE_MESSAGE
 
 __all__ = [
     "Suite",
+    "UrlRotation",
     "Msg",
     "RawClient",
     "RawSocket",
@@ -96,9 +97,33 @@ def compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+class UrlRotation:
+    """Which relay URL a test's next client gets: its k-th client (0-based, counting every
+    `connect`, `RawSocket.open` and `Suite.url_with_path`) gets ``urls[k % len(urls)]``, so a
+    test against several nodes of one cluster puts its peers on different nodes, the same way
+    on every run. `reset()` starts the count again (the plugin calls it before each test)."""
+
+    def __init__(self, urls: tuple[str, ...]) -> None:
+        if not urls:
+            raise ValueError("at least one relay URL is needed")
+        self.urls = urls
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def next(self) -> str:
+        url = self.urls[self.count % len(self.urls)]
+        self.count += 1
+        return url
+
+
 @dataclass(frozen=True)
 class Suite:
-    """What a test knows about the relay under test."""
+    """What a test knows about the relay under test.
+
+    `url` is the relay (the first node when there are several); `urls` all the nodes of one
+    cluster, over which each test's clients are spread (`UrlRotation`)."""
 
     url: str
     dialect: str  # go | node | compat
@@ -106,6 +131,17 @@ class Suite:
     ping_interval: float = 10.0
     quiet: float = 0.25  # how long "no frame" is awaited
     timeout: float = 3.0  # how long an expected frame is awaited
+    urls: tuple[str, ...] = ()  # empty: just `url`
+    rotation: UrlRotation = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        urls = self.urls or (self.url,)
+        object.__setattr__(self, "urls", urls)
+        object.__setattr__(self, "rotation", UrlRotation(urls))
+
+    def next_url(self) -> str:
+        """The URL for this test's next client (round-robin over `urls`)."""
+        return self.rotation.next()
 
     @property
     def sid_pattern(self) -> re.Pattern[str]:
@@ -117,12 +153,17 @@ class Suite:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        parts = urlsplit(self.url)
-        return parts.hostname or "127.0.0.1", parts.port or 80
+        return _host_port(self.url)
 
     def url_with_path(self, path: str) -> str:
-        parts = urlsplit(self.url)
+        """The next client's URL (it counts as one) with this path."""
+        parts = urlsplit(self.next_url())
         return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
 
 
 @dataclass
@@ -294,9 +335,10 @@ async def connect(
     extra_headers: list[tuple[str, str]] | None = None,
     subprotocols: Iterable[str] | None = None,
 ) -> AsyncIterator[RawClient]:
-    """Open one connection (bounded connect and close) for the duration of the block."""
+    """Open one connection (bounded connect and close) for the duration of the block; without
+    `url`, to the suite's next URL (`UrlRotation`)."""
     async with open_websocket_url(
-        url or suite.url,
+        url or suite.next_url(),
         extra_headers=extra_headers,
         subprotocols=subprotocols,
         message_queue_size=1024,
@@ -459,7 +501,8 @@ class RawSocket:
 
     @classmethod
     async def open(cls, suite: Suite, *, rcvbuf: int | None = None) -> "RawSocket":
-        host, port = suite.host_port
+        """A TCP connection to the suite's next URL (`UrlRotation`)."""
+        host, port = _host_port(suite.next_url())
         sock = trio.socket.socket(_stdsocket.AF_INET, _stdsocket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVBUF, rcvbuf)

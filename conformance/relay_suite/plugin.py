@@ -5,7 +5,10 @@ suite directory) or pass the module to ``pytest.main(..., plugins=[plugin])``.
 
 Options (each also read from the environment):
 
-    --relay-url URL          PARLEY_RELAY_URL            relay under test (ws://...)
+    --relay-url URL          PARLEY_RELAY_URL            relay under test (ws://...);
+                             repeatable (the env var: comma- or space-separated) for
+                             the nodes of one cluster: each test's k-th client goes to
+                             URL k mod n (client.UrlRotation)
     --dialect go|node|compat PARLEY_RELAY_DIALECT        default go
     --relay-impl auto|legacy|parley  PARLEY_RELAY_IMPL   default auto: parley if the
                              upgrade response's Server header starts with "parley"
@@ -59,7 +62,13 @@ def _env_float(name: str, default: float) -> float:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("parley-relay", "parley relay conformance suite")
-    group.addoption("--relay-url", default=os.environ.get("PARLEY_RELAY_URL"), help="relay under test, ws://HOST:PORT/")
+    group.addoption(
+        "--relay-url",
+        action="append",
+        default=None,
+        help="relay under test, ws://HOST:PORT/; repeat it for the nodes of one cluster: each test's "
+        "k-th client connects to URL k mod n (env PARLEY_RELAY_URL, comma- or space-separated)",
+    )
     group.addoption(
         "--dialect",
         choices=DIALECTS,
@@ -126,31 +135,51 @@ def _with_time_limit(fn: Any, limit: float) -> Any:
     return limited
 
 
+def relay_urls(option: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """The relay URLs: every --relay-url in order, else PARLEY_RELAY_URL split on commas and
+    white space. A URL given twice is kept twice (it gets every other client)."""
+    if option:
+        return tuple(option)
+    return tuple(u for u in (env or "").replace(",", " ").split() if u)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     ours = [item for item in items if _is_suite_item(item)]
     if not ours:
         return
     opt = config.option
-    url = opt.relay_url
-    if not url:
+    urls = relay_urls(opt.relay_url, os.environ.get("PARLEY_RELAY_URL"))
+    if not urls:
         raise pytest.UsageError("the relay suite needs --relay-url (or PARLEY_RELAY_URL)")
-    if not url.startswith(("ws://", "wss://")):
-        raise pytest.UsageError(f"--relay-url must be a ws:// or wss:// URL, got {url!r}")
+    for url in urls:
+        if not url.startswith(("ws://", "wss://")):
+            raise pytest.UsageError(f"--relay-url must be a ws:// or wss:// URL, got {url!r}")
     if not config.pluginmanager.hasplugin("trio"):
         raise pytest.UsageError("the relay suite needs the pytest-trio plugin (pip install pytest-trio)")
 
     impl = opt.relay_impl
     state = config.stash[_state_key]
     if impl == "auto":
-        try:
-            server = trio.run(_detect_impl, url, opt.frame_timeout + 2)
-        except Exception as exc:  # noqa: BLE001 - reported as a usage error
-            detail = str(exc) or str(exc.__cause__ or "") or "no detail"
-            raise pytest.UsageError(f"cannot open a WebSocket to {url}: {type(exc).__name__}: {detail}") from None
-        impl = "parley" if server.lower().startswith("parley") else "legacy"
+        # Every node must answer, and as the same implementation: one suite run judges one relay.
+        servers: list[str] = []
+        for url in urls:
+            try:
+                servers.append(trio.run(_detect_impl, url, opt.frame_timeout + 2))
+            except Exception as exc:  # noqa: BLE001 - reported as a usage error
+                detail = str(exc) or str(exc.__cause__ or "") or "no detail"
+                raise pytest.UsageError(f"cannot open a WebSocket to {url}: {type(exc).__name__}: {detail}") from None
+        kinds = {"parley" if server.lower().startswith("parley") else "legacy" for server in servers}
+        if len(kinds) > 1:
+            raise pytest.UsageError(
+                "the --relay-url nodes are not the same relay implementation: "
+                + ", ".join(f"{u} ({s or 'no Server header'})" for u, s in zip(urls, servers))
+            )
+        impl = kinds.pop()
+        server = servers[0]
         state["impl_note"] = f" (auto: Server header {server!r})" if server else " (auto: no Server header)"
     suite = Suite(
-        url=url,
+        url=urls[0],
+        urls=urls,
         dialect=opt.dialect,
         impl=impl,
         ping_interval=opt.ping_interval,
@@ -206,12 +235,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def suite(request: pytest.FixtureRequest) -> Suite:
-    """The relay under test: url, dialect, impl, ping interval and waits."""
+def _suite_session(request: pytest.FixtureRequest) -> Suite:
     try:
         return request.config.stash[_suite_key]
     except KeyError:
         raise pytest.UsageError("relay suite not configured (no --relay-url?)") from None
+
+
+@pytest.fixture
+def suite(_suite_session: Suite) -> Suite:
+    """The relay under test: url(s), dialect, impl, ping interval and waits. Each test starts
+    its clients at the first URL (`UrlRotation`), whatever the tests before it did."""
+    _suite_session.rotation.reset()
+    return _suite_session
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -234,8 +270,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     tr = terminalreporter
     tr.section("parley relay suite")
+    shown = suite.url if len(suite.urls) == 1 else " ".join(suite.urls) + " (round-robin)"
     tr.write_line(
-        f"relay {suite.url}  impl {suite.impl}{state['impl_note']}  dialect {suite.dialect}  "
+        f"relay {shown}  impl {suite.impl}{state['impl_note']}  dialect {suite.dialect}  "
         f"ping interval {suite.ping_interval:g}s"
     )
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0, "NOT RUN": 0}

@@ -1,0 +1,103 @@
+"""The relay cluster: relay nodes sharing one set of sessions through a Redis/Valkey backplane.
+
+`parley relay --backplane redis://HOST:PORT/DB` (also `rediss://`, `unix://`; env
+`PARLEY_RELAY_BACKPLANE`) makes the relay one *node* of a cluster. Without it the relay is the
+single process with its SQLite store, unchanged (`ClusterServer` is a subclass that only a
+backplane relay runs; the pipeline and core changes are neutral for it).
+
+Modules: `redisstore` (the store over Redis: fenced, atomic, idempotent batches), `lease`
+(liveness keys), `node` (`ClusterServer`: ownership, routing, the bus, failure handling),
+`codes` (the invite-code space dealt out), `durability` (URL, connect, persistence check),
+`cli` (the command's backplane part).
+
+Design
+======
+
+Every node runs today's sans-I/O `RelayCore`. The cluster lives in the shell around it.
+
+Who owns a session
+------------------
+Exactly one node at a time, the *owner*: its core holds the session in memory (members, sides,
+live code, queued frames) and is the only writer of its rows. Ownership is `<p>owner:<sid>` =
+node id in Redis. A node is alive while its key `<p>node:<id>` exists (PX `--backplane-lease`,
+renewed every lease/3). Ownership is taken:
+
+* by creating it: CREATE_SESSION on node N makes the session in N's core; N's first store batch
+  for it claims the owner key (inside the same Lua call that writes the rows);
+* by claiming a SID nobody has (REATTACH/MSG for an unknown SID): `SET owner NX PX 60s`, made
+  permanent by the batch that saves the session (a refused auto-create leaves only a 60 s key);
+* by taking over from a dead node: a compare-and-set in Lua (`owner == dead` and no
+  `node:dead` key) when a frame for the session arrives anywhere, and in bulk by the one node
+  that wins `SREM <p>nodes dead` (so expiry keeps running for sessions nobody touches).
+The taker loads the session's rows (`RedisStore.load_session`) into its core
+(`RelayCore.adopt`, the same code path as `restore` at start-up, for one session).
+
+Why owner-per-session rather than shared state read per frame: the core keeps every rule of
+PROTOCOL 2.4 (delivery, receipts, replays, quotas) in one deterministic place, a MSG between
+two members connected to the owner never touches Redis (the issue's "same-node" requirement),
+and there is no lock per frame. Why lazy adoption rather than a full snapshot at start: a node
+starts in O(1) and a dead node's sessions spread over the nodes that need them.
+
+Where each piece of state lives
+-------------------------------
+| state | where | notes |
+|---|---|---|
+| sessions, sides, live codes, queued frames | Redis (`redisstore`), and in the owner's core | written by the owner's store pipeline only; QUEUED/DELIVERED held until Redis acknowledged the batch |
+| which node owns a session | `<p>owner:<sid>`, `<p>owned:<node>` | cached per node in `_routes` (sid -> owner) |
+| members, presence, pending JOIN_REQUESTs, replay cursors | the owner's core (memory) | as for one relay: not durable |
+| a client's WebSocket | the node it connected to | never moves; frames for sessions owned elsewhere are forwarded |
+| code -> session | `<p>codes` hash | unique by construction: each node mints from its own share of the code space (`codes`) |
+| node liveness, code slots | `<p>node:<id>`, `<p>codeslot:<i>` (PX) | |
+| per-connection and per-address limits | each node's core | per node (an address using 3 nodes gets 3x); the connection-level ones are the origin node's |
+
+Routing (one hop)
+-----------------
+A frame from a client on node B: the session's owner is B -> B's core, as today. Owner is A ->
+B publishes `["f", B, conn, address, text]` on A's bus channel (Redis pub/sub, `<p>bus:A`); A's
+core sees a `RemoteConn` (id >= 2**40, never a local id) exactly like a local connection; its
+`Send`s for it are published back to B (`["s", conn, text]`), which writes them to the socket.
+So a cross-node MSG costs one hop each way for the live frame and the ack (B -> A -> B for
+DELIVERED, A -> B for the peer), batched per destination (one PUBLISH per destination per
+round of the bus task). Owner unknown to B (no route cached): B asks Redis (owner key; for a
+JOIN, the code's session first) while that connection's frames wait in order behind the
+question (at most 256); then it routes, claims or takes over. A JOIN is always decided by the
+core that owns the code, so concurrent JOINs on many nodes are serialized there: each code is
+joined once (tested with 1,000 JOINs for 100 codes over 3 nodes).
+
+Ordering
+--------
+* Per connection, frames reach the owner in the order sent: the waiting queue keeps order
+  during a lookup, one bus task publishes, and Redis keeps one publisher's order.
+* Per session, the owner's core orders everything, as a single relay does.
+* Sends to a connection from one owner arrive in that owner's order (one bus, one channel).
+  Sends from different owners (a connection in sessions owned by different nodes) are not
+  ordered between sessions (neither are they in PROTOCOL).
+* Held sends: as for one relay, a QUEUED/DELIVERED leaves the owner only after Redis answered
+  the batch that stores its frame (AOF `appendfsync always`: fsynced).
+
+Fencing
+-------
+Each store batch (one Lua script) first checks that every session it touches is owned by the
+writing node, and writes nothing otherwise; the node then stops (`LeaseLost`). A node whose
+liveness key expired while it was cut off checks, when it gets the key back, that it still
+owns every session it holds, and shuts down otherwise. So two nodes never both write one
+session, whatever their clocks do.
+
+Failures, and what clients see
+------------------------------
+| failure | what happens | what clients see |
+|---|---|---|
+| a node crashes (SIGKILL, host lost) | its liveness key expires after `--backplane-lease` (5 s); every node with routes to it or its connections notices within lease/3 more; one node adopts all its sessions; the rest take over on first use | its own clients: connection lost; they reconnect to any node and REATTACH: everything QUEUED/DELIVERED-but-unreceived is replayed in order (tested). Their peers on other nodes: PEER_OFFLINE within lease + lease/3 (+ slack), then (for sessions the dead node owned) close 1012 "session moved to another relay node; reconnect", after which their REATTACH brings the session up on a live node |
+| a node is stopped (SIGTERM) | its clients get 1001; it deletes its liveness key, so others take over at once | as above, without the lease wait |
+| Redis restarts (AOF, appendfsync always) | commits fail and are retried (`relay.pipeline`), bus subscriptions resubscribe; nothing acknowledged was lost (AOF) | a pause: new sessions/codes/stored MSGs refused meanwhile (`ERROR unavailable`, `DELIVERED_FAILED store_unavailable`); live MSGs between members on their owner node flow; automatic recovery (tested) |
+| Redis unreachable while running | heartbeat fails: the node reports not-ready (`/readyz` 503 "backplane unreachable") and tells its core the store is unavailable; cross-node frames cannot be routed | new sessions refused with `ERROR unavailable`; frames that need a lookup get `ERROR unavailable`; sessions owned by the client's node keep relaying live; everything resumes by itself (tested) |
+| Redis unreachable at start | no listening | one line (`cannot reach the backplane at URL: reason`), exit 1 (tested) |
+| a node cut off from Redis, others not (split) | within lease the others consider it dead and take its sessions over; its writes are fenced (refused), so it keeps serving only live frames between its own clients until it reconnects, sees sessions taken and shuts down (or stops with exit 1 at its first fenced write) | its clients: live chat with peers on the same node continues for the split's length, cross-node peers see PEER_OFFLINE; after it shuts down (1001) they reconnect to the live nodes: nothing acknowledged is lost (an ack needs a Redis write, which fencing refuses) |
+| bus message lost (subscriber reconnecting) | PUBLISH with 0 receivers: kept (bounded) and re-sent once the node is seen alive, re-routed if it is dead | nothing, or the delay of one heartbeat |
+
+Not done / limits (see README "Relay cluster: backplane"): ownership does not move to where the
+members are (two members on B of a session owned by A pay two hops per MSG until A dies);
+per-address limits are per node; Redis Cluster (sharded) is not supported (the Lua scripts
+touch keys of several sessions); a connection closed with 1012 loses its other sessions' live
+state too (it REATTACHes them).
+"""
