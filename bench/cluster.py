@@ -450,7 +450,9 @@ def projection(costs: dict[str, float], args: argparse.Namespace) -> list[str]:
             cap = 1e6 / (redis_cross * scale) / frac
         scaled = min(scaled_relay, cap)
         cap_text = f"{cap:,.0f}" if cap != float("inf") else "-"
-        out.append(f"| {label} | {workers} | {frac:.2f} | {min(measured, cap / scale if cap != float('inf') else measured):,.0f} | "
+        # Unscaled, the Redis cap is cap * scale (the measured Redis µs, not the scaled ones).
+        measured_capped = min(measured, cap * scale)
+        out.append(f"| {label} | {workers} | {frac:.2f} | {measured_capped:,.0f} | "
                    f"{scaled:,.0f} | {cap_text} | {go * go_cores:,.0f} |")
     return out
 
