@@ -48,6 +48,8 @@ from typing import Any
 
 import trio
 
+from parley.conformance.relay_suite.client import read_http_head
+
 REPO = Path(__file__).resolve().parent.parent
 PAIR_ADDR = "127.0.0.2"
 ATTACK_ADDR = "127.0.0.1"
@@ -105,18 +107,10 @@ class Ws:
                    f"Sec-WebSocket-Version: 13\r\n{headers}\r\n")
         try:
             await stream.send_all(request.encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    raise Refused("closed during the upgrade")
-                data += chunk
-                if len(data) > 65536:
-                    raise Refused("upgrade answer too long")
-        except (trio.BrokenResourceError, OSError) as exc:
+            head, rest = await read_http_head(stream)
+        except (trio.BrokenResourceError, OSError) as exc:  # ConnectionError: EOF or too long
             await stream.aclose()
             raise Refused(str(exc)) from None
-        head, _, rest = data.partition(b"\r\n\r\n")
         status = head.split(b"\r\n", 1)[0]
         if b" 101 " not in status + b" ":
             await stream.aclose()

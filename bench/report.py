@@ -423,23 +423,22 @@ SUITES = OrderedDict(
 )
 
 
+# config name pattern -> its description from the match
+_CONFIGS = [
+    (r"tp-S(\d+)-W(\d+)", lambda m: f"S={int(m.group(1)):,} W={m.group(2)}"),
+    (r"idle-N(\d+)", lambda m: f"N={int(m.group(1)):,}"),
+    (r"slow-S(\d+)-W(\d+)", lambda m: f"S={m.group(1)} W={m.group(2)} (closed loop)"),
+    (r"slow-S(\d+)-rate(\d+)", lambda m: f"S={m.group(1)}, {m.group(2)} msgs/s per sender, W=16"),
+    (r"churn-K(\d+)-(\d+)s(-noreattach)?", lambda m: f"K={m.group(1)}, {m.group(2)} s" + (
+        ", mix without reattach, parley retention 10 s" if m.group(3) else ", default mix")),
+]
+
+
 def describe_config(config: str) -> str:
-    m = re.fullmatch(r"tp-S(\d+)-W(\d+)", config)
-    if m:
-        return f"S={int(m.group(1)):,} W={m.group(2)}"
-    m = re.fullmatch(r"idle-N(\d+)", config)
-    if m:
-        return f"N={int(m.group(1)):,}"
-    m = re.fullmatch(r"slow-S(\d+)-W(\d+)", config)
-    if m:
-        return f"S={m.group(1)} W={m.group(2)} (closed loop)"
-    m = re.fullmatch(r"slow-S(\d+)-rate(\d+)", config)
-    if m:
-        return f"S={m.group(1)}, {m.group(2)} msgs/s per sender, W=16"
-    m = re.fullmatch(r"churn-K(\d+)-(\d+)s(-noreattach)?", config)
-    if m:
-        extra = ", mix without reattach, parley retention 10 s" if m.group(3) else ", default mix"
-        return f"K={m.group(1)}, {m.group(2)} s{extra}"
+    for pattern, describe in _CONFIGS:
+        m = re.fullmatch(pattern, config)
+        if m:
+            return describe(m)
     return config
 
 

@@ -47,7 +47,7 @@ from .connect import (
     parse_relay_url,
     ssl_context_for,
 )
-from .core import ClientCore, short_sid
+from .core import ClientCore
 from .errors import (
     BadRelayURL,
     ClientError,
@@ -67,7 +67,7 @@ from .errors import (
 )
 from .events import HandshakeFailed, JoinRequested, KeyEstablished, MessageStatus, SaveState, Status
 from .runner import Runner
-from .safetext import one_line, safe_text
+from .safetext import one_line, safe_text, short_sid
 from .session import Session
 from .store import SessionInfo, StateStore
 from .terminal import Terminal, input_encoding, use_replacing_output

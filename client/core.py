@@ -74,7 +74,6 @@ from parley.protocol import (
 )
 from parley.protocol.errors import BAD_CODE_MESSAGE
 from parley.protocol.identifiers import OWN_SIDE_MIN, SIDE_TOKEN
-from parley.protocol.identifiers import short_sid as _short_sid
 from parley.state import new_entry
 
 from . import crypto
@@ -84,7 +83,7 @@ from .entry import SEEN_LIMIT
 from .errors import SessionNotKeyed
 from .events import Action, Close, PeerPresence, RelayError, Show
 from .handshake import Handshake
-from .safetext import safe_text
+from .safetext import safe_text, short_sid
 from .verify import verification_string
 
 __all__ = ["ClientCore", "Mode", "Phase", "short_sid"]
@@ -92,11 +91,6 @@ __all__ = ["ClientCore", "Mode", "Phase", "short_sid"]
 log = logging.getLogger("parley.client.core")
 
 SIDE_BYTES = 16
-
-
-def short_sid(sid: str) -> str:
-    """`parley.protocol.identifiers.short_sid`, terminal-safe: for the screen and logs."""
-    return safe_text(_short_sid(sid))
 
 
 class ClientCore:

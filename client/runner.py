@@ -53,7 +53,6 @@ from trio_websocket import (
 )
 
 from .connect import ConnectSettings, causes, open_relay, recv_or_dead, ssl_context_for
-from .core import short_sid
 from .errors import ClientError, ConnectFailed, LinkDead, RelayUnreachable
 from .events import (
     Action,
@@ -67,7 +66,7 @@ from .events import (
     Show,
     Undecryptable,
 )
-from .safetext import one_line
+from .safetext import one_line, short_sid
 
 if TYPE_CHECKING:  # what the runner is handed; it imports neither
     from .core import ClientCore

@@ -15,14 +15,17 @@ printed, on stdout and on stderr alike.
   `shown_error_code`, `shown_invite_code` print the value when it has its
   shape and a fixed marker otherwise, so a hostile value never reaches the
   screen, not even escaped.
+* `short_sid(sid)`: `parley.protocol.identifiers.short_sid`, terminal-safe.
 """
 
 from __future__ import annotations
 
 import re
 
+from parley.protocol.identifiers import short_sid as _short_sid
+
 __all__ = [
-    "safe_text", "one_line", "shown_msg_id", "shown_sid", "shown_error_code", "shown_invite_code",
+    "safe_text", "one_line", "short_sid", "shown_msg_id", "shown_sid", "shown_error_code", "shown_invite_code",
     "MSG_ID_RE", "SID_RE", "ERROR_CODE_RE", "INVITE_CODE_RE",
 ]
 
@@ -89,3 +92,8 @@ def shown_invite_code(value: object) -> str:
     if isinstance(value, str) and INVITE_CODE_RE.match(value):
         return value
     return MALFORMED
+
+
+def short_sid(sid: str) -> str:
+    """`parley.protocol.identifiers.short_sid`, terminal-safe: for the screen and logs."""
+    return safe_text(_short_sid(sid))

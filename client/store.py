@@ -47,9 +47,9 @@ from typing import Any
 
 from parley.state import StateError, StateNotWritable, check_writable, load_state, save_state
 
-from .core import short_sid
 from .entry import SEEN_LIMIT
 from .errors import NoKeyedSession, NoMatchingSession, SeveralKeyedSessions, SeveralMatchingSessions
+from .safetext import short_sid
 
 __all__ = ["StateStore", "SessionInfo", "merge_entry"]
 

@@ -2,7 +2,7 @@
 
 The relay sends them only to connections that declared a side (parley
 clients), so legacy clients never see them; see protocol/EXTENSIONS.md,
-"Relay: invite codes that end". An older parley client shows them as a
+"Relay: invite codes that end". An older client from parley shows them as a
 relay error line, which still tells the person what happened.
 
     CODE_EXPIRED  ERROR{sid, data:{message, code:"code_expired"}}: the session's

@@ -11,7 +11,7 @@ make the text terminal-safe: the client's display adds that
 
 `SIDE_TOKEN`: a side token (`data.side`, PROTOCOL "Sides") is 1 to
 `SIDE_TOKEN_MAX` printable ASCII characters (0x21-0x7e); a relay accepts any
-such token. A parley client keeps a side as its own only if it has at least
+such token. A client from parley keeps a side as its own only if it has at least
 `OWN_SIDE_MIN` characters: the difference is deliberate. Its own sides are
 random (32 hex characters); a shorter one read back from a state file was
 not made by it and is more likely to equal the peer's, which would make the

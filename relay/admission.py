@@ -132,19 +132,18 @@ class Admission:
         limits = self.limits
         counts = self._per_key.get(key)
         net = self._per_prefix.get(prefix) if prefix is not None else None
-        if self.open >= limits.max_connections:
-            kind = CONNECTIONS
-        elif counts is not None and counts[0] >= limits.conns_per_address:
-            kind = CONNS_PER_ADDRESS
-        elif net is not None and net[0] >= limits.conns_per_prefix:
-            kind = CONNS_PER_PREFIX
-        elif self.handshakes >= limits.max_handshakes:
-            kind = HANDSHAKES
-        elif counts is not None and counts[1] >= limits.handshakes_per_address:
-            kind = HANDSHAKES_PER_ADDRESS
-        elif net is not None and net[1] >= limits.handshakes_per_prefix:
-            kind = HANDSHAKES_PER_PREFIX
-        else:
+        held = counts or (0, 0)  # no entry: nothing held (every cap is at least 1)
+        held_net = net or (0, 0)
+        # the first limit reached, in this order, refuses
+        kind = next((kind for value, cap, kind in (
+            (self.open, limits.max_connections, CONNECTIONS),
+            (held[0], limits.conns_per_address, CONNS_PER_ADDRESS),
+            (held_net[0], limits.conns_per_prefix, CONNS_PER_PREFIX),
+            (self.handshakes, limits.max_handshakes, HANDSHAKES),
+            (held[1], limits.handshakes_per_address, HANDSHAKES_PER_ADDRESS),
+            (held_net[1], limits.handshakes_per_prefix, HANDSHAKES_PER_PREFIX),
+        ) if value >= cap), None)
+        if kind is None:
             if counts is None:
                 counts = self._per_key[key] = [0, 0]
             counts[0] += 1

@@ -66,6 +66,14 @@ def _option(*decls: str, **kwargs: Any) -> Any:
     return click.option(*decls, cls=_Option, **kwargs)
 
 
+def _env_option(flag: str, metavar: str, kind: Any, default: Any, text: str, show_default: Any = True) -> Any:
+    """A limit-shaped option: `--some-flag` read from `PARLEY_RELAY_SOME_FLAG` too, both shown in
+    --help with the default (or `show_default`, a text standing for it)."""
+    envvar = "PARLEY_RELAY_" + flag[2:].upper().replace("-", "_")
+    return _option(flag, envvar=envvar, metavar=metavar, type=kind, default=default,
+                   show_default=show_default, show_envvar=True, help=text)
+
+
 class _OneLineError(click.ClickException):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
@@ -162,14 +170,8 @@ def build_relay(
         server = (server_factory or RelayServer)(
             core,
             store_obj,
-            ServerConfig(
-                host=host,
-                port=port,
-                certfile=certfile,
-                keyfile=keyfile,
-                transport=transport,
-                **(server_options or {}),
-            ),
+            ServerConfig(host=host, port=port, certfile=certfile, keyfile=keyfile, transport=transport,
+                         **(server_options or {})),
             observer=observer,
         )
     except BaseException:
@@ -275,11 +277,7 @@ def _quota_options(command: Any) -> Any:
          "The same per prefix (IPv4 /24, IPv6 /48)."),
     ]
     for flag, metavar, kind, default, shown, text in reversed(options):
-        envvar = "PARLEY_RELAY_" + flag[2:].upper().replace("-", "_")
-        command = _option(
-            flag, envvar=envvar, metavar=metavar, type=kind, default=default,
-            show_default=shown if shown is not None else True, show_envvar=True, help=text,
-        )(command)
+        command = _env_option(flag, metavar, kind, default, text, shown if shown is not None else True)(command)
     return command
 
 
@@ -323,69 +321,47 @@ _QUOTA_FIELDS = {
 @_option("--keyfile", envvar="PARLEY_RELAY_KEYFILE",
               type=click.Path(exists=True, dir_okay=False), show_envvar=True,
               help="TLS private key (PEM). Needs --certfile.")
-@_option("--max-frame", envvar="PARLEY_RELAY_MAX_FRAME", metavar="BYTES",
-              type=click.IntRange(256, 1 << 30), default=1 << 20, show_default=True,
-              show_envvar=True, help="Largest message accepted; bigger ones get ERROR too_large.")
+@_env_option("--max-frame", "BYTES", click.IntRange(256, 1 << 30), 1 << 20,
+             "Largest message accepted; bigger ones get ERROR too_large.")
 @_option("--log-level", envvar="PARLEY_RELAY_LOG_LEVEL",
               type=click.Choice(relay_logging.LEVELS, case_sensitive=False), default="info",
               show_default=True, show_envvar=True, help="Log level (stderr).")
-@_option("--ping-interval", envvar="PARLEY_RELAY_PING_INTERVAL", metavar="SECONDS",
-              type=click.FloatRange(0, 3600, min_open=True), default=10.0, show_default=True,
-              show_envvar=True, help="Seconds between PING frames on each connection.")
-@_option("--code-digits", envvar="PARLEY_RELAY_CODE_DIGITS", metavar="N",
-              type=click.IntRange(4, 12), default=6, show_default=True, show_envvar=True,
-              help="Digits of an invite code.")
-@_option("--joins-per-address", envvar="PARLEY_RELAY_JOINS_PER_ADDRESS", metavar="N",
-              type=click.IntRange(1), default=60, show_default=True, show_envvar=True,
-              help="JOIN attempts one IP address may make per minute (invite-code guessing limit).")
-@_option("--code-ttl", envvar="PARLEY_RELAY_CODE_TTL", metavar="SECONDS",
-              type=click.FloatRange(1, 7 * 86400), default=600.0, show_default=True,
-              show_envvar=True, help="Life of an unused invite code.")
-@_option("--session-ttl", envvar="PARLEY_RELAY_SESSION_TTL", metavar="SECONDS",
-              type=click.FloatRange(1, 365 * 86400), default=600.0, show_default=True,
-              show_envvar=True,
-              help="How long a session with nobody attached and nothing queued is kept.")
-@_option("--queue-bytes", envvar="PARLEY_RELAY_QUEUE_BYTES", metavar="BYTES",
-              type=click.IntRange(1024), default=16 << 20, show_default=True, show_envvar=True,
-              help="Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
+@_env_option("--ping-interval", "SECONDS", click.FloatRange(0, 3600, min_open=True), 10.0,
+             "Seconds between PING frames on each connection.")
+@_env_option("--code-digits", "N", click.IntRange(4, 12), 6, "Digits of an invite code.")
+@_env_option("--joins-per-address", "N", click.IntRange(1), 60,
+             "JOIN attempts one IP address may make per minute (invite-code guessing limit).")
+@_env_option("--code-ttl", "SECONDS", click.FloatRange(1, 7 * 86400), 600.0, "Life of an unused invite code.")
+@_env_option("--session-ttl", "SECONDS", click.FloatRange(1, 365 * 86400), 600.0,
+             "How long a session with nobody attached and nothing queued is kept.")
+@_env_option("--queue-bytes", "BYTES", click.IntRange(1024), 16 << 20,
+             "Stored (queued) bytes per session; past it a MSG gets DELIVERED_FAILED queue_full.")
 # -- connection edge (README "Relay: connections and upgrades") --
-@_option("--max-connections", envvar="PARLEY_RELAY_MAX_CONNECTIONS", metavar="N",
-              type=click.IntRange(0), default=0, show_default=True, show_envvar=True,
-              help="Open connections at most; 0: as many as the file-descriptor limit allows "
-                   "less --fd-reserve. Past it a new connection gets 503.")
-@_option("--fd-reserve", envvar="PARLEY_RELAY_FD_RESERVE", metavar="N",
-              type=click.IntRange(0, 1 << 20), default=64, show_default=True, show_envvar=True,
-              help="File descriptors kept free of connections, to answer 503 when full "
-                   "(half of them at once) and for the store and logs.")
-@_option("--conns-per-address", envvar="PARLEY_RELAY_CONNS_PER_ADDRESS", metavar="N",
-              type=click.IntRange(1), default=64, show_default=True, show_envvar=True,
-              help="Open connections per IPv4 address / IPv6 /64; past it 503.")
-@_option("--max-handshakes", envvar="PARLEY_RELAY_MAX_HANDSHAKES", metavar="N",
-              type=click.IntRange(1), default=1024, show_default=True, show_envvar=True,
-              help="Connections still in their HTTP/TLS handshake, relay-wide; past it 503.")
-@_option("--handshakes-per-address", envvar="PARLEY_RELAY_HANDSHAKES_PER_ADDRESS", metavar="N",
-              type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
-              help="Connections in their handshake per IPv4 address / IPv6 /64; past it 503.")
-@_option("--conns-per-prefix", envvar="PARLEY_RELAY_CONNS_PER_PREFIX", metavar="N",
-              type=click.IntRange(1), default=1024, show_default=True, show_envvar=True,
-              help="Open connections per IPv4 /24 / IPv6 /48; past it 503.")
-@_option("--handshakes-per-prefix", envvar="PARLEY_RELAY_HANDSHAKES_PER_PREFIX", metavar="N",
-              type=click.IntRange(1), default=64, show_default=True, show_envvar=True,
-              help="Connections in their handshake per IPv4 /24 / IPv6 /48; past it 503.")
-@_option("--out-bytes-per-address", envvar="PARLEY_RELAY_OUT_BYTES_PER_ADDRESS", metavar="BYTES",
-              type=click.IntRange(0), default=64 << 20, show_default=True, show_envvar=True,
-              help="Bytes queued to write to all connections of one IPv4 address / IPv6 /64 "
-                   "(readers that do not read); a frame past it drops its connection, as a full "
-                   "send buffer does. 0: no cap.")
-@_option("--out-bytes-per-prefix", envvar="PARLEY_RELAY_OUT_BYTES_PER_PREFIX", metavar="BYTES",
-              type=click.IntRange(0), default=256 << 20, show_default=True, show_envvar=True,
-              help="The same per IPv4 /24 / IPv6 /48. 0: no cap.")
-@_option("--out-bytes-total", envvar="PARLEY_RELAY_OUT_BYTES_TOTAL", metavar="BYTES",
-              type=click.IntRange(0), default=1 << 30, show_default=True, show_envvar=True,
-              help="The same for the whole relay. 0: no cap.")
-@_option("--handshake-timeout", envvar="PARLEY_RELAY_HANDSHAKE_TIMEOUT", metavar="SECONDS",
-              type=click.FloatRange(0.1, 600), default=10.0, show_default=True, show_envvar=True,
-              help="Time a connection has to finish its TLS and HTTP handshake.")
+@_env_option("--max-connections", "N", click.IntRange(0), 0,
+             "Open connections at most; 0: as many as the file-descriptor limit allows "
+             "less --fd-reserve. Past it a new connection gets 503.")
+@_env_option("--fd-reserve", "N", click.IntRange(0, 1 << 20), 64,
+             "File descriptors kept free of connections, to answer 503 when full "
+             "(half of them at once) and for the store and logs.")
+@_env_option("--conns-per-address", "N", click.IntRange(1), 64,
+             "Open connections per IPv4 address / IPv6 /64; past it 503.")
+@_env_option("--max-handshakes", "N", click.IntRange(1), 1024,
+             "Connections still in their HTTP/TLS handshake, relay-wide; past it 503.")
+@_env_option("--handshakes-per-address", "N", click.IntRange(1), 16,
+             "Connections in their handshake per IPv4 address / IPv6 /64; past it 503.")
+@_env_option("--conns-per-prefix", "N", click.IntRange(1), 1024,
+             "Open connections per IPv4 /24 / IPv6 /48; past it 503.")
+@_env_option("--handshakes-per-prefix", "N", click.IntRange(1), 64,
+             "Connections in their handshake per IPv4 /24 / IPv6 /48; past it 503.")
+@_env_option("--out-bytes-per-address", "BYTES", click.IntRange(0), 64 << 20,
+             "Bytes queued to write to all connections of one IPv4 address / IPv6 /64 "
+             "(readers that do not read); a frame past it drops its connection, as a full "
+             "send buffer does. 0: no cap.")
+@_env_option("--out-bytes-per-prefix", "BYTES", click.IntRange(0), 256 << 20,
+             "The same per IPv4 /24 / IPv6 /48. 0: no cap.")
+@_env_option("--out-bytes-total", "BYTES", click.IntRange(0), 1 << 30, "The same for the whole relay. 0: no cap.")
+@_env_option("--handshake-timeout", "SECONDS", click.FloatRange(0.1, 600), 10.0,
+             "Time a connection has to finish its TLS and HTTP handshake.")
 @_option("--allowed-origin", "allowed_origins", envvar="PARLEY_RELAY_ALLOWED_ORIGINS",
               metavar="ORIGIN", multiple=True, show_envvar=True,
               help="Browser origin (scheme://host[:port]) allowed to upgrade; repeatable, the env "
@@ -401,16 +377,13 @@ _QUOTA_FIELDS = {
               default="full", show_default=True, show_envvar=True,
               help="Check the store at start-up, before writing: full (integrity_check), quick "
                    "(quick_check) or off (huge stores).")
-@_option("--store-retry-min", envvar="PARLEY_RELAY_STORE_RETRY_MIN", metavar="SECONDS",
-              type=click.FloatRange(0.001, 60), default=0.1, show_default=True, show_envvar=True,
-              help="First retry of a failed store commit (disk full, read-only, I/O error); doubles each time.")
-@_option("--store-retry-max", envvar="PARLEY_RELAY_STORE_RETRY_MAX", metavar="SECONDS",
-              type=click.FloatRange(0.001, 600), default=5.0, show_default=True, show_envvar=True,
-              help="Longest wait between retries of a failed store commit.")
-@_option("--store-hold", envvar="PARLEY_RELAY_STORE_HOLD", metavar="SECONDS",
-              type=click.FloatRange(0, 3600), default=5.0, show_default=True, show_envvar=True,
-              help="How long replies that wait for a failing store are held; then unsaved messages "
-                   "get DELIVERED_FAILED store_unavailable.")
+@_env_option("--store-retry-min", "SECONDS", click.FloatRange(0.001, 60), 0.1,
+             "First retry of a failed store commit (disk full, read-only, I/O error); doubles each time.")
+@_env_option("--store-retry-max", "SECONDS", click.FloatRange(0.001, 600), 5.0,
+             "Longest wait between retries of a failed store commit.")
+@_env_option("--store-hold", "SECONDS", click.FloatRange(0, 3600), 5.0,
+             "How long replies that wait for a failing store are held; then unsaved messages "
+             "get DELIVERED_FAILED store_unavailable.")
 # Relay cluster (README "Relay cluster"; relay/cluster/__init__.py)
 @_option("--backplane", envvar="PARLEY_RELAY_BACKPLANE", metavar="URL", show_envvar=True, default=None,
               help="Share sessions with other relay nodes through Redis/Valkey: redis://HOST:PORT/DB, "
@@ -447,43 +420,33 @@ _QUOTA_FIELDS = {
               type=click.IntRange(1), default=None, show_envvar=True,
               help="Frames one message may span, empty ones included; over it: close 1008. "
                    "[default: max(1024, max-frame / 1024)]")
-@_option("--partial-bytes-total", envvar="PARLEY_RELAY_PARTIAL_BYTES_TOTAL", metavar="BYTES",
-              type=click.IntRange(1 << 16), default=256 << 20, show_default=True, show_envvar=True,
-              help="Bytes of unfinished messages held for all connections together; "
-                   "a connection that would go over it is closed with 1013. "
-                   "Keep it several times --max-frame.")
-@_option("--turn-frames", envvar="PARLEY_RELAY_TURN_FRAMES", metavar="N",
-              type=click.IntRange(1), default=16, show_default=True, show_envvar=True,
-              help="Messages and control frames one connection has handled in a row "
-                   "before the other connections get a turn.")
-@_option("--frame-rate", envvar="PARLEY_RELAY_FRAME_RATE", metavar="PER_SECOND",
-              type=click.FloatRange(1), default=100_000.0, show_default=True, show_envvar=True,
-              help="Frames per second one connection may send (any kind, a second's worth "
-                   "at once); faster senders are read more slowly.")
-@_option("--idle-frame-rate", envvar="PARLEY_RELAY_IDLE_FRAME_RATE", metavar="PER_SECOND",
-              type=click.FloatRange(0.01), default=10.0, show_default=True, show_envvar=True,
-              help="Frames per second that do nothing (ping, pong, empty) one connection may send.")
-@_option("--idle-frame-burst", envvar="PARLEY_RELAY_IDLE_FRAME_BURST", metavar="N",
-              type=click.IntRange(1), default=100, show_default=True, show_envvar=True,
-              help="... of which this many at once; past it: close 1008.")
-# Workers: N processes sharing the port (README "Relay cluster: workers and durability")
-@_option("--workers", envvar="PARLEY_RELAY_WORKERS", metavar="N", type=click.IntRange(1, 1024),
-              default=1, show_default=True, show_envvar=True,
-              help="Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
-                   "restarted when they die; more than 1 needs --backplane.")
+@_env_option("--partial-bytes-total", "BYTES", click.IntRange(1 << 16), 256 << 20,
+             "Bytes of unfinished messages held for all connections together; "
+             "a connection that would go over it is closed with 1013. "
+             "Keep it several times --max-frame.")
+@_env_option("--turn-frames", "N", click.IntRange(1), 16,
+             "Messages and control frames one connection has handled in a row "
+             "before the other connections get a turn.")
+@_env_option("--frame-rate", "PER_SECOND", click.FloatRange(1), 100_000.0,
+             "Frames per second one connection may send (any kind, a second's worth "
+             "at once); faster senders are read more slowly.")
+@_env_option("--idle-frame-rate", "PER_SECOND", click.FloatRange(0.01), 10.0,
+             "Frames per second that do nothing (ping, pong, empty) one connection may send.")
+@_env_option("--idle-frame-burst", "N", click.IntRange(1), 100, "... of which this many at once; past it: close 1008.")
+# Workers: N processes sharing the port (README "Relay cluster: workers and backplane durability")
+@_env_option("--workers", "N", click.IntRange(1, 1024), 1,
+             "Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
+             "restarted when they die; more than 1 needs --backplane.")
 @_option("--reuse-port", envvar="PARLEY_RELAY_REUSE_PORT", is_flag=True, default=False, show_envvar=True,
-              help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
-                   "same port (what --workers gives each worker).")
-@_option("--worker-drain-timeout", envvar="PARLEY_RELAY_WORKER_DRAIN_TIMEOUT", metavar="SECONDS",
-              type=click.FloatRange(0.1, 3600), default=15.0, show_default=True, show_envvar=True,
-              help="After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
-@_option("--worker-restart-max", envvar="PARLEY_RELAY_WORKER_RESTART_MAX", metavar="SECONDS",
-              type=click.FloatRange(0.5, 3600), default=30.0, show_default=True, show_envvar=True,
-              help="Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
-                   "0.5 s after a minute up).")
-@_option("--worker-start-timeout", envvar="PARLEY_RELAY_WORKER_START_TIMEOUT", metavar="SECONDS",
-              type=click.FloatRange(1, 3600), default=60.0, show_default=True, show_envvar=True,
-              help="How long a worker may take to listen (store check, backplane) before it is killed.")
+         help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
+              "same port (what --workers gives each worker).")
+@_env_option("--worker-drain-timeout", "SECONDS", click.FloatRange(0.1, 3600), 15.0,
+             "After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
+@_env_option("--worker-restart-max", "SECONDS", click.FloatRange(0.5, 3600), 30.0,
+             "Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
+             "0.5 s after a minute up).")
+@_env_option("--worker-start-timeout", "SECONDS", click.FloatRange(1, 3600), 60.0,
+             "How long a worker may take to listen (store check, backplane) before it is killed.")
 def relay(
     host: str,
     port: int,
@@ -589,15 +552,9 @@ def relay(
     store = store_path or str(default_store_path())
     try:
         server, store_obj = build_relay(
-            host=bind_host,
-            port=port,
-            dialect=dialect,
-            store=MEMORY if cluster is not None else store,
+            host=bind_host, port=port, dialect=dialect, store=MEMORY if cluster is not None else store,
             server_factory=cluster.server_factory if cluster is not None else None,
-            max_frame=max_frame,
-            ping_interval=ping_interval,
-            certfile=certfile,
-            keyfile=keyfile,
+            max_frame=max_frame, ping_interval=ping_interval, certfile=certfile, keyfile=keyfile,
             core_options={
                 "code_digits": code_digits,
                 "join_attempts_per_addr": joins_per_address,

@@ -67,7 +67,7 @@ Choices where PROTOCOL is silent
   RECEIVED and LEAVE for an unknown SID get `ERROR no_session`. JOIN_ACCEPT,
   JOIN_DENY and RECEIVED need not come from a member (as in Go);
   INVITE_CREATE must.
-* But a REATTACH with the parley-only `data.create:"never"` (a parley client
+* But a REATTACH with the parley-only `data.create:"never"` (a client from parley
   not sure this is the session's relay) for an unknown SID gets `ERROR
   no_session`, and so does every later MSG for that SID on the same
   connection while the session does not exist (protocol/EXTENSIONS.md); the
@@ -132,7 +132,7 @@ Choices where PROTOCOL is silent
   `PEER_OFFLINE` and, for a sided leaver, drops the stored frames that were
   for its side (everything not sent by that side).
 * How an invite handshake ends (protocol/EXTENSIONS.md, "Relay: invite codes
-  that end"; only parley clients send LEAVE or declare sides, so legacy
+  that end"; only clients from parley send LEAVE or declare sides, so legacy
   clients see nothing new): a code that expires unused is announced to the
   session's sided members (`ERROR code_expired`); a LEAVE that empties a
   session deletes its live code; a LEAVE while sided joiners wait for an
@@ -173,7 +173,7 @@ promised that cannot be kept:
   RECEIVED) is still forwarded live, but not stored, and the sender gets
   `DELIVERED_FAILED store_unavailable` instead of `DELIVERED`: the relay
   promises nothing, the sender keeps it pending and the receiver's RECEIVED
-  settles it (a parley client resends otherwise; receivers drop duplicates);
+  settles it (a client from parley resends otherwise; receivers drop duplicates);
 * CREATE_SESSION, JOIN (before the code is looked up: the code stays valid
   and the attempt is not counted), INVITE_CREATE that would mint a code, and
   REATTACH that would create a session or add a side get
@@ -324,7 +324,7 @@ class _Conn:
         # sid -> seq of the next stored frame to replay once the connection's
         # buffer has drained (a REATTACH backlog larger than one chunk)
         self.replay: dict[str, int] | None = None
-        # SIDs a parley client asked not to create (REATTACH create:"never")
+        # SIDs a client from parley asked not to create (REATTACH create:"never")
         # that did not exist: its MSGs for them are refused too, not auto-created
         self.refused: set[str] | None = None
 
@@ -1236,7 +1236,7 @@ class RelayCore:
 
     # ----------------------------------------- how an invite handshake ends
     # protocol/EXTENSIONS.md, "Relay: invite codes that end". Every notice
-    # goes to sided connections only (parley clients): legacy clients see
+    # goes to sided connections only (clients from parley): legacy clients see
     # exactly what they saw before. The notices are ERROR frames with a
     # parley-only code, never counted against the receiver's error limit.
 
@@ -1306,7 +1306,7 @@ class RelayCore:
             del sess.pending_joins[joiner]
 
     def _left_handshake(self, sess: _Session, leaver_was_waiting: bool, actions: list[Action]) -> None:
-        """After a LEAVE (a parley client quitting on purpose, for good): joiners
+        """After a LEAVE (a client from parley quitting on purpose, for good): joiners
         still waiting for the leaver's answer are told; a live code whose session
         has no member left is deleted, so a joiner gets the invalid-code error
         at once instead of waiting for an answer that cannot come."""

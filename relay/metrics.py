@@ -131,14 +131,7 @@ class RelayCollector(Collector):
                                 value=sstats["open"])
         yield CounterMetricFamily(p + "connections_accepted", "WebSocket connections upgraded, ever.",
                                   value=sstats["connections"])
-        for key, name, doc in (
-            ("sessions", "sessions", "Sessions the relay holds (attached or not)."),
-            ("live_codes", "live_codes", "Invite codes that can still be used."),
-            ("queued_frames", "queued_frames", "Stored (queued) MSG frames, all sessions."),
-            ("queued_bytes", "queued_bytes", "Bytes of stored (queued) MSG frames, all sessions."),
-        ):
-            if key in cstats:
-                yield GaugeMetricFamily(p + name, doc, value=cstats[key])
+        yield from _present(GaugeMetricFamily, cstats, _CORE_GAUGES)
         try:
             core_counters = core.counters()
         except Exception:  # a core that keeps none (a test's fake core)
@@ -167,18 +160,33 @@ class RelayCollector(Collector):
             p + "event_loop_lag_seconds", "How late the event loop woke a task up (a 1 s sleep).")
         yield GaugeMetricFamily(p + "event_loop_lag_last_seconds", "The latest event-loop lag measured.",
                                 value=server.loop_lag_seconds.last)
-        for key, name, doc in (
-            ("overflows", "send_buffer_overflows", "Connections dropped because their send buffer was full."),
-            ("too_large", "too_large_messages", "Messages over --max-frame, answered too_large."),
-            ("store_pauses", "store_pauses", "Times readers paused because the store fell behind."),
-            ("core_errors", "core_errors", "Exceptions in the relay core (bugs)."),
-            ("store_ops", "store_ops", "Store operations committed."),
-        ):
-            if key in sstats:
-                yield CounterMetricFamily(p + name, doc, value=sstats[key])
+        yield from _present(CounterMetricFamily, sstats, _SERVER_COUNTERS)
         extra = getattr(server, "metric_families", None)  # a cluster node's (relay/cluster/node.py)
         if callable(extra):
             yield from extra(p)
+
+
+# (stats key, metric name after the prefix, help): the core's gauges, the server's counters
+_CORE_GAUGES = (
+    ("sessions", "sessions", "Sessions the relay holds (attached or not)."),
+    ("live_codes", "live_codes", "Invite codes that can still be used."),
+    ("queued_frames", "queued_frames", "Stored (queued) MSG frames, all sessions."),
+    ("queued_bytes", "queued_bytes", "Bytes of stored (queued) MSG frames, all sessions."),
+)
+_SERVER_COUNTERS = (
+    ("overflows", "send_buffer_overflows", "Connections dropped because their send buffer was full."),
+    ("too_large", "too_large_messages", "Messages over --max-frame, answered too_large."),
+    ("store_pauses", "store_pauses", "Times readers paused because the store fell behind."),
+    ("core_errors", "core_errors", "Exceptions in the relay core (bugs)."),
+    ("store_ops", "store_ops", "Store operations committed."),
+)
+
+
+def _present(family: Any, stats: dict[str, Any], table: tuple[tuple[str, str, str], ...]) -> Iterator[Any]:
+    """`family` metrics for the rows of `table` whose key `stats` has."""
+    for key, name, doc in table:
+        if key in stats:
+            yield family(PREFIX + name, doc, value=stats[key])
 
 
 def make_registry(server: Any, *, process: bool = True) -> CollectorRegistry:

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
-from trio_websocket import ConnectionClosed, serve_websocket
 
 from parley.client import cli as client_cli
 from parley.client import crypto
 from parley.state import load_state
+from support.fakerelay import scripted_relay
 
 TIMEOUT = 20  # seconds, per parley process
 
@@ -113,24 +113,6 @@ async def test_a_server_that_is_not_a_relay(tmp_path):
 
 
 # --- handshake failures, from a scripted relay ------------------------------------------
-
-
-async def scripted_relay(nursery: trio.Nursery, replies: dict[str, list[str]]) -> str:
-    """A relay that answers each frame type with canned frames."""
-
-    async def handler(request: Any) -> None:
-        ws = await request.accept()
-        try:
-            while True:
-                message = await ws.get_message()
-                t = json.loads(message).get("t")
-                for reply in replies.get(t, []):
-                    await ws.send_message(reply)
-        except ConnectionClosed:
-            pass
-
-    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-    return f"ws://127.0.0.1:{server.port}/"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from parley.client.events import (
 )
 from parley.client.verify import verification_string
 from parley.protocol import Msg, encode_text, parse
+from support.fakerelay import wire
 
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 
@@ -76,15 +77,6 @@ def make(kind: str, *args: Any, seed: int = 1, priv: str = _PRIV_A, **kw: Any) -
 def frame(text_or_action: Any) -> Any:
     text = text_or_action.text if isinstance(text_or_action, SendFrame) else text_or_action
     return parse(text)
-
-
-def wire(t: str, sid: str | None = None, data: Any = None) -> str:
-    obj: dict[str, Any] = {"t": t}
-    if sid is not None:
-        obj["sid"] = sid
-    if data is not None:
-        obj["data"] = data
-    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
 def sends(actions: list[Any]) -> list[Any]:

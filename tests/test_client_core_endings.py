@@ -25,6 +25,7 @@ from parley.client.events import (
     Show,
 )
 from parley.client.errors import failure_message
+from support.fakerelay import wire
 
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 _PRIV_A = "1f" * 32
@@ -41,15 +42,6 @@ def make(kind: str, *args: Any, priv: str = _PRIV_A, **kw: Any) -> ClientCore:
     if kind != "resume":
         kw.setdefault("keygen", lambda: priv)
     return getattr(ClientCore, kind)(*args, **kw)
-
-
-def wire(t: str, sid: str | None = None, data: Any = None) -> str:
-    obj: dict[str, Any] = {"t": t}
-    if sid is not None:
-        obj["sid"] = sid
-    if data is not None:
-        obj["data"] = data
-    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
 def sends(actions: list[Any]) -> list[dict]:

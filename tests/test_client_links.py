@@ -9,9 +9,7 @@ and a TLS relay with a self-signed certificate made by `cryptography`.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import ipaddress
 import os
 import re
 import sys
@@ -26,6 +24,7 @@ from click.testing import CliRunner
 from parley.client import cli as client_cli
 from support.parleyproc import clean_env, CODE_RE, invite_and_join, ParleyProcess, VERIFY_RE
 from support.relayproc import ParleyRelay
+from support.tlscert import self_signed
 from parley.state import save_state
 
 TEST_TIMEOUT = 60
@@ -130,35 +129,6 @@ class StallableProxy:
             n.start_soon(pump, upstream, client)
 
 
-def self_signed(tmp: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (and its key), as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp / "cert.pem", tmp / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return certfile, keyfile
-
-
 def only_line(err: str) -> str:
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -210,16 +180,30 @@ async def test_stalled_upgrade_default_bound_is_5s(tmp_path):
     assert 4 < took < 15, took
 
 
+async def _pair_with_bob_via_proxy(nursery, relay, tmp_path, bob_env: dict[str, str]):
+    """alice and bob keyed through `relay`, bob through a `StallableProxy` (with `bob_env`);
+    returns (proxy, alice, bob)."""
+    proxy = await StallableProxy(relay.port).start(nursery)
+    alice, bob = await invite_and_join(
+        nursery, relay.url, tmp_path, bob_relay=f"ws://127.0.0.1:{proxy.port}/", bob_env=bob_env)
+    return proxy, alice, bob
+
+
+async def _reconnected_and_talking(alice, bob, text: str, timeout: float) -> None:
+    """bob reconnects (within `timeout` s), alice's `text` reaches him; both stop."""
+    await bob.expect(r"^\* reconnected to ", timeout=timeout)
+    await alice.type(text)
+    await bob.expect(f"^peer: {text}$", timeout=10)
+    await alice.stop()
+    await bob.stop()
+
+
 async def test_reconnects_to_a_stalled_server_are_bounded_retried_and_said(tmp_path):
     """Once up, a chat whose reconnects hit a stalling server says why and keeps retrying with backoff."""
     with ParleyRelay(ping_interval=0.5) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            proxy = await StallableProxy(relay.port).start(nursery)
-            via = f"ws://127.0.0.1:{proxy.port}/"
-            alice, bob = await invite_and_join(
-                nursery, relay.url, tmp_path, bob_relay=via,
-                bob_env={"PARLEY_CONNECT_TIMEOUT": "1", "PARLEY_LIVENESS_TIMEOUT": "2"},
-            )
+            proxy, alice, bob = await _pair_with_bob_via_proxy(
+                nursery, relay, tmp_path, {"PARLEY_CONNECT_TIMEOUT": "1", "PARLEY_LIVENESS_TIMEOUT": "2"})
             proxy.stall_new = True
             proxy.cut()
             await bob.expect(r"^\* connection to the relay lost$", timeout=10)
@@ -230,11 +214,7 @@ async def test_reconnects_to_a_stalled_server_are_bounded_retried_and_said(tmp_p
             await bob.expect(r"^\* reconnecting in [0-9.]+s \(no answer to the WebSocket upgrade", timeout=10)
             assert stalled
             proxy.stall_new = False
-            await bob.expect(r"^\* reconnected to ", timeout=15)
-            await alice.type("after the stall")
-            await bob.expect("^peer: after the stall$", timeout=10)
-            await alice.stop()
-            await bob.stop()
+            await _reconnected_and_talking(alice, bob, "after the stall", timeout=15)
             nursery.cancel_scope.cancel()
 
 
@@ -245,11 +225,8 @@ async def test_dead_path_is_noticed_and_the_queued_message_arrives(tmp_path):
     """The path to the relay stops forwarding (no FIN, no RST): bob reconnects and gets what was sent."""
     with ParleyRelay(ping_interval=0.5) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            proxy = await StallableProxy(relay.port).start(nursery)
-            via = f"ws://127.0.0.1:{proxy.port}/"
-            alice, bob = await invite_and_join(
-                nursery, relay.url, tmp_path, bob_relay=via, bob_env={"PARLEY_LIVENESS_TIMEOUT": "2"}
-            )
+            env = {"PARLEY_LIVENESS_TIMEOUT": "2"}
+            proxy, alice, bob = await _pair_with_bob_via_proxy(nursery, relay, tmp_path, env)
             await alice.expect(r"^\* type a message")
             await bob.expect(r"^\* type a message")
             await trio.sleep(3)  # idle, but PINGed every 0.5 s: no false alarm
@@ -277,20 +254,13 @@ async def test_dead_path_to_the_go_relay(tmp_path, go_relay_binary):
 
     with GoRelay(go_relay_binary, ping_interval=0.5) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            proxy = await StallableProxy(relay.port).start(nursery)
-            via = f"ws://127.0.0.1:{proxy.port}/"
-            alice, bob = await invite_and_join(
-                nursery, relay.url, tmp_path, bob_relay=via, bob_env={"PARLEY_LIVENESS_TIMEOUT": "2"}
-            )
+            env = {"PARLEY_LIVENESS_TIMEOUT": "2"}
+            proxy, alice, bob = await _pair_with_bob_via_proxy(nursery, relay, tmp_path, env)
             await trio.sleep(4)  # idle, but PINGed: no false alarm
             assert not bob.seen(r"connection to the relay lost")
             proxy.cut()
             await bob.expect(r"^\* connection to the relay lost$", timeout=10)
-            await bob.expect(r"^\* reconnected to ", timeout=10)
-            await alice.type("after the dead path")
-            await bob.expect("^peer: after the dead path$", timeout=10)
-            await alice.stop()
-            await bob.stop()
+            await _reconnected_and_talking(alice, bob, "after the dead path", timeout=10)
             nursery.cancel_scope.cancel()
 
 

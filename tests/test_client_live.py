@@ -388,6 +388,21 @@ async def node(url: str, name: str, cwd: Path, role: str, arg: str | None = None
         yield client
 
 
+async def _keyed_and_talking(parley, cwd, name: str, peer, to_peer: str, from_peer: str) -> str:
+    """The parley client `name` (state in `cwd`) and the Node `peer` agree on one session and key
+    (same SID, same key fingerprint), then one line goes each way; returns the SID."""
+    key_event = await peer.next_event("key_established", timeout=10)
+    await parley.expect(VERIFY_RE)
+    sid = only_sid(cwd, name)
+    assert key_event["sid"] == sid
+    assert fingerprint(state_of(cwd, name)[sid]["key"]) == key_event["fingerprint"]
+    await parley.type(to_peer)
+    assert (await peer.next_event("message", timeout=10))["text"] == to_peer
+    await peer.send(from_peer)
+    await parley.expect(f"^peer: {re.escape(from_peer)}$")
+    return sid
+
+
 async def test_node_creator_parley_joiner_over_go_relay_then_each_resumes_the_others_file(
     tmp_path, go_relay_binary, conformance_report
 ):
@@ -398,15 +413,7 @@ async def test_node_creator_parley_joiner_over_go_relay_then_each_resumes_the_ot
             async with node(url, "nora", tmp_path / "n", "create") as nora:
                 code = (await nora.next_event("invite_code", timeout=10))["code"]
                 bob = await start(nursery, url, "bob", tmp_path / "b", "join", code)
-                key_event = await nora.next_event("key_established", timeout=10)
-                await bob.expect(VERIFY_RE)
-                sid = only_sid(tmp_path / "b", "bob")
-                assert key_event["sid"] == sid
-                assert fingerprint(state_of(tmp_path / "b", "bob")[sid]["key"]) == key_event["fingerprint"]
-                await bob.type("hello node")
-                assert (await nora.next_event("message", timeout=10))["text"] == "hello node"
-                await nora.send("hello parley \u00e9")
-                await bob.expect("^peer: hello parley \u00e9$")
+                sid = await _keyed_and_talking(bob, tmp_path / "b", "bob", nora, "hello node", "hello parley \u00e9")
                 await bob.stop()
 
             # the parley joiner's file, resumed by the Node client
@@ -442,15 +449,7 @@ async def test_parley_creator_node_joiner_over_parley_relay(tmp_path, dialect, c
             alice = await start(nursery, url, "alice", tmp_path / "a", "invite", "--yes")
             code = (await alice.expect(CODE_RE)).group(1)
             async with node(url, "nick", tmp_path / "n", "join", code) as nick:
-                key_event = await nick.next_event("key_established", timeout=10)
-                await alice.expect(VERIFY_RE)
-                sid = only_sid(tmp_path / "a", "alice")
-                assert key_event["sid"] == sid
-                assert fingerprint(state_of(tmp_path / "a", "alice")[sid]["key"]) == key_event["fingerprint"]
-                await alice.type("hi nick")
-                assert (await nick.next_event("message", timeout=10))["text"] == "hi nick"
-                await nick.send("hi alice")
-                await alice.expect("^peer: hi alice$")
+                await _keyed_and_talking(alice, tmp_path / "a", "alice", nick, "hi nick", "hi alice")
                 assert not nick.find("frame", t="INVITE_CODE")  # no INVITE_CREATE loop on the joiner
             await alice.stop()
             assert len(alice.seen(CODE_RE)) == 1

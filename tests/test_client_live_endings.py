@@ -30,6 +30,12 @@ async def start(nursery: trio.Nursery, url: str, name: str, cwd: Path, *args: st
     return await ParleyProcess.start(nursery, list(args), relay=url, name=name, cwd=cwd)
 
 
+async def invited(nursery: trio.Nursery, url: str, tmp_path: Path) -> tuple[ParleyProcess, str]:
+    """alice (in a/) runs `invite`; returns her and the code she shows."""
+    alice = await start(nursery, url, "alice", tmp_path / "a", "invite")
+    return alice, (await alice.expect(CODE_RE)).group(1)
+
+
 def no_state_or_no_key(cwd: Path, name: str) -> bool:
     path = cwd / f"state-{name}.json"
     return not path.exists() or '"key"' not in path.read_text(encoding="utf-8")
@@ -38,8 +44,7 @@ def no_state_or_no_key(cwd: Path, name: str) -> bool:
 async def test_code_expiry_reaches_the_inviter_within_a_bounded_time(tmp_path):
     with ParleyRelay(extra=["--code-ttl", "2"]) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
+            alice, code = await invited(nursery, relay.url, tmp_path)
             t0 = time.monotonic()
             assert await alice.wait(timeout=10) == 1
             # 2 s of TTL plus at most a tick (1 s) and the exit
@@ -54,8 +59,7 @@ async def test_code_expiry_reaches_the_inviter_within_a_bounded_time(tmp_path):
 async def test_inviter_ctrl_c_kills_the_code_at_once(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
+            alice, code = await invited(nursery, relay.url, tmp_path)
             alice.interrupt()
             assert await alice.wait() == 130
             await alice.expect(r"^\* invite cancelled")
@@ -70,8 +74,7 @@ async def test_inviter_ctrl_c_kills_the_code_at_once(tmp_path):
 async def test_joiner_leaving_before_accept_gives_the_inviter_they_left(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
+            alice, code = await invited(nursery, relay.url, tmp_path)
             bob = await start(nursery, relay.url, "bob", tmp_path / "b", "join", code)
             await alice.expect(r"accept\? \[y/N\]")
             bob.interrupt()
@@ -84,18 +87,24 @@ async def test_joiner_leaving_before_accept_gives_the_inviter_they_left(tmp_path
             assert no_state_or_no_key(tmp_path / "b", "bob")
 
 
+async def _inviter_ctrl_c_while_asked(nursery, url: str, tmp_path):
+    """alice invites, bob joins, alice presses Ctrl-C at the question: alice ends 130 and bob 1,
+    within 10 s; returns bob."""
+    alice, code = await invited(nursery, url, tmp_path)
+    bob = await start(nursery, url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
+    await alice.expect(r"accept\? \[y/N\]")
+    t0 = time.monotonic()
+    alice.interrupt()
+    assert await alice.wait() == 130
+    assert await bob.wait(timeout=15) == 1
+    assert time.monotonic() - t0 < 10
+    return bob
+
+
 async def test_inviter_ctrl_c_while_asked_frees_the_joiner_parley_relay(tmp_path):
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await start(nursery, relay.url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
-            await alice.expect(r"accept\? \[y/N\]")
-            t0 = time.monotonic()
-            alice.interrupt()
-            assert await alice.wait() == 130
-            assert await bob.wait(timeout=15) == 1
-            assert time.monotonic() - t0 < 10
+            bob = await _inviter_ctrl_c_while_asked(nursery, relay.url, tmp_path)
             assert "the inviter left before answering" in bob.stderr_text
             assert no_state_or_no_key(tmp_path / "a", "alice")
             assert no_state_or_no_key(tmp_path / "b", "bob")
@@ -104,15 +113,7 @@ async def test_inviter_ctrl_c_while_asked_frees_the_joiner_parley_relay(tmp_path
 async def test_inviter_ctrl_c_while_asked_frees_the_joiner_go_relay(tmp_path, go_relay_binary):
     with GoRelay(go_relay_binary) as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, relay.url, "alice", tmp_path / "a", "invite")
-            code = (await alice.expect(CODE_RE)).group(1)
-            bob = await start(nursery, relay.url, "bob", tmp_path / "b", "join", code, "--timeout", "60")
-            await alice.expect(r"accept\? \[y/N\]")
-            t0 = time.monotonic()
-            alice.interrupt()
-            assert await alice.wait() == 130
-            assert await bob.wait(timeout=15) == 1
-            assert time.monotonic() - t0 < 10
+            bob = await _inviter_ctrl_c_while_asked(nursery, relay.url, tmp_path)
             assert "declined" in bob.stderr_text  # the Go relay passes JOIN_DENY on
 
 

@@ -194,6 +194,15 @@ async def test_unwritable_state_directory_stops_before_anything_is_sent(tmp_path
 # --- 3. two processes, one session ------------------------------------------------------------------
 
 
+async def _paired_with_alice_chatting(nursery, url: str, tmp_path):
+    """A keyed pair (alice in a/, bob in b/) and alice's `chat` connected; (sid, a, b, alice's chat)."""
+    sid = await pair(nursery, url, tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
+    await owner.expect(r"^\* connected to ", timeout=15)
+    return sid, a, b, owner
+
+
 async def test_send_while_chat_runs_loses_nothing_across_a_relay_restart(tmp_path):
     """The issue's case: relay down, `send` while the same session's `chat` runs, relay back,
     the peer connects: the message reaches the peer and leaves alice's pending list."""
@@ -204,10 +213,7 @@ async def test_send_while_chat_runs_loses_nothing_across_a_relay_restart(tmp_pat
         with trio.fail_after(TEST_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 url = first.url
-                sid = await pair(nursery, url, tmp_path)
-                a, b = tmp_path / "a", tmp_path / "b"
-                owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
-                await owner.expect(r"^\* connected to ", timeout=15)
+                sid, a, b, owner = await _paired_with_alice_chatting(nursery, url, tmp_path)
                 first.kill()
                 rc, out, err = await run_once(url, "alice", a, "send", "--timeout", "2", sid, "kept?")
                 assert rc == 1 and "the message is saved" in err, (out, err)
@@ -232,10 +238,7 @@ async def test_send_while_chat_runs_keeps_presence_right_and_one_owner(tmp_path)
     with ParleyRelay() as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
             url = relay.url
-            sid = await pair(nursery, url, tmp_path)
-            a, b = tmp_path / "a", tmp_path / "b"
-            owner = await ParleyProcess.start(nursery, ["chat"], relay=url, name="alice", cwd=a)
-            await owner.expect(r"^\* connected to ", timeout=15)
+            sid, a, b, owner = await _paired_with_alice_chatting(nursery, url, tmp_path)
             bob = await ParleyProcess.start(nursery, ["chat"], relay=url, name="bob", cwd=b)
             await bob.expect(r"^\* connected to ", timeout=15)
             await owner.expect(r"^\* peer online$", timeout=15)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
+from trio_websocket import open_websocket_url, serve_websocket
 
 from parley.client.connect import RelayURL
 from parley.client.events import (
@@ -37,6 +37,7 @@ from parley.client.events import (
 from support.parleyproc import clean_env, CODE_RE, invite_and_join, ParleyProcess, state_of, VERIFY_RE
 from parley.client.safetext import one_line, safe_text, shown_error_code, shown_msg_id, shown_sid
 from parley.client.terminal import Terminal
+from support.fakerelay import scripted_relay
 from support.relayproc import ParleyRelay
 from parley.state import save_state
 
@@ -130,19 +131,6 @@ async def test_hostile_msg_id_through_an_honest_relay(tmp_path):
                 assert_clean("\n".join(proc.lines) + proc.stderr_text)
 
 
-async def scripted_relay(nursery: trio.Nursery, replies: dict[str, list[str]]) -> str:
-    async def handler(request: Any) -> None:
-        ws = await request.accept()
-        try:
-            while True:
-                t = json.loads(await ws.get_message()).get("t")
-                for reply in replies.get(t, []):
-                    await ws.send_message(reply)
-        except ConnectionClosed:
-            pass
-
-    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-    return f"ws://127.0.0.1:{server.port}/"
 
 
 def frame(t: str, sid: str | None = None, **data: Any) -> str:

@@ -38,8 +38,8 @@ def test_console_script_version_and_help():
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 # Modules that drive processes or fake the relay's clock for tests; they live in tests/support.
-TOOLING = {"childproc", "coreharness", "golang", "harness", "matrix", "nodepeer", "parleyproc", "relayproc",
-           "redisproc", "testing", "support"}
+TOOLING = {"childproc", "coreharness", "fakerelay", "golang", "harness", "matrix", "nodepeer", "parleyproc",
+           "redisproc", "relaycli", "relayproc", "testing", "support", "tlscert"}
 
 
 def _configured_packages() -> dict[str, str]:
@@ -113,3 +113,12 @@ def test_wheel_holds_no_test_tooling_and_its_conformance_command_runs(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 4, out.stdout[-2000:] + out.stderr[-2000:]
     assert "cannot open a WebSocket to ws://127.0.0.1:9/" in out.stdout + out.stderr
+
+
+def test_client_import_stack_is_at_most_six_deep():
+    """Issue #13: the client's modules import each other at most six deep (`bench/importdepth.py`)."""
+    spec = importlib.util.spec_from_file_location("importdepth", REPO / "bench" / "importdepth.py")
+    importdepth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(importdepth)
+    chain = importdepth.longest_chain(importdepth.import_graph(REPO / "client"))
+    assert len(chain) - 1 <= 6, " -> ".join(chain)

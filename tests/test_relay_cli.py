@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -16,26 +15,14 @@ from click.testing import CliRunner
 
 from parley.relay import cli as relay_cli
 from parley.relay.store import Store
-
-
-class _Recorded(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def _restore_relay_logger():
-    """The command configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+from support import reaped
+from support.relaycli import built_with, clear_relay_env
+from support.relaycli import restore_relay_logger as _restore_relay_logger  # noqa: F401 (autouse)
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
-            monkeypatch.delenv(key)
+    clear_relay_env(monkeypatch)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     return tmp_path
 
@@ -43,20 +30,7 @@ def clean_env(monkeypatch, tmp_path):
 @pytest.fixture
 def recorded(monkeypatch, clean_env):
     """Run the command up to building the relay; return what it was built with."""
-    calls: list[dict] = []
-
-    def fake_build_relay(**kwargs):
-        calls.append(kwargs)
-        raise _Recorded
-
-    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
-
-    def run(args: list[str], env: dict[str, str] | None = None) -> dict:
-        result = CliRunner().invoke(relay_cli.relay, args, env=env)
-        assert isinstance(result.exception, _Recorded), result.output
-        return calls[-1]
-
-    return run
+    return lambda args, env=None: built_with(monkeypatch, args, env)
 
 
 def _one_line_error(result) -> str:
@@ -243,7 +217,7 @@ def test_python_dash_m_banner_real_port_and_sigint(tmp_path, how):
     else:
         env = _env(tmp_path, ADDR="127.0.0.1:0")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
-    try:
+    with reaped(proc):
         banner = proc.stdout.readline()
         match = re.fullmatch(
             r"parley relay listening on ws://127\.0\.0\.1:(\d+)/ \(dialect go, store (.+)\) "
@@ -261,12 +235,6 @@ def test_python_dash_m_banner_real_port_and_sigint(tmp_path, how):
         assert proc.wait(15) == 0
         stderr = proc.stderr.read()
         assert "Traceback" not in stderr and "SIGINT: shutting down" in stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
     assert (tmp_path / "xdg" / "parley" / "relay.sqlite3").exists()
 
 

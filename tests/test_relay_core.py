@@ -31,6 +31,8 @@ from parley.relay.actions import (
 from parley.relay.config import RelayConfig
 from parley.relay.core import RelayCore
 from support.coreharness import FakeClock, FakeRandom, Harness, error_code
+from support.coreharness import create_session as create
+from support.coreharness import decoded as loads
 
 TOKEN = "9f3a61c2" * 4
 SID = "1763900000123_" + TOKEN
@@ -40,33 +42,18 @@ VALID_CODES = {"bad_json", "bad_frame", "unknown_type", "too_large", "rate_limit
 PRIME_HEX = to_hex(MODP14_PRIME)
 
 
-def go_harness(**fields) -> Harness:
-    return Harness(dialect="go", rng=FakeRandom(tokens=[TOKEN], numbers=[42917]), **fields)
-
-
-def loads(texts: list[str]) -> list[dict]:
-    for text in texts:
-        assert text.endswith("\n") and text.count("\n") == 1
-    return [json.loads(t) for t in texts]
+def go_harness(conns: int = 0, **fields) -> Harness:
+    """A go-dialect harness with a fixed SID token and code; connections 1..`conns` connected."""
+    h = Harness(dialect="go", rng=FakeRandom(tokens=[TOKEN], numbers=[42917]), **fields)
+    for conn in range(1, conns + 1):
+        h.connect(conn)
+    return h
 
 
 def error_codes(out: dict, conn: int) -> list[str]:
     codes = [error_code(f) for f in loads(out.get(conn, [])) if f["t"] == "ERROR"]
     assert set(codes) <= VALID_CODES
     return codes
-
-
-def create(h: Harness, conn: int = 1, side: str | None = None) -> tuple[str, str]:
-    """CREATE_SESSION from `conn`; returns (sid, code) whatever the dialect."""
-    frame: dict = {"t": "CREATE_SESSION"}
-    if side:
-        frame["data"] = {"side": side}
-    out = loads(h.send(conn, frame)[conn])
-    sid = out[0]["sid"]
-    codes = [f["data"]["code"] for f in out if f["t"] == "INVITE_CODE"]
-    if not codes:  # node dialect: the code comes from INVITE_CREATE
-        codes = [loads(h.send(conn, {"t": "INVITE_CREATE", "sid": sid})[conn])[0]["data"]["code"]]
-    return sid, codes[0]
 
 
 def join(h: Harness, conn: int, code: str, key: str = "bb", side: str | None = None) -> dict:
@@ -122,9 +109,7 @@ def test_join_unknown_code_error_carries_bad_code_outside_go_dialect(dialect):
 
 
 def test_go_join_sends_join_request_to_creator_and_consumes_code():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.connect(3)
     h.send(1, '{"t":"CREATE_SESSION"}')
     out = h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
@@ -146,9 +131,7 @@ def test_go_join_request_goes_to_one_member_only():
 
 
 def test_go_join_with_no_member_connected_tells_nobody_and_consumes_code():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.disconnect(1)
     assert h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}') == {}
@@ -173,9 +156,7 @@ def test_go_join_accept_forwarded_verbatim_compacted_to_other_members():
     (None, None), ("null", "null"), ('"s"', '"s"'), ("[1, 2]", "[1,2]"), ("7", "7"),
 ])
 def test_go_join_accept_any_data_value(data, written):
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
     raw = '{"t":"JOIN_ACCEPT","sid":"%s"%s}' % (SID, "" if data is None else ',"data":' + data)
@@ -184,9 +165,7 @@ def test_go_join_accept_any_data_value(data, written):
 
 
 def test_go_join_deny_sends_join_denied_and_joiner_stays_member():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"0a1b"}}')
     assert h.send(1, '{"t":"JOIN_DENY","sid":"%s"}' % SID) == {2: ['{"t":"JOIN_DENIED","sid":"%s"}\n' % SID]}
@@ -218,9 +197,7 @@ def test_go_msg_forwarded_to_every_other_member_then_delivered():
 
 
 def test_go_msg_adds_sender_to_existing_session():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"REATTACH","sid":"s1"}')
     out = h.send(2, '{"t":"MSG","sid":"s1","data":{"payload":"01"}}')
     assert out[1] == ['{"t":"MSG","sid":"s1","data":{"payload":"01"}}\n']
@@ -280,9 +257,7 @@ def test_bad_input_parley_only_error_and_connection_kept(raw, code):
 
 
 def test_go_join_public_key_with_quote_is_escaped_json():
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     out = h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"a\\"b<"}}')
     # Go sends an empty message here (2.3: parley always writes valid JSON).
@@ -313,9 +288,7 @@ def test_binary_message_holding_json_is_accepted():
 
 def test_go_full_flow_exact_bytes():
     """The Go relay's whole happy path, every byte as the Go relay writes it."""
-    h = go_harness()
-    h.connect(1)
-    h.connect(2)
+    h = go_harness(conns=2)
     h.send(1, '{"t":"CREATE_SESSION"}')
     assert h.send(2, '{"t":"JOIN","data":{"code":"042917","publicKey":"bb"}}') == {
         1: ['{"t":"JOIN_REQUEST","sid":"%s","data":{"publicKey":"bb"}}\n' % SID]}
@@ -630,11 +603,27 @@ def test_store_and_forward_queued_then_delivered_on_reattach_after_peer_online()
     assert out[1] == ['{"t":"PEER_ONLINE","sid":"%s"}\n' % sid]
 
 
-def test_stored_frames_never_go_back_to_their_side():
+def sided_on_s(side_1: str, side_2: str) -> Harness:
+    """Connections 1 and 2 REATTACHed to SID "s", declaring `side_1` and `side_2`."""
+    h = Harness()
+    h.connect(1)
+    h.connect(2)
+    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": side_1}})
+    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": side_2}})
+    return h
+
+
+def stored_m1() -> tuple[Harness, str]:
+    """A pair (sides A, B) whose B dropped, and A's MSG "m1", stored for B."""
     h = Harness()
     sid = pair(h, "A", "B")
     h.disconnect(2)
     h.send(1, msg(sid, "m1"))
+    return h, sid
+
+
+def test_stored_frames_never_go_back_to_their_side():
+    h, sid = stored_m1()
     h.disconnect(1)
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
@@ -655,20 +644,13 @@ def test_live_msg_never_goes_to_same_side():
 
 
 def test_same_side_only_peer_means_queued():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
-    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
+    h = sided_on_s("A", "A")
     out = h.send(1, msg("s"))
     assert [f["t"] for f in loads(out[1])] == ["QUEUED"] and 2 not in out
 
 
 def test_legacy_reattach_gets_stored_frames_and_they_are_done():
-    h = Harness()
-    sid = pair(h, "A", "B")
-    h.disconnect(2)
-    h.send(1, msg(sid, "m1"))
+    h, sid = stored_m1()
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid})
     assert [f["t"] for f in loads(out[3])] == ["PEER_ONLINE", "MSG"]
@@ -861,10 +843,7 @@ def test_leave_removes_member_and_drops_its_queue():
 
 
 def test_leave_keeps_frames_the_leaver_sent():
-    h = Harness()
-    sid = pair(h, "A", "B")
-    h.disconnect(2)
-    h.send(1, msg(sid, "m1"))
+    h, sid = stored_m1()
     h.send(1, {"t": "LEAVE", "sid": sid})
     assert h.core.stats()["queued_frames"] == 1
 
@@ -914,11 +893,7 @@ def test_frames_a_dropped_legacy_receiver_never_got_wait_for_reattach():
 
 
 def test_sided_receivers_frames_carry_no_requeue_token():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    h.send(1, {"t": "REATTACH", "sid": "s", "data": {"side": "A"}})
-    h.send(2, {"t": "REATTACH", "sid": "s", "data": {"side": "B"}})
+    h = sided_on_s("A", "B")
     actions = h.core.receive(1, json.dumps(msg("s", "m1")))
     assert [a.requeue for a in actions if isinstance(a, Send) and a.conn == 2] == [None]
     assert h.core.stats()["queued_frames"] == 1  # kept until B's RECEIVED
@@ -1000,12 +975,18 @@ def test_join_without_public_key_keeps_code():
     assert 1 in join(h, 2, code)
 
 
-def test_pending_join_request_delivered_on_creator_reattach():
+def creator_gone() -> tuple[Harness, str, str]:
+    """Connections 1 and 2; 1 created a session (side "A") and left. Returns (h, sid, code)."""
     h = Harness()
     h.connect(1)
     h.connect(2)
     sid, code = create(h, 1, "A")
     h.disconnect(1)
+    return h, sid, code
+
+
+def test_pending_join_request_delivered_on_creator_reattach():
+    h, sid, code = creator_gone()
     assert join(h, 2, code, key="b0b", side="B") == {}
     h.connect(3)
     out = h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}})
@@ -1018,11 +999,7 @@ def test_pending_join_request_delivered_on_creator_reattach():
 
 
 def test_pending_join_dropped_when_joiner_leaves():
-    h = Harness()
-    h.connect(1)
-    h.connect(2)
-    sid, code = create(h, 1, "A")
-    h.disconnect(1)
+    h, sid, code = creator_gone()
     join(h, 2, code)
     h.disconnect(2)
     h.connect(3)

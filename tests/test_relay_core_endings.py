@@ -15,6 +15,7 @@ import pytest
 
 from parley.relay.actions import DeleteCode, Persist, Send
 from support.coreharness import Harness, error_code
+from support.coreharness import create_session as create
 
 DIALECTS = ["compat", "go", "node"]
 
@@ -26,18 +27,6 @@ def loads(texts: list[str]) -> list[dict]:
 def kinds(out: dict, conn: int) -> list[str]:
     """Frame types sent to `conn`, ERRORs as `ERROR:<code>`."""
     return [f["t"] + (f":{error_code(f)}" if f["t"] == "ERROR" else "") for f in loads(out.get(conn, []))]
-
-
-def create(h: Harness, conn: int, side: str | None) -> tuple[str, str]:
-    frame: dict = {"t": "CREATE_SESSION"}
-    if side:
-        frame["data"] = {"side": side}
-    out = loads(h.send(conn, frame)[conn])
-    sid = out[0]["sid"]
-    codes = [f["data"]["code"] for f in out if f["t"] == "INVITE_CODE"]
-    if not codes:  # node dialect: the code comes from INVITE_CREATE
-        codes = [loads(h.send(conn, {"t": "INVITE_CREATE", "sid": sid})[conn])[0]["data"]["code"]]
-    return sid, codes[0]
 
 
 def join(h: Harness, conn: int, code: str, side: str | None) -> dict:
@@ -241,12 +230,18 @@ def test_sided_joiner_gone_before_its_request_was_delivered_is_told_on_reattach(
     assert kinds(out, 3) == kinds(out, 4) == ["PEER_ONLINE"]
 
 
-def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
+def _joiner_left_unheard() -> tuple[Harness, str]:
+    """compat: the inviter (side A) drops, B joins and drops before anyone answered; 3 connected."""
     h, sid, code = invited("compat")
     h.disconnect(1)
     join(h, 2, code, "B")
     h.disconnect(2)
     h.connect(3)
+    return h, sid
+
+
+def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
+    h, sid = _joiner_left_unheard()
     assert h.send(3, {"t": "REATTACH", "sid": sid}) == {}
     h.connect(4)  # the marker waits for a sided inviter
     assert kinds(h.send(4, {"t": "REATTACH", "sid": sid, "data": {"side": "A"}}), 4) == [
@@ -254,9 +249,5 @@ def test_legacy_reattacher_hears_nothing_of_a_joiner_that_left_unheard():
 
 
 def test_the_joiners_own_side_is_not_told_its_own_departure():
-    h, sid, code = invited("compat")
-    h.disconnect(1)
-    join(h, 2, code, "B")
-    h.disconnect(2)
-    h.connect(3)
+    h, sid = _joiner_left_unheard()
     assert h.send(3, {"t": "REATTACH", "sid": sid, "data": {"side": "B"}}) == {}

@@ -242,9 +242,9 @@ class RelayMachine(RuleBasedStateMachine):
         frame = {"t": "JOIN_DENY", "sid": pick(self.sids, s)}
         self.call(self.h.core.receive(conn, json.dumps(frame)))
 
-    @precondition(lambda self: self.live and self.sids)
-    @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]))
-    def message(self, c, s, with_id, own):
+    def new_message(self, c, s, with_id, own) -> tuple[int, str, str, dict]:
+        """A MSG to send: (conn, sid, msgID, data), recorded in `msgs`; from a session the
+        connection is in if `own` (and it is in one), else from any."""
         conn = pick(self.live, c)
         sid = pick(self.member[conn] if own and self.member[conn] else self.sids, s)
         n = self.next_msg
@@ -256,6 +256,12 @@ class RelayMachine(RuleBasedStateMachine):
             data["msgID"] = msg_id
         side = self.member[conn].get(sid)  # the side it sends as (None if it joins by MSG)
         self.msgs[msg_id] = (sid, side, conn, n)
+        return conn, sid, msg_id, data
+
+    @precondition(lambda self: self.live and self.sids)
+    @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]))
+    def message(self, c, s, with_id, own):
+        conn, sid, msg_id, data = self.new_message(c, s, with_id, own)
         actions = self.h.core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": data}))
         replies = [a for a in actions if isinstance(a, Send) and a.conn == conn]
         out = self.call(actions)

@@ -10,7 +10,6 @@ limits set in a preexec_fn.
 
 from __future__ import annotations
 
-import base64
 import errno
 import importlib.util
 import logging
@@ -27,9 +26,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from parley.conformance.relay_suite.client import upgrade_request
 from parley.relay import admission as adm
 from parley.relay.observe import RecordingObserver
 from support import until
+from support.relaycli import built_with, clear_relay_env, relay_logger_restored  # noqa: F401 (a fixture)
 
 
 def _sibling(name: str):
@@ -138,17 +139,7 @@ async def _tcp_from(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
 
 
 def _upgrade_request(port: int, *, version: str = "1.1", headers: list[tuple[str, str]] = ()) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET / HTTP/{version}",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in headers),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return upgrade_request(f"127.0.0.1:{port}", version=version, headers=headers)[1]
 
 
 async def _upgrade_from(port: int, source: str = "127.0.0.1", **kw) -> tuple[RawWS, int, dict[str, str], bytes]:
@@ -497,8 +488,7 @@ async def test_emfile_storm_logs_a_bounded_number_of_lines_and_recovers(tmp_path
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
     relay = RelayProcess(tmp_path, "--store", ":memory:")
-    try:
-        port = await relay.started()
+    async with relay as port:
         for path, expected in (("/healthz", "ok\n"), ("/readyz", "ready\n")):
             result = await trio.to_thread.run_sync(
                 lambda: subprocess.run(
@@ -507,45 +497,16 @@ async def test_curl_healthz_and_readyz_against_parley_relay(tmp_path):
                 )
             )
             assert result.stdout == expected + "200", result
-    finally:
-        relay.stop()
 
 
 # ---------------------------------------------------------------------------
 # options
 
 
-@pytest.fixture
-def relay_logger_restored():
-    """The command configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved
-
-
 def _built_with(monkeypatch, tmp_path, args: list[str], env: dict[str, str] | None = None) -> dict:
-    from click.testing import CliRunner
-
-    from parley.relay import cli as relay_cli
-
-    for key in list(os.environ):
-        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
-            monkeypatch.delenv(key)
+    clear_relay_env(monkeypatch)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    calls: list[dict] = []
-
-    class Built(Exception):
-        pass
-
-    def fake_build_relay(**kwargs):
-        calls.append(kwargs)
-        raise Built
-
-    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
-    result = CliRunner().invoke(relay_cli.relay, args, env=env)
-    assert isinstance(result.exception, Built), result.output
-    return calls[-1]
+    return built_with(monkeypatch, args, env)
 
 
 def _edge_only(server_options: dict) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import base64
-import datetime
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ import pytest
 import trio
 import trio_websocket
 
-from parley.conformance.relay_suite.client import parse_http_head
+from parley.conformance.relay_suite.client import parse_http_head, read_http_head, upgrade_request
+from support.tlscert import self_signed
 from parley.protocol import ProtocolError, parse
 from parley.relay.actions import Close, Persist, SaveFrame, Send
 from parley.relay.cli import build_relay
@@ -66,17 +66,8 @@ class RawWS:
     ) -> tuple[RawWS, int, dict[str, str]]:
         """Connect and upgrade; returns (client, HTTP status, response headers)."""
         stream = await _tcp(port, rcvbuf, src)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        lines += [f"{k}: {v}" for k, v in headers or []]
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + extra)
+        key, request = upgrade_request(f"127.0.0.1:{port}", path, headers=headers or [])
+        await stream.send_all(request + extra)
         status, resp_headers, rest = await read_http_response(stream)
         if status == 101:
             expected = base64.b64encode(
@@ -202,15 +193,9 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
 
 
 async def read_http_response(stream: trio.abc.ReceiveStream) -> tuple[int, dict[str, str], bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise ConnectionError("EOF during the HTTP response")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status, headers = parse_http_head(head)
-    return status, headers, rest
+    """(status, lower-cased headers, the bytes read after the head)."""
+    head, rest = await read_http_head(stream)
+    return (*parse_http_head(head), rest)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
@@ -319,6 +304,27 @@ async def hello(ws: RawWS) -> int:
     return msg["conn"]
 
 
+async def connected(port: int) -> tuple[RawWS, int]:
+    """A client connected and upgraded, past its HELLO (the fake cores here greet each
+    connection), and the connection id the HELLO gave."""
+    ws = await RawWS.open(port)
+    return ws, await hello(ws)
+
+
+async def greeted(port: int) -> RawWS:
+    """A client connected and upgraded, past its HELLO."""
+    return (await connected(port))[0]
+
+
+async def slow_and_fast(port: int) -> tuple[RawWS, int, RawWS]:
+    """A client with a 4 KiB receive buffer (slow: it does not read) and its connection id, and
+    a second (fast) client; both past their HELLO."""
+    slow = await RawWS.open(port, rcvbuf=4096)
+    slow_id = await hello(slow)
+    fast = await greeted(port)
+    return slow, slow_id, fast
+
+
 # ---------------------------------------------------------------------------
 # handshake
 
@@ -393,8 +399,7 @@ async def test_frame_sent_right_behind_the_request_is_not_lost():
 async def test_fragmented_message_with_interleaved_ping():
     with trio.fail_after(10):
         async with running_relay(core=FakeCore()) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.send_frame(0x1, b'{"t":"EC', fin=False)
             await ws.send_frame(0x9, b"are you there")
             await ws.send_frame(0x0, b'HO","x":"\xc3', fin=False)  # a UTF-8 char split across frames
@@ -411,13 +416,11 @@ async def test_client_close_is_answered_with_same_code_and_empty_reason():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.close(4321, b"see you")
             assert await ws.recv() == ("close", 4321, "")
             assert await ws.recv() == ("eof",)
-            ws2 = await RawWS.open(port)
-            await hello(ws2)
+            ws2 = await greeted(port)
             await ws2.close(None)  # no status code at all: an empty close back
             assert await ws2.recv_frame() == (0x8, b"")
             await trio.sleep(0.05)
@@ -428,21 +431,18 @@ async def test_core_close_action_and_core_failure():
     with trio.fail_after(10):
         core = FakeCore()
         async with running_relay(core=core) as (server, port):
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 4000})
             await ws.send_json({"t": "ECHO"})  # after the close: not answered
             assert await ws.recv() == ("close", 4000, "bye")
             await ws.close(4000)
             assert await ws.recv() == ("eof",)
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.send_json({"t": "RAISE"})
             assert await ws.recv() == ("close", 1011, "internal error")
             assert server.stats()["core_errors"] == 1
             # a client that never answers our close is dropped after close_timeout
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             await ws.send_json({"t": "CLOSE", "code": 1000})
             assert (await ws.recv())[:2] == ("close", 1000)
             t0 = trio.current_time()
@@ -467,8 +467,7 @@ async def test_core_close_action_and_core_failure():
 async def test_websocket_protocol_errors_get_a_reasoned_close(frame, code):
     with trio.fail_after(10):
         async with running_relay(core=FakeCore()) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             await ws.stream.send_all(frame)
             kind, got, reason = await ws.recv()
             assert (kind, got) == ("close", code)
@@ -485,8 +484,7 @@ async def test_too_large_message_gets_error_and_connection_stays():
     too_large = json.loads('{"t":"ERROR","data":{"message":"message too large","code":"too_large"}}')
     with trio.fail_after(10):
         async with running_relay(core=FakeCore(), max_frame=limit) as (server, port):
-            ws = await RawWS.open(port)
-            await hello(ws)
+            ws = await greeted(port)
             exact = '{"t":"ECHO","pad":"' + "p" * (limit - 21) + '"}'
             assert len(exact) == limit
             await ws.send_text(exact)
@@ -538,8 +536,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             # The relay's idle deadline runs from the last bytes it read (the upgrade
             # request), so the clock starts before the upgrade, not when HELLO arrives.
             t0 = trio.current_time()
-            ws = await RawWS.open(port)
-            conn = await hello(ws)
+            ws, conn = await connected(port)
             seen = []
             while True:  # read raw frames, answer nothing
                 frame = await ws.recv_frame()
@@ -552,8 +549,7 @@ async def test_silent_connection_gets_ws_ping_then_idle_close():
             assert 3 * interval * 0.8 <= trio.current_time() - t0 <= 3 * interval + 1.5
             assert 0x9 in seen and seen.count(0x1) >= 2  # WebSocket ping, then PINGs
             # an answering client (pongs only, no data) stays connected
-            ws2 = await RawWS.open(port)
-            conn2 = await hello(ws2)
+            ws2, conn2 = await connected(port)
             with trio.move_on_after(interval * 6):
                 msg = await ws2.recv()  # answers WebSocket pings
                 pytest.fail(f"unexpected {msg}")
@@ -586,10 +582,8 @@ async def test_persisted_sends_wait_for_commit_and_fast_path_does_not():
     )
     with trio.fail_after(15):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             sent = time.monotonic()
             await a.send_json({"t": "PERSIST", "n": 1})
             await a.send_json({"t": "ECHO", "n": 2})  # no Persist, but queued behind n=1
@@ -630,8 +624,7 @@ async def test_shutdown_flushes_pending_commits_then_closes_1001():
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             port = (await nursery.start(server.serve))[0][1]
-            a = await RawWS.open(port)
-            await hello(a)
+            a = await greeted(port)
             for n in range(5):
                 await a.send_json({"t": "PERSIST", "n": n})
             await trio.sleep(0.05)
@@ -651,8 +644,7 @@ async def test_store_backlog_pauses_readers_and_keeps_order():
     )
     with trio.fail_after(20):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            await hello(a)
+            a = await greeted(port)
             for n in range(60):
                 await a.send_json({"t": "PERSIST", "n": n})
                 await a.send_json({"t": "ECHO", "n": n})
@@ -684,10 +676,8 @@ async def test_failed_commit_keeps_relaying_and_acknowledges_only_after_a_retry_
     )
     with trio.fail_after(10):
         async with serving(server) as port:
-            a = await RawWS.open(port)
-            b = await RawWS.open(port)
-            await hello(a)
-            await hello(b)
+            a = await greeted(port)
+            b = await greeted(port)
             await a.send_json({"t": "PERSIST", "n": 1})
             with trio.move_on_after(0.5):
                 pytest.fail(f"acknowledged before the commit: {await a.recv()}")
@@ -711,10 +701,7 @@ async def test_full_send_buffer_disconnects_only_that_connection():
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 256 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             chunk = "z" * 32768
             rtts = []
             for i in range(2000):
@@ -741,36 +728,8 @@ async def test_full_send_buffer_disconnects_only_that_connection():
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    """`support.tlscert.self_signed`, as the paths' strings."""
+    certfile, keyfile = self_signed(tmp_path)
     return str(certfile), str(keyfile)
 
 
@@ -1156,6 +1115,17 @@ class RelayProcess:
         self.port = int(match.group(1))
         return self.port
 
+    async def __aenter__(self) -> int:
+        """``async with relay as port``: waits for the banner; the block's end stops the child."""
+        try:
+            return await self.started()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.stop()
+
     async def wait(self, timeout: float = 15) -> int:
         with trio.fail_after(timeout):
             return await trio.to_thread.run_sync(self.proc.wait, abandon_on_cancel=True)
@@ -1171,8 +1141,7 @@ class RelayProcess:
 async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), "--log-level", "debug")
-    try:
-        port = await relay.started()
+    async with relay as port:
         assert f"(dialect compat, store {store})" in relay.banner
         assert f"parley invite --relay ws://127.0.0.1:{port}/" in relay.banner
         with trio.fail_after(20):
@@ -1191,8 +1160,6 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
                 assert msg == ("close", 1001, "relay shutting down")
                 await ws.close(1001)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     log = relay.log_path.read_text()
     assert "Traceback" not in log
     assert "SIGTERM: shutting down" in log and "rx MSG" in log
@@ -1205,8 +1172,7 @@ async def test_subprocess_sigterm_closes_clients_1001_and_exits_0(tmp_path):
 async def test_store_and_forward_across_sigkill(tmp_path):
     store = tmp_path / "relay.sqlite3"
     relay = RelayProcess(tmp_path, "--store", str(store), name="first")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             a = await RawWS.open(port)
             b = await RawWS.open(port)
@@ -1226,12 +1192,9 @@ async def test_store_and_forward_across_sigkill(tmp_path):
             assert await a.recv_json() == {"t": "QUEUED", "sid": sid, "data": {"msgID": "queued-1"}}
             relay.proc.kill()  # SIGKILL right after the ack
             assert await relay.wait() == -signal.SIGKILL
-    finally:
-        relay.stop()
 
     relay = RelayProcess(tmp_path, "--store", str(store), name="second")
-    try:
-        port = await relay.started()
+    async with relay as port:
         with trio.fail_after(20):
             b = await RawWS.open(port)
             await b.send_json({"t": "REATTACH", "sid": sid, "data": {"side": "side-bob"}})
@@ -1247,8 +1210,6 @@ async def test_store_and_forward_across_sigkill(tmp_path):
                 pytest.fail(f"unexpected {await b.recv()}")
             relay.proc.send_signal(signal.SIGTERM)
             assert await relay.wait() == 0
-    finally:
-        relay.stop()
     with Store(store) as db:
         assert db.counts()["frames"] == 0
 
@@ -1265,20 +1226,24 @@ def _observe(server: RelayServer) -> Any:
     return observer
 
 
+@asynccontextmanager
+async def observed_relay(**transport_options: Any):
+    """An in-process relay with a FakeCore and a RecordingObserver (set before any connection
+    opens); yields (server, port, observer)."""
+    async with running_relay(core=FakeCore(), transport_options=transport_options) as (server, port):
+        yield server, port, _observe(server)
+
+
 async def test_too_many_fragments_close_1008():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(core=core, transport_options={"max_fragments": 50}) as (server, port):
-            observer = _observe(server)
-            ok = await RawWS.open(port)
-            await hello(ok)
+        async with observed_relay(max_fragments=50) as (server, port, observer):
+            ok = await greeted(port)
             # 50 fragments are fine
             wire = client_frame(1, b'{"t":"ECHO",', fin=False)
             wire += b"".join(client_frame(0, b" ", fin=False) for _ in range(48)) + client_frame(0, b'"n":1}')
             await ok.stream.send_all(wire)
             assert (await ok.recv_json())["n"] == 1
-            bad = await RawWS.open(port)
-            await hello(bad)
+            bad = await greeted(port)
             wire = client_frame(1, b"{", fin=False) + client_frame(0, b"", fin=False) * 60
             await bad.stream.send_all(wire)
             assert await bad.recv() == ("close", 1008, "too many fragments in one message")
@@ -1288,16 +1253,10 @@ async def test_too_many_fragments_close_1008():
 
 
 async def test_unfinished_messages_share_one_relay_wide_budget():
-    core = FakeCore()
     with trio.fail_after(10):
-        async with running_relay(
-            core=core, transport_options={"partial_bytes_total": 100_000}
-        ) as (server, port):
-            observer = _observe(server)
-            one = await RawWS.open(port)
-            await hello(one)
-            two = await RawWS.open(port)
-            await hello(two)
+        async with observed_relay(partial_bytes_total=100_000) as (server, port, observer):
+            one = await greeted(port)
+            two = await greeted(port)
             head = b'{"t":"ECHO","pad":"'
             await one.stream.send_all(client_frame(1, head + b"a" * 70_000, fin=False))
             await trio.sleep(0.2)
@@ -1308,8 +1267,7 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
             assert len((await one.recv_json())["pad"]) == 70_000
             assert server._partial_budget.held == 0
             # and a connection that leaves mid-message gives its bytes back
-            three = await RawWS.open(port)
-            await hello(three)
+            three = await greeted(port)
             await three.stream.send_all(client_frame(1, head + b"c" * 90_000, fin=False))
             await three.send_frame(0x9, b"sync")  # answered once the bytes before it are read
             while (await three.recv_frame())[0] != 0xA:
@@ -1324,20 +1282,16 @@ async def test_unfinished_messages_share_one_relay_wide_budget():
 async def test_ping_flood_is_cut_off_while_a_pair_keeps_working():
     """4 connections flood {"t":"PING"} (and WebSocket pings): each is closed
     with 1008 once over its idle-frame burst; an ECHO pair's round trips stay short."""
-    core = FakeCore()
     with trio.fail_after(30):
-        async with running_relay(core=core) as (server, port):
-            observer = _observe(server)
-            pair = await RawWS.open(port)
-            await hello(pair)
+        async with observed_relay() as (server, port, observer):
+            pair = await greeted(port)
             closes: list[tuple] = []
             rtts: list[float] = []
             ping = client_frame(1, b'{"t":"PING"}')
             control = client_frame(0x9, b"x")
 
             async def flooder(n: int) -> None:
-                ws = await RawWS.open(port)
-                await hello(ws)
+                ws = await greeted(port)
                 burst = (ping if n % 2 else control) * 500
 
                 async def send() -> None:
@@ -1399,12 +1353,9 @@ async def test_a_connection_yields_its_turn_after_turn_frames_events():
 
 
 async def test_frame_rate_slows_a_fast_sender_down():
-    core = FakeCore()
     with trio.fail_after(20):
-        async with running_relay(core=core, transport_options={"frame_rate": 100.0}) as (server, port):
-            observer = _observe(server)
-            ws = await RawWS.open(port)
-            await hello(ws)
+        async with observed_relay(frame_rate=100.0) as (server, port, observer):
+            ws = await greeted(port)
             started = time.monotonic()
             await ws.stream.send_all(b"".join(client_frame(1, b'{"t":"ECHO","i":%d}' % i) for i in range(300)))
             for i in range(300):
@@ -1422,10 +1373,7 @@ async def test_one_log_line_per_send_buffer_overflow(caplog):
         async with running_relay(
             core=core, transport_options={"send_buffer_bytes": 64 * 1024}
         ) as (server, port):
-            slow = await RawWS.open(port, rcvbuf=4096)
-            slow_id = await hello(slow)
-            fast = await RawWS.open(port)
-            await hello(fast)
+            slow, slow_id, fast = await slow_and_fast(port)
             await fast.send_json({"t": "MANY", "conn": slow_id, "n": 2000, "x": "z" * 1024})
             await fast.send_json({"t": "ECHO", "i": 1})
             assert (await fast.recv_json())["i"] == 1

@@ -28,7 +28,9 @@ from parley.relay.cli import build_relay
 from parley.relay.logging import JsonFormatter, frame_type_of, shown_address
 from parley.relay.observe import LimitReporter, RecordingObserver
 from parley.relay.server import RelayServer, ServerConfig
+from support import reaped
 from support.coreharness import FakeClock, Harness
+from support.relaycli import clear_relay_env, recorded_builds
 
 PING = '{"t":"PING"}\n'
 
@@ -565,7 +567,7 @@ def test_command_json_logs_metrics_port_and_curl(tmp_path):
             "--log-format", "json", "--log-addresses", "none"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, env=env, text=True)
-    try:
+    with reaped(proc):
         banner = proc.stdout.readline()
         port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/", banner).group(1))
         for _ in range(20):  # start-up lines (limits, store) come first, each JSON
@@ -594,12 +596,6 @@ def test_command_json_logs_metrics_port_and_curl(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
         lines = proc.stderr.read().splitlines()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
     objects = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"time", "level", "logger", "msg"} <= set(o) for o in objects)
     events = [o for o in objects if o.get("event") in ("open", "close")]
@@ -619,21 +615,10 @@ def test_command_options_env_vars_and_help(monkeypatch, tmp_path):
 
     from parley.relay import cli as relay_cli
 
-    for key in list(os.environ):
-        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
-            monkeypatch.delenv(key)
-    calls: list[dict] = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_build_relay(**kwargs):
-        calls.append(kwargs)
-        raise Stop
-
+    clear_relay_env(monkeypatch)
     logger = logging.getLogger("parley.relay")
     saved = (list(logger.handlers), logger.propagate, logger.level)
-    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
+    calls = recorded_builds(monkeypatch)
     try:
         CliRunner().invoke(relay_cli.relay, ["--store", ":memory:"])
         assert _ops_only(calls[-1]["server_options"]) == {

@@ -17,6 +17,7 @@ from parley.relay.config import RelayConfig
 from parley.relay.observe import RecordingObserver
 from parley.relay.core import RelayCore
 from support.coreharness import FakeRandom, Harness, check_quota_accounting, error_code
+from support.relaycli import built_with, clear_relay_env
 
 A = "198.51.100.7"  # the greedy address
 B = "203.0.113.9"  # somebody else
@@ -578,26 +579,8 @@ def test_a_store_from_before_the_quotas_is_migrated_and_readable(tmp_path):
 
 
 def _recorded_build(monkeypatch, args, env=None):
-    from click.testing import CliRunner
-
-    from parley.relay import cli as relay_cli
-
-    calls = []
-
-    class Recorded(Exception):
-        pass
-
-    def fake_build_relay(**kwargs):
-        calls.append(kwargs)
-        raise Recorded
-
-    monkeypatch.setattr(relay_cli, "build_relay", fake_build_relay)
-    for key in list(__import__("os").environ):
-        if key.startswith("PARLEY_RELAY_") or key == "ADDR":
-            monkeypatch.delenv(key)
-    result = CliRunner().invoke(relay_cli.relay, ["--store", ":memory:", *args], env=env)
-    assert isinstance(result.exception, Recorded), result.output
-    return calls[-1]
+    clear_relay_env(monkeypatch)
+    return built_with(monkeypatch, ["--store", ":memory:", *args], env)
 
 
 def test_cli_quota_defaults_are_the_config_defaults(monkeypatch):

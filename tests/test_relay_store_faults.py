@@ -38,19 +38,11 @@ from parley.relay.transport import TransportConfig
 
 from .test_relay_live import RawWS, RelayProcess, serving
 from support import until
+from support.relaycli import restore_relay_logger as _restore_relay_logger  # noqa: F401 (autouse)
 
 SID = "1763900000123_" + "9f3a61c2" * 4
 CIPHERTEXT = "c1f3e7" * 60
 FULL = "database or disk is full"
-
-
-@pytest.fixture(autouse=True)
-def _restore_relay_logger():
-    """`parley relay` configures the `parley.relay` logger; undo it for other tests."""
-    logger = logging.getLogger("parley.relay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def loads(texts: list[str]) -> list[dict]:
@@ -734,17 +726,7 @@ class FaultyRelayMachine(RelayMachine):
     @rule(c=PICK, s=PICK, with_id=st.booleans(), own=st.sampled_from([True, True, True, False]),
           abandon=st.sampled_from([False, False, True]))
     def message(self, c, s, with_id, own, abandon=False):
-        conn = pick_(self.live, c)
-        sid = pick_(self.member[conn] if own and self.member[conn] else self.sids, s)
-        n = self.next_msg
-        self.next_msg += 1
-        payload = f"{n:024x}" + "ee" * 20
-        msg_id = f"m{n}" if with_id else payload[:24]
-        data = {"payload": payload}
-        if with_id:
-            data["msgID"] = msg_id
-        side = self.member[conn].get(sid)
-        self.msgs[msg_id] = (sid, side, conn, n)
+        conn, sid, msg_id, data = self.new_message(c, s, with_id, own)
         available = self.h.core.store_available
         actions = self.h.core.receive(conn, json.dumps({"t": "MSG", "sid": sid, "data": data}))
         replies = [a for a in actions if type(a).__name__ == "Send" and a.conn == conn]
@@ -795,11 +777,6 @@ class FaultyRelayMachine(RelayMachine):
             assert set(out) == {conn}
 
 
-def pick_(items, index):
-    items = list(items)
-    return items[index % len(items)]
-
-
 FaultyRelayMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=80, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -823,16 +800,13 @@ async def test_relay_process_restarts_on_a_full_disk(tmp_path):
 async def _restart_on_full_disk(tmp_path: Path, where: Path) -> None:
     store = where / "relay.sqlite3"
     first = RelayProcess(tmp_path, "--store", str(store), name="first")
-    try:
-        port = await first.started()
+    async with first as port:
         with trio.fail_after(20):
             a = await RawWS.open(port)
             await a.send_json({"t": "CREATE_SESSION", "data": {"side": "side-a"}})
             sid = (await a.recv_json())["sid"]
             first.proc.send_signal(signal.SIGTERM)
             assert await first.wait() == 0
-    finally:
-        first.stop()
     filler = _fill(where)
     options = ("--store-retry-max", "0.2", "--store-hold", "0.5")
     second = RelayProcess(tmp_path, "--store", str(store), *options, name="second")

@@ -50,14 +50,21 @@ __all__ = [
     "dh_public_key",
     "invite_params",
     "create_session",
+    "send_join",
+    "join_request",
+    "joined_with_bystander",
     "Handshake",
     "handshake",
     "bad_code",
     "new_sid",
     "go_quote",
     "parse_http_head",
+    "read_http_head",
+    "upgrade_request",
     "frame_bytes",
     "reattach_all",
+    "online_pair",
+    "expect_all",
     "BAD_CODE_MESSAGE",
 ]
 
@@ -224,22 +231,25 @@ class RawClient:
 
     # -- receiving -------------------------------------------------------------
 
+    async def _next(self, skip_ping: bool = True) -> Msg:
+        """The next message, stamped with its arrival; PINGs are kept in ``pings`` and skipped
+        unless ``skip_ping`` is false. ``ConnectionClosed`` passes through."""
+        while True:
+            msg = Msg(await self.ws.get_message(), trio.current_time())
+            if not (skip_ping and msg.is_ping()):
+                return msg
+            self.pings.append(msg)
+
     async def recv(self, timeout: float | None = None, *, skip_ping: bool = True, what: str = "a frame") -> Msg:
         """The next message; fails the test after ``timeout`` seconds or if the connection closed."""
         timeout = self.suite.timeout if timeout is None else timeout
         with trio.move_on_after(timeout):
-            while True:
-                try:
-                    data = await self.ws.get_message()
-                except ConnectionClosed as exc:
-                    raise AssertionError(
-                        f"{self.name}: connection closed ({exc.reason.code}) while waiting for {what}"
-                    ) from None
-                msg = Msg(data, trio.current_time())
-                if skip_ping and msg.is_ping():
-                    self.pings.append(msg)
-                    continue
-                return msg
+            try:
+                return await self._next(skip_ping)
+            except ConnectionClosed as exc:
+                raise AssertionError(
+                    f"{self.name}: connection closed ({exc.reason.code}) while waiting for {what}"
+                ) from None
         raise AssertionError(f"{self.name}: no frame within {timeout:.2f}s while waiting for {what}")
 
     async def expect(self, t: str, sid: str | None = None, timeout: float | None = None) -> Msg:
@@ -264,16 +274,11 @@ class RawClient:
         """No frame other than PING arrives within ``quiet`` seconds."""
         quiet = self.suite.quiet if quiet is None else quiet
         with trio.move_on_after(quiet):
-            while True:
-                try:
-                    data = await self.ws.get_message()
-                except ConnectionClosed as exc:
-                    raise AssertionError(f"{self.name}: connection closed ({exc.reason.code}), expected it open") from None
-                msg = Msg(data, trio.current_time())
-                if msg.is_ping():
-                    self.pings.append(msg)
-                    continue
-                raise AssertionError(f"{self.name}: expected no frame, got {msg!r}")
+            try:
+                msg = await self._next()
+            except ConnectionClosed as exc:
+                raise AssertionError(f"{self.name}: connection closed ({exc.reason.code}), expected it open") from None
+            raise AssertionError(f"{self.name}: expected no frame, got {msg!r}")
 
     async def assert_closed(self, timeout: float | None = None) -> int:
         """The relay ends the connection within ``timeout``; returns the close code (1006: no close frame).
@@ -282,15 +287,11 @@ class RawClient:
         """
         timeout = self.suite.timeout if timeout is None else timeout
         with trio.move_on_after(timeout):
-            while True:
-                try:
-                    data = await self.ws.get_message()
-                except ConnectionClosed as exc:
-                    return exc.reason.code
-                msg = Msg(data)
-                if msg.is_ping():
-                    continue
-                raise AssertionError(f"{self.name}: expected the connection to end, got {msg!r}")
+            try:
+                msg = await self._next()
+            except ConnectionClosed as exc:
+                return exc.reason.code
+            raise AssertionError(f"{self.name}: expected the connection to end, got {msg!r}")
         raise AssertionError(f"{self.name}: connection still open after {timeout:.2f}s")
 
     async def assert_open(self) -> None:
@@ -409,6 +410,34 @@ async def create_session(suite: Suite, c: RawClient, data: dict[str, Any] | None
     return sid, msg.frame["data"]["code"]
 
 
+async def send_join(joiner: RawClient, code: str, public_key: str | None = None) -> str:
+    """``joiner`` sends a JOIN with ``code`` and ``public_key`` (a fresh DH public key when
+    None); returns the key sent."""
+    key = dh_public_key() if public_key is None else public_key
+    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+    return key
+
+
+async def join_request(suite: Suite, creator: RawClient, joiner: RawClient) -> tuple[str, str, Msg]:
+    """CREATE_SESSION by ``creator``, a JOIN with its code by ``joiner``; returns (sid, code,
+    the JOIN_REQUEST the creator got)."""
+    sid, code = await create_session(suite, creator)
+    await send_join(joiner, code)
+    return sid, code, await creator.expect("JOIN_REQUEST", sid=sid)
+
+
+async def joined_with_bystander(suite: Suite, cs: Clients) -> tuple[str, RawClient, RawClient, RawClient, Msg]:
+    """creator A, joiner B (JOIN_REQUEST consumed), bystander C REATTACHed, the four PEER_ONLINEs
+    read; returns (sid, a, b, c, the JOIN_REQUEST)."""
+    a, b, c = await cs.many("creator", "joiner", "bystander")
+    sid, _, req = await join_request(suite, a, b)
+    online = frame_bytes("PEER_ONLINE", sid)
+    await c.send({"t": "REATTACH", "sid": sid})
+    for x in (a, b, c, c):
+        await x.expect_exact(online)
+    return sid, a, b, c, req
+
+
 @dataclass
 class Handshake:
     sid: str
@@ -423,8 +452,8 @@ class Handshake:
 async def handshake(suite: Suite, creator: RawClient, joiner: RawClient) -> Handshake:
     """Full create / join / accept flow in the suite's dialect; returns what was seen."""
     sid, code = await create_session(suite, creator)
-    creator_key, joiner_key = dh_public_key(), dh_public_key()
-    await joiner.send({"t": "JOIN", "data": {"code": code, "publicKey": joiner_key}})
+    joiner_key = await send_join(joiner, code)
+    creator_key = dh_public_key()
     req = await creator.expect("JOIN_REQUEST", sid=sid)
     data = req.frame["data"]
     assert data["publicKey"] == joiner_key, req
@@ -509,16 +538,8 @@ class RawSocket:
 
     async def upgrade(self, path: str = "/", extra: list[tuple[str, str]] = ()) -> tuple[int, dict[str, str]]:
         host, port = self.suite.host_port
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: {host}:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ] + [f"{k}: {v}" for k, v in extra]
-        await self.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        _, request = upgrade_request(f"{host}:{port}", path, headers=extra, encoding="latin-1")
+        await self.send_all(request)
         status, headers, _ = await self.read_head()
         return status, headers
 
@@ -542,6 +563,41 @@ class RawSocket:
 
 # ---------------------------------------------------------------------------
 # Expected bytes
+
+
+def upgrade_request(
+    host: str, path: str = "/", *, version: str = "1.1", headers: Iterable[tuple[str, str]] = (),
+    encoding: str = "utf-8",
+) -> tuple[str, bytes]:
+    """A WebSocket upgrade request (RFC 6455 4.1) for ``host`` ("host:port"), with a fresh
+    Sec-WebSocket-Key and ``headers`` added; returns (the key, the request's bytes)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/{version}",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
+    return key, ("\r\n".join(lines) + "\r\n\r\n").encode(encoding)
+
+
+async def read_http_head(stream: trio.abc.ReceiveStream, limit: int = 65536) -> tuple[bytes, bytes]:
+    """Read ``stream`` up to the blank line that ends an HTTP response head (RFC 9112 2.1);
+    returns (the head without its blank line, the bytes read after it). ConnectionError at EOF
+    before the blank line, or once more than ``limit`` bytes came without it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > limit:
+            raise ConnectionError(f"HTTP response head over {limit} bytes")
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ConnectionError("EOF during the HTTP response head")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
 
 
 def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -574,6 +630,20 @@ def frame_bytes(t: str, sid: str | None = None, data: str | None = None) -> byte
     if data is not None:
         text += ',"data":' + data
     return (text + "}\n").encode("utf-8")
+
+
+async def online_pair(cs: Clients) -> tuple[str, RawClient, RawClient]:
+    """Clients A and B REATTACHed to a fresh session, their PEER_ONLINEs read; returns (sid, a, b)."""
+    a, b = await cs.many("A", "B")
+    sid = new_sid()
+    await reattach_all(sid, a, b)
+    return sid, a, b
+
+
+async def expect_all(clients: Iterable[RawClient], expected: str | bytes) -> None:
+    """Each client in turn gets exactly ``expected`` next (PINGs aside)."""
+    for c in clients:
+        await c.expect_exact(expected)
 
 
 async def reattach_all(sid: str, *clients: RawClient, data: dict[str, Any] | None = None) -> None:

@@ -17,6 +17,9 @@ from parley.conformance.relay_suite.client import (
     frame_bytes,
     handshake,
     invite_params,
+    join_request,
+    joined_with_bystander,
+    send_join,
 )
 
 pytestmark = pytest.mark.trio
@@ -35,24 +38,27 @@ def _code_frame(suite, msg, sid):
 # -- CREATE_SESSION --------------------------------------------------------------------
 
 
+async def _session_created(suite, c) -> str:
+    """CREATE_SESSION from ``c``; the next frame must be exactly SESSION_CREATED; returns its SID."""
+    await c.send({"t": "CREATE_SESSION"})
+    msg = await c.recv()
+    m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
+    assert m, msg
+    return m.group(1)
+
+
 @pytest.mark.dialects("node")
 async def test_node_create_session_replies_session_created_only(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
+        await _session_created(suite, c)
         await c.assert_silent()
 
 
 @pytest.mark.dialects("compat")
 async def test_compat_create_session_replies_session_created_then_invite_code(suite):
     async with connect(suite) as c:
-        await c.send({"t": "CREATE_SESSION"})
-        msg = await c.recv()
-        m = re.fullmatch(r'\{"t":"SESSION_CREATED","sid":"(%s)"\}\n' % suite.sid_pattern.pattern, msg.text)
-        assert m, msg
-        _code_frame(suite, await c.recv(), m.group(1))
+        sid = await _session_created(suite, c)
+        _code_frame(suite, await c.recv(), sid)
         await c.assert_silent()
 
 
@@ -88,9 +94,7 @@ async def test_compat_invite_create_with_live_code_no_reply(suite):
 async def test_invite_create_after_code_consumed_mints_new_code(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
-        sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-        await a.expect("JOIN_REQUEST", sid=sid)
+        sid, code, _ = await join_request(suite, a, b)
         await a.send({"t": "INVITE_CREATE", "sid": sid, "data": invite_params()})
         new_code = _code_frame(suite, await a.recv(), sid)
         assert new_code != code
@@ -142,8 +146,7 @@ async def test_join_request_carries_client_id(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         data = msg.frame["data"]
         assert set(data) == {"publicKey", "clientID"}, msg
@@ -153,23 +156,17 @@ async def test_join_request_carries_client_id(suite):
 
 
 async def _accept_setup(suite, cs):
-    a, b, c = await cs.many("creator", "joiner", "bystander")
-    sid, code = await create_session(suite, a)
-    await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-    req = await a.expect("JOIN_REQUEST", sid=sid)
-    online = frame_bytes("PEER_ONLINE", sid)
-    await c.send({"t": "REATTACH", "sid": sid})
-    for x in (a, b, c, c):
-        await x.expect_exact(online)
-    return sid, a, b, c, req.frame["data"].get("clientID")
+    """joined_with_bystander(); returns (sid, a, b, c, JOIN_ACCEPT data as compact JSON naming
+    the joiner's clientID, with a fresh DH public key)."""
+    sid, a, b, c, req = await joined_with_bystander(suite, cs)
+    data = compact({"clientID": req.frame["data"].get("clientID"), "publicKey": dh_public_key()})
+    return sid, a, b, c, data
 
 
 @pytest.mark.dialects("node")
 async def test_node_join_accept_becomes_joined_to_named_joiner(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, client_id = await _accept_setup(suite, cs)
-        key = dh_public_key()
-        data = compact({"clientID": client_id, "publicKey": key})
+        sid, a, b, c, data = await _accept_setup(suite, cs)
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":%s}' % (sid, data.replace(",", " , ")))
         await b.expect_exact(frame_bytes("JOINED", sid, data))
         await assert_all_silent([a, b])
@@ -178,9 +175,7 @@ async def test_node_join_accept_becomes_joined_to_named_joiner(suite):
 @pytest.mark.dialects("compat")
 async def test_compat_join_accept_then_joined_to_named_joiner(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, client_id = await _accept_setup(suite, cs)
-        key = dh_public_key()
-        data = compact({"clientID": client_id, "publicKey": key})
+        sid, a, b, c, data = await _accept_setup(suite, cs)
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":%s}' % (sid, data))
         await b.expect_exact(frame_bytes("JOIN_ACCEPT", sid, data))
         await b.expect_exact(frame_bytes("JOINED", sid, data))
@@ -191,7 +186,7 @@ async def test_compat_join_accept_then_joined_to_named_joiner(suite):
 @pytest.mark.dialects("compat")
 async def test_compat_join_accept_without_client_id_joined_to_all_others(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _accept_setup(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         key = dh_public_key()
         data = compact({"publicKey": key})
         await a.send({"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": key}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -16,10 +17,14 @@ from parley.conformance.relay_suite.client import (
     connect,
     create_session,
     dh_public_key,
+    expect_all,
     frame_bytes,
     invite_params,
+    joined_with_bystander,
     new_sid,
+    online_pair,
     reattach_all,
+    send_join,
 )
 
 pytestmark = pytest.mark.trio
@@ -47,7 +52,7 @@ async def test_create_session_replies_invite_code(suite):
 
 async def test_join_unknown_code_replies_error_without_sid(suite):
     async with connect(suite) as c:
-        await c.send({"t": "JOIN", "data": {"code": "000000x", "publicKey": dh_public_key()}})
+        await send_join(c, "000000x")
         msg = await c.recv()
         bad_code(msg)
         if suite.impl == "legacy" or suite.dialect == "go":
@@ -65,8 +70,7 @@ async def test_join_request_goes_to_creator_only_joiner_gets_no_reply(suite):
         await c.send({"t": "REATTACH", "sid": sid})
         await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
         await c.expect_exact(frame_bytes("PEER_ONLINE", sid))
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         assert msg.frame["data"]["publicKey"] == key
         await assert_all_silent([a, b, c])
@@ -77,8 +81,7 @@ async def test_join_request_bytes(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        key = dh_public_key()
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        key = await send_join(b, code)
         await a.expect_exact(frame_bytes("JOIN_REQUEST", sid, '{"publicKey":"%s"}' % key))
 
 
@@ -86,7 +89,7 @@ async def test_join_request_public_key_html_escaped(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": "ab<c>&d\u2028"}})
+        await send_join(b, code, "ab<c>&d\u2028")
         msg = await a.expect("JOIN_REQUEST", sid=sid)
         assert b'"publicKey":"ab\\u003cc\\u003e\\u0026d\\u2028"' in msg.raw, msg
         if suite.dialect == "go":
@@ -98,7 +101,7 @@ async def test_join_quote_in_public_key_gives_creator_empty_message(suite):
     async with Clients(suite) as cs:
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": 'ab"cd'}})
+        await send_join(b, code, 'ab"cd')
         msg = await a.recv()
         assert msg.is_text and msg.raw == b"", f"expected an empty text message, got {msg!r}"
         await b.assert_silent()
@@ -115,9 +118,9 @@ async def test_join_consumes_code_when_creator_is_gone(suite):
         async with connect(suite, "creator") as a:
             sid, code = await create_session(suite, a)
         await trio.sleep(0.1)  # let the relay notice the creator left
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(b, code)
         await b.assert_silent()
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        await send_join(c, code)
         bad_code(await c.recv())
 
 
@@ -136,25 +139,10 @@ async def test_join_without_usable_code_is_unknown_code(suite, frame):
 # -- JOIN_ACCEPT / JOIN_DENY --------------------------------------------------------
 
 
-async def _joined(suite, cs):
-    """creator A, joiner B (JOIN_REQUEST consumed), bystander C REATTACHed."""
-    a, b, c = await cs.many("creator", "joiner", "bystander")
-    sid, code = await create_session(suite, a)
-    await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-    req = await a.expect("JOIN_REQUEST", sid=sid)
-    online = frame_bytes("PEER_ONLINE", sid)
-    await c.send({"t": "REATTACH", "sid": sid})
-    await a.expect_exact(online)
-    await b.expect_exact(online)
-    await c.expect_exact(online)
-    await c.expect_exact(online)
-    return sid, a, b, c, req
-
-
 @pytest.mark.dialects("go")
 async def test_join_accept_forwarded_verbatim_to_every_other_member(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         key = dh_public_key()
         await a.send('{"t":"JOIN_ACCEPT","sid":"%s","data":{ "publicKey" : "%s" , "x" : "<\\u00e9>" },"y":1}' % (sid, key))
         expected = frame_bytes("JOIN_ACCEPT", sid, '{"publicKey":"%s","x":"\\u003c\\u00e9\\u003e"}' % key)
@@ -166,22 +154,20 @@ async def test_join_accept_forwarded_verbatim_to_every_other_member(suite):
 @pytest.mark.legacy_only
 async def test_join_accept_sender_need_not_be_member(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         d = await cs.new("outsider")
         await d.send({"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "02"}})
         expected = frame_bytes("JOIN_ACCEPT", sid, '{"publicKey":"02"}')
-        for member in (a, b, c):
-            await member.expect_exact(expected)
+        await expect_all([a, b, c], expected)
         await d.assert_silent()
 
 
 @pytest.mark.legacy_only
 async def test_join_accept_without_data_forwarded_without_data(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_ACCEPT", "sid": sid})
-        await b.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
-        await c.expect_exact(frame_bytes("JOIN_ACCEPT", sid))
+        await expect_all([b, c], frame_bytes("JOIN_ACCEPT", sid))
 
 
 @pytest.mark.legacy_only
@@ -195,10 +181,9 @@ async def test_join_answer_for_unknown_session_ignored(suite, t):
 
 async def test_join_deny_tells_other_members_joiner_stays(suite):
     async with Clients(suite) as cs:
-        sid, a, b, c, _ = await _joined(suite, cs)
+        sid, a, b, c, _ = await joined_with_bystander(suite, cs)
         await a.send({"t": "JOIN_DENY", "sid": sid})
-        await b.expect_exact(frame_bytes("JOIN_DENIED", sid))
-        await c.expect_exact(frame_bytes("JOIN_DENIED", sid))
+        await expect_all([b, c], frame_bytes("JOIN_DENIED", sid))
         await a.assert_silent()
         # the joiner is still a member
         await a.send({"t": "MSG", "sid": sid, "data": {"p": "after deny"}})
@@ -283,9 +268,7 @@ async def test_msg_alone_delivered_failed(suite):
 @pytest.mark.legacy_only
 async def test_delivered_carries_no_msgid(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await a.send({"t": "MSG", "sid": sid, "data": {"msgID": "0badc0de", "payload": "00"}})
         await b.expect("MSG", sid=sid)
         await a.expect_exact(frame_bytes("DELIVERED", sid))
@@ -379,14 +362,21 @@ async def test_member_that_left_is_not_counted(suite):
 # -- a receiver that stops reading ------------------------------------------------------
 
 
-async def _stall(suite, a, sid):
-    """A raw connection joins ``sid`` and never reads; returns it."""
+@asynccontextmanager
+async def _stalled(suite, a):
+    """``a`` REATTACHes to a new SID that a raw connection joins and never reads; yields the SID
+    (the raw connection is closed after the block)."""
+    sid = new_sid()
+    await a.send({"t": "REATTACH", "sid": sid})
     raw = await RawSocket.open(suite, rcvbuf=4096)
-    status, _ = await raw.upgrade()
-    assert status == 101
-    await raw.send_ws(json.dumps({"t": "REATTACH", "sid": sid}).encode())
-    await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
-    return raw
+    try:
+        status, _ = await raw.upgrade()
+        assert status == 101
+        await raw.send_ws(json.dumps({"t": "REATTACH", "sid": sid}).encode())
+        await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
+        yield sid
+    finally:
+        raw.close()
 
 
 _STALL_DATA = '{"p":"%s"}' % ("5a" * 32768)  # 64 KiB per frame
@@ -395,46 +385,34 @@ _STALL_DATA = '{"p":"%s"}' % ("5a" * 32768)  # 64 KiB per frame
 @pytest.mark.legacy_only
 async def test_stalled_receiver_delays_sender_up_to_write_deadline(suite):
     """Writes have a 2 s deadline and hold the session: the sender waits, then gets DELIVERED_FAILED."""
-    async with connect(suite, "A") as a:
-        sid = new_sid()
-        await a.send({"t": "REATTACH", "sid": sid})
-        raw = await _stall(suite, a, sid)
-        try:
-            slow = None
-            for i in range(300):  # up to ~19 MiB; loopback buffers fill long before
-                start = trio.current_time()
-                await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
-                reply = await a.recv(timeout=suite.timeout + 3.0)
-                took = trio.current_time() - start
-                assert reply.t in ("DELIVERED", "DELIVERED_FAILED"), reply
-                assert took < 5.0, f"reply {i} took {took:.2f}s; a write should give up after 2 s"
-                if took >= 1.5:
-                    slow = (i, took, reply.t)
-                    break
-            assert slow is not None, "the stalled receiver never delayed the sender"
-            assert slow[2] == "DELIVERED_FAILED", f"the timed-out write was reported as {slow[2]}"
-            # the receiver's connection is now broken: later frames fail at once
+    async with connect(suite, "A") as a, _stalled(suite, a) as sid:
+        slow = None
+        for i in range(300):  # up to ~19 MiB; loopback buffers fill long before
             start = trio.current_time()
-            await a.send({"t": "MSG", "sid": sid, "data": 1})
-            await a.expect_exact(frame_bytes("DELIVERED_FAILED", sid), timeout=3.0)
-            assert trio.current_time() - start < 1.0
-        finally:
-            raw.close()
+            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
+            reply = await a.recv(timeout=suite.timeout + 3.0)
+            took = trio.current_time() - start
+            assert reply.t in ("DELIVERED", "DELIVERED_FAILED"), reply
+            assert took < 5.0, f"reply {i} took {took:.2f}s; a write should give up after 2 s"
+            if took >= 1.5:
+                slow = (i, took, reply.t)
+                break
+        assert slow is not None, "the stalled receiver never delayed the sender"
+        assert slow[2] == "DELIVERED_FAILED", f"the timed-out write was reported as {slow[2]}"
+        # the receiver's connection is now broken: later frames fail at once
+        start = trio.current_time()
+        await a.send({"t": "MSG", "sid": sid, "data": 1})
+        await a.expect_exact(frame_bytes("DELIVERED_FAILED", sid), timeout=3.0)
+        assert trio.current_time() - start < 1.0
 
 
 @pytest.mark.parley_only
 async def test_stalled_receiver_does_not_delay_sender(suite):
-    async with connect(suite, "A") as a:
-        sid = new_sid()
-        await a.send({"t": "REATTACH", "sid": sid})
-        raw = await _stall(suite, a, sid)
-        try:
-            for i in range(100):
-                start = trio.current_time()
-                await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
-                reply = await a.recv(timeout=3.0)
-                took = trio.current_time() - start
-                assert reply.t in ("DELIVERED", "QUEUED", "DELIVERED_FAILED", "PEER_OFFLINE"), reply
-                assert took < 1.0, f"reply {i} took {took:.2f}s: a stalled receiver delayed its sender"
-        finally:
-            raw.close()
+    async with connect(suite, "A") as a, _stalled(suite, a) as sid:
+        for i in range(100):
+            start = trio.current_time()
+            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, _STALL_DATA))
+            reply = await a.recv(timeout=3.0)
+            took = trio.current_time() - start
+            assert reply.t in ("DELIVERED", "QUEUED", "DELIVERED_FAILED", "PEER_OFFLINE"), reply
+            assert took < 1.0, f"reply {i} took {took:.2f}s: a stalled receiver delayed its sender"

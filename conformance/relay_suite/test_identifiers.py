@@ -6,7 +6,14 @@ import time
 
 import pytest
 
-from parley.conformance.relay_suite.client import Clients, bad_code, connect, create_session, dh_public_key
+from parley.conformance.relay_suite.client import (
+    Clients,
+    bad_code,
+    connect,
+    create_session,
+    join_request,
+    send_join,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -34,9 +41,7 @@ async def test_invite_code_shape(suite):
 async def test_invite_code_single_use(suite):
     async with Clients(suite) as cs:
         a, b, c = await cs.many("creator", "joiner", "late")
-        sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-        await a.expect("JOIN_REQUEST", sid=sid)
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        sid, code, _ = await join_request(suite, a, b)
+        await send_join(c, code)
         bad_code(await c.recv())
         await a.assert_silent()

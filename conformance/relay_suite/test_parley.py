@@ -8,6 +8,7 @@ the parley relay existed.
 from __future__ import annotations
 
 import secrets
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -19,10 +20,11 @@ from parley.conformance.relay_suite.client import (
     bad_code,
     connect,
     create_session,
-    dh_public_key,
     frame_bytes,
+    join_request,
     new_sid,
-    reattach_all,
+    online_pair,
+    send_join,
 )
 
 pytestmark = [pytest.mark.trio, pytest.mark.parley_only]
@@ -126,10 +128,8 @@ async def test_frame_over_limit_gets_too_large(suite):
 async def test_consumed_code_error(suite):
     async with Clients(suite) as cs:
         a, b, c = await cs.many("creator", "joiner", "late")
-        sid, code = await create_session(suite, a)
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
-        await a.expect("JOIN_REQUEST", sid=sid)
-        await c.send({"t": "JOIN", "data": {"code": code, "publicKey": dh_public_key()}})
+        sid, code, _ = await join_request(suite, a, b)
+        await send_join(c, code)
         msg = await c.recv()
         bad_code(msg)
         if suite.dialect == "go":
@@ -151,7 +151,7 @@ async def test_join_request_public_key_always_valid_json(suite):
         a, b = await cs.many("creator", "joiner")
         sid, code = await create_session(suite, a)
         key = 'ab"c\\d'
-        await b.send({"t": "JOIN", "data": {"code": code, "publicKey": key}})
+        await send_join(b, code, key)
         with trio.move_on_after(suite.timeout):
             async with trio.open_nursery() as nursery:
 
@@ -175,9 +175,7 @@ async def test_join_request_public_key_always_valid_json(suite):
 
 async def test_delivered_carries_msgid(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await a.send({"t": "MSG", "sid": sid, "data": {"payload": "00", "msgID": "0badc0de"}})
         await b.expect_exact(frame_bytes("MSG", sid, '{"payload":"00","msgID":"0badc0de"}'))
         await a.expect_exact(frame_bytes("DELIVERED", sid, '{"msgID":"0badc0de"}'))
@@ -222,54 +220,55 @@ async def test_stored_frames_not_returned_to_their_side(suite):
 
 async def test_received_forwarded_to_other_members(suite):
     async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid()
-        await reattach_all(sid, a, b)
+        sid, a, b = await online_pair(cs)
         await b.send({"t": "RECEIVED", "sid": sid, "data": {"msgID": "00000001"}})
         await a.expect_exact(frame_bytes("RECEIVED", sid, '{"msgID":"00000001"}'))
         await b.assert_silent()
 
 
+async def _reattach_as(sid: str, side: str, *others):
+    """REATTACH declaring `side` (the last of `others` sends it); every one of them gets PEER_ONLINE."""
+    await others[-1].send({"t": "REATTACH", "sid": sid, "data": {"side": side}})
+    for c in others:
+        await c.expect_exact(frame_bytes("PEER_ONLINE", sid))
+
+
+@asynccontextmanager
+async def _msg_to_side(suite, cs, data: str):
+    """A creates a session with a side; B REATTACHes with its own side and gets A's MSG carrying
+    `data`; yields (a, b, sid, B's side) while B is connected."""
+    a = await cs.new("A")
+    sid, _ = await create_session(suite, a, {"side": _side()})
+    side_b = _side()
+    async with connect(suite, "B") as b:
+        await _reattach_as(sid, side_b, a, b)
+        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
+        await b.expect_exact(frame_bytes("MSG", sid, data))
+        yield a, b, sid, side_b
+
+
 async def test_unacknowledged_frames_redelivered_to_side(suite):
+    data = '{"payload":"0a","msgID":"0000000a"}'
     async with Clients(suite) as cs:
-        a = await cs.new("A")
-        sid, _ = await create_session(suite, a, {"side": _side()})
-        side_b = _side()
-        data = '{"payload":"0a","msgID":"0000000a"}'
-        async with connect(suite, "B") as b:
-            await b.send({"t": "REATTACH", "sid": sid, "data": {"side": side_b}})
-            await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
-            await b.expect_exact(frame_bytes("PEER_ONLINE", sid))
-            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-            await b.expect_exact(frame_bytes("MSG", sid, data))
+        async with _msg_to_side(suite, cs, data) as (a, b, sid, side_b):
             await a.expect("DELIVERED", sid=sid)
             # no RECEIVED: B "dies"
         await a.expect_exact(frame_bytes("PEER_OFFLINE", sid))
         b2 = await cs.new("B again")
-        await b2.send({"t": "REATTACH", "sid": sid, "data": {"side": side_b}})
-        await b2.expect_exact(frame_bytes("PEER_ONLINE", sid))
+        await _reattach_as(sid, side_b, b2)
         await b2.expect_exact(frame_bytes("MSG", sid, data))
 
 
 async def test_acknowledged_frames_not_redelivered(suite):
+    data = '{"payload":"0b","msgID":"0000000b"}'
     async with Clients(suite) as cs:
-        a = await cs.new("A")
-        sid, _ = await create_session(suite, a, {"side": _side()})
-        side_b = _side()
-        data = '{"payload":"0b","msgID":"0000000b"}'
-        async with connect(suite, "B") as b:
-            await b.send({"t": "REATTACH", "sid": sid, "data": {"side": side_b}})
-            await a.expect_exact(frame_bytes("PEER_ONLINE", sid))
-            await b.expect_exact(frame_bytes("PEER_ONLINE", sid))
-            await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-            await b.expect_exact(frame_bytes("MSG", sid, data))
+        async with _msg_to_side(suite, cs, data) as (a, b, sid, side_b):
             await b.send({"t": "RECEIVED", "sid": sid, "data": {"msgID": "0000000b"}})
             await a.expect("DELIVERED", sid=sid)
             await a.expect_exact(frame_bytes("RECEIVED", sid, '{"msgID":"0000000b"}'))
         await a.expect_exact(frame_bytes("PEER_OFFLINE", sid))
         b2 = await cs.new("B again")
-        await b2.send({"t": "REATTACH", "sid": sid, "data": {"side": side_b}})
-        await b2.expect_exact(frame_bytes("PEER_ONLINE", sid))
+        await _reattach_as(sid, side_b, b2)
         await b2.assert_silent()
 
 

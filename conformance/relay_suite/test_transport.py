@@ -8,20 +8,28 @@ from parley.conformance.relay_suite.client import (
     Clients,
     RawSocket,
     connect,
+    expect_all,
     frame_bytes,
     new_sid,
-    reattach_all,
+    online_pair,
 )
 
 pytestmark = pytest.mark.trio
 
 
-async def _pair(suite, cs):
-    """Two connections REATTACHed to a fresh session."""
-    a, b = await cs.many("A", "B")
-    sid = new_sid()
-    await reattach_all(sid, a, b)
-    return sid, a, b
+def _msg(data: str):
+    """The MSG text for a SID, carrying `data` (raw JSON text) as it is."""
+    return lambda sid: '{"t":"MSG","sid":"%s","data":%s}' % (sid, data)
+
+
+async def _relayed(suite, frame, data: str | None, timeout: float | None = None) -> None:
+    """On a fresh pair A sends `frame` (a text with %s for the SID, or a function of the SID):
+    B gets exactly MSG with `data`, A gets DELIVERED."""
+    async with Clients(suite) as cs:
+        sid, a, b = await online_pair(cs)
+        await a.send(frame(sid) if callable(frame) else frame % sid)
+        await b.expect_exact(frame_bytes("MSG", sid, data), timeout=timeout)
+        await a.expect_exact(frame_bytes("DELIVERED", sid), timeout=timeout)
 
 
 # -- HTTP and handshake ---------------------------------------------------------
@@ -93,24 +101,16 @@ async def test_binary_message_accepted_answer_is_text(suite):
 
 
 async def test_envelope_rebuilt_key_order_newline_extra_keys_dropped(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"data":{"n":1},"x":true,"sid":"%s","t":"MSG","z":[1,2]}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"n":1}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"data":{"n":1},"x":true,"sid":"%s","t":"MSG","z":[1,2]}', '{"n":1}')
 
 
 async def test_data_left_out_when_absent(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send({"t": "MSG", "sid": sid})
-        await b.expect_exact(frame_bytes("MSG", sid))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, lambda sid: {"t": "MSG", "sid": sid}, None)
 
 
 async def test_forwarded_data_html_and_line_separator_escaped(suite):
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
+        sid, a, b = await online_pair(cs)
         data = '{"<k>":"<b>&amp;\u2028x\u2029y"}'
         await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
         expected = '{"\\u003ck\\u003e":"\\u003cb\\u003e\\u0026amp;\\u2028x\\u2029y"}'
@@ -119,7 +119,7 @@ async def test_forwarded_data_html_and_line_separator_escaped(suite):
 
 async def test_forwarded_data_compacted_not_reencoded(suite):
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
+        sid, a, b = await online_pair(cs)
         data = (
             '{ "z" : "\\u00e9\\/\u00e9 \\"q\\" \\\\ \\t" ,\n'
             '\t"a" : [ 1 , 2.50 , -0.0e+1 , 1E3 , true , false , null ] ,\r\n'
@@ -149,67 +149,52 @@ async def test_forwarded_data_compacted_not_reencoded(suite):
     ids=["null", "string", "empty-string", "number", "zero", "array", "true", "empty-object"],
 )
 async def test_forwarded_data_any_json_value(suite, sent, forwarded):
+    await _relayed(suite, _msg(sent), forwarded)
+
+
+async def _both_online(suite, first, second, expected: bytes) -> None:
+    """Client A sends the REATTACH ``first``, then B ``second`` (one session, each spelled its
+    own way): each gets exactly ``expected``, its PEER_ONLINE, A first."""
     async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, sent))
-        await b.expect_exact(frame_bytes("MSG", sid, forwarded))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+        a, b = await cs.many("A", "B")
+        await a.send(first)
+        await b.send(second)
+        await expect_all([a, b], expected)
 
 
 async def test_string_fields_escaped(suite):
     """<, >, & and U+2028/9 in a string field are escaped; other non-ASCII stays raw UTF-8."""
-    async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid = new_sid() + "<1>&\u2028\u2029\u00e9\u4e2d"
-        await a.send({"t": "REATTACH", "sid": sid})
-        await b.send({"t": "REATTACH", "sid": sid})
-        escaped = sid[: sid.index("<")] + "\\u003c1\\u003e\\u0026\\u2028\\u2029\u00e9\u4e2d"
-        expected = ('{"t":"PEER_ONLINE","sid":"%s"}\n' % escaped).encode()
-        await a.expect_exact(expected)
-        await b.expect_exact(expected)
+    sid = new_sid() + "<1>&\u2028\u2029\u00e9\u4e2d"
+    escaped = sid[: sid.index("<")] + "\\u003c1\\u003e\\u0026\\u2028\\u2029\u00e9\u4e2d"
+    expected = ('{"t":"PEER_ONLINE","sid":"%s"}\n' % escaped).encode()
+    reattach = {"t": "REATTACH", "sid": sid}
+    await _both_online(suite, reattach, reattach, expected)
 
 
 @pytest.mark.legacy_only
 async def test_string_fields_control_characters(suite):
-    async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        sid_json = '"c\\t\\n\\r\\u0001\\u001f\\u007f\\"\\\\/"'
-        await a.send('{"t":"REATTACH","sid":%s}' % sid_json)
-        await b.send('{"t":"REATTACH","sid":%s}' % sid_json)
-        expected = b'{"t":"PEER_ONLINE","sid":"c\\t\\n\\r\\u0001\\u001f\x7f\\"\\\\/"}\n'
-        await a.expect_exact(expected)
-        await b.expect_exact(expected)
+    sid_json = '"c\\t\\n\\r\\u0001\\u001f\\u007f\\"\\\\/"'
+    reattach = '{"t":"REATTACH","sid":%s}' % sid_json
+    expected = b'{"t":"PEER_ONLINE","sid":"c\\t\\n\\r\\u0001\\u001f\x7f\\"\\\\/"}\n'
+    await _both_online(suite, reattach, reattach, expected)
 
 
 @pytest.mark.legacy_only
 async def test_invalid_utf8_in_string_field_becomes_replacement_character(suite):
-    async with Clients(suite) as cs:
-        a, b = await cs.many("A", "B")
-        await b.send({"t": "REATTACH", "sid": "u\ufffdv"})
-        await a.send(b'{"t":"REATTACH","sid":"u\xffv"}')
-        expected = '{"t":"PEER_ONLINE","sid":"u\ufffdv"}\n'.encode()
-        await b.expect_exact(expected)
-        await a.expect_exact(expected)
+    expected = '{"t":"PEER_ONLINE","sid":"u\ufffdv"}\n'.encode()
+    await _both_online(suite, {"t": "REATTACH", "sid": "u\ufffdv"}, b'{"t":"REATTACH","sid":"u\xffv"}', expected)
 
 
 async def test_large_message_forwarded_whole(suite):
     """Messages over 4 KB may be fragmented; only the reassembled message counts."""
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        data = '{"p":"%s"}' % ("0123456789abcdef" * 4096)  # 64 KiB
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-        await b.expect_exact(frame_bytes("MSG", sid, data))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    data = '{"p":"%s"}' % ("0123456789abcdef" * 4096)  # 64 KiB
+    await _relayed(suite, _msg(data), data)
 
 
 @pytest.mark.legacy_only
 async def test_no_message_size_limit(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        data = '{"p":"%s"}' % ("f" * (3 * 1024 * 1024))  # 3 MiB, over parley's 1 MiB default
-        await a.send('{"t":"MSG","sid":"%s","data":%s}' % (sid, data))
-        await b.expect_exact(frame_bytes("MSG", sid, data), timeout=suite.timeout * 3)
-        await a.expect_exact(frame_bytes("DELIVERED", sid), timeout=suite.timeout * 3)
+    data = '{"p":"%s"}' % ("f" * (3 * 1024 * 1024))  # 3 MiB, over parley's 1 MiB default
+    await _relayed(suite, _msg(data), data, timeout=suite.timeout * 3)
 
 
 # -- closing --------------------------------------------------------------------------
@@ -227,29 +212,17 @@ async def test_close_frame_answered_with_same_code_empty_reason(suite):
 
 @pytest.mark.legacy_only
 async def test_keys_match_case_insensitively(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"T":"MSG","SiD":"%s","DATA":{"k":1}}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"k":1}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"T":"MSG","SiD":"%s","DATA":{"k":1}}', '{"k":1}')
 
 
 @pytest.mark.legacy_only
 async def test_duplicate_keys_last_wins(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"PONG","sid":"other","data":1,"t":"MSG","sid":"%s","data":{"k":2}}' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, '{"k":2}'))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"t":"PONG","sid":"other","data":1,"t":"MSG","sid":"%s","data":{"k":2}}', '{"k":2}')
 
 
 @pytest.mark.legacy_only
 async def test_bytes_after_first_value_ignored(suite):
-    async with Clients(suite) as cs:
-        sid, a, b = await _pair(suite, cs)
-        await a.send('{"t":"MSG","sid":"%s","data":1} trailing ]] not json {' % sid)
-        await b.expect_exact(frame_bytes("MSG", sid, "1"))
-        await a.expect_exact(frame_bytes("DELIVERED", sid))
+    await _relayed(suite, '{"t":"MSG","sid":"%s","data":1} trailing ]] not json {', "1")
 
 
 @pytest.mark.legacy_only

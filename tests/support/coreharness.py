@@ -219,6 +219,26 @@ class Harness:
         return [a.op for a in self.last if isinstance(a, Persist)]
 
 
+def decoded(texts: list[str]) -> list[dict]:
+    """The frames of a connection's sends, decoded; each text is one frame and one newline."""
+    for text in texts:
+        assert text.endswith("\n") and text.count("\n") == 1
+    return [json.loads(t) for t in texts]
+
+
+def create_session(h: Harness, conn: ConnId = 1, side: str | None = None) -> tuple[str, str]:
+    """CREATE_SESSION from `conn` (declaring `side` if given); returns (sid, code) whatever the dialect."""
+    frame: dict = {"t": "CREATE_SESSION"}
+    if side:
+        frame["data"] = {"side": side}
+    out = decoded(h.send(conn, frame)[conn])
+    sid = out[0]["sid"]
+    codes = [f["data"]["code"] for f in out if f["t"] == "INVITE_CODE"]
+    if not codes:  # node dialect: the code comes from INVITE_CREATE
+        codes = [decoded(h.send(conn, {"t": "INVITE_CREATE", "sid": sid})[conn])[0]["data"]["code"]]
+    return sid, codes[0]
+
+
 def check_quota_accounting(core: RelayCore) -> None:
     """Assert the core's quota counters equal a recount of what it holds.
 
