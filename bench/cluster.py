@@ -345,13 +345,21 @@ def run_mode(mode: str, redis: RedisServer | None, args: argparse.Namespace, cpu
         pids = {f"node{i}": r.pid for i, r in enumerate(relays)}
         if redis is not None:
             pids["redis"] = redis.pid
-        result = trio.run(functools.partial(
-            run_load, url_a, url_b, args.pairs, args.window, duration=args.duration, pids=pids))
-        result["latency"] = trio.run(functools.partial(
-            run_load, url_a, url_b, 1, 1, duration=0, pids=None, latency_msgs=args.latency_msgs))["latency"]
-        for r in relays:
-            if not r.alive():
-                raise RuntimeError(f"a relay died during the {mode} run; log:\n{r.log_text()[-2000:]}")
+        def check(phase: str) -> None:
+            for r in relays:
+                if not r.alive():
+                    raise RuntimeError(f"a relay died during the {mode} {phase}; its log:\n{r.log_text()[-3000:]}")
+
+        try:
+            result = trio.run(functools.partial(
+                run_load, url_a, url_b, args.pairs, args.window, duration=args.duration, pids=pids))
+            check("load")
+            result["latency"] = trio.run(functools.partial(
+                run_load, url_a, url_b, 1, 1, duration=0, pids=None, latency_msgs=args.latency_msgs))["latency"]
+            check("latency run")
+        except OSError as exc:
+            check(f"run ({exc})")
+            raise
         return result
     finally:
         for r in relays:
@@ -450,7 +458,9 @@ def projection(costs: dict[str, float], args: argparse.Namespace) -> list[str]:
             cap = 1e6 / (redis_cross * scale) / frac
         scaled = min(scaled_relay, cap)
         cap_text = f"{cap:,.0f}" if cap != float("inf") else "-"
-        out.append(f"| {label} | {workers} | {frac:.2f} | {min(measured, cap / scale if cap != float('inf') else measured):,.0f} | "
+        # Unscaled, the Redis cap is cap * scale (the measured Redis µs, not the scaled ones).
+        measured_capped = min(measured, cap * scale)
+        out.append(f"| {label} | {workers} | {frac:.2f} | {measured_capped:,.0f} | "
                    f"{scaled:,.0f} | {cap_text} | {go * go_cores:,.0f} |")
     return out
 
@@ -495,6 +505,10 @@ def main() -> int:
             r = results[mode]
             print(f"[cluster] {mode}: {r['msgs']:,} msgs, cpu {json.dumps({k: round(v, 3) for k, v in r['cpu'].items()})}",
                   flush=True)
+    load = os.getloadavg()
+    notes.append(f"load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
+                 f"{os.cpu_count()} cores (other work on the machine inflates CPU per message: a relay "
+                 "that is not saturated batches less)")
     text = report(results, args, notes)
     print(text)
     if args.out is not None:

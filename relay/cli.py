@@ -430,24 +430,20 @@ _QUOTA_FIELDS = {
 @_env_option("--idle-frame-rate", "PER_SECOND", click.FloatRange(0.01), 10.0,
              "Frames per second that do nothing (ping, pong, empty) one connection may send.")
 @_env_option("--idle-frame-burst", "N", click.IntRange(1), 100, "... of which this many at once; past it: close 1008.")
-# Workers: N processes sharing the port (README "Relay cluster: workers and durability")
-@_option("--workers", envvar="PARLEY_RELAY_WORKERS", metavar="N", type=click.IntRange(1, 1024),
-              default=1, show_default=True, show_envvar=True,
-              help="Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
-                   "restarted when they die; more than 1 needs --backplane.")
+# Workers: N processes sharing the port (README "Relay cluster: workers and backplane durability")
+@_env_option("--workers", "N", click.IntRange(1, 1024), 1,
+             "Relay processes on this host sharing the port (SO_REUSEPORT), supervised and "
+             "restarted when they die; more than 1 needs --backplane.")
 @_option("--reuse-port", envvar="PARLEY_RELAY_REUSE_PORT", is_flag=True, default=False, show_envvar=True,
-              help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
-                   "same port (what --workers gives each worker).")
-@_option("--worker-drain-timeout", envvar="PARLEY_RELAY_WORKER_DRAIN_TIMEOUT", metavar="SECONDS",
-              type=click.FloatRange(0.1, 3600), default=15.0, show_default=True, show_envvar=True,
-              help="After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
-@_option("--worker-restart-max", envvar="PARLEY_RELAY_WORKER_RESTART_MAX", metavar="SECONDS",
-              type=click.FloatRange(0.5, 3600), default=30.0, show_default=True, show_envvar=True,
-              help="Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
-                   "0.5 s after a minute up).")
-@_option("--worker-start-timeout", envvar="PARLEY_RELAY_WORKER_START_TIMEOUT", metavar="SECONDS",
-              type=click.FloatRange(1, 3600), default=60.0, show_default=True, show_envvar=True,
-              help="How long a worker may take to listen (store check, backplane) before it is killed.")
+         help="Listen with SO_REUSEPORT, so other relay processes of this user may listen on the "
+              "same port (what --workers gives each worker).")
+@_env_option("--worker-drain-timeout", "SECONDS", click.FloatRange(0.1, 3600), 15.0,
+             "After SIGTERM, how long workers have to close their connections and flush before SIGKILL.")
+@_env_option("--worker-restart-max", "SECONDS", click.FloatRange(0.5, 3600), 30.0,
+             "Longest wait before restarting a worker that died (from 0.5 s, doubling; back to "
+             "0.5 s after a minute up).")
+@_env_option("--worker-start-timeout", "SECONDS", click.FloatRange(1, 3600), 60.0,
+             "How long a worker may take to listen (store check, backplane) before it is killed.")
 def relay(
     host: str,
     port: int,

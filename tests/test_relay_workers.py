@@ -1,10 +1,11 @@
 """`parley relay --workers N` (relay/workers.py): SO_REUSEPORT listeners, the supervisor's
 restarts and its drain, with real processes on 127.0.0.1.
 
-The supervisor runs here through a small driver (`python -c`, below) whose workers are plain
-`parley relay --reuse-port` processes with an in-memory store: the supervisor and the port
-sharing are exactly what `--workers` runs, only the CLI's "more than one worker needs
---backplane" guard (tested on its own) is not in the way.
+Most supervisor tests run it through a small driver (`python -c`, below) whose workers are plain
+`parley relay --reuse-port` processes with an in-memory store (quick to start, no Redis): the
+supervisor and the port sharing are exactly what `--workers` runs. The last test runs the real
+command, `parley relay --workers 2 --backplane URL`, on a Redis fixture: sessions across workers,
+a killed worker restarted, SIGTERM draining all.
 """
 
 from __future__ import annotations
@@ -259,3 +260,72 @@ def test_worker_options_repeat_the_command_line_only():
         assert again.params[name] == ctx.params[name], name
     assert "--workers" not in args and "--metrics-port" not in args and "--code-ttl" not in args
     assert again.params["code_ttl"] == 30.0  # from the environment the worker inherits
+
+
+async def _pairs_talk(url: str, pairs: int) -> None:
+    """`pairs` invite/join/accept handshakes on one URL, then a MSG each way: the kernel deals
+    each connection to a worker, so some pairs span two workers and go through the backplane."""
+    from parley.conformance.relay_suite.client import Suite, connect, handshake
+
+    suite = Suite(url=url, dialect="compat", impl="parley", timeout=10.0)
+    for _ in range(pairs):
+        async with connect(suite, "A") as a, connect(suite, "B") as b:
+            hs = await handshake(suite, a, b)
+            for sender, receiver, msg_id in ((a, b, "0000000a"), (b, a, "0000000b")):
+                await sender.send({"t": "MSG", "sid": hs.sid, "data": {"payload": "ab" * 16, "msgID": msg_id}})
+                got = await receiver.recv(what="MSG")
+                while got.t != "MSG":  # the compat relay acknowledges (DELIVERED) a frame it delivered
+                    got = await receiver.recv(what="MSG")
+                assert got.frame["sid"] == hs.sid and got.frame["data"]["msgID"] == msg_id
+
+
+async def test_workers_on_a_backplane_share_sessions_restart_and_drain(redis_server, tmp_path):
+    """The real command: `parley relay --workers 2 --backplane URL`. Pairs spread over both
+    workers by the kernel talk; a killed worker comes back; SIGTERM ends all, no orphans."""
+    log = open(tmp_path / "relay.log", "w+b")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parley.relay", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
+         "--backplane", redis_server.url, "--worker-restart-max", "1", "--ping-interval", "1"],
+        stdout=subprocess.PIPE, stderr=log, env=_env(), start_new_session=True,
+    )
+    seen: set[int] = set()
+
+    def workers() -> set[int]:
+        pids = children(proc.pid)
+        seen.update(pids)
+        return pids
+
+    try:
+        line = read_line(proc, 90)
+        assert line.startswith("parley relay listening on ws://127.0.0.1:") and "(2 workers" in line, line
+        url = line.split()[4]
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        wait_for(lambda: len(workers()) == 2, 10, "2 workers")
+        await _pairs_talk(url, 8)  # all 8 on one worker: probability 2 / 2**16
+
+        first = workers()
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(workers()) == 2 and victim not in workers(), 30, "the killed worker replaced")
+        wait_for(lambda: upgrade(port) == 101, 10, "the port answers")
+        await _pairs_talk(url, 4)
+
+        every = workers() | {victim}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: not any(alive(pid) for pid in every), 5, "no worker left")
+    finally:
+        for pid in seen | children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace")
+        log.close()
+    assert "worker 0" in text or "worker 1" in text
+    assert "exited with signal SIGKILL" in text, text[-3000:]
