@@ -61,6 +61,8 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
 
 __all__ = [
@@ -116,16 +118,10 @@ def split_code(text: str) -> tuple[str, str | None]:
 
 
 def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF with SHA-256 (RFC 5869): Extract (2.2), then Expand (2.3) to `length` bytes (<= 8160)."""
+    """HKDF with SHA-256 (RFC 5869: Extract, then Expand) to `length` bytes (1..8160), from `cryptography`."""
     if not 0 < length <= 255 * 32:
         raise ValueError("HKDF-SHA256 output is 1..8160 bytes")
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
-    out, block, counter = b"", b"", 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
-        out += block
-        counter += 1
-    return out[:length]
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
 def confirmation_keys(spake2_key: bytes) -> tuple[bytes, bytes]:
