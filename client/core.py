@@ -86,7 +86,7 @@ from .events import Action, Close, PairingNote, PairingShown, PeerPresence, Rela
 from .handshake import Handshake
 from .pairing import new_secret
 from .pairlink import PAIR_TIMEOUT, PairingLink
-from .safetext import safe_text, short_sid
+from .safetext import short_sid
 from .verify import verification_string
 
 __all__ = ["ClientCore", "Mode", "Phase", "short_sid"]

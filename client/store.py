@@ -58,7 +58,7 @@ from .errors import (
 from .labels import label_of, sessions_labelled
 from .safetext import short_sid
 
-__all__ = ["StateStore", "SessionInfo", "merge_entry"]
+__all__ = ["StateStore", "merge_entry"]
 
 _LOCK_SPACE = 1 << 40  # byte offsets for the per-session owner locks
 _LISTS = ("sent", "seen")
@@ -354,24 +354,3 @@ def _copy(entry: dict[str, Any]) -> dict[str, Any]:
     """A copy whose lists are private (their items are never changed in place)."""
     return {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
 
-
-class SessionInfo:
-    """What `parley sessions` reports for one entry."""
-
-    @staticmethod
-    def of(sid: str, entry: dict[str, Any]) -> dict[str, Any]:
-        pending = entry.get("pending")
-        outbox = entry.get("outbox")
-        online = entry.get("peerOnline")
-        role = entry.get("role")
-        return {
-            "sid": sid,
-            "short": short_sid(sid),
-            "key": isinstance(entry.get("key"), str),
-            "role": role if isinstance(role, str) else None,
-            "peerOnline": online if isinstance(online, bool) else None,
-            # how it was verified: "pake" (pairing) or "compared" (the string, /verify); None: not yet
-            "verified": entry.get("verified") if entry.get("verified") in ("pake", "compared") else None,
-            "pending": (len(pending) if isinstance(pending, list) else 0)
-            + (len(outbox) if isinstance(outbox, list) else 0),
-        }
