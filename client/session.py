@@ -7,18 +7,16 @@ when the core closes the session (a failed handshake), or on Ctrl-C.
 
 Input is `terminal.StdinLines` (line mode), or on a terminal
 `editor.LineEditor` (see there; `PARLEY_EDITOR=off` keeps line mode). With the
-editor, Ctrl-C is a key: it reaches `_interrupt` as SIGINT does in line mode,
-and peer presence is shown once it has held for `PRESENCE_SETTLE` seconds
-(`PARLEY_PRESENCE_SETTLE`):
-a peer that comes and goes within that (a one-shot `parley send`) shows no
-`online`/`offline` pair, and only a change from what was last shown is shown.
+editor, Ctrl-C is a key: it reaches `_interrupt` as SIGINT does in line mode.
+Peer presence is settled by the core in both modes (`ClientCore._presence_shown`):
+a peer that comes and goes quickly (a one-shot `parley send`) shows no
+`online`/`offline` pair.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -28,7 +26,7 @@ import trio
 
 from .errors import ClientError, Interrupted, handshake_error
 from .editor import INTERRUPT, LineEditor, editor_wanted
-from .events import HandshakeFailed, PeerPresence
+from .events import HandshakeFailed
 from parley.state import load_state
 
 from .runner import COMMIT_BATCH, Runner
@@ -47,20 +45,7 @@ log = logging.getLogger("parley.client.session")
 CLOSE_GRACE = 3.0
 DRAIN_TIMEOUT = 2.0
 CANCEL_TIMEOUT = 1.0  # how long giving up may wait to get LEAVE/JOIN_DENY onto the wire
-# A one-shot `parley send` is online for well under a second on a working link;
-# a change a person should hear about lasts longer than that.
-PRESENCE_SETTLE = 1.0
 EDITOR_START_WAIT = 2.0  # a terminal that does not let the editor start: line output goes on
-
-
-def presence_settle(env: dict[str, str] | None = None) -> float:
-    """`PARLEY_PRESENCE_SETTLE` (seconds, 0-60; `PRESENCE_SETTLE` if unset or not a number)."""
-    raw = (os.environ if env is None else env).get("PARLEY_PRESENCE_SETTLE", "")
-    try:
-        value = float(raw)
-    except ValueError:
-        return PRESENCE_SETTLE
-    return min(60.0, value) if value >= 0 else PRESENCE_SETTLE
 
 
 HELP = (
@@ -97,10 +82,6 @@ class Session:
         )
         self._key_interrupts = 0
         self._key_interrupted = trio.Event()
-        self._presence_shown: bool | None = None
-        self._presence_latest: PeerPresence | None = None
-        self._presence_changed = trio.Event()
-        self._presence_settle = presence_settle()
         self.failure: HandshakeFailed | None = None
         self.interrupted = False
         self.chatting = False
@@ -118,11 +99,7 @@ class Session:
     def _on_event(self, event: Any) -> None:
         if isinstance(event, HandshakeFailed):
             self.failure = event
-        if self.interactive and isinstance(event, PeerPresence):
-            self._presence_latest = event
-            self._presence_changed.set()
-        else:
-            self.terminal.show(event)
+        self.terminal.show(event)
         if not self.chatting:  # only the handshake dialogue reads events; chat just shows them
             self._events_send.send_nowait(event)
 
@@ -148,21 +125,6 @@ class Session:
                 self.stdin = StdinLines()
                 self.stdin.start(self._nursery)
 
-    async def _settle_presence(self) -> None:
-        """Show the peer's presence once it has held for PRESENCE_SETTLE s (editor only)."""
-        while True:
-            await self._presence_changed.wait()
-            while True:  # until it stops changing
-                self._presence_changed = trio.Event()
-                with trio.move_on_after(self._presence_settle) as quiet:
-                    await self._presence_changed.wait()
-                if quiet.cancelled_caught:
-                    break
-            event = self._presence_latest
-            if event is not None and event.online != self._presence_shown:
-                self._presence_shown = event.online
-                self.terminal.show(event)
-
     async def run(self, flow: Callable[[], Awaitable[None]]) -> None:
         await self.runner.call(self.core.start)
         async with trio.open_nursery() as nursery:
@@ -178,7 +140,6 @@ class Session:
             nursery.start_soon(self._watch_sigint, nursery.cancel_scope)
             if self.interactive:
                 nursery.start_soon(self._watch_keys, nursery.cancel_scope)
-                nursery.start_soon(self._settle_presence)
             await flow()
             await self.give_up()
             self.runner.close()

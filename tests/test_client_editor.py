@@ -352,17 +352,6 @@ def test_editor_only_on_a_terminal(monkeypatch):
     assert not editor_wanted({"TERM": "xterm"})
 
 
-def test_presence_settle_from_the_environment():
-    from parley.client.session import PRESENCE_SETTLE, presence_settle
-
-    assert presence_settle({}) == PRESENCE_SETTLE == 1.0
-    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "0"}) == 0.0
-    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "2.5"}) == 2.5
-    assert presence_settle({"PARLEY_PRESENCE_SETTLE": "1e9"}) == 60.0
-    for bad in ("-1", "nan", "soon"):
-        assert presence_settle({"PARLEY_PRESENCE_SETTLE": bad}) == PRESENCE_SETTLE
-
-
 def test_typed_text_in_the_terminals_encoding():
     assert typed_text("caf\u00e9 \u4f60\u597d", "utf-8") == "caf\u00e9 \u4f60\u597d"
     assert typed_text("caf\udce9", "iso8859-1") == "caf\u00e9"  # a Latin-1 terminal's e acute
