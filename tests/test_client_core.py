@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import pytest
@@ -34,6 +33,7 @@ from parley.client.events import (
 )
 from parley.client.verify import verification_string
 from parley.protocol import Msg, encode_text, parse
+from support.clientfakes import Clock, Rand
 from support.fakerelay import wire
 
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
@@ -46,24 +46,6 @@ PUB_A = crypto.public_key_hex(_PRIV_A)
 PUB_B = crypto.public_key_hex(_PRIV_B)
 PUB_C = crypto.public_key_hex(_PRIV_C)
 KEY_AB = crypto.session_key(_PRIV_A, PUB_B)
-
-
-class Rand:
-    """Deterministic injected randomness."""
-
-    def __init__(self, seed: int = 1) -> None:
-        self._r = random.Random(seed)
-
-    def __call__(self, n: int) -> bytes:
-        return self._r.randbytes(n)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(kind: str, *args: Any, seed: int = 1, priv: str = _PRIV_A, **kw: Any) -> ClientCore:

@@ -9,7 +9,6 @@ through real relays are in tests/test_client_pairing_live.py.
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import pytest
@@ -43,26 +42,11 @@ from parley.client.pairing import (
 )
 from parley.protocol import encode_text, gojson, parse
 from parley.protocol.frames import JoinAccept, JoinRequest, Msg
+from support.clientfakes import Clock, Rand
 
 SID = "1763900000123_9f3a61c2aa55bb66cc77dd88ee99ff00"
 _PRIV_A, _PRIV_B, _PRIV_M = "1f" * 32, "2e" * 32, "4c" * 32
 PUB_A, PUB_B, PUB_M = (crypto.public_key_hex(p) for p in (_PRIV_A, _PRIV_B, _PRIV_M))
-
-
-class Rand:
-    def __init__(self, seed: int) -> None:
-        self._r = random.Random(seed)
-
-    def __call__(self, n: int) -> bytes:
-        return self._r.randbytes(n)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sends(actions: list[Any]) -> list[Any]:
