@@ -25,7 +25,16 @@ import trio
 import trio_websocket
 
 from support.clusternodes import NodeRelay, cluster
-from test_relay_cluster_live import create, exchange, join_and_accept, recv, recv_type, send
+from test_relay_cluster_live import (
+    create,
+    exchange,
+    join_and_accept,
+    queue_all,
+    recv,
+    recv_type,
+    replayed,
+    send,
+)
 
 LEASE = 1.5
 # A dead node is noticed within its lease plus one heartbeat (lease / 3) and
@@ -69,12 +78,8 @@ async def test_owner_killed_peer_sees_peer_offline_and_queued_frames_survive(red
                 # b goes away; a's messages are QUEUED (in Redis) for it
                 await b.aclose()
             assert (await recv(a))["t"] == "PEER_OFFLINE"
-            sent = []
-            for i in range(5):
-                data = {"payload": f"{i:02x}" * 12, "msgID": f"kq{i}"}
-                await send(a, {"t": "MSG", "sid": sid, "data": data})
-                assert (await recv(a))["t"] == "QUEUED"
-                sent.append(data)
+            sent = [{"payload": f"{i:02x}" * 12, "msgID": f"kq{i}"} for i in range(5)]
+            await queue_all(a, sid, sent)
             # a third client on another node is in the session too (it REATTACHes as side a)
             async with trio_websocket.open_websocket_url(other.url) as a2:
                 await send(a2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
@@ -92,12 +97,7 @@ async def test_owner_killed_peer_sees_peer_offline_and_queued_frames_survive(red
         sent.insert(0, {"payload": "c0ffee" * 8, "msgID": "k101"})
         async with trio_websocket.open_websocket_url(third.url) as b2:
             await send(b2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
-            got = []
-            while len(got) < len(sent):
-                frame = await recv(b2)
-                if frame["t"] == "MSG":
-                    got.append(frame["data"])
-            assert got == sent
+            assert await replayed(b2, len(sent)) == sent
             with trio.move_on_after(0.5):
                 assert (await recv(b2))["t"] != "MSG"  # nothing twice
             # and the session lives on: a reconnects on the second node
@@ -130,12 +130,8 @@ async def test_redis_restart_loses_nothing_and_nodes_recover(redis_server):
                 sid, code = await create(a, side="side-a")
                 await join_and_accept(a, b, code, sid, side="side-b")
             assert (await recv(a))["t"] == "PEER_OFFLINE"
-            sent = []
-            for i in range(5):
-                data = {"payload": f"{i:02x}" * 12, "msgID": f"rq{i}"}
-                await send(a, {"t": "MSG", "sid": sid, "data": data})
-                assert (await recv(a))["t"] == "QUEUED"
-                sent.append(data)
+            sent = [{"payload": f"{i:02x}" * 12, "msgID": f"rq{i}"} for i in range(5)]
+            await queue_all(a, sid, sent)
             redis_server.restart(kill=True)
             # the nodes find Redis again by themselves; b resumes on the other node
             deadline = time.monotonic() + 20

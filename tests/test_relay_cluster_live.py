@@ -80,6 +80,27 @@ async def exchange(a, b, sid: str, tag: str) -> None:
         assert await recv(sender) == {"t": "DELIVERED", "sid": sid, "data": {"msgID": msg_id}}
 
 
+async def queue_all(ws, sid: str, datas: list[dict[str, Any]]) -> list[dict]:
+    """Send each of `datas` as a MSG while the peer is away; every reply is QUEUED. The replies."""
+    replies = []
+    for data in datas:
+        await send(ws, {"t": "MSG", "sid": sid, "data": data})
+        reply = await recv(ws)
+        assert reply["t"] == "QUEUED"
+        replies.append(reply)
+    return replies
+
+
+async def replayed(ws, count: int) -> list[dict]:
+    """The data of the next `count` MSG frames on `ws`, other frames skipped."""
+    got = []
+    while len(got) < count:
+        frame = await recv(ws)
+        if frame["t"] == "MSG":
+            got.append(frame["data"])
+    return got
+
+
 async def test_two_nodes_create_join_and_message_both_ways(redis_server):
     with cluster(redis_server.url, 2) as (node_a, node_b), trio.fail_after(30):
         async with trio_websocket.open_websocket_url(node_a.url) as a, \
@@ -104,19 +125,12 @@ async def test_queued_on_one_node_reattach_on_another_gets_every_frame_once_in_o
                 sid, code = await create(a, side="side-a")
                 await join_and_accept(a, b, code, sid, side="side-b")
             assert (await recv(a))["t"] == "PEER_OFFLINE"  # b left (its node told the owner)
-            sent = []
-            for i in range(20):
-                data = {"payload": f"{i:04x}" * 10, "msgID": f"q{i:03d}"}
-                await send(a, {"t": "MSG", "sid": sid, "data": data})
-                assert await recv(a) == {"t": "QUEUED", "sid": sid, "data": {"msgID": data["msgID"]}}
-                sent.append(data)
+            sent = [{"payload": f"{i:04x}" * 10, "msgID": f"q{i:03d}"} for i in range(20)]
+            replies = await queue_all(a, sid, sent)
+            assert replies == [{"t": "QUEUED", "sid": sid, "data": {"msgID": data["msgID"]}} for data in sent]
             async with trio_websocket.open_websocket_url(last.url) as b2:
                 await send(b2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
-                got = []
-                while len(got) < len(sent):
-                    frame = await recv(b2)
-                    if frame["t"] == "MSG":
-                        got.append(frame["data"])
+                got = await replayed(b2, len(sent))
                 assert got == sent
                 for data in got:
                     await send(b2, {"t": "RECEIVED", "sid": sid, "data": {"msgID": data["msgID"]}})
@@ -223,20 +237,11 @@ async def test_legacy_store_and_forward_across_nodes_as_today(redis_server):
                 sid, code = await create(a)
                 await join_and_accept(a, b, code, sid)
             assert (await recv(a))["t"] == "PEER_OFFLINE"
-            sent = []
-            for i in range(6):
-                data = {"payload": f"{i:02x}" * 10, "msgID": f"l{i}"}
-                await send(a, {"t": "MSG", "sid": sid, "data": data})
-                assert (await recv(a))["t"] == "QUEUED"
-                sent.append(data)
+            sent = [{"payload": f"{i:02x}" * 10, "msgID": f"l{i}"} for i in range(6)]
+            await queue_all(a, sid, sent)
         async with trio_websocket.open_websocket_url(node_c.url) as b2:
             await send(b2, {"t": "REATTACH", "sid": sid})
-            got = []
-            while len(got) < len(sent):
-                frame = await recv(b2)
-                if frame["t"] == "MSG":
-                    got.append(frame["data"])
-            assert got == sent
+            assert await replayed(b2, len(sent)) == sent
         await trio.sleep(0.5)  # the replay's deletes reach the owner's store
         async with trio_websocket.open_websocket_url(node_b.url) as b3:
             await send(b3, {"t": "REATTACH", "sid": sid})
