@@ -8,6 +8,7 @@ client sends, prints and writes to its state file (PROTOCOL.md 1.4).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -400,6 +401,23 @@ async def test_unknown_sid_adds_entry(relay, tmp_path, conformance_report):
     conformance_report(STEP, "unknown SIDs: 3 frames -> 3 {outbox: []} entries, ERROR without sid adds none")
 
 
+@contextlib.asynccontextmanager
+async def sent_then_rewritten(relay, tmp_path, name: str, original: dict, key: bytes, text: str):
+    """`name` starts with `original` as its state file and runs `send text`: only the keyed entry
+    (SID) is reattached and the text goes to it; then a PEER_OFFLINE for a new sid forces a
+    rewrite that keeps every field of every entry. Yields (client, relay connection)."""
+    (tmp_path / f"state-{name}.json").write_text(json.dumps(original, indent=2), encoding="utf-8")
+    async with open_node_client(relay.url, name, tmp_path, "send", text, reconnect_ms=200) as client:
+        conn = await relay.accept()
+        assert await conn.recv() == {"t": "REATTACH", "sid": SID}
+        frame = await conn.expect("MSG")
+        assert frame["sid"] == SID and decrypt(key, frame["data"]["payload"]) == text
+        await client.next_event("sent", sid=SID)
+        await conn.send({"t": "PEER_OFFLINE", "sid": "fresh"})
+        state = await wait_state(client, lambda s: "fresh" in s)
+        assert state == {**original, "fresh": {"outbox": []}}
+        yield client, conn
+
 @bounded
 async def test_resume_preserves_unknown_fields_and_send_role(relay, tmp_path, conformance_report):
     key = os.urandom(32)
@@ -408,19 +426,7 @@ async def test_resume_preserves_unknown_fields_and_send_role(relay, tmp_path, co
         SID: {"outbox": [], "key": key.hex(), "side": "s-123", "parley": {"sent": [{"msgID": "a1"}], "n": 2}},
         other: {"outbox": ["never keyed"], "note": "kept"},
     }
-    path = tmp_path / "state-dave.json"
-    path.write_text(json.dumps(original, indent=2), encoding="utf-8")
-    async with open_node_client(relay.url, "dave", tmp_path, "send", "one shot \u2603", reconnect_ms=200) as dave:
-        conn = await relay.accept()
-        # Only the keyed session is reattached; then the text goes to it.
-        assert await conn.recv() == {"t": "REATTACH", "sid": SID}
-        frame = await conn.expect("MSG")
-        assert frame["sid"] == SID and decrypt(key, frame["data"]["payload"]) == "one shot \u2603"
-        await dave.next_event("sent", sid=SID)
-        # Force a rewrite; unknown fields of both entries survive it.
-        await conn.send({"t": "PEER_OFFLINE", "sid": "fresh"})
-        state = await wait_state(dave, lambda s: "fresh" in s)
-        assert state == {**original, "fresh": {"outbox": []}}
+    async with sent_then_rewritten(relay, tmp_path, "dave", original, key, "one shot \u2603") as (dave, conn):
         await exchange(conn, dave, key)
     conformance_report(STEP, "send role + unknown fields preserved across a rewrite: ok")
 
@@ -496,15 +502,6 @@ async def test_resumes_a_parley_entry_with_label_and_times(relay, tmp_path, conf
     original = {SID: {"outbox": [], "key": key.hex(), "side": "5" * 32, "role": "creator", "label": "bob",
                       "lastActivity": 1796000000, "peerSeen": 1796000000, "peerOnline": False, "verified": True,
                       "relay": "ws://127.0.0.1:9000/", "pending": [], "seen": [], "sent": []}}
-    path = tmp_path / "state-gina.json"
-    path.write_text(json.dumps(original, indent=2), encoding="utf-8")
-    async with open_node_client(relay.url, "gina", tmp_path, "send", "labelled", reconnect_ms=200) as gina:
-        conn = await relay.accept()
-        assert await conn.recv() == {"t": "REATTACH", "sid": SID}
-        frame = await conn.expect("MSG")
-        assert frame["sid"] == SID and decrypt(key, frame["data"]["payload"]) == "labelled"
-        await gina.next_event("sent", sid=SID)
-        await conn.send({"t": "PEER_OFFLINE", "sid": "fresh"})  # forces a rewrite
-        state = await wait_state(gina, lambda s: "fresh" in s)
-        assert state == {**original, "fresh": {"outbox": []}}
+    async with sent_then_rewritten(relay, tmp_path, "gina", original, key, "labelled"):
+        pass
     conformance_report(STEP, "parley entry with label/lastActivity/peerSeen/verified: resumed, fields kept")
