@@ -63,6 +63,13 @@ async def start_pair(nursery: trio.Nursery, url: str, tmp: Path) -> tuple[PtyPar
     return alice, bob
 
 
+async def bob_quits(alice: PtyParley, bob: ParleyProcess) -> None:
+    """bob leaves with /quit (exit 0) and alice's screen says the peer is offline."""
+    await bob.type("/quit")
+    assert await bob.wait() == 0
+    await alice.until_screen(r"^\* peer offline$")
+
+
 async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
     with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -194,9 +201,7 @@ async def test_presence_shown_once_not_for_a_one_shot_send(tmp_path):
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, relay.url, tmp_path)
             try:
-                await bob.type("/quit")
-                assert await bob.wait() == 0
-                await alice.until_screen(r"^\* peer offline$")
+                await bob_quits(alice, bob)
                 (sid,) = state_of(tmp_path / "b", "bob")
                 for n in range(2):  # bob's one-shot sends: online for a moment each
                     send = await ParleyProcess.start(nursery, ["send", sid, f"one-shot {n}"], relay=relay.url,
@@ -218,9 +223,7 @@ async def test_a_message_state_is_rewritten_in_place(tmp_path):
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, relay.url, tmp_path)
             try:
-                await bob.type("/quit")
-                assert await bob.wait() == 0
-                await alice.until_screen(r"^\* peer offline$")
+                await bob_quits(alice, bob)
                 await alice.keys(b"are you there?\r")
                 await alice.until_screen(r"^you: are you there\?  \[queued: peer offline\]$")
                 bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=tmp_path / "b")

@@ -278,9 +278,7 @@ class MitmCore:
     def from_client(self, conn: int, message: str | bytes) -> list[Send]:
         """A message a client sent toward the relay."""
         passed = [Send(TO_RELAY, conn, message)]
-        if self.mode == "passive":
-            return passed
-        envelope = self._envelope(message)
+        envelope = self._to_read(message)
         if envelope is None:
             return passed
         t = envelope.get("t")
@@ -299,9 +297,7 @@ class MitmCore:
     def from_relay(self, conn: int, message: str | bytes) -> list[Send]:
         """A message the relay sent toward a client."""
         passed = [Send(TO_CLIENT, conn, message)]
-        if self.mode == "passive":
-            return passed
-        envelope = self._envelope(message)
+        envelope = self._to_read(message)
         if envelope is None:
             return passed
         t = envelope.get("t")
@@ -316,6 +312,10 @@ class MitmCore:
         return passed
 
     # --- the key exchange ------------------------------------------------------------------
+
+    def _to_read(self, message: str | bytes) -> dict[str, Any] | None:
+        """The envelope the MITM acts on; None: the message just passes (passive mode, not JSON)."""
+        return None if self.mode == "passive" else self._envelope(message)
 
     @staticmethod
     def _envelope(message: str | bytes) -> dict[str, Any] | None:
