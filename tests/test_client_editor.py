@@ -24,6 +24,7 @@ rewrite sequence), the terminal's one-line view, when the editor runs.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import termios
@@ -63,6 +64,19 @@ async def start_pair(nursery: trio.Nursery, url: str, tmp: Path) -> tuple[PtyPar
     return alice, bob
 
 
+@contextlib.asynccontextmanager
+async def chat_pair(tmp_path: Path):
+    """A relay and a paired alice (editor, on a pty) and bob; both gone at the end."""
+    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, relay.url, tmp_path)
+            try:
+                yield relay, nursery, alice, bob
+            finally:
+                alice.kill()
+                await bob.aclose()
+
+
 async def bob_quits(alice: PtyParley, bob: ParleyProcess) -> None:
     """bob leaves with /quit (exit 0) and alice's screen says the peer is offline."""
     await bob.type("/quit")
@@ -71,89 +85,71 @@ async def bob_quits(alice: PtyParley, bob: ParleyProcess) -> None:
 
 
 async def test_typing_while_50_messages_arrive_keeps_the_line_whole(tmp_path):
-    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            alice, bob = await start_pair(nursery, relay.url, tmp_path)
-            try:
-                first, rest = "the quick brown fox jumps over the lazy dog and then ", "runs away"
+    async with chat_pair(tmp_path) as (relay, nursery, alice, bob):
+        first, rest = "the quick brown fox jumps over the lazy dog and then ", "runs away"
 
-                async def burst() -> None:
-                    for i in range(50):
-                        await bob.type(f"burst {i:02d}")
-                        await trio.sleep(0.01)
+        async def burst() -> None:
+            for i in range(50):
+                await bob.type(f"burst {i:02d}")
+                await trio.sleep(0.01)
 
-                async with trio.open_nursery() as typing:
-                    typing.start_soon(burst)
-                    await alice.until_screen(r"^peer: burst 0\d$")  # it has begun to arrive
-                    for ch in first:  # typed a key at a time while the burst comes in
-                        await alice.keys(ch.encode())
-                        await trio.sleep(0.01)
-                await alice.until_screen(r"^peer: burst 49$")
-                await typed(alice, first.rstrip())  # the prompt drawn again below them, intact
-                rows = alice.screen_lines()
-                # nothing glued: each message alone on its row, the typing only in the input line
-                assert all(re.fullmatch(r"peer: burst \d\d", row) for row in rows if "burst" in row), rows
-                assert [row for row in rows if "quick" in row] == ["> " + first.rstrip()], rows
-                await alice.keys(rest.encode())
-                await typed(alice, first + rest)
-                await alice.keys(b"\r")
-                await bob.expect(rf"^peer: {first + rest}$")
-                # the 50 arrived in order, each on its own line, none inside the typed text
-                await alice.until_screen(lambda rows: prompt_row(alice) == ">")
-                shown = [row for row in alice.screen_lines() if row.startswith("peer: burst")]
-                assert shown == sorted(shown) and shown[-1] == "peer: burst 49"
-                await alice.until_screen(rf"^you: {first + rest}  \[read\]$")
-            finally:
-                alice.kill()
-                await bob.aclose()
+        async with trio.open_nursery() as typing:
+            typing.start_soon(burst)
+            await alice.until_screen(r"^peer: burst 0\d$")  # it has begun to arrive
+            for ch in first:  # typed a key at a time while the burst comes in
+                await alice.keys(ch.encode())
+                await trio.sleep(0.01)
+        await alice.until_screen(r"^peer: burst 49$")
+        await typed(alice, first.rstrip())  # the prompt drawn again below them, intact
+        rows = alice.screen_lines()
+        # nothing glued: each message alone on its row, the typing only in the input line
+        assert all(re.fullmatch(r"peer: burst \d\d", row) for row in rows if "burst" in row), rows
+        assert [row for row in rows if "quick" in row] == ["> " + first.rstrip()], rows
+        await alice.keys(rest.encode())
+        await typed(alice, first + rest)
+        await alice.keys(b"\r")
+        await bob.expect(rf"^peer: {first + rest}$")
+        # the 50 arrived in order, each on its own line, none inside the typed text
+        await alice.until_screen(lambda rows: prompt_row(alice) == ">")
+        shown = [row for row in alice.screen_lines() if row.startswith("peer: burst")]
+        assert shown == sorted(shown) and shown[-1] == "peer: burst 49"
+        await alice.until_screen(rf"^you: {first + rest}  \[read\]$")
     assert "Traceback" not in alice.text
 
 
 async def test_arrow_keys_and_history_edit_the_line(tmp_path):
-    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            alice, bob = await start_pair(nursery, relay.url, tmp_path)
-            try:
-                await alice.keys(b"abd")
-                await alice.keys(b"\x1b[D")  # Left
-                await alice.keys(b"c")  # lands between b and d
-                await typed(alice, "abcd")
-                await alice.keys(b"\x01X\x05Y")  # Ctrl-A, X at the start; Ctrl-E, Y at the end
-                await typed(alice, "XabcdY")
-                await alice.keys(b"\r")
-                await bob.expect(r"^peer: XabcdY$")
-                await alice.keys(b"scratch that\x15")  # Ctrl-U: the line is empty again
-                await typed(alice, "")
-                await alice.keys(b"\x1b[A")  # Up: the last line sent
-                await typed(alice, "XabcdY")
-                await alice.keys(b"\x1b[D\x1b[D\x7f\r")  # Left twice, Backspace: the c goes
-                await bob.expect(r"^peer: XabdY$")
-                await alice.until_screen(r"^you: XabdY  \[read\]$")
-            finally:
-                alice.kill()
-                await bob.aclose()
+    async with chat_pair(tmp_path) as (relay, nursery, alice, bob):
+        await alice.keys(b"abd")
+        await alice.keys(b"\x1b[D")  # Left
+        await alice.keys(b"c")  # lands between b and d
+        await typed(alice, "abcd")
+        await alice.keys(b"\x01X\x05Y")  # Ctrl-A, X at the start; Ctrl-E, Y at the end
+        await typed(alice, "XabcdY")
+        await alice.keys(b"\r")
+        await bob.expect(r"^peer: XabcdY$")
+        await alice.keys(b"scratch that\x15")  # Ctrl-U: the line is empty again
+        await typed(alice, "")
+        await alice.keys(b"\x1b[A")  # Up: the last line sent
+        await typed(alice, "XabcdY")
+        await alice.keys(b"\x1b[D\x1b[D\x7f\r")  # Left twice, Backspace: the c goes
+        await bob.expect(r"^peer: XabdY$")
+        await alice.until_screen(r"^you: XabdY  \[read\]$")
     assert not bob.seen(r"\\x1b|\x1b")  # no arrow key ever sent as text
     assert bob.seen(r"^peer: ") == ["peer: XabcdY", "peer: XabdY"]
 
 
 async def test_a_pasted_three_line_text_is_one_message(tmp_path):
-    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            alice, bob = await start_pair(nursery, relay.url, tmp_path)
-            try:
-                await alice.keys(b"before\r")
-                await bob.expect(r"^peer: before$")
-                # what a terminal sends for a paste once the application asked for bracketed paste
-                await alice.keys(b"\x1b[200~line one\rline two\rline three\x1b[201~")
-                await alice.until_screen(r"^  line three$")  # still in the input area, not sent
-                assert not bob.seen(r"^peer: line")
-                await alice.keys(b"\r")
-                await alice.keys(b"after\r")
-                await bob.expect(r"^peer: after$")
-                await alice.until_screen(r"^you: after  \[read\]$")
-            finally:
-                alice.kill()
-                await bob.aclose()
+    async with chat_pair(tmp_path) as (relay, nursery, alice, bob):
+        await alice.keys(b"before\r")
+        await bob.expect(r"^peer: before$")
+        # what a terminal sends for a paste once the application asked for bracketed paste
+        await alice.keys(b"\x1b[200~line one\rline two\rline three\x1b[201~")
+        await alice.until_screen(r"^  line three$")  # still in the input area, not sent
+        assert not bob.seen(r"^peer: line")
+        await alice.keys(b"\r")
+        await alice.keys(b"after\r")
+        await bob.expect(r"^peer: after$")
+        await alice.until_screen(r"^you: after  \[read\]$")
     assert bob.seen(r"^peer: ") == ["peer: before", "peer: line one", "peer: line two", "peer: line three",
                                     "peer: after"]
     # one message: three `you:` lines with ONE state tag, the last one's

@@ -53,6 +53,12 @@ async def run_once(cwd: Path, name: str, *args: str, env: dict[str, str] | None 
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
+async def invite(nursery: trio.Nursery, url: str, cwd: Path) -> tuple[ParleyProcess, str]:
+    """alice's `parley invite --yes` in `cwd`, and the code it shows."""
+    alice = await start(nursery, url, "alice", cwd, "invite", "--yes")
+    return alice, (await alice.expect(CODE_RE)).group(1)
+
+
 def keyed(cwd: Path, name: str) -> dict[str, dict]:
     path = cwd / f"state-{name}.json"
     if not path.exists():
@@ -64,8 +70,7 @@ def keyed(cwd: Path, name: str) -> dict[str, dict]:
 async def test_pairing_verifies_both_sides_and_survives_a_restart(tmp_path, kind, go_relay_binary):
     with relay(kind, go_relay_binary) as url, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, url, "alice", tmp_path / "a", "invite", "--yes")
-            code = (await alice.expect(CODE_RE)).group(1)
+            alice, code = await invite(nursery, url, tmp_path / "a")
             relay_part, _, secret = code.partition("-")
             assert len(secret) == 9 and secret[4] == "-"  # RELAY-SSSS-SSSS
             bob = await start(nursery, url, "bob", tmp_path / "b", "join", code)
@@ -105,8 +110,7 @@ async def test_pairing_verifies_both_sides_and_survives_a_restart(tmp_path, kind
 async def test_wrong_secret_fails_cleanly_on_both_and_spends_the_code(tmp_path, kind, go_relay_binary):
     with relay(kind, go_relay_binary) as url, trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            alice = await start(nursery, url, "alice", tmp_path / "a", "invite", "--yes")
-            code = (await alice.expect(CODE_RE)).group(1)
+            alice, code = await invite(nursery, url, tmp_path / "a")
             relay_part, first, second = code.split("-")
             wrong = f"{relay_part}-{first}-{(int(second) + 1) % 10000:04d}"  # one digit off
             bob = await start(nursery, url, "bob", tmp_path / "b", "join", wrong)
