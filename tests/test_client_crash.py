@@ -127,6 +127,20 @@ async def cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+async def bob_chaos(procs, runs: list[ParleyProcess], life, over: trio.Event, done: trio.Event,
+                    tally: collections.Counter[str], pause) -> None:
+    """Until `over`: start bob's `chat`, let `life(run)` decide when he dies, SIGKILL him, stay
+    away `pause()` seconds; then set `done`."""
+    while not over.is_set():
+        run = await procs.start("bob", "chat")
+        runs.append(run)
+        await life(run)
+        await kill(run)
+        tally["bob killed"] += 1
+        await trio.sleep(pause())
+    done.set()
+
+
 async def type_lines(proc: ParleyProcess, lines: list[str], rng: random.Random, max_gap: float) -> None:
     for line in lines:
         try:
@@ -182,38 +196,33 @@ async def test_sigkill_anywhere_loses_nothing_and_shows_nothing_twice(tmp_path, 
                     chaos_over = trio.Event()
                     bob_done = trio.Event()
 
-                    async def bob_chaos() -> None:
-                        while not chaos_over.is_set():
-                            run = await procs.start("bob", "chat")
-                            bob_runs.append(run)
-                            if bob_rng.random() < 0.25:
-                                # at a random moment of a random lifetime
-                                with trio.move_on_after(bob_rng.uniform(0.2, 1.5)):
-                                    await chaos_over.wait()
-                            else:
-                                # a few ms after he showed a message: mostly while he records the
-                                # next one of a burst (say the queue the relay hands him on REATTACH)
-                                shown = bob_rng.randint(1, 3)
-                                with trio.move_on_after(4):
-                                    async with trio.open_nursery() as inner:
-                                        inner.start_soon(cancel_when, chaos_over, inner.cancel_scope)
-                                        try:
-                                            for _ in range(shown):
-                                                await run.expect(r"^peer: ", timeout=10)
-                                        except ParleyExited:  # started while the relay was down
-                                            assert run.returncode == 1 and "cannot reach the relay" in \
-                                                run.stderr_text, run.describe()
-                                            tally["bob could not connect (relay restarting)"] += 1
-                                            inner.cancel_scope.cancel()
-                                        await trio.sleep(bob_rng.uniform(0, 0.006))
-                                        tally["bob killed just after showing a message"] += 1
+                    async def bob_life(run: ParleyProcess) -> None:
+                        if bob_rng.random() < 0.25:
+                            # at a random moment of a random lifetime
+                            with trio.move_on_after(bob_rng.uniform(0.2, 1.5)):
+                                await chaos_over.wait()
+                        else:
+                            # a few ms after he showed a message: mostly while he records the
+                            # next one of a burst (say the queue the relay hands him on REATTACH)
+                            shown = bob_rng.randint(1, 3)
+                            with trio.move_on_after(4):
+                                async with trio.open_nursery() as inner:
+                                    inner.start_soon(cancel_when, chaos_over, inner.cancel_scope)
+                                    try:
+                                        for _ in range(shown):
+                                            await run.expect(r"^peer: ", timeout=10)
+                                    except ParleyExited:  # started while the relay was down
+                                        assert run.returncode == 1 and "cannot reach the relay" in \
+                                            run.stderr_text, run.describe()
+                                        tally["bob could not connect (relay restarting)"] += 1
                                         inner.cancel_scope.cancel()
-                            await kill(run)
-                            tally["bob killed"] += 1
-                            await trio.sleep(bob_rng.uniform(0.2, 1.0))  # offline: the relay queues
-                        bob_done.set()
+                                    await trio.sleep(bob_rng.uniform(0, 0.006))
+                                    tally["bob killed just after showing a message"] += 1
+                                    inner.cancel_scope.cancel()
 
-                    nursery.start_soon(bob_chaos)
+                    # between lives, offline: the relay queues
+                    nursery.start_soon(bob_chaos, procs, bob_runs, bob_life, chaos_over, bob_done, tally,
+                                       lambda: bob_rng.uniform(0.2, 1.0))
 
                     # --- alice: send, get killed, start again -----------------------------------
                     accepted = 0
@@ -444,24 +453,18 @@ async def test_sigkill_during_a_burst_loses_nothing_and_shows_nothing_twice(tmp_
                     chaos_over = trio.Event()
                     bob_done = trio.Event()
 
-                    async def bob_chaos() -> None:
-                        while not chaos_over.is_set():
-                            run = await procs.start("bob", "chat")
-                            bob_runs.append(run)
-                            with trio.move_on_after(rng.uniform(0.3, 3.0)):
-                                async with trio.open_nursery() as inner:
-                                    inner.start_soon(cancel_when, chaos_over, inner.cancel_scope)
-                                    for _ in range(rng.randint(1, 25)):
-                                        await run.expect(r"^peer: ", timeout=20)
-                                    await trio.sleep(rng.uniform(0, 0.006))
-                                    tally["bob killed just after showing a message"] += 1
-                                    inner.cancel_scope.cancel()
-                            await kill(run)
-                            tally["bob killed"] += 1
-                            await trio.sleep(rng.uniform(0.05, 0.5))
-                        bob_done.set()
+                    async def bob_life(run: ParleyProcess) -> None:
+                        with trio.move_on_after(rng.uniform(0.3, 3.0)):
+                            async with trio.open_nursery() as inner:
+                                inner.start_soon(cancel_when, chaos_over, inner.cancel_scope)
+                                for _ in range(rng.randint(1, 25)):
+                                    await run.expect(r"^peer: ", timeout=20)
+                                await trio.sleep(rng.uniform(0, 0.006))
+                                tally["bob killed just after showing a message"] += 1
+                                inner.cancel_scope.cancel()
 
-                    nursery.start_soon(bob_chaos)
+                    nursery.start_soon(bob_chaos, procs, bob_runs, bob_life, chaos_over, bob_done, tally,
+                                       lambda: rng.uniform(0.05, 0.5))
                     await trio.sleep(rng.uniform(0.5, 1.5))
                     live = texts[half:]
                     while live:  # live, in clumps typed at once (bursts), with pauses between them
