@@ -193,43 +193,35 @@ async def test_ctrl_c_ctrl_d_and_quit_leave_with_everything_saved(tmp_path):
 
 
 async def test_presence_shown_once_not_for_a_one_shot_send(tmp_path):
-    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            alice, bob = await start_pair(nursery, relay.url, tmp_path)
-            try:
-                await bob_quits(alice, bob)
-                (sid,) = state_of(tmp_path / "b", "bob")
-                for n in range(2):  # bob's one-shot sends: online for a moment each
-                    send = await ParleyProcess.start(nursery, ["send", sid, f"one-shot {n}"], relay=relay.url,
-                                                     name="bob", cwd=tmp_path / "b")
-                    assert await send.wait() == 0
-                    await alice.until_screen(rf"^peer: one-shot {n}$")
-                await trio.sleep(1.5)  # past the settle time: anything pending would show now
-                await alice.keys(b"/status\r")
-                await alice.until_screen(r"^\* connected; peer offline;")
-            finally:
-                alice.kill()
+    async with chat_pair(tmp_path) as (relay, nursery, alice, bob):
+        await bob_quits(alice, bob)
+        (sid,) = state_of(tmp_path / "b", "bob")
+        for n in range(2):  # bob's one-shot sends: online for a moment each
+            send = await ParleyProcess.start(nursery, ["send", sid, f"one-shot {n}"], relay=relay.url,
+                                             name="bob", cwd=tmp_path / "b")
+            assert await send.wait() == 0
+            await alice.until_screen(rf"^peer: one-shot {n}$")
+        await trio.sleep(1.5)  # past the settle time: anything pending would show now
+        await alice.keys(b"/status\r")
+        await alice.until_screen(r"^\* connected; peer offline;")
     # the presence lines in all that was ever written to alice's terminal: one offline, nothing else
     assert re.findall(r"\* peer (?:online|offline)", alice.text) == ["* peer offline"], alice.text
 
 
 async def test_a_message_state_is_rewritten_in_place(tmp_path):
     """Queued for an offline peer, then read once he is back: the same one line, its tag rewritten."""
-    with ParleyRelay(store=tmp_path / "relay.sqlite3") as relay, trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            alice, bob = await start_pair(nursery, relay.url, tmp_path)
-            try:
-                await bob_quits(alice, bob)
-                await alice.keys(b"are you there?\r")
-                await alice.until_screen(r"^you: are you there\?  \[queued: peer offline\]$")
-                bob = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=tmp_path / "b")
-                await bob.expect(r"^peer: are you there\?$")
-                await alice.until_screen(r"^you: are you there\?  \[read\]$")
-                rows = [row for row in alice.screen_lines() if "are you there" in row]
-                assert rows == ["you: are you there?  [read]"]  # one line, not one per state
-            finally:
-                alice.kill()
-                await bob.aclose()
+    async with chat_pair(tmp_path) as (_, nursery, alice, bob):
+        await bob_quits(alice, bob)
+        await alice.keys(b"are you there?\r")
+        await alice.until_screen(r"^you: are you there\?  \[queued: peer offline\]$")
+        back = await ParleyProcess.start(nursery, ["chat"], relay=None, name="bob", cwd=tmp_path / "b")
+        try:
+            await back.expect(r"^peer: are you there\?$")
+            await alice.until_screen(r"^you: are you there\?  \[read\]$")
+            rows = [row for row in alice.screen_lines() if "are you there" in row]
+            assert rows == ["you: are you there?  [read]"]  # one line, not one per state
+        finally:
+            await back.aclose()
 
 
 async def test_accept_question_and_ctrl_c_before_the_chat(tmp_path):
