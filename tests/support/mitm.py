@@ -70,7 +70,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -277,10 +277,21 @@ class MitmCore:
 
     def from_client(self, conn: int, message: str | bytes) -> list[Send]:
         """A message a client sent toward the relay."""
-        passed = [Send(TO_RELAY, conn, message)]
-        envelope = self._to_read(message)
-        if envelope is None:
-            return passed
+        return self._pass_or_act(Send(TO_RELAY, conn, message), self._client_envelope)
+
+    def from_relay(self, conn: int, message: str | bytes) -> list[Send]:
+        """A message the relay sent toward a client."""
+        return self._pass_or_act(Send(TO_CLIENT, conn, message), self._relay_envelope)
+
+    def _pass_or_act(self, send: Send, act: Callable[..., list[Send]]) -> list[Send]:
+        """`send` as it is, unless the MITM reads it (not passive, a JSON object): then what
+        `act(conn, message, envelope, passed)` makes of it."""
+        passed = [send]
+        envelope = None if self.mode == "passive" else self._envelope(send.message)
+        return passed if envelope is None else act(send.conn, send.message, envelope, passed)
+
+    def _client_envelope(self, conn: int, message: str | bytes, envelope: dict[str, Any],
+                         passed: list[Send]) -> list[Send]:
         t = envelope.get("t")
         if t == "JOIN":
             return [Send(TO_RELAY, conn, self._on_join(conn, envelope) or message)]
@@ -294,12 +305,8 @@ class MitmCore:
                 return []  # a receipt for the MITM's own pairing MSG: it ends here
         return passed
 
-    def from_relay(self, conn: int, message: str | bytes) -> list[Send]:
-        """A message the relay sent toward a client."""
-        passed = [Send(TO_CLIENT, conn, message)]
-        envelope = self._to_read(message)
-        if envelope is None:
-            return passed
+    def _relay_envelope(self, conn: int, message: str | bytes, envelope: dict[str, Any],
+                        passed: list[Send]) -> list[Send]:
         t = envelope.get("t")
         if t == "JOIN_REQUEST":
             self._on_join_request(conn, envelope)
@@ -312,10 +319,6 @@ class MitmCore:
         return passed
 
     # --- the key exchange ------------------------------------------------------------------
-
-    def _to_read(self, message: str | bytes) -> dict[str, Any] | None:
-        """The envelope the MITM acts on; None: the message just passes (passive mode, not JSON)."""
-        return None if self.mode == "passive" else self._envelope(message)
 
     @staticmethod
     def _envelope(message: str | bytes) -> dict[str, Any] | None:
