@@ -28,9 +28,8 @@ from parley.relay.actions import (
 from parley.relay.cluster.lease import Lease, Renewal
 from parley.relay.cluster.redisstore import BackplaneUnavailable, LeaseLost, RedisStore, open_client
 from parley.relay.store import MEMORY, Store
+from test_relay_store import SID_A, SID_B, rewrites
 
-SID_A = "1763900000123_" + "a" * 32
-SID_B = "1763900000456_" + "b" * 32
 TOKEN = "node-a/" + "0" * 32
 
 
@@ -67,14 +66,7 @@ async def _store(server, token: str = TOKEN):
 async def test_same_snapshot_as_sqlite(redis_server):
     batches = [
         _ops(),
-        [
-            DeleteCode("042917"),
-            DeleteFrame(SID_A, 1),
-            SaveSide(SID_A, "side-creator"),  # seen again: no duplicate
-            SaveCode("111111", SID_B, 9.0),
-            SaveCode("111111", SID_A, 10.0),  # a re-issued code replaces the old row
-            SaveFrame(SID_B, 7, "s", "", "z", 6.0),  # same (sid, seq): replaced
-        ],
+        rewrites("z"),
     ]
     client, store = await _store(redis_server)
     async with client:

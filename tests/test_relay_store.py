@@ -27,6 +27,17 @@ SID_A = "1763900000123_" + "a" * 32
 SID_B = "1763900000456_" + "b" * 32
 
 
+def rewrites(text: str) -> list:
+    """A batch over `_ops()` that deletes, repeats and replaces rows (SID_B's frame 7 gets `text`)."""
+    return [
+        DeleteCode("042917"),
+        DeleteFrame(SID_A, 1),
+        SaveSide(SID_A, "side-creator"),  # seen again: no duplicate
+        SaveCode("111111", SID_B, 9.0),
+        SaveCode("111111", SID_A, 10.0),  # a re-issued code replaces the old row
+        SaveFrame(SID_B, 7, "s", "", text, 6.0),  # same (sid, seq): replaced
+    ]
+
 def _ops():
     return [
         SaveSession(SID_A, 1763900000.123),
@@ -55,14 +66,7 @@ def test_round_trip_in_memory():
 def test_deletes_and_upserts():
     with Store(MEMORY) as store:
         store.apply(_ops())
-        store.apply([
-            DeleteCode("042917"),
-            DeleteFrame(SID_A, 1),
-            SaveSide(SID_A, "side-creator"),  # seen again: no duplicate
-            SaveCode("111111", SID_B, 9.0),
-            SaveCode("111111", SID_A, 10.0),  # a re-issued code replaces the old row
-            SaveFrame(SID_B, 7, "s", "", "y", 6.0),  # same (sid, seq): replaced
-        ])
+        store.apply(rewrites("y"))
         snap = store.load()
         assert snap.codes == (SaveCode("111111", SID_A, 10.0),)
         assert [(f.sid, f.seq, f.text) for f in snap.frames] == [(SID_A, 2, _ops()[5].text), (SID_B, 7, "y")]
