@@ -89,7 +89,9 @@ async def test_pairing_verifies_both_sides_and_survives_a_restart(tmp_path, kind
         assert keyed(tmp_path / "b", "bob")[sid]["verified"] == "pake"
         # the relay never saw the secret: it is in neither relay log nor anywhere but the screens
         rc, out, _ = await run_once(tmp_path / "b", "bob", "sessions", "--json")
-        assert rc == 0 and json.loads(out)[0]["verified"] == "pake"
+        # the listing is schema 1 since issue #16 (README "Sessions"): verified, and by pairing
+        listed = json.loads(out)["sessions"][0]
+        assert rc == 0 and listed["verified"] is True and listed["verifiedBy"] == "pake"
         # a restart keeps it verified: lines go out at once, and a one-shot send is allowed
         async with trio.open_nursery() as nursery:
             alice = await start(nursery, None, "alice", tmp_path / "a", "chat")

@@ -374,7 +374,8 @@ async def test_labels_and_a_live_listing_through_a_real_relay(tmp_path):
             doc = await poll_listing(a, "alice", lambda s: s["peerOnline"] is True)
             row = doc["sessions"][0]
             assert row["live"] is True and row["label"] == "bob" and row["relay"] == relay.url
-            assert row["verified"] is False and row["key"] is True and row["role"] == "creator"
+            # issue #15: two parley clients pair with the whole code, so the session is verified
+            assert row["verified"] is True and row["verifiedBy"] == "pake" and row["key"] is True and row["role"] == "creator"
             await alice.type("hello bob")
             await bob.expect("^peer: hello bob$")
             doc = await poll_listing(a, "alice", lambda s: s["lastActivity"] is not None and s["pending"] == 0)
@@ -404,7 +405,8 @@ async def test_labels_and_a_live_listing_through_a_real_relay(tmp_path):
             assert rc == 0 and err == ""
             header, line = out.splitlines()
             assert header.split()[:3] == ["SESSION", "LABEL", "RELAY"]
-            assert line.split()[1:7] == ["robert", relay.url.rstrip("/"), "no", "last", "seen", "just"]
+            # VERIFIED says how (issue #15): these two parley clients paired
+            assert line.split()[1:7] == ["robert", relay.url.rstrip("/"), "pairing", "last", "seen", "just"]
 
             # one-shot send by label: the result alone on stdout, nothing on stderr
             rc, out, err = await run("--name", "alice", "--state-dir", str(a), "send", "Robert", "later", cwd=a)
@@ -502,13 +504,15 @@ async def test_the_readme_walkthrough_works_as_written(tmp_path):
         env = clean_env({"PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "PARLEY_RELAY": relay.url})
         async with trio.open_nursery() as nursery:
             alice = await shell_process(nursery, commands[0], tmp_path, env)
-            code = (await alice.expect(r"invite code: (\d+)")).group(1)
+            code = (await alice.expect(r"invite code: (\d+-\d{4}-\d{4})$")).group(1)
             await alice.expect(r"^\* the other person runs:  parley (--relay \S+ )?join " + code + "$")
-            bob = await shell_process(nursery, commands[1].replace("535604", code), tmp_path, env)
+            bob = await shell_process(nursery, commands[1].replace("535604-7295-1843", code), tmp_path, env)
             await alice.expect(r"accept\? \[y/N\]")
             await alice.type("y")
             verification = (await alice.expect(r"^\* verification: ([0-9 ]{19})$")).group(1)
             await bob.expect(f"^\\* verification: {verification}$")
+            await alice.expect(r"^\* verified: the code's secret matched")
+            await bob.expect(r"^\* verified: the code's secret matched")
             await alice.type("/quit")
             await bob.type("/quit")
             assert await alice.wait(timeout=15) == 0 and await bob.wait(timeout=15) == 0
