@@ -12,7 +12,7 @@ from .codes import ShardedRandom, live_code_cap
 from .durability import _reason, log_durability, parse_backplane_url, read_durability
 from .lease import new_token
 from .node import ClusterOptions, ClusterServer, node_name
-from .redisstore import RedisStore
+from .redisstore import RedisStore, open_client
 
 log = logging.getLogger("parley.relay.cluster")
 
@@ -30,7 +30,7 @@ class Prepared:
         self.node_id = new_token(node_name())
         self.options = ClusterOptions(lease=lease, timeout=timeout, code_slots=code_slots)
         self.rng = ShardedRandom(code_slots)
-        self.client = self.url.client(connect_timeout=timeout, stream_timeout=timeout, decode_responses=True)
+        self.client = open_client(self.url, timeout=timeout)
         self.store = RedisStore(self.client, token=self.node_id, timeout=timeout)
         self.server_factory = functools.partial(
             ClusterServer, backplane=self.store, options=self.options, node_id=self.node_id, codes=self.rng

@@ -61,7 +61,9 @@ SCHEMES = ("redis", "rediss", "unix")
 
 
 class BackplaneUnavailable(Exception):
-    """The backplane did not answer (one line, password redacted)."""
+    """Redis cannot be reached or did not answer in time: at start one line for the
+    operator, while running transient (retried). The message is safe to log: a URL
+    in it has its password redacted, and a Redis error is named by its class only."""
 
 
 @attrs.frozen

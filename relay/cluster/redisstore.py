@@ -63,16 +63,11 @@ from ..actions import (
     StoreOp,
 )
 from ..store import StoreError
+from .durability import BackplaneUnavailable, BackplaneURL, parse_backplane_url
 
 __all__ = ["RedisStore", "BackplaneUnavailable", "LeaseLost", "DEFAULT_PREFIX", "open_client"]
 
 DEFAULT_PREFIX = "parley:"
-
-
-class BackplaneUnavailable(Exception):
-    """Redis cannot be reached or did not answer in time (transient: retried).
-
-    The message is safe to log: it names the exception class only."""
 
 
 class LeaseLost(Exception):
@@ -183,15 +178,12 @@ def encode_op(op: StoreOp) -> str:
     return json.dumps(_drop_none(d), separators=(",", ":"), ensure_ascii=False)
 
 
-def open_client(url: str, *, timeout: float) -> coredis.Redis:
-    """A coredis client for `url` (`relay.cluster.durability.parse_backplane_url`
-    checks it; not yet connected: `async with client:`). `timeout`: seconds
-    for a connect and for one reply."""
-    from .durability import parse_backplane_url
-
-    return parse_backplane_url(url).client(
-        connect_timeout=timeout, stream_timeout=timeout, decode_responses=True
-    )
+def open_client(url: BackplaneURL | str, *, timeout: float) -> coredis.Redis:
+    """A coredis client for `url` (a string is checked by
+    `relay.cluster.durability.parse_backplane_url`; not yet connected: `async
+    with client:`). `timeout`: seconds for a connect and for one reply."""
+    parsed = url if isinstance(url, BackplaneURL) else parse_backplane_url(url)
+    return parsed.client(connect_timeout=timeout, stream_timeout=timeout, decode_responses=True)
 
 
 # What a command against an unreachable/restarting Redis raises: retried.
