@@ -304,7 +304,7 @@ _NAME_HELP = "Your name here; the state file is state-NAME.json."
 _RELAY_HELP = "The relay's WebSocket URL."
 _STATE_DIR_HELP = "Directory of the state file."
 _NO_VERIFY_HELP = ("Send what is typed (and 'parley send') even in a session that is not verified yet (no "
-                   "pairing, verification string not compared); for scripts [env PARLEY_NO_VERIFY=1].")
+                   "pairing, verification string not compared); for scripts.")
 
 
 @click.group(cls=ParleyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -376,7 +376,7 @@ def session_options(fn: Any) -> Any:
     @click.option("--state-dir", "sub_state_dir", default=None, type=click.Path(file_okay=False),
                   help=_STATE_DIR_HELP + _AS_GLOBAL.format("PARLEY_STATE_DIR"))
     @click.option("--no-verify", "sub_no_verify", is_flag=True, default=False,
-                  help="As the global option.  [env var: PARLEY_NO_VERIFY]")
+                  help=_NO_VERIFY_HELP + _AS_GLOBAL.format("PARLEY_NO_VERIFY"))
     @click.pass_context
     @functools.wraps(fn)
     def wrapper(ctx: click.Context, sub_name: str | None, sub_relay: str | None,
