@@ -729,6 +729,8 @@ async def _hand_over(
     """
     core = ClientCore.resume(sid, store.state[sid], receive=False, seen_limit=opts.dedup_window,
                              hold_unverified=False)
+    # into `pending`, for the owner: it runs the pairing, and holds what it adopts while that is in flight
+    core.context.pairing_open = False
     msg_id, actions = core.send_text(text)  # not connected: saved, nothing sent
     for action in actions:
         if isinstance(action, SaveState):

@@ -101,6 +101,10 @@ class SessionContext:
     ) -> None:
         self.mode = mode
         self.hold = hold  # typed lines wait (encrypted, in `held`) until the session is verified
+        # A pairing is in flight (our SPAKE2 message is out, no outcome yet): typed lines wait in
+        # `held` even with --no-verify, since the key they would go under is not confirmed yet
+        # (set and cleared by `parley.client.pairlink.PairingLink`).
+        self.pairing_open = False
         self.sid = sid
         self.entry = entry
         self.side = side
@@ -123,6 +127,11 @@ class SessionContext:
     def verified(self) -> bool:
         """The pairing confirmed it (`"pake"`) or the person compared the string (`"compared"`)."""
         return self.entry.get("verified") in VERIFIED_HOW
+
+    @property
+    def holding(self) -> bool:
+        """Typed lines go into `held`, not out: unverified without --no-verify, or a pairing in flight."""
+        return (self.hold and not self.verified) or self.pairing_open
 
     @property
     def pending(self) -> list[dict[str, str]]:

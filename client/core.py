@@ -157,7 +157,8 @@ class ClientCore:
         creator = mode is Mode.INVITE or (mode is Mode.RESUME and entry.get("role") == "creator")
         self.pairing = PairingLink(self.context, creator=creator, secret=secret, random=random, clock=clock,
                                    pair_timeout=pair_timeout, note_sent=self.delivery.note_sent,
-                                   release_held=self.delivery.release_held, enabled=pairing)
+                                   release_held=self.delivery.release_held,
+                                   pairing_ended=self.delivery.pairing_ended, enabled=pairing)
         if mode is Mode.RESUME:
             self.pairing.resumed()
         self.handshake = (

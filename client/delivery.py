@@ -28,6 +28,14 @@ into the entry's `held` list and shown HELD, not sent; `release_held()`
 sends them. The same happens at start for a session already verified, or
 resumed with `--no-verify`.
 
+With `--no-verify` lines are held too while a pairing is in flight
+(`context.pairing_open`, set by `parley.client.pairlink`: our SPAKE2 message
+is out and no outcome yet), shown HELD with reason `HELD_FOR_PAIRING`: the
+key is not confirmed yet, and a relay that substituted it would read them.
+The pairing link releases them when it confirms, drops them with the
+session when it fails, and releases them when it falls back (README
+"Pairing", fallback rules).
+
 The clock (`clock() -> seconds`) and randomness (`random(n) -> n bytes`) are
 injected.
 """
@@ -44,9 +52,9 @@ from parley.protocol import Delivered, DeliveredFailed, ErrorFrame, Msg, Queued,
 from . import crypto
 from .context import Mode, Phase, SessionContext
 from .errors import MessageTooLong, NotReady
-from .events import AckOverdue, Action, FailureKind, MessageIn, MessageStatus, Show, Status, Undecryptable
+from .events import HELD_FOR_PAIRING, AckOverdue, Action, FailureKind, MessageIn, MessageStatus, Show, Status, Undecryptable
 
-__all__ = ["Delivery", "iv_of", "ACK_TIMEOUT", "MAX_TEXT_BYTES", "MSG_ID_BYTES", "NO_SESSION"]
+__all__ = ["Delivery", "iv_of", "ACK_TIMEOUT", "MAX_TEXT_BYTES", "MSG_ID_BYTES", "NO_SESSION", "HELD_FOR_PAIRING"]
 
 log = logging.getLogger("parley.client.core")  # one logger for the whole core, as before the split
 
@@ -84,6 +92,9 @@ class Delivery:
         self._overdue_told: set[str] = set()
         self._failed: set[str] = set()  # pending msgIDs the relay could not deliver
         self._ours: set[str] = set()  # msgIDs sent by this core (for RECEIVED display)
+        # pending msgIDs another process handed over while a pairing was in flight: not sent
+        # until it ends (`release_held`), like our own held lines
+        self._withheld: list[str] = []
 
     # --- views --------------------------------------------------------------
 
@@ -111,7 +122,7 @@ class Delivery:
         actions: list[Action] = []
         outbox = entry.get("outbox")
         adopted: list[str] = []
-        holding = ctx.hold and not ctx.verified
+        holding = ctx.holding
         if isinstance(outbox, list) and outbox:
             for text in outbox:
                 if isinstance(text, str):  # typed before the key: held too while unverified
@@ -158,13 +169,31 @@ class Delivery:
     def release_held(self) -> list[Action]:
         """The session is verified now: save the entry (held messages moved to pending), send them."""
         ctx = self.context
-        moved = self._take_held()
+        moved = self._take_held() + self._withheld
+        self._withheld = []
         actions: list[Action] = [ctx.save()]
         if ctx.is_connected and ctx.phase is Phase.READY:
             actions.extend(self._send_pending(moved))
         else:
             actions.extend(Show(MessageStatus(ctx.sid, m, Status.PENDING)) for m in moved)
         return actions
+
+    def pairing_ended(self) -> list[Action]:
+        """The pairing fell back (or got no answer in time): what waited only for it goes out.
+
+        Lines held only for the pairing (the session does not hold for verification:
+        `--no-verify`) and messages handed over meanwhile (`adopt_pending`). Nothing (not even a
+        save) when there is nothing.
+        """
+        ctx = self.context
+        if ctx.holding:  # held for verification: our lines wait on; handed-over ones never did
+            if not self._withheld:
+                return []
+            moved, self._withheld = self._withheld, []
+            return self._send_pending(moved) if ctx.is_connected and ctx.phase is Phase.READY else []
+        if not self.held_ids and not self._withheld:
+            return []
+        return self.release_held()
 
     def note_sent(self, msg_id: str) -> None:
         """A MSG the core sent that is no message of the user's (pairing): kept in the in-flight
@@ -213,9 +242,10 @@ class Delivery:
         if size > MAX_TEXT_BYTES:
             # hex doubles it; a relay's frame limit (parley: 1 MiB) must not be hit
             raise MessageTooLong(size=size, limit=MAX_TEXT_BYTES)
-        if ctx.hold and not ctx.verified:
+        if ctx.holding:
             msg_id = self._encrypt_into_pending(text, into="held")
-            return msg_id, [ctx.save(), Show(MessageStatus(ctx.sid, msg_id, Status.HELD))]
+            why = None if ctx.hold and not ctx.verified else HELD_FOR_PAIRING
+            return msg_id, [ctx.save(), Show(MessageStatus(ctx.sid, msg_id, Status.HELD, why))]
         msg_id = self._encrypt_into_pending(text)
         actions: list[Action] = [ctx.save()]
         if ctx.is_connected:
@@ -242,6 +272,9 @@ class Delivery:
             new_ids.append(msg_id)
         if not new_ids:
             return []
+        if ctx.pairing_open:  # sent when the pairing ends (`release_held`), like our held lines
+            self._withheld.extend(new_ids)
+            return [Show(MessageStatus(ctx.sid, m, Status.HELD, HELD_FOR_PAIRING)) for m in new_ids]
         if ctx.is_connected and ctx.phase is Phase.READY:
             return self._send_pending(new_ids)
         return [Show(MessageStatus(ctx.sid, m, Status.PENDING)) for m in new_ids]
@@ -268,6 +301,9 @@ class Delivery:
         ctx = self.context
         assert ctx.sid is not None
         by_id = {p.get("msgID"): p for p in ctx.pending if isinstance(p, dict)}
+        if self._withheld and ctx.pairing_open:
+            for msg_id in self._withheld:
+                by_id.pop(msg_id, None)
         actions: list[Action] = []
         now = self._clock()
         for msg_id in msg_ids:

@@ -33,7 +33,7 @@ __all__ = [
     "Status", "FailureKind", "Role", "NoticeKind", "PairingNote", "PairingShown",
     "InviteReady", "JoinRequested", "KeyEstablished", "MessageIn", "MessageStatus",
     "PeerPresence", "HandshakeFailed", "RelayError", "Undecryptable",
-    "AckOverdue", "ConnectionNotice", "Event",
+    "AckOverdue", "ConnectionNotice", "Event", "HELD_FOR_PAIRING",
 ]
 
 
@@ -90,6 +90,10 @@ class Status(_Kind):
     FAILED = "failed"  # the relay could not deliver or keep it; resent when the peer is back
     RECEIVED = "received"  # the peer's client recorded it (RECEIVED receipt)
     HELD = "held"  # encrypted and saved, not sent: the session is not verified yet
+
+
+# MessageStatus(HELD).reason of a line held only while a pairing is in flight (with --no-verify)
+HELD_FOR_PAIRING = "pairing"
 
 
 class FailureKind(_Kind):

@@ -16,6 +16,15 @@ What a step means for the session:
   `HandshakeFailed(PAIRING_FAILED)` and the session closes;
 * no pairing: the reason is shown; the session stays unverified.
 
+While our SPAKE2 message is out and no outcome has come (OFFERED, REPLIED)
+the link keeps `context.pairing_open` set: typed lines are held (encrypted,
+in `held`) even with `--no-verify`, since the key is not confirmed yet and a
+relay that substituted it would read them. The window closes on the
+outcome: verified (the lines go out), failed (they are forgotten with the
+session, never sent), no pairing (fallback: with `--no-verify` they go out
+now), or `pair_timeout` without an answer (with `--no-verify` they go out
+then; a late answer still verifies, a late failure still ends the session).
+
 Once SPAKE2 has run, what is needed to finish (the joiner: the MAC it
 expects; the inviter: the reply it accepted) and our last pairing MSG are
 kept in the entry as `pairing` (`Pairing.snapshot`, no secret in it), so a
@@ -59,6 +68,7 @@ class PairingLink:
         pair_timeout: float = PAIR_TIMEOUT,
         note_sent: Callable[[str], None] = lambda msg_id: None,
         release_held: Callable[[], list[Action]] | None = None,
+        pairing_ended: Callable[[], list[Action]] = lambda: [],
         enabled: bool = True,
     ) -> None:
         self.context = context
@@ -70,6 +80,7 @@ class PairingLink:
         self.pair_timeout = pair_timeout
         self._note_sent = note_sent
         self._release_held = release_held or (lambda: [context.save()])
+        self._pairing_ended = pairing_ended  # fallen back / no answer: what waited only for it
         # made now, so that its SPAKE2 message can be computed ahead (`prepare`): the inviter's
         # while its code is read out, the joiner's while its JOIN travels
         self.pairing: Pairing | None = Pairing(creator=creator, secret=secret, entropy=random) if enabled else None
@@ -87,6 +98,9 @@ class PairingLink:
         self.pairing = Pairing.restore(self.creator, kept)
         if self.pairing is None or not isinstance(kept, dict) or ctx.sid is None:
             return
+        if self.pairing.state is State.REPLIED:  # the joiner's reply is out, the confirmation not in
+            ctx.pairing_open = True
+            self._deadline = self._clock() + self.pair_timeout
         text = kept.get("msg")
         if isinstance(text, str):
             try:
@@ -122,6 +136,7 @@ class PairingLink:
         offer = self.pairing.offer()
         if offer is not None:
             self._deadline = self._clock() + self.pair_timeout
+            self.context.pairing_open = True
         return offer
 
     def answer(self, sid: str, creator_public: str, joiner_public: str, offer: str | None) -> list[Action]:
@@ -132,6 +147,7 @@ class PairingLink:
         result = self.pairing.answer(offer)
         if result.state is State.REPLIED:
             self._deadline = self._clock() + self.pair_timeout
+            self.context.pairing_open = True
         return self._actions(result)
 
     # --- fed by the core ---------------------------------------------------------
@@ -184,9 +200,15 @@ class PairingLink:
         self._deadline = None
         if self.pairing is None or self.pairing.state not in (State.OFFERED, State.REPLIED) or ctx.sid is None:
             return []
-        return [Show(PairingShown(ctx.sid, PairingNote.NO_ANSWER, self.role))]
+        return [Show(PairingShown(ctx.sid, PairingNote.NO_ANSWER, self.role)), *self._window_closed()]
 
     # --- what a step means ---------------------------------------------------------
+
+    def _window_closed(self) -> list[Action]:
+        """The pairing is no longer in flight: lines held only for it (`--no-verify`) go out now."""
+        ctx = self.context
+        was_open, ctx.pairing_open = ctx.pairing_open, False
+        return self._pairing_ended() if was_open else []
 
     def _resend(self) -> list[Action]:
         ctx = self.context
@@ -207,6 +229,8 @@ class PairingLink:
         if not result.changed:
             return send
         self._deadline = None if result.state is not State.REPLIED else self._deadline
+        if result.state in (State.VERIFIED, State.FAILED):
+            self.context.pairing_open = False  # (UNPAIRED: `_window_closed`, which may release, below)
         assert self.pairing is not None
         kept = self.pairing.snapshot()
         if kept is not None and self._last is not None:
@@ -223,5 +247,6 @@ class PairingLink:
             detail = PAIRING_FAILED_JOINER if not self.creator else ""
             return [*send, ForgetState(ctx.sid), *ctx.fail(FailureKind.PAIRING_FAILED, detail)]
         if result.state is State.UNPAIRED and result.unpaired is not None:
-            return [*send, Show(PairingShown(ctx.sid, PairingNote(result.unpaired.value), self.role))]
+            return [*send, Show(PairingShown(ctx.sid, PairingNote(result.unpaired.value), self.role)),
+                    *self._window_closed()]
         return send

@@ -51,6 +51,7 @@ import trio
 
 from .errors import OutputClosed
 from .events import (
+    HELD_FOR_PAIRING,
     AckOverdue,
     ConnectionNotice,
     HandshakeFailed,
@@ -304,6 +305,8 @@ class Terminal:
             words = _STATUS_WORDS.get(event.status, str(event.status))
             if event.reason and event.status is Status.FAILED:
                 words = f"not delivered ({one_line(event.reason, 80)}); will retry"
+            elif event.status is Status.HELD and event.reason == HELD_FOR_PAIRING:
+                words = "held, not sent until the pairing has confirmed the key (a moment)"
             self.info(f"message {shown_msg_id(event.msg_id)}: {words}")
         elif isinstance(event, AckOverdue):
             self.info(f"message {shown_msg_id(event.msg_id)}: no answer from the relay yet")

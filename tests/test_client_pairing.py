@@ -292,11 +292,109 @@ def test_comparing_the_string_verifies_and_releases_held_lines():
     assert pair.bob.confirm_verification() == []
 
 
-def test_no_verify_sends_at_once_but_pairing_still_runs():
+def payload_ids(actions: list[Any]) -> list[str]:
+    """msgIDs of the chat messages (MSG with a payload) among these actions."""
+    return [f.msg_id for f in sends(actions) if isinstance(f, Msg) and f.payload]
+
+
+def test_no_verify_holds_lines_while_pairing_is_in_flight_then_sends_them_once():
+    """--no-verify (issue #15): a line typed between the keys and the confirmation would go out under
+    a key nobody has confirmed yet; it is held (shown as held, for the pairing) and sent exactly once
+    when the pairing confirms."""
     pair = Pair(hold=False)
-    msg_id, out = pair.bob.send_text("now")
-    assert [f.msg_id for f in sends(out)] == [msg_id]
-    assert PairingShown(SID, PairingNote.VERIFIED, "creator") in shows(pair.to_alice(pair.bob_out))
+    alice, bob = pair.alice, pair.bob
+    assert not bob.holding and bob.pairing_in_flight
+    b_id, out = bob.send_text("typed while pairing")
+    assert payload_ids(out) == [] and shows(out) == [MessageStatus(SID, b_id, Status.HELD, "pairing")]
+    assert out[0].entry["held"][0]["msgID"] == b_id  # saved, encrypted, before anything
+    a_id, out = alice.send_text("alice too")
+    assert payload_ids(out) == [] and shows(out) == [MessageStatus(SID, a_id, Status.HELD, "pairing")]
+    alice_out = pair.to_alice(pair.bob_out)
+    assert PairingShown(SID, PairingNote.VERIFIED, "creator") in shows(alice_out)
+    assert payload_ids(alice_out) == [a_id]
+    bob_out = pair.to_bob(alice_out)
+    assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(bob_out)
+    assert payload_ids(bob_out) == [b_id]
+    assert alice.held_ids == [] and bob.held_ids == []
+    pair.clock.now += 30
+    assert payload_ids(alice.tick() + bob.tick()) == []  # once: no second release
+    c_id, out = bob.send_text("after")  # verified: at once, as before
+    assert payload_ids(out) == [c_id]
+    got = alice.frame_received(encode_text([f for f in sends(bob_out) if isinstance(f, Msg) and f.payload][0]))
+    assert MessageIn(SID, b_id, "typed while pairing") in shows(got)
+
+
+def test_no_verify_lines_held_for_a_pairing_that_fails_are_never_sent():
+    pair = Pair(hold=False, mitm=True)
+    _, out_b = pair.bob.send_text("bob, never sent")
+    _, out_a = pair.alice.send_text("alice, never sent")
+    alice_out = pair.to_alice(pair.bob_out)
+    bob_out = pair.to_bob(alice_out)
+    assert HandshakeFailed(FailureKind.PAIRING_FAILED) in shows(alice_out) and ForgetState(SID) in alice_out
+    assert ForgetState(SID) in bob_out
+    assert payload_ids(out_a + out_b + alice_out + bob_out + pair.bob_out) == []
+    pair.clock.now += 30
+    assert payload_ids(pair.alice.tick() + pair.bob.tick()) == []
+    assert payload_ids(pair.alice.connected() + pair.bob.connected()) == []
+
+
+def test_no_verify_legacy_joiner_releases_the_line_at_its_first_message():
+    """A Node joiner never answers the offer: its first message says it does no pairing, and the
+    inviter's held line goes out then, not after --pair-timeout."""
+    pair = Pair(hold=False)
+    a_id, out = pair.alice.send_text("to a node joiner")
+    assert payload_ids(out) == []
+    key = pair.alice.key
+    assert key is not None
+    legacy = Msg.build(SID, crypto.encrypt_payload(key, "hello from node"), "0123abcd")
+    out = pair.alice.frame_received(encode_text(legacy))
+    assert PairingShown(SID, PairingNote.PEER_NO_PAIRING, "creator") in shows(out)
+    assert payload_ids(out) == [a_id] and not pair.alice.pairing_in_flight
+    assert not pair.alice.verified
+    b_id, out = pair.alice.send_text("then at once")
+    assert payload_ids(out) == [b_id]
+
+
+def test_no_verify_joiner_without_the_secret_releases_at_its_nosecret():
+    pair = Pair(hold=False, joiner_secret=False)
+    a_id, out = pair.alice.send_text("held a moment")
+    assert payload_ids(out) == []
+    b_id, out = pair.bob.send_text("bob does no pairing")  # nothing in flight on his side
+    assert payload_ids(out) == [b_id]
+    alice_out = pair.to_alice(pair.bob_out)  # his `nosecret`
+    assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(alice_out)
+    assert payload_ids(alice_out) == [a_id]
+
+
+def test_no_verify_without_any_answer_releases_at_the_pair_timeout_only():
+    """A relay that strips the offer: the joiner knows at once (no offer) and sends; the inviter,
+    told nothing, holds until --pair-timeout, then sends; with holding on, nothing goes out."""
+    for hold in (False, True):
+        pair = Pair(hold=hold, strip_offer=True)
+        b_id, out = pair.bob.send_text("bob")
+        assert payload_ids(out) == ([] if hold else [b_id])
+        a_id, out = pair.alice.send_text("alice")
+        assert payload_ids(out) == []
+        pair.clock.now += 9.9
+        assert pair.alice.tick() == []
+        pair.clock.now += 0.2
+        out = pair.alice.tick()
+        assert PairingShown(SID, PairingNote.NO_ANSWER, "creator") in shows(out)
+        assert payload_ids(out) == ([] if hold else [a_id])
+        assert pair.alice.held_ids == ([a_id] if hold else [])
+
+
+def test_no_verify_resumed_joiner_between_reply_and_confirmation_holds():
+    pair = Pair(hold=False)
+    bob = ClientCore.resume(SID, saved(pair.bob_out), random=Rand(11), clock=pair.clock, hold_unverified=False)
+    bob.start()
+    again = bob.connected()
+    b_id, out = bob.send_text("after a restart, before the confirmation")
+    assert payload_ids(out) == [] and bob.held_ids == [b_id]
+    (reply,) = [a for a in again if isinstance(a, SendFrame) and '"pairing"' in a.text]
+    out = bob.frame_received(encode_text(sends(pair.to_alice([reply]))[-1]))
+    assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(out)
+    assert payload_ids(out) == [b_id]
 
 
 def test_reply_repeated_after_reconnect_and_answered_the_same():
@@ -318,7 +416,9 @@ def test_reply_repeated_after_reconnect_and_answered_the_same():
 
 def test_pairing_msgs_get_receipts_and_untagged_acks_stay_aligned():
     pair = Pair(hold=False)
-    # bob: the reply went out first, then a message; a Go relay acks both without ids
+    # bob: the reply went out first, then (once verified: until then it is held) a message;
+    # a Go relay acks both without ids
+    pair.to_bob(pair.to_alice(pair.bob_out))
     msg_id, _ = pair.bob.send_text("one")
     out = pair.bob.frame_received('{"t":"DELIVERED","sid":"%s"}' % SID)
     assert not shows(out)  # the pairing reply's ack, not the message's
@@ -391,3 +491,22 @@ def test_a_restored_joiner_refuses_a_wrong_confirmation():
     assert ForgetState(SID) in out and HandshakeFailed(FailureKind.PAIRING_FAILED,
                                                        "ask the other person for a new invite code and type all of it") \
         in shows(out)
+
+
+def test_a_message_handed_over_while_pairing_is_in_flight_waits_for_it():
+    """`parley send --no-verify` in another shell hands a message to the process that owns the
+    session (`adopt_pending`) while that process's pairing is in flight: it waits too, also over a
+    reconnect, and goes out once when the pairing confirms."""
+    pair = Pair(hold=False)
+    bob = pair.bob
+    key = bob.key
+    assert key is not None
+    item = {"msgID": "77" * 8, "payload": crypto.encrypt_payload(key, "handed over")}
+    out = bob.adopt_pending([item])
+    assert payload_ids(out) == [] and shows(out) == [MessageStatus(SID, item["msgID"], Status.HELD, "pairing")]
+    bob.disconnected()
+    assert payload_ids(bob.connected()) == []
+    bob_out = pair.to_bob(pair.to_alice(pair.bob_out))
+    assert bob.verified and payload_ids(bob_out) == [item["msgID"]]
+    bob.disconnected()
+    assert payload_ids(bob.connected()) == [item["msgID"]]  # pending until acked: resent as saved

@@ -484,6 +484,24 @@ async def test_parley_clients_refuse_through_the_mitm_every_time(kind, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["parley:compat", "go"])
+async def test_no_verify_lines_typed_while_pairing_runs_are_not_read(kind, tmp_path, request):
+    """--no-verify (PARLEY_NO_VERIFY=1) does not skip the pairing, and lines typed before it has
+    confirmed the key (here typed before the key existed, so submitted the moment it does, while
+    the PAKE is in flight) wait for it: through a relay that substitutes its keys both clients
+    refuse as before, and the MITM never gets a line it can decrypt (before this change it read
+    the inviter's, sent under the substituted key before the confirmation could fail)."""
+    with real_relay(kind, request) as upstream, trio.fail_after(TEST_TIMEOUT):
+        async with open_mitm(upstream) as mitm:
+            async with Parleys() as run:
+                alice, bob, _ = await invite_and_join_typing(run, mitm.url, tmp_path, "nv",
+                                                             env={"PARLEY_NO_VERIFY": "1"})
+                await assert_refused(alice, bob, tmp_path)
+            assert mitm.core.substituted == 2
+            assert mitm.texts == [] and mitm.core.reencrypted == 0
+            assert mitm.core.payload_msgs == 0  # nothing went out at all, readable or not
+
+
+@pytest.mark.parametrize("kind", ["parley:compat", "go"])
 async def test_a_wrong_guess_is_refused_and_the_right_one_would_read_everything(kind, tmp_path, request):
     """Mode guess: the MITM runs the PAKE with each side itself. A wrong secret: both refuse,
     nothing read. The control, the right secret (which a relay never sees): both sides verify
