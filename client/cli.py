@@ -60,7 +60,7 @@ from .context import VERIFIED_HOW
 from .core import ClientCore
 from .entry import LABEL_FIELD
 from .pairing import split_code
-from .pairlink import PAIR_TIMEOUT
+from .pairlink import PAIR_HOLD, PAIR_TIMEOUT
 from .errors import (
     BadLabel,
     BadRelayURL,
@@ -459,13 +459,23 @@ def _pair_timeout_option() -> Any:
                              "verified (a late answer still verifies it).")
 
 
+def _pair_hold_option() -> Any:
+    """`--pair-hold S`: with --no-verify, how long typed lines wait for a pairing answer that has not come."""
+    return click.option("--pair-hold", type=click.FloatRange(min=0), default=PAIR_HOLD, show_default=True,
+                        envvar="PARLEY_PAIR_HOLD", show_envvar=True,
+                        help="With --no-verify: seconds typed lines wait for a pairing under way to confirm the "
+                             "key (a Node peer never answers; then they go out unconfirmed).")
+
+
 @main.command()
 @click.option("--yes", "-y", is_flag=True, help="Accept the first join request without asking.")
 @_wait_option(DEFAULT_INVITE_TIMEOUT, "PARLEY_INVITE_TIMEOUT", "someone to join before cancelling the code")
 @_label_option
 @_pair_timeout_option()
+@_pair_hold_option()
 @session_options
-def invite(opts: Options, yes: bool, timeout: float, label: str | None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+def invite(opts: Options, yes: bool, timeout: float, label: str | None, pair_timeout: float = PAIR_TIMEOUT,
+           pair_hold: float = PAIR_HOLD) -> None:
     """Create a session, print its invite code, wait for the other person, chat.
 
     The code is the relay's code and a secret part this client makes up
@@ -475,13 +485,14 @@ def invite(opts: Options, yes: bool, timeout: float, label: str | None, pair_tim
     store = opts.store(writable=True)
     if label is not None:
         check_label_free(store.state, label, None)
-    _run(_invite, opts, store, yes, timeout, label, pair_timeout)
+    _run(_invite, opts, store, yes, timeout, label, pair_timeout, pair_hold)
 
 
 async def _invite(opts: Options, store: StateStore, yes: bool, timeout: float = DEFAULT_INVITE_TIMEOUT,
-                  label: str | None = None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+                  label: str | None = None, pair_timeout: float = PAIR_TIMEOUT,
+                  pair_hold: float = PAIR_HOLD) -> None:
     core = ClientCore.invite(seen_limit=opts.dedup_window, hold_unverified=not opts.no_verify,
-                             pair_timeout=pair_timeout)
+                             pair_timeout=pair_timeout, pair_hold=pair_hold)
     if label is not None:
         core.set_label(label)  # not keyed yet: kept in the entry, saved with the key
     terminal = Terminal(relay_url=opts.relay, join_hint=opts.join_hint())
@@ -564,9 +575,10 @@ def _check_code(ctx: click.Context, param: click.Parameter,
 @_wait_option(DEFAULT_JOIN_TIMEOUT, "PARLEY_JOIN_TIMEOUT", "the other person to accept")
 @_label_option
 @_pair_timeout_option()
+@_pair_hold_option()
 @session_options
 def join(opts: Options, code: tuple[str, str | None], timeout: float, label: str | None,
-         pair_timeout: float = PAIR_TIMEOUT) -> None:
+         pair_timeout: float = PAIR_TIMEOUT, pair_hold: float = PAIR_HOLD) -> None:
     """Join the session an invite CODE names, then chat (asks for CODE if not given).
 
     Only the code's first part goes to the relay; its secret part (the two
@@ -575,14 +587,15 @@ def join(opts: Options, code: tuple[str, str | None], timeout: float, label: str
     store = opts.store(writable=True)
     if label is not None:
         check_label_free(store.state, label, None)
-    _run(_join, opts, store, code, timeout, label, pair_timeout)
+    _run(_join, opts, store, code, timeout, label, pair_timeout, pair_hold)
 
 
 async def _join(opts: Options, store: StateStore, code: tuple[str, str | None] | str, timeout: float,
-                label: str | None = None, pair_timeout: float = PAIR_TIMEOUT) -> None:
+                label: str | None = None, pair_timeout: float = PAIR_TIMEOUT,
+                pair_hold: float = PAIR_HOLD) -> None:
     relay_code, secret = split_code(code) if isinstance(code, str) else code
     core = ClientCore.join(relay_code, secret, seen_limit=opts.dedup_window, hold_unverified=not opts.no_verify,
-                           pair_timeout=pair_timeout)
+                           pair_timeout=pair_timeout, pair_hold=pair_hold)
     if label is not None:
         core.set_label(label)
     terminal = Terminal(relay_url=opts.relay)

@@ -85,7 +85,7 @@ from .errors import SessionNotKeyed
 from .events import Action, Close, PairingNote, PairingShown, PeerPresence, RelayError, Role, SaveState, Show
 from .handshake import Handshake
 from .pairing import new_secret
-from .pairlink import PAIR_TIMEOUT, PairingLink
+from .pairlink import PAIR_HOLD, PAIR_TIMEOUT, PairingLink
 from .safetext import short_sid
 from .verify import verification_string
 
@@ -127,6 +127,7 @@ class ClientCore:
         pairing: bool = True,
         hold_unverified: bool = True,
         pair_timeout: float = PAIR_TIMEOUT,
+        pair_hold: float = PAIR_HOLD,
     ) -> None:
         self.adopt_relay = adopt_relay
         self._wall_clock = wall_clock
@@ -156,7 +157,7 @@ class ClientCore:
         self._clock = clock
         creator = mode is Mode.INVITE or (mode is Mode.RESUME and entry.get("role") == "creator")
         self.pairing = PairingLink(self.context, creator=creator, secret=secret, random=random, clock=clock,
-                                   pair_timeout=pair_timeout, note_sent=self.delivery.note_sent,
+                                   pair_timeout=pair_timeout, pair_hold=pair_hold, note_sent=self.delivery.note_sent,
                                    release_held=self.delivery.release_held,
                                    pairing_ended=self.delivery.pairing_ended, enabled=pairing)
         if mode is Mode.RESUME:

@@ -22,8 +22,10 @@ in `held`) even with `--no-verify`, since the key is not confirmed yet and a
 relay that substituted it would read them. The window closes on the
 outcome: verified (the lines go out), failed (they are forgotten with the
 session, never sent), no pairing (fallback: with `--no-verify` they go out
-now), or `pair_timeout` without an answer (with `--no-verify` they go out
-then; a late answer still verifies, a late failure still ends the session).
+now), or `pair_hold` (at most `pair_timeout`) without an answer (with
+`--no-verify` they go out then: a Node joiner never answers, and shows what
+it is only when it writes; a late answer still verifies, a late failure
+still ends the session).
 
 Once SPAKE2 has run, what is needed to finish (the joiner: the MAC it
 expects; the inviter: the reply it accepted) and our last pairing MSG are
@@ -46,9 +48,11 @@ from .context import Phase, SessionContext
 from .events import Action, FailureKind, ForgetState, PairingNote, PairingShown, Role, Show
 from .pairing import Pairing, Result, State
 
-__all__ = ["PairingLink", "PAIR_TIMEOUT", "PAIRING_FAILED_JOINER"]
+__all__ = ["PairingLink", "PAIR_TIMEOUT", "PAIR_HOLD", "PAIRING_FAILED_JOINER"]
 
 PAIR_TIMEOUT = 10.0  # seconds: see README "Pairing"
+# seconds lines wait, with --no-verify, for a pairing that has not answered (README "Pairing")
+PAIR_HOLD = 3.0
 PAIRING_MSG_ID_BYTES = 8
 # HandshakeFailed(PAIRING_FAILED).detail for the joiner (the inviter's is the error's default)
 PAIRING_FAILED_JOINER = "ask the other person for a new invite code and type all of it"
@@ -66,6 +70,7 @@ class PairingLink:
         random: Callable[[int], bytes],
         clock: Callable[[], float],
         pair_timeout: float = PAIR_TIMEOUT,
+        pair_hold: float = PAIR_HOLD,
         note_sent: Callable[[str], None] = lambda msg_id: None,
         release_held: Callable[[], list[Action]] | None = None,
         pairing_ended: Callable[[], list[Action]] = lambda: [],
@@ -78,6 +83,8 @@ class PairingLink:
         self._random = random
         self._clock = clock
         self.pair_timeout = pair_timeout
+        self.pair_hold = min(pair_hold, pair_timeout)
+        self._hold_deadline: float | None = None  # when the in-flight window closes without an answer
         self._note_sent = note_sent
         self._release_held = release_held or (lambda: [context.save()])
         self._pairing_ended = pairing_ended  # fallen back / no answer: what waited only for it
@@ -99,8 +106,8 @@ class PairingLink:
         if self.pairing is None or not isinstance(kept, dict) or ctx.sid is None:
             return
         if self.pairing.state is State.REPLIED:  # the joiner's reply is out, the confirmation not in
-            ctx.pairing_open = True
             self._deadline = self._clock() + self.pair_timeout
+            self._open_window()
         text = kept.get("msg")
         if isinstance(text, str):
             try:
@@ -136,7 +143,7 @@ class PairingLink:
         offer = self.pairing.offer()
         if offer is not None:
             self._deadline = self._clock() + self.pair_timeout
-            self.context.pairing_open = True
+            self._open_window()
         return offer
 
     def answer(self, sid: str, creator_public: str, joiner_public: str, offer: str | None) -> list[Action]:
@@ -147,7 +154,7 @@ class PairingLink:
         result = self.pairing.answer(offer)
         if result.state is State.REPLIED:
             self._deadline = self._clock() + self.pair_timeout
-            self.context.pairing_open = True
+            self._open_window()
         return self._actions(result)
 
     # --- fed by the core ---------------------------------------------------------
@@ -193,21 +200,33 @@ class PairingLink:
         return self._resend()
 
     def tick(self, now: float) -> list[Action]:
-        """Once: no pairing answer within `pair_timeout` (the session stays unverified, and says so)."""
+        """No pairing answer within `pair_hold`: what waited only for it goes out (`--no-verify`).
+        Once: none within `pair_timeout` (the session stays unverified, and says so)."""
         ctx = self.context
-        if self._deadline is None or now < self._deadline or ctx.phase is not Phase.READY:
+        if ctx.phase is not Phase.READY:
             return []
+        released: list[Action] = []
+        if self._hold_deadline is not None and now >= self._hold_deadline:
+            self._hold_deadline = None
+            released = self._window_closed()
+        if self._deadline is None or now < self._deadline:
+            return released
         self._deadline = None
         if self.pairing is None or self.pairing.state not in (State.OFFERED, State.REPLIED) or ctx.sid is None:
-            return []
-        return [Show(PairingShown(ctx.sid, PairingNote.NO_ANSWER, self.role)), *self._window_closed()]
+            return released
+        return [*released, Show(PairingShown(ctx.sid, PairingNote.NO_ANSWER, self.role)), *self._window_closed()]
 
     # --- what a step means ---------------------------------------------------------
+
+    def _open_window(self) -> None:
+        self.context.pairing_open = True
+        self._hold_deadline = self._clock() + self.pair_hold
 
     def _window_closed(self) -> list[Action]:
         """The pairing is no longer in flight: lines held only for it (`--no-verify`) go out now."""
         ctx = self.context
         was_open, ctx.pairing_open = ctx.pairing_open, False
+        self._hold_deadline = None
         return self._pairing_ended() if was_open else []
 
     def _resend(self) -> list[Action]:

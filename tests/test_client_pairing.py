@@ -366,22 +366,44 @@ def test_no_verify_joiner_without_the_secret_releases_at_its_nosecret():
     assert payload_ids(alice_out) == [a_id]
 
 
-def test_no_verify_without_any_answer_releases_at_the_pair_timeout_only():
+def test_no_verify_without_any_answer_releases_at_the_pair_hold():
     """A relay that strips the offer: the joiner knows at once (no offer) and sends; the inviter,
-    told nothing, holds until --pair-timeout, then sends; with holding on, nothing goes out."""
+    told nothing (as by a Node joiner that has not written), holds for --pair-hold (3 s), then
+    sends; the notice still comes at --pair-timeout. With holding on, nothing goes out."""
     for hold in (False, True):
         pair = Pair(hold=hold, strip_offer=True)
         b_id, out = pair.bob.send_text("bob")
         assert payload_ids(out) == ([] if hold else [b_id])
         a_id, out = pair.alice.send_text("alice")
         assert payload_ids(out) == []
-        pair.clock.now += 9.9
+        pair.clock.now += 2.9
         assert pair.alice.tick() == []
         pair.clock.now += 0.2
         out = pair.alice.tick()
-        assert PairingShown(SID, PairingNote.NO_ANSWER, "creator") in shows(out)
-        assert payload_ids(out) == ([] if hold else [a_id])
+        assert payload_ids(out) == ([] if hold else [a_id]) and not shows(out)[1:]
         assert pair.alice.held_ids == ([a_id] if hold else [])
+        pair.clock.now += 6.8
+        assert payload_ids(pair.alice.tick()) == []
+        pair.clock.now += 0.2
+        out = pair.alice.tick()
+        assert shows(out) == [PairingShown(SID, PairingNote.NO_ANSWER, "creator")] and payload_ids(out) == []
+
+
+def test_pair_hold_is_an_option_and_never_longer_than_the_pair_timeout():
+    for hold_s, timeout_s, released_at in ((0.5, 10.0, 0.5), (20.0, 4.0, 4.0)):
+        clock = Clock()
+        alice = ClientCore.invite(random=Rand(1), clock=clock, keygen=lambda: _PRIV_A, hold_unverified=False,
+                                  pair_hold=hold_s, pair_timeout=timeout_s)
+        alice.connected()
+        alice.frame_received('{"t":"INVITE_CODE","sid":"%s","data":{"code":"042917"}}' % SID)
+        alice.frame_received(encode_text(JoinRequest(SID, PUB_B)))
+        alice.accept_join()
+        a_id, out = alice.send_text("waits")
+        assert payload_ids(out) == []
+        clock.now += released_at - 0.01
+        assert payload_ids(alice.tick()) == []
+        clock.now += 0.02
+        assert payload_ids(alice.tick()) == [a_id]
 
 
 def test_no_verify_resumed_joiner_between_reply_and_confirmation_holds():
