@@ -532,3 +532,15 @@ def test_a_message_handed_over_while_pairing_is_in_flight_waits_for_it():
     assert bob.verified and payload_ids(bob_out) == [item["msgID"]]
     bob.disconnected()
     assert payload_ids(bob.connected()) == [item["msgID"]]  # pending until acked: resent as saved
+
+
+def test_joiner_saves_once_before_its_reply_with_the_key_and_the_pairing_state():
+    """The joiner's path: one save (write + fsync + rename), not two, before its pairing reply; it
+    holds the key (nothing is sent under a key that is not on disk) and the `replied` state (a
+    restarted joiner repeats the reply byte for byte)."""
+    pair = Pair()
+    first_send = next(i for i, a in enumerate(pair.bob_out) if isinstance(a, SendFrame))
+    saves = [a for a in pair.bob_out[:first_send] if isinstance(a, SaveState)]
+    assert len(saves) == 1
+    assert saves[0].entry["key"] == pair.bob.key and saves[0].entry["pairing"]["state"] == "replied"
+    assert shows(pair.bob_out[:first_send])[0].__class__.__name__ == "KeyEstablished"
