@@ -13,6 +13,12 @@ Go reference relay when `go` is installed). Per relay it prints the median and t
 * the SPAKE2 arithmetic alone (start + finish, both sides, no I/O).
 
 The inviter accepts at once (as `invite --yes`). Target (issue #15): join -> confirmed < 150 ms.
+
+`--steps` also prints, for the pairing runs, the median time from the join to each step (the
+joiner's core made, i.e. its DH key pair; its connection open; the join request shown to the
+inviter, after the peer-key check; each key; each side verified): where the path's time goes.
+To compare two trees, run each tree's copy with its own venv, alternately (`bench/results/
+2026-11-30-handshake.md`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from parley.client.core import ClientCore  # noqa: E402
-from parley.client.events import InviteReady, JoinRequested, KeyEstablished, PairingNote, PairingShown  # noqa: E402
+from parley.client.events import (  # noqa: E402
+    ConnectionNotice,
+    InviteReady,
+    JoinRequested,
+    KeyEstablished,
+    PairingNote,
+    PairingShown,
+)
 from parley.client.pairing import Pairing  # noqa: E402
 from parley.client.runner import Runner  # noqa: E402
 from parley.client.store import StateStore  # noqa: E402
@@ -55,8 +68,12 @@ class Events:
             await self.changed.wait()
 
 
-async def one(url: str, tmp: Path, pairing: bool) -> tuple[float, float | None]:
-    """(join -> both keys, join -> both verified) in seconds."""
+STEPS = ("joiner's core made (its DH key pair)", "joiner connected", "inviter shown the join request",
+         "inviter keyed", "joiner keyed", "inviter verified", "joiner verified")
+
+
+async def one(url: str, tmp: Path, pairing: bool, steps: list[float] | None = None) -> tuple[float, float | None]:
+    """(join -> both keys, join -> both verified) in seconds; `steps` gets join -> each of STEPS."""
     ea, eb = Events(), Events()
     alice = ClientCore.invite(pairing=pairing)
     async with trio.open_nursery() as nursery:
@@ -66,6 +83,7 @@ async def one(url: str, tmp: Path, pairing: bool) -> tuple[float, float | None]:
         code = next(e for _, e in ea.got if isinstance(e, InviteReady)).code
         t0 = time.perf_counter()
         bob = ClientCore.join(code, alice.secret)
+        made = time.perf_counter()
         rb = Runner(bob, url, StateStore(tmp / "state-b.json"), eb)
         nursery.start_soon(rb.run)
         await ea.wait(lambda e: isinstance(e, JoinRequested))
@@ -76,7 +94,14 @@ async def one(url: str, tmp: Path, pairing: bool) -> tuple[float, float | None]:
         if pairing:
             def verified(e: Any) -> bool:
                 return isinstance(e, PairingShown) and e.note is PairingNote.VERIFIED
-            confirmed = max(await ea.wait(verified), await eb.wait(verified)) - t0
+            va, vb = await ea.wait(verified), await eb.wait(verified)
+            confirmed = max(va, vb) - t0
+            if steps is not None:
+                at = [made, await eb.wait(lambda e: isinstance(e, ConnectionNotice)),
+                      await ea.wait(lambda e: isinstance(e, JoinRequested)),
+                      await ea.wait(lambda e: isinstance(e, KeyEstablished)),
+                      await eb.wait(lambda e: isinstance(e, KeyEstablished)), va, vb]
+                steps.extend(t - t0 for t in at)
         ra.close()
         rb.close()
     return keyed - t0, confirmed
@@ -98,15 +123,20 @@ def ms(values: list[float]) -> str:
     return f"median {1000 * statistics.median(values):6.1f} ms, min {1000 * min(values):6.1f} ms"
 
 
-async def bench(url: str, reps: int) -> dict[str, list[float]]:
+async def bench(url: str, reps: int, steps: bool = False) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {"legacy: join -> both keys": [], "pairing: join -> both keys": [],
                                        "pairing: join -> both confirmed": []}
+    if steps:
+        results.update({f"pairing steps: join -> {step}": [] for step in STEPS})
     for i in range(reps + 1):  # the first of each is a warm-up (imports, the relay's first session)
         with tempfile.TemporaryDirectory() as tmp:
             legacy, _ = await one(url, Path(tmp), pairing=False)
+        at: list[float] = []
         with tempfile.TemporaryDirectory() as tmp:
-            keyed, confirmed = await one(url, Path(tmp), pairing=True)
+            keyed, confirmed = await one(url, Path(tmp), pairing=True, steps=at if steps else None)
         if i:
+            for step, value in zip(STEPS, at):
+                results[f"pairing steps: join -> {step}"].append(value)
             results["legacy: join -> both keys"].append(legacy)
             results["pairing: join -> both keys"].append(keyed)
             assert confirmed is not None
@@ -118,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--relays", default="parley,go")
+    parser.add_argument("--steps", action="store_true", help="also time each step of the pairing runs")
     args = parser.parse_args()
     print(f"SPAKE2 + confirmation, both sides, no I/O: {ms(spake2_alone(args.reps))}")
     for kind in args.relays.split(","):
@@ -137,7 +168,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown relay {kind!r}")
         with relay:
-            results = trio.run(bench, relay.url, args.reps)
+            results = trio.run(bench, relay.url, args.reps, args.steps)
         for what, values in results.items():
             print(f"{kind} relay, {what}: {ms(values)}  ({len(values)} runs)")
 
