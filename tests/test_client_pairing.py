@@ -544,3 +544,33 @@ def test_joiner_saves_once_before_its_reply_with_the_key_and_the_pairing_state()
     assert len(saves) == 1
     assert saves[0].entry["key"] == pair.bob.key and saves[0].entry["pairing"]["state"] == "replied"
     assert shows(pair.bob_out[:first_send])[0].__class__.__name__ == "KeyEstablished"
+
+
+def test_a_line_held_for_the_pairing_says_so_on_screen():
+    import io
+
+    from parley.client.events import HELD_FOR_PAIRING
+    from parley.client.terminal import Terminal
+
+    out = io.StringIO()
+    terminal = Terminal(out)
+    terminal.show(MessageStatus(SID, "ab" * 8, Status.HELD, HELD_FOR_PAIRING))
+    terminal.show(MessageStatus(SID, "cd" * 8, Status.HELD))
+    first, second = out.getvalue().splitlines()
+    assert "held, not sent until the pairing has confirmed the key" in first
+    assert "held, not sent: the session is not verified yet" in second
+
+
+def test_a_message_handed_over_while_holding_for_verification_goes_at_the_fallback():
+    """Without --no-verify our own lines wait for verification, but a message `parley send
+    --no-verify` handed over never did: it waits only for the pairing, and goes at its fallback."""
+    pair = Pair(hold=True, joiner_secret=False)
+    alice = pair.alice
+    key = alice.key
+    assert key is not None
+    own, _ = alice.send_text("mine, held until compared")
+    item = {"msgID": "55" * 8, "payload": crypto.encrypt_payload(key, "handed over")}
+    assert payload_ids(alice.adopt_pending([item])) == []
+    out = pair.to_alice(pair.bob_out)  # bob's nosecret: no pairing
+    assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(out)
+    assert payload_ids(out) == [item["msgID"]] and alice.held_ids == [own]
