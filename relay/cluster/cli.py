@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from .codes import ShardedRandom, live_code_cap
-from .durability import _reason, log_durability, parse_backplane_url, read_durability
+from .durability import BackplaneUnavailable, _reason, log_durability, open_backplane, parse_backplane_url, read_durability
 from .lease import new_token
 from .node import ClusterOptions, ClusterServer, node_name
 from .redisstore import RedisStore, open_client
@@ -44,12 +44,14 @@ class Prepared:
         return isinstance(exc, BackplaneStartError)
 
     async def run(self, server: ClusterServer, announce: Any) -> None:
-        """Connect, register the node, serve until signalled, deregister."""
+        """Connect (`open_backplane`: one PING within --backplane-timeout), register the node,
+        serve until signalled, deregister. BackplaneStartError (one line) when Redis cannot be
+        reached or the node cannot register."""
         from ..cli import run_until_signalled
 
         started = False
         try:
-            async with self.client:
+            async with open_backplane(self.url, client=self.client, connect_timeout=self.options.timeout):
                 await server.start_backplane()
                 started = True
                 try:
@@ -70,6 +72,8 @@ class Prepared:
                 leaf = leaf.exceptions[0]
             if isinstance(leaf, BackplaneStartError):
                 raise leaf from None
+            if isinstance(leaf, BackplaneUnavailable):  # open_backplane's line names URL and reason
+                raise BackplaneStartError(str(leaf)) from None
             raise BackplaneStartError(f"cannot reach the backplane at {self.shown_url}: {_reason(exc)}") from None
 
 

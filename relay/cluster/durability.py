@@ -194,14 +194,18 @@ def _reason(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def open_backplane(
-    url: BackplaneURL | str, *, connect_timeout: float = 5.0, **options: Any
+    url: BackplaneURL | str, *, connect_timeout: float = 5.0, client: coredis.Redis | None = None,
+    **options: Any,
 ) -> AsyncIterator[coredis.Redis]:
     """An entered coredis client that has answered PING within `connect_timeout` s.
 
-    BackplaneUnavailable (one line) if it did not; errors after that come from coredis as usual.
+    `client`: one already made for `url` (the relay makes its node's client before it
+    connects); None makes one with `options`. BackplaneUnavailable (one line) if it did not
+    answer; errors after that come from coredis as usual.
     """
     parsed = url if isinstance(url, BackplaneURL) else parse_backplane_url(url)
-    client = parsed.client(connect_timeout=connect_timeout, **options)
+    if client is None:
+        client = parsed.client(connect_timeout=connect_timeout, **options)
     ready = False
     try:
         async with client:
