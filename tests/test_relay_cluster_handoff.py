@@ -217,3 +217,78 @@ async def test_after_the_handoff_killing_the_old_owner_changes_nothing_for_the_m
                     for i in range(5):
                         await exchange_skipping(a2, b, sid, f"k{i + 1}")
                     assert await owner_of(redis_server.url, sid) == id_b
+
+
+async def test_handoff_compare_and_set_is_fenced(redis_server):
+    """`RedisStore.hand_off`: only the owner gives, only to a live node, atomically with the
+    `owned:` sets; afterwards the giver's writes are refused (LeaseLost) and the taker's are not."""
+    import pytest
+
+    from parley.relay.actions import SaveFrame, SaveSession
+    from parley.relay.cluster.redisstore import LeaseLost, RedisStore, open_client
+
+    sid = "1763900000000_" + "ef" * 16
+    client = open_client(redis_server.url, timeout=2.0)
+    async with client:
+        await client.flushdb()
+        giver = RedisStore(client, token="node-a")
+        taker = RedisStore(client, token="node-b")
+        await giver.apply_async([SaveSession(sid, 1763900000.0, False, "10.0.0.1")])
+        assert await taker.hand_off(sid, "node-a") == 0  # not the taker's to give
+        assert await giver.hand_off(sid, "node-b") == -1  # node-b is not alive: nothing changes
+        assert await giver.owner_of(sid) == "node-a"
+        await client.set("parley:node:node-b", "node-b", px=5000)
+        assert await giver.hand_off(sid, "node-b") == 1
+        assert await giver.owner_of(sid) == "node-b"
+        assert await client.smembers("parley:owned:node-a") == set()
+        assert await client.smembers("parley:owned:node-b") == {sid}
+        assert await client.ttl("parley:owner:" + sid) == -1  # permanent, as the batch made it
+        assert await giver.hand_off(sid, "node-b") == 0  # given once
+        frame = SaveFrame(sid, 1, "sa", "m1", "x", 1e10)
+        with pytest.raises(LeaseLost):
+            await giver.apply_async([frame])
+        assert await taker.apply_async([frame]) == 1
+        assert [f.msg_id for f in (await taker.load_session(sid)).frames] == ["m1"]
+
+
+async def test_taker_dead_during_the_handoff_leaves_the_session_with_its_owner(redis_server):
+    """B stops answering (SIGSTOP) just as the hand-off starts, then dies (SIGKILL): A gives
+    up the hand-off and keeps the session (one owner), the members reconnect (to A) and
+    REATTACH, and what B's client had acknowledged is all there."""
+    import os
+    import signal
+
+    lease = 3.0  # B's liveness key outlives the stop by 2 s or more: A starts the hand-off
+    extra = ["--backplane-handoff-delay", "1.0", "--metrics-port", "0", "--log-level", "info"]
+    with cluster(redis_server.url, 2, lease=lease, extra=extra) as (node_a, node_b), trio.fail_after(60):
+        id_a = await node_id(redis_server.url, node_a)
+        async with trio_websocket.open_websocket_url(node_a.url) as a, \
+                trio_websocket.open_websocket_url(node_b.url) as b:
+            sid, code = await create(a, side="side-a")
+            await join_and_accept(a, b, code, sid, side="side-b")
+        async with trio_websocket.open_websocket_url(node_b.url) as a2, \
+                trio_websocket.open_websocket_url(node_b.url) as b2:
+            for ws, side in ((b2, "side-b"), (a2, "side-a")):
+                await send(ws, {"t": "REATTACH", "sid": sid, "data": {"side": side}})
+            assert (await recv_type(b2, "PEER_ONLINE"))["sid"] == sid
+            data = {"payload": "dd" * 16, "msgID": "d1"}
+            await send(b2, {"t": "MSG", "sid": sid, "data": data})
+            assert (await recv_type(b2, "DELIVERED"))["data"] == {"msgID": "d1"}  # kept for side a
+            os.kill(node_b.pid, signal.SIGSTOP)
+            try:
+                with trio.move_on_after(10):
+                    while await counter(node_a, "handoffs_failed") < 1:
+                        await trio.sleep(0.1)
+                assert await counter(node_a, "handoffs_failed") == 1
+                assert await counter(node_a, "handoffs_out") == 0
+                assert await owner_of(redis_server.url, sid) == id_a
+            finally:
+                node_b.kill()
+        async with trio_websocket.open_websocket_url(node_a.url) as a3, \
+                trio_websocket.open_websocket_url(node_a.url) as b3:
+            await send(a3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+            assert (await recv_type(a3, "MSG"))["data"] == data
+            await send(b3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
+            assert (await recv_type(a3, "PEER_ONLINE"))["sid"] == sid
+            await exchange_skipping(a3, b3, sid, "d2")
+            assert await owner_of(redis_server.url, sid) == id_a
