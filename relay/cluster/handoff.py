@@ -286,11 +286,11 @@ class Handoffs:
 
     def _handed(self, giver: str, sid: str, hid: int, members: list[list[Any]], senders: list[list[int]]) -> None:
         arr = self.arriving.get(sid)
-        if arr is None or arr.hid != hid:  # late (we stopped holding): take it all the same
-            if arr is not None:
-                return  # a newer offer is in flight; this one is stale
+        if arr is None:  # late (we stopped holding): Redis says it is ours, take it all the same
             arr = _Arrival(sid, hid, giver, [])
             self.arriving[sid] = arr
+        elif arr.taking:
+            return  # (a repeated item: the arrival is under way)
         arr.taking = True
         assert self.server._services is not None
         self.server._services.start_soon(self._arrive, arr, members, senders)

@@ -25,6 +25,7 @@ never seen by clients):
     ["s", conn, text]                            a frame for the origin's connection
     ["x", conn, code, reason]                    close the origin's connection
     ["d", origin, conn]                          the origin's connection is gone
+    ["hq"|"ha"|"h"|"hx", ...]                    a session hand-off (`relay.cluster.handoff`)
 """
 
 from __future__ import annotations
