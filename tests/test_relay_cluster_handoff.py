@@ -14,6 +14,7 @@ import re
 import urllib.request
 
 import coredis
+import pytest
 import trio
 import trio_websocket
 
@@ -122,21 +123,24 @@ async def reader(ws, sid: str, out: list, acks: list, want_msgs: int, want_acks:
             raise AssertionError(f"unexpected {frame['t']}")
 
 
-async def test_handoff_racing_a_msg_burst_loses_duplicates_and_reorders_nothing(redis_server):
+@pytest.mark.parametrize("sided", [True, False], ids=["sided", "legacy"])
+async def test_handoff_racing_a_msg_burst_loses_duplicates_and_reorders_nothing(redis_server, sided):
     count = 200
+    side_a, side_b = ("side-a", "side-b") if sided else (None, None)
+    attach_a = {"side": side_a} if sided else {}
     with cluster(redis_server.url, 2, lease=LEASE, extra=EXTRA) as (node_a, node_b), trio.fail_after(90):
         id_b = await node_id(redis_server.url, node_b)
         async with trio_websocket.open_websocket_url(node_a.url) as a:
             async with trio_websocket.open_websocket_url(node_b.url) as b:
-                sid, code = await create(a, side="side-a")
-                await join_and_accept(a, b, code, sid, side="side-b")
+                sid, code = await create(a, side=side_a)
+                await join_and_accept(a, b, code, sid, side=side_b)
                 await exchange(a, b, sid, "r0")
                 for ws, msg_id in ((b, "r001"), (a, "r002")):
                     await send(ws, {"t": "RECEIVED", "sid": sid, "data": {"msgID": msg_id}})
                 await a.aclose()
                 assert (await recv_type(b, "PEER_OFFLINE"))["sid"] == sid
                 async with trio_websocket.open_websocket_url(node_b.url) as a2:
-                    await send(a2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+                    await send(a2, {"t": "REATTACH", "sid": sid, "data": attach_a})
                     assert (await recv_type(a2, "PEER_ONLINE"))["sid"] == sid
                     assert (await recv_type(b, "PEER_ONLINE"))["sid"] == sid
                     # the burst starts at once: the hand-off (0.3 s later) happens in its middle
@@ -222,8 +226,6 @@ async def test_after_the_handoff_killing_the_old_owner_changes_nothing_for_the_m
 async def test_handoff_compare_and_set_is_fenced(redis_server):
     """`RedisStore.hand_off`: only the owner gives, only to a live node, atomically with the
     `owned:` sets; afterwards the giver's writes are refused (LeaseLost) and the taker's are not."""
-    import pytest
-
     from parley.relay.actions import SaveFrame, SaveSession
     from parley.relay.cluster.redisstore import LeaseLost, RedisStore, open_client
 
