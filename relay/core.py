@@ -509,11 +509,14 @@ class RelayCore:
 
     def handoff_ready(self, sid: str) -> bool:
         """Whether `release(sid)` may hand the session to another node now:
-        it has members, and none of its in-memory state is of the kind that
-        `Released` does not carry (a pending JOIN_REQUEST or a sided joiner
-        waiting for its answer, a paced REATTACH replay in progress)."""
+        it has members, no live code (a code stays with the core that minted
+        it: a cluster node mints from its own share of the code space and
+        knows a code is free only if it holds every code it minted), and none
+        of its in-memory state is of the kind that `Released` does not carry
+        (a pending JOIN_REQUEST or a sided joiner waiting for its answer, a
+        paced REATTACH replay in progress)."""
         sess = self._sessions.get(sid)
-        if sess is None or not sess.members or sess.pending_joins or sess.waiting:
+        if sess is None or not sess.members or sess.code is not None or sess.pending_joins or sess.waiting:
             return False
         conns = self._conns
         for m in sess.members:
@@ -525,9 +528,9 @@ class RelayCore:
     def release(self, sid: str) -> Released | None:
         """Let go of one session another node takes over (`relay.cluster`
         hand-off): the inverse of `adopt`. The session leaves memory with its
-        live code, stored frames and quota counts, and its members are
-        detached WITHOUT PEER_OFFLINE (they are not going offline: the new
-        owner attaches them again). No actions, no store ops: the store holds
+        stored frames and quota counts (it has no live code: `handoff_ready`),
+        and its members are detached WITHOUT PEER_OFFLINE (they are not going
+        offline: the new owner attaches them again). No actions, no store ops: the store holds
         the rows (the caller waits for its commits). Returns None (nothing
         done) unless `handoff_ready(sid)`. The `Released` carries what the new
         owner needs beyond the rows, and a snapshot of the rows to `adopt`
@@ -551,17 +554,11 @@ class RelayCore:
             self._release_bytes(sess, stored)
             self._frames.remove(sid, stored)
         self._frames.forget([sid])
-        codes = ()
-        if sess.code is not None:
-            _sid, expires_at = self._codes.pop(sess.code)
-            codes = (SaveCode(sess.code, sid, expires_at, sess.code_owner and sess.code_owner[0]),)
-            self._release_code(sess)
         self._idle.pop(sid, None)
         self._forget_session(sess)
         snapshot = Snapshot(
             sessions=(SaveSession(sid, now, sess.auto, sess.owner and sess.owner[0]),),
             sides=tuple(SaveSide(sid, side) for side in sess.sides),
-            codes=codes,
             frames=tuple(frames),
         )
         return Released(sid, tuple(members), senders, snapshot)

@@ -3,8 +3,9 @@
 The giver lets the session go without a word to its members (they are not going offline),
 its quota counts drop to what it still holds; the taker, from the store's rows plus what the
 hand-off carries (members with their sides, who sent which stored frame), relays and replays
-exactly as the giver would have. A session with state the hand-off does not carry (a pending
-JOIN_REQUEST, a sided joiner waiting for its answer, a paced replay) is not released."""
+exactly as the giver would have. A session with state the hand-off does not carry (a live
+code, a pending JOIN_REQUEST, a sided joiner waiting for its answer, a paced replay) is not
+released."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def _taker(giver: Harness, conns: dict[int, int]) -> Harness:
 def test_release_is_silent_and_the_taker_relays_and_replays_as_the_giver_would():
     giver = Harness()
     sid = _pair(giver)
-    giver.send(1, {"t": "INVITE_CREATE", "sid": sid})  # ignored in the go dialect; fine either way
     assert giver.core.handoff_ready(sid)
     released = giver.core.release(sid)
     assert released is not None and [(m, s) for m, s, _c in released.members] == [(1, "sa"), (2, "sb")]
@@ -147,6 +147,16 @@ def test_state_a_handoff_does_not_carry_keeps_the_session_where_it_is():
     while h.drain_wanted:
         h.drained(h.drain_wanted[0])
     assert h.core.handoff_ready(sid)
+
+    # a live code: it stays with the core that minted it (codes are unique per minting node)
+    h = Harness()
+    h.connect(1)
+    sid, code = create_session(h, 1, side="sa")
+    assert h.core.code_session(code) == sid and not h.core.handoff_ready(sid)
+    h.connect(2)
+    h.send(2, {"t": "JOIN", "data": {"code": code, "publicKey": "ab" * 8, "side": "sb"}})
+    h.send(1, {"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "cd" * 8}})
+    assert h.core.code_session(code) is None and h.core.handoff_ready(sid)
 
     # no member: nothing to hand to anyone
     h = Harness()

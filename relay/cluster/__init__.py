@@ -39,9 +39,11 @@ renewed every lease/3). Ownership is taken:
      answers `["ha", B, sid, hid, ok]` (refused if one of them is gone or already waiting).
      Every frame B forwarded before its answer reaches A before it (one channel, in order).
   2. A, at that answer, synchronously: the members are still exactly those, and the session
-     has no state the hand-off does not carry (`RelayCore.handoff_ready`: no pending
-     JOIN_REQUEST, no sided joiner waiting for JOIN_ACCEPT/JOIN_DENY, no paced REATTACH replay
-     in progress: those keep the session where it is until they are over); none of their
+     has no state the hand-off does not carry (`RelayCore.handoff_ready`: no live invite code
+     (a code stays with the node that minted it, whose share of the code space it is: that
+     node knows a code is free only while it holds all it minted), no pending JOIN_REQUEST, no
+     sided joiner waiting for JOIN_ACCEPT/JOIN_DENY, no paced REATTACH replay in progress:
+     those keep the session where it is until they are over); none of their
      frames waits in A for another lookup. Then `RelayCore.release` takes it out of A's core
      without a word to the members (no PEER_OFFLINE), and A waits until its store pipeline has
      committed every op queued up to then (the session's rows in Redis are complete, and the
@@ -137,8 +139,8 @@ Failures, and what clients see
 
 Not done / limits (see README "Relay cluster: backplane"): ownership moves to the members' node
 only when ALL attached members are on that one node (a session with members on A and B stays
-where it is: one hop for the member elsewhere), and not while a JOIN is in progress or a paced
-replay runs; the per-connection counters of a handed-off member stay on the old owner;
+where it is: one hop for the member elsewhere), and not while it has a live invite code, a JOIN
+is in progress or a paced replay runs; the per-connection counters of a handed-off member stay on the old owner;
 per-address limits are per node; Redis Cluster (sharded) is not supported (the Lua scripts
 touch keys of several sessions); a connection closed with 1012 loses its other sessions' live
 state too (it REATTACHes them).

@@ -80,9 +80,10 @@ class Handoffs:
 
     `delay`: seconds the condition must hold before a hand-off starts (0: never)."""
 
-    def __init__(self, server: ClusterServer, delay: float) -> None:
+    def __init__(self, server: ClusterServer, delay: float, remote_type: type) -> None:
         self.server = server
         self.delay = delay
+        self._remote_type = remote_type  # node.RemoteConn: another node's connection
         self._hids = itertools.count(1)
         self._since: dict[str, tuple[str, float]] = {}  # sid -> (taker, since when), trio clock
         self.leaving: dict[str, _Departure] = {}
@@ -117,6 +118,7 @@ class Handoffs:
             return
         core = server._core
         attached = server._attached
+        remote = self._remote_type
         since: dict[str, tuple[str, float]] = {}
         seen: set[str] = set()
         for origin, rids in server._by_origin.items():
@@ -130,7 +132,7 @@ class Handoffs:
                     if sid in self.leaving:
                         continue
                     members = core.members_of(sid)
-                    if not all(getattr(attached.get(m), "origin", None) == origin for m in members):
+                    if not all(type(c := attached.get(m)) is remote and c.origin == origin for m in members):
                         continue
                     if not core.handoff_ready(sid):
                         continue
@@ -260,7 +262,7 @@ class Handoffs:
         ok = bool(conn_ids) and sid not in self.arriving and not server._core.holds(sid)
         for cid in conn_ids if ok else ():
             conn = attached.get(cid)
-            if conn is None or getattr(conn, "origin", None) is not None or cid in server._waiting:
+            if conn is None or type(conn) is self._remote_type or cid in server._waiting:
                 ok = False
                 break
         if ok:

@@ -242,7 +242,7 @@ class ClusterServer(RelayServer):
             "dead_nodes": 0, "moved_closes": 0, "unavailable": 0,
             "handoffs_out": 0, "handoffs_in": 0, "handoffs_failed": 0,
         }
-        self.handoffs = Handoffs(self, options.handoff_delay)
+        self.handoffs = Handoffs(self, options.handoff_delay, RemoteConn)
 
     # -- names and calls ---------------------------------------------------------------
 
