@@ -114,8 +114,8 @@ class Handoffs:
     def scan(self, now: float) -> None:
         """Start the hand-offs whose condition has held for `delay` s."""
         server = self.server
-        if server._shutting_down:
-            return
+        if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy:
+            return  # (a move needs Redis: a commit, a compare-and-set, a load)
         core = server._core
         attached = server._attached
         remote = self._remote_type
@@ -259,7 +259,8 @@ class Handoffs:
     def _offered(self, giver: str, sid: str, hid: int, conn_ids: list[int]) -> None:
         server = self.server
         attached = server._attached
-        ok = bool(conn_ids) and sid not in self.arriving and not server._core.holds(sid)
+        ok = (bool(conn_ids) and server.backplane_ok and not server._shutting_down and sid not in self.arriving
+              and not server._core.holds(sid))
         for cid in conn_ids if ok else ():
             conn = attached.get(cid)
             if conn is None or type(conn) is self._remote_type or cid in server._waiting:
