@@ -164,3 +164,21 @@ def test_state_a_handoff_does_not_carry_keeps_the_session_where_it_is():
     sid, _code = create_session(h, 1, side="sa")
     h.disconnect(1)
     assert not h.core.handoff_ready(sid)
+
+
+def test_a_node_joiner_moved_between_join_request_and_join_accept_still_gets_joined():
+    """node/compat: JOIN_ACCEPT names the joiner by the clientID the giver gave it; the hand-off
+    carries it, so the taker routes JOINED to the same client."""
+    giver = Harness(dialect="node")
+    giver.connect(1)
+    giver.connect(2)
+    sid, code = create_session(giver, 1)
+    out = giver.send(2, {"t": "JOIN", "data": {"code": code, "publicKey": "ab" * 8}})
+    client_id = decoded(out[1])[0]["data"]["clientID"]
+    released = giver.core.release(sid)
+    assert released is not None and released.members[1] == (2, None, client_id)
+    taker = _taker(giver, {1: 11, 2: 12})
+    taker.core.adopt(giver.store.snapshot())
+    taker.run(taker.core.attach_moved(sid, [(11, None, None), (12, None, client_id)]))
+    out = taker.send(11, {"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "cd" * 8, "clientID": client_id}})
+    assert [f["t"] for f in decoded(out[12])] == ["JOIN_ACCEPT", "JOINED"]
