@@ -34,6 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
+from coredis.exceptions import RedisError
 
 from .redisstore import BackplaneUnavailable
 
@@ -155,6 +156,7 @@ class Handoffs:
 
     async def _depart(self, dep: _Departure) -> None:
         server = self.server
+        released = None
         try:
             with trio.move_on_after(server.options.timeout):
                 await dep.answered.wait()
@@ -178,12 +180,18 @@ class Handoffs:
                 self._take_back(released)
                 self._failed(dep, "owner not changed")
                 return
-            members = [[dep.conns[m], side, client_id] for m, side, client_id in released.members
+            handed, released = released, None  # B owns it now: never taken back
+            members = [[dep.conns[m], side, client_id] for m, side, client_id in handed.members
                        if m in dep.conns]
-            senders = [[seq, dep.conns[c]] for seq, c in released.senders.items() if c in dep.conns]
+            senders = [[seq, dep.conns[c]] for seq, c in handed.senders.items() if c in dep.conns]
             server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
             server._routes[dep.sid] = dep.to
             server.cluster_counters["handoffs_out"] += 1
+        except Exception:  # a bug, or an unexpected Redis reply, before the owner changed
+            log.exception("session hand-off failed")
+            if released is not None:
+                self._take_back(released)
+            self._failed(dep, "error")
         finally:
             if self.leaving.get(dep.sid) is dep:
                 del self.leaving[dep.sid]
@@ -204,14 +212,14 @@ class Handoffs:
         store = self.server.backplane
         try:
             return await store.hand_off(dep.sid, dep.to) == 1
-        except BackplaneUnavailable:
+        except (BackplaneUnavailable, RedisError):
             pass
         # The answer was lost: it may have happened. Only Redis knows; ask until it answers
         # (meanwhile lookups for the session here wait, as they would for Redis anyway).
         while True:
             try:
                 return await store.owner_of(dep.sid) == dep.to
-            except BackplaneUnavailable:
+            except (BackplaneUnavailable, RedisError):
                 await trio.sleep(0.2)
 
     def _take_back(self, released: Released) -> None:
@@ -312,7 +320,7 @@ class Handoffs:
                 try:
                     snapshot = await server.backplane.load_session(sid)
                     break
-                except BackplaneUnavailable:
+                except (BackplaneUnavailable, RedisError):
                     await trio.sleep(0.2)
             if core.adopt(snapshot, {(sid, seq): cid for seq, cid in senders}):
                 server.cluster_counters["adopted"] += 1
@@ -336,6 +344,12 @@ class Handoffs:
                         if not by_owner:
                             del server._forwarded[cid]
                 server.cluster_counters["handoffs_in"] += 1
+                self._let_go(arr.conns)
+                while server._doomed:
+                    server._drop(server._doomed.pop())
+        except Exception:  # a bug: the held frames must not stay held
+            log.exception("taking a handed-off session failed")
+            with server._outbox:
                 self._let_go(arr.conns)
                 while server._doomed:
                     server._drop(server._doomed.pop())
