@@ -7,6 +7,8 @@ randomness only from the `clock` and `rng` it is given::
 
     core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)  # observer=...
     core.restore(snapshot)            # once, before the first connect
+    core.adopt(snapshot) / core.release(sid) / core.attach_moved(sid, members)
+                                      # a cluster node taking or handing over sessions
     core.connect(conn_id, address)    # -> list[Action]
     core.receive(conn_id, message)    # one data message, str or bytes
     core.disconnect(conn_id)
@@ -571,7 +573,8 @@ class RelayCore:
         (nobody came online). `members`: (conn id here, side, the node/compat
         clientID it had there or None; kept if the connection has none here).
         A listed connection that is gone here left during the hand-off: the
-        others are told PEER_OFFLINE, as if it had left on the old owner."""
+        others are told PEER_OFFLINE, as if it had left on the old owner.
+        `max_sessions_per_conn` is not checked: the old owner admitted them."""
         sess = self._sessions.get(sid)
         if sess is None:
             return []
