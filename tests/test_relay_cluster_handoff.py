@@ -294,3 +294,31 @@ async def test_taker_dead_during_the_handoff_leaves_the_session_with_its_owner(r
             assert (await recv_type(a3, "PEER_ONLINE"))["sid"] == sid
             await exchange_skipping(a3, b3, sid, "d2")
             assert await owner_of(redis_server.url, sid) == id_a
+
+
+async def test_members_on_b_for_less_than_the_delay_do_not_move_the_session(redis_server):
+    """Hysteresis: the condition must hold for the whole delay; a member that comes back to A
+    before it (a flapping client) leaves the session where it is."""
+    extra = ["--backplane-handoff-delay", "1.5", "--metrics-port", "0", "--log-level", "info"]
+    with cluster(redis_server.url, 2, lease=LEASE, extra=extra) as (node_a, node_b), trio.fail_after(60):
+        id_a = await node_id(redis_server.url, node_a)
+        async with trio_websocket.open_websocket_url(node_a.url) as a, \
+                trio_websocket.open_websocket_url(node_b.url) as b:
+            sid, code = await create(a, side="side-a")
+            await join_and_accept(a, b, code, sid, side="side-b")
+            await a.aclose()
+            for _ in range(3):  # a flaps: B for 0.5 s, A for 0.3 s
+                async with trio_websocket.open_websocket_url(node_b.url) as a2:
+                    await send(a2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+                    assert (await recv_type(a2, "PEER_ONLINE"))["sid"] == sid
+                    await trio.sleep(0.5)
+                async with trio_websocket.open_websocket_url(node_a.url) as a3:
+                    await send(a3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+                    assert (await recv_type(a3, "PEER_ONLINE"))["sid"] == sid
+                    await trio.sleep(0.3)
+            assert await owner_of(redis_server.url, sid) == id_a
+            assert await counter(node_a, "handoffs_out") == 0
+            async with trio_websocket.open_websocket_url(node_b.url) as a4:  # now it stays on B
+                await send(a4, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+                await wait_owner(redis_server.url, sid, await node_id(redis_server.url, node_b))
+                await exchange_skipping(a4, b, sid, "f0")
