@@ -397,6 +397,9 @@ _QUOTA_FIELDS = {
              "nodes): at most this many nodes; give every node the same value.")
 @_env_option("--backplane-timeout", "SECONDS", click.FloatRange(0.05, 60), 2.0,
              "Longest wait for one Redis reply before it counts as a failure (and is retried).")
+@_env_option("--backplane-handoff-delay", "SECONDS", click.FloatRange(0, 3600), 2.0,
+             "A session whose members are all connected through another node moves to that node "
+             "once this has held this long (0: never).")
 @_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
               type=click.IntRange(0, 65535), default=None, show_envvar=True,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "
@@ -480,6 +483,7 @@ def relay(
     backplane_lease: float,
     backplane_code_slots: int,
     backplane_timeout: float,
+    backplane_handoff_delay: float,
     metrics_port: int | None,
     metrics_host: str,
     log_format: str,
@@ -526,7 +530,8 @@ def relay(
 
         try:
             cluster = cluster_cli.prepare(
-                backplane, lease=backplane_lease, timeout=backplane_timeout, code_slots=backplane_code_slots
+                backplane, lease=backplane_lease, timeout=backplane_timeout, code_slots=backplane_code_slots,
+                handoff_delay=backplane_handoff_delay,
             )
         except ValueError as exc:
             raise _OneLineError(str(exc), 2) from None

@@ -7,6 +7,8 @@ randomness only from the `clock` and `rng` it is given::
 
     core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)  # observer=...
     core.restore(snapshot)            # once, before the first connect
+    core.adopt(snapshot) / core.release(sid) / core.attach_moved(sid, members)
+                                      # a cluster node taking or handing over sessions
     core.connect(conn_id, address)    # -> list[Action]
     core.receive(conn_id, message)    # one data message, str or bytes
     core.disconnect(conn_id)
@@ -251,7 +253,7 @@ from .limits import KeyedWindows, SharedQuota, Window
 from .observe import NullObserver, Observer
 from .queue import FrameQueue, MemoryFrameQueue, StoredFrame
 
-__all__ = ["RelayCore", "RelayConfig"]
+__all__ = ["RelayCore", "RelayConfig", "Released"]
 
 CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
@@ -389,6 +391,25 @@ def _params_ok(frame: InviteCreate) -> bool:
     return True
 
 
+class Released:
+    """A session `RelayCore.release` let go of (cluster hand-off, `relay.cluster`).
+
+    `members`: (conn id, side, node/compat clientID or None), in attach order;
+    `senders`: stored frame seq -> the conn id that sent it (for frames whose
+    sender was a live connection); `snapshot`: the session's rows as the
+    store holds them once its pending ops are committed (what `adopt` takes
+    back if the hand-off fails)."""
+
+    __slots__ = ("sid", "members", "senders", "snapshot")
+
+    def __init__(self, sid: str, members: tuple[tuple[ConnId, str | None, str | None], ...],
+                 senders: dict[int, ConnId], snapshot: Snapshot) -> None:
+        self.sid = sid
+        self.members = members
+        self.senders = senders
+        self.snapshot = snapshot
+
+
 class RelayCore:
     """PROTOCOL Part 2 relay logic; see the module docstring for the rules."""
 
@@ -449,13 +470,16 @@ class RelayCore:
         """Load what the store holds. Call once, before the first `connect`."""
         self._load(snapshot)
 
-    def adopt(self, snapshot: Snapshot) -> list[str]:
+    def adopt(self, snapshot: Snapshot, senders: dict[tuple[str, int], ConnId] | None = None) -> list[str]:
         """Take over sessions another relay node owned (`relay.cluster`): load
         the rows of `snapshot` (one or more sessions, as the store hands them
         out) for every session this core does not hold yet, exactly as
         `restore` would; rows of sessions it holds are ignored. Returns the
         SIDs adopted. No actions: the rows are in the store already, and
-        nobody is attached to an adopted session until it REATTACHes."""
+        nobody is attached to an adopted session until it REATTACHes (or a
+        hand-off's `attach_moved` attaches its members). `senders`: (sid, seq)
+        -> the connection here that sent that stored frame (a hand-off moves
+        this, so a legacy sender still never gets its own frames back)."""
         held = self._sessions
         new = {s.sid for s in snapshot.sessions if s.sid not in held}
         new.update(f.sid for f in snapshot.frames if f.sid not in held)
@@ -466,12 +490,118 @@ class RelayCore:
             sides=tuple(s for s in snapshot.sides if s.sid in new),
             codes=tuple(c for c in snapshot.codes if c.sid in new and c.code not in self._codes),
             frames=tuple(f for f in snapshot.frames if f.sid in new),
-        ))
+        ), senders)
         return sorted(new)
 
     def holds(self, sid: str) -> bool:
         """Whether this core has the session (a cluster node: owns it)."""
         return sid in self._sessions
+
+    # -------------------------------------------- hand-off (relay.cluster)
+
+    def sessions_of(self, conn_id: ConnId) -> list[str]:
+        """The SIDs `conn_id` is attached to (empty if unknown)."""
+        conn = self._conns.get(conn_id)
+        return [] if conn is None else list(conn.sessions)
+
+    def members_of(self, sid: str) -> dict[ConnId, str | None]:
+        """A copy of the session's members (conn -> declared side), in attach order."""
+        sess = self._sessions.get(sid)
+        return {} if sess is None else dict(sess.members)
+
+    def handoff_ready(self, sid: str) -> bool:
+        """Whether `release(sid)` may hand the session to another node now:
+        it has members, no live code (a code stays with the core that minted
+        it: a cluster node mints from its own share of the code space and
+        knows a code is free only if it holds every code it minted), and none
+        of its in-memory state is of the kind that `Released` does not carry
+        (a pending JOIN_REQUEST or a sided joiner waiting for its answer, a
+        paced REATTACH replay in progress)."""
+        sess = self._sessions.get(sid)
+        if sess is None or not sess.members or sess.code is not None or sess.pending_joins or sess.waiting:
+            return False
+        conns = self._conns
+        for m in sess.members:
+            replay = conns[m].replay
+            if replay and sid in replay:
+                return False
+        return True
+
+    def release(self, sid: str) -> Released | None:
+        """Let go of one session another node takes over (`relay.cluster`
+        hand-off): the inverse of `adopt`. The session leaves memory with its
+        stored frames and quota counts (it has no live code: `handoff_ready`),
+        and its members are detached WITHOUT PEER_OFFLINE (they are not going
+        offline: the new owner attaches them again). No actions, no store ops: the store holds
+        the rows (the caller waits for its commits). Returns None (nothing
+        done) unless `handoff_ready(sid)`. The `Released` carries what the new
+        owner needs beyond the rows, and a snapshot of the rows to `adopt`
+        back if the hand-off fails."""
+        if not self.handoff_ready(sid):
+            return None
+        sess = self._sessions.pop(sid)
+        now = self._clock()
+        members = []
+        for m, side in sess.members.items():
+            conn = self._conns[m]
+            del conn.sessions[sid]
+            members.append((m, side, conn.client_id))
+        frames = []
+        senders = {}
+        for stored in list(self._frames.frames(sid)):
+            frames.append(SaveFrame(sid, stored.seq, stored.from_side, stored.msg_id, stored.text,
+                                    stored.expires_at, stored.sender and stored.sender[0]))
+            if stored.from_conn is not None:
+                senders[stored.seq] = stored.from_conn
+            self._release_bytes(sess, stored)
+            self._frames.remove(sid, stored)
+        self._frames.forget([sid])
+        self._idle.pop(sid, None)
+        self._forget_session(sess)
+        snapshot = Snapshot(
+            sessions=(SaveSession(sid, now, sess.auto, sess.owner and sess.owner[0]),),
+            sides=tuple(SaveSide(sid, side) for side in sess.sides),
+            frames=tuple(frames),
+        )
+        return Released(sid, tuple(members), senders, snapshot)
+
+    def attach_moved(
+        self, sid: str, members: Iterable[tuple[ConnId, str | None, str | None]]
+    ) -> list[Action]:
+        """Attach the members of a session this core just adopted from another
+        node's hand-off, with the sides they had there, without PEER_ONLINE
+        (nobody came online). `members`: (conn id here, side, the node/compat
+        clientID it had there or None; kept if the connection has none here).
+        A listed connection that is gone here left during the hand-off: the
+        others are told PEER_OFFLINE, as if it had left on the old owner.
+        `max_sessions_per_conn` is not checked: the old owner admitted them."""
+        sess = self._sessions.get(sid)
+        if sess is None:
+            return []
+        gone = 0
+        for cid, side, client_id in members:
+            conn = self._conns.get(cid)
+            if conn is None:
+                gone += 1
+                continue
+            if not sess.members:
+                self._idle.pop(sid, None)
+            sess.members[cid] = side
+            conn.sessions[sid] = None
+            if side is not None and side not in sess.sides:
+                sess.sides += (side,)  # (saved by the old owner already: the rows came from the store)
+            if client_id is not None and conn.client_id is None and client_id not in self._client_ids:
+                conn.client_id = client_id
+                self._client_ids[client_id] = cid
+        actions: list[Action] = []
+        if gone and sess.members:
+            text = encode_text(PeerOffline(sid))
+            for _ in range(gone):
+                actions.extend(Send(m, text) for m in sess.members)
+                self._frames_out["PEER_OFFLINE"] += len(sess.members)
+        if not sess.members:
+            self._maybe_idle(sess, self._clock())
+        return actions
 
     def code_session(self, code: str) -> str | None:
         """The SID a live code of this core is for, else None."""
@@ -482,7 +612,7 @@ class RelayCore:
         """Every SID this core holds (a cluster node checks it still owns them)."""
         return list(self._sessions)
 
-    def _load(self, snapshot: Snapshot) -> None:
+    def _load(self, snapshot: Snapshot, senders: dict[tuple[str, int], ConnId] | None = None) -> None:
         now = self._clock()
         loaded: dict[str, None] = {}  # in the order added (the idle list's order)
 
@@ -512,7 +642,12 @@ class RelayCore:
             if sess is None:  # frames without their session row: count as auto-created
                 sess = self._add_session(_Session(saved.sid, True, None, None))
                 loaded[saved.sid] = None
-            stored = StoredFrame(saved.seq, saved.from_side, None, saved.msg_id, saved.text,
+            from_conn = None
+            if senders:
+                from_conn = senders.get((saved.sid, saved.seq))
+                if from_conn not in self._conns:
+                    from_conn = None
+            stored = StoredFrame(saved.seq, saved.from_side, from_conn, saved.msg_id, saved.text,
                                  _size(saved.text), saved.expires_at, who(saved.sender))
             if self._frames.load(saved.sid, stored):
                 self._hold_bytes(sess, stored)

@@ -7,8 +7,8 @@ backplane relay runs; the pipeline and core changes are neutral for it).
 
 Modules: `redisstore` (the store over Redis: fenced, atomic, idempotent batches), `lease`
 (liveness keys), `node` (`ClusterServer`: ownership, routing, the bus, failure handling),
-`codes` (the invite-code space dealt out), `durability` (URL, connect, persistence check),
-`cli` (the command's backplane part).
+`handoff` (ownership moving to the members' node), `codes` (the invite-code space dealt out),
+`durability` (URL, connect, persistence check), `cli` (the command's backplane part).
 
 Design
 ======
@@ -29,6 +29,44 @@ renewed every lease/3). Ownership is taken:
 * by taking over from a dead node: a compare-and-set in Lua (`owner == dead` and no
   `node:dead` key) when a frame for the session arrives anywhere, and in bulk by the one node
   that wins `SREM <p>nodes dead` (so expiry keeps running for sessions nobody touches).
+* by hand-off (`handoff`), from a live owner A to the node B through which EVERY attached
+  member of the session is connected (all its members on A are `RemoteConn`s from B), once
+  that has held for `--backplane-handoff-delay` (2 s; 0 = never): so two members that end up
+  on one node (a load balancer, a reconnect) talk without Redis again, and a member on
+  another node costs one hop. Steps, over the bus:
+  1. A -> B `["hq", A, sid, hid, [B's conn ids]]`: B stops forwarding those connections'
+     frames and holds them, in order, in their waiting queue (as during an owner lookup); it
+     answers `["ha", B, sid, hid, ok]` (refused if one of them is gone or already waiting).
+     Every frame B forwarded before its answer reaches A before it (one channel, in order).
+  2. A, at that answer, synchronously: the members are still exactly those, and the session
+     has no state the hand-off does not carry (`RelayCore.handoff_ready`: no live invite code
+     (a code stays with the node that minted it, whose share of the code space it is: that
+     node knows a code is free only while it holds all it minted), no pending JOIN_REQUEST, no
+     sided joiner waiting for JOIN_ACCEPT/JOIN_DENY, no paced REATTACH replay in progress:
+     those keep the session where it is until they are over); none of their
+     frames waits in A for another lookup. Then `RelayCore.release` takes it out of A's core
+     without a word to the members (no PEER_OFFLINE), and A waits until its store pipeline has
+     committed every op queued up to then (the session's rows in Redis are complete, and the
+     QUEUED/DELIVERED held behind them are published to B, before step 3's item).
+  3. A compare-and-sets `owner: A -> B` in Lua (`RedisStore.hand_off`: only if A owns it and
+     `node:B` exists; `owned:A`/`owned:B` updated in the same call), then sends
+     `["h", A, sid, hid, [[conn, side, clientID]...], [[seq, conn]...]]`: the members with
+     their sides (and node/compat clientIDs), and which member sent which stored frame.
+  4. B loads the rows (`load_session`), `RelayCore.adopt`s them (frames' senders set from
+     the item) and `attach_moved`s the members (no PEER_ONLINE), drops the route and the
+     record that those connections' frames went to A (A's death no longer concerns them;
+     A is told `["d", ...]` to drop their RemoteConns), then lets the held frames go on.
+  Any failure before the compare-and-set succeeded (no answer within `--backplane-timeout`,
+  the session changed, the store not committed in time, B not alive) puts the session back
+  into A's core from the copy `release` returned (`adopt` + `attach_moved`) and sends
+  `["hx", A, sid, hid]`: B lets the held frames go to A as before. A compare-and-set whose
+  reply was lost is settled by reading the owner key (until Redis answers). While a hand-off
+  of a SID is in flight on a node, an owner lookup for it there waits until it is over, so
+  neither node adopts the session from Redis meanwhile. B stops holding after 4 x
+  `--backplane-timeout` without step 3 (A died); a late step 3 is still taken (Redis says
+  B owns it). Members' state that is NOT moved: per-connection counters on A (rate windows,
+  error counts, the quota counts of the connection that created the session or minted its
+  code: on B they count for the address only, as after a takeover).
 The taker loads the session's rows (`RedisStore.load_session`) into its core
 (`RelayCore.adopt`, the same code path as `restore` at start-up, for one session).
 
@@ -45,7 +83,7 @@ Where each piece of state lives
 | sessions, sides, live codes, queued frames | Redis (`redisstore`), and in the owner's core | written by the owner's store pipeline only; QUEUED/DELIVERED held until Redis acknowledged the batch |
 | which node owns a session | `<p>owner:<sid>`, `<p>owned:<node>` | cached per node in `_routes` (sid -> owner) |
 | members, presence, pending JOIN_REQUESTs, replay cursors | the owner's core (memory) | as for one relay: not durable |
-| a client's WebSocket | the node it connected to | never moves; frames for sessions owned elsewhere are forwarded |
+| a client's WebSocket | the node it connected to | never moves; frames for sessions owned elsewhere are forwarded, and a session whose members are all on one other node moves there (hand-off) |
 | code -> session | `<p>codes` hash | unique by construction: each node mints from its own share of the code space (`codes`) |
 | node liveness, code slots | `<p>node:<id>`, `<p>codeslot:<i>` (PX) | |
 | per-connection and per-address limits | each node's core | per node (an address using 3 nodes gets 3x); the connection-level ones are the origin node's |
@@ -94,9 +132,15 @@ Failures, and what clients see
 | Redis unreachable at start | no listening | one line (`cannot reach the backplane at URL: reason`), exit 1 (tested) |
 | a node cut off from Redis, others not (split) | within lease the others consider it dead and take its sessions over; its writes are fenced (refused), so it keeps serving only live frames between its own clients until it reconnects, sees sessions taken and shuts down (or stops with exit 1 at its first fenced write) | its clients: live chat with peers on the same node continues for the split's length, cross-node peers see PEER_OFFLINE; after it shuts down (1001) they reconnect to the live nodes: nothing acknowledged is lost (an ack needs a Redis write, which fencing refuses) |
 | bus message lost (subscriber reconnecting) | PUBLISH with 0 receivers: kept (bounded) and re-sent once the node is seen alive, re-routed if it is dead | nothing, or the delay of one heartbeat |
+| the taker B of a hand-off dies or stalls before the owner change | A gets no answer (or the compare-and-set finds no `node:B`): A keeps the session (re-adopts its own copy), counts `handoffs_failed` (tested with SIGSTOP then SIGKILL) | B's clients: as for any node crash; nothing acknowledged was lost (all was committed before the change) |
+| B dies after the owner change, before or after loading | the session is B's in Redis: taken over from dead B like any of its sessions | as for any node crash |
+| the giver A dies during a hand-off | before the owner change: B stops holding after 4 x timeout, then as for any node crash; after it: B owns the session and loads it | at worst as for any node crash (PEER_OFFLINE, 1012, REATTACH) |
+| Redis fails during a hand-off | A's commits or compare-and-set fail: A keeps the session; a lost reply is settled by reading the owner key once Redis answers; B loads the rows once Redis answers (held frames wait, bounded by the 256 per connection) | a pause, as for any Redis outage |
 
-Not done / limits (see README "Relay cluster: backplane"): ownership does not move to where the
-members are (two members on B of a session owned by A pay two hops per MSG until A dies);
+Not done / limits (see README "Relay cluster: backplane"): ownership moves to the members' node
+only when ALL attached members are on that one node (a session with members on A and B stays
+where it is: one hop for the member elsewhere), and not while it has a live invite code, a JOIN
+is in progress or a paced replay runs; the per-connection counters of a handed-off member stay on the old owner;
 per-address limits are per node; Redis Cluster (sharded) is not supported (the Lua scripts
 touch keys of several sessions); a connection closed with 1012 loses its other sessions' live
 state too (it REATTACHes them).

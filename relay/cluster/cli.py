@@ -24,11 +24,14 @@ class BackplaneStartError(OSError):
 
 
 class Prepared:
-    def __init__(self, url: str, *, lease: float, timeout: float, code_slots: int = 16) -> None:
+    def __init__(
+        self, url: str, *, lease: float, timeout: float, code_slots: int = 16, handoff_delay: float = 2.0
+    ) -> None:
         self.url = parse_backplane_url(url)  # ValueError: one line, no password
         self.shown_url = str(self.url)
         self.node_id = new_token(node_name())
-        self.options = ClusterOptions(lease=lease, timeout=timeout, code_slots=code_slots)
+        self.options = ClusterOptions(lease=lease, timeout=timeout, code_slots=code_slots,
+                                      handoff_delay=handoff_delay)
         self.rng = ShardedRandom(code_slots)
         self.client = open_client(self.url, timeout=timeout)
         self.store = RedisStore(self.client, token=self.node_id, timeout=timeout)
@@ -77,7 +80,9 @@ class Prepared:
             raise BackplaneStartError(f"cannot reach the backplane at {self.shown_url}: {_reason(exc)}") from None
 
 
-def prepare(url: str, *, lease: float, timeout: float, code_slots: int = 16) -> Prepared:
+def prepare(
+    url: str, *, lease: float, timeout: float, code_slots: int = 16, handoff_delay: float = 2.0
+) -> Prepared:
     """Check the URL and make the node's client, store and server factory
     (nothing connects yet). Raises ValueError with a one-line reason."""
-    return Prepared(url, lease=lease, timeout=timeout, code_slots=code_slots)
+    return Prepared(url, lease=lease, timeout=timeout, code_slots=code_slots, handoff_delay=handoff_delay)

@@ -25,6 +25,7 @@ never seen by clients):
     ["s", conn, text]                            a frame for the origin's connection
     ["x", conn, code, reason]                    close the origin's connection
     ["d", origin, conn]                          the origin's connection is gone
+    ["hq"|"ha"|"h"|"hx", ...]                    a session hand-off (`relay.cluster.handoff`)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ..actions import Close, Send
 from ..core import UNAVAILABLE_MESSAGE
 from ..server import RelayServer, ServerConfig
 from .codes import ShardedRandom
+from .handoff import HANDOFF_KINDS, Handoffs
 from .lease import Lease, Renewal
 from .redisstore import BackplaneUnavailable, RedisStore, _TRANSIENT
 
@@ -93,13 +95,14 @@ class ClusterOptions:
 
     def __init__(
         self, *, lease: float = 5.0, timeout: float = 2.0, prefix: str = "parley:", code_slots: int = 16,
-        code_ttl: float = 600.0,
+        code_ttl: float = 600.0, handoff_delay: float = 2.0,
     ) -> None:
         self.lease = lease
         self.timeout = timeout
         self.prefix = prefix
         self.code_slots = code_slots
         self.code_ttl = code_ttl
+        self.handoff_delay = handoff_delay  # seconds; 0: sessions never move to their members' node
 
 
 def route_key(message: str | bytes, max_sid: int) -> tuple[str, str] | None:
@@ -237,7 +240,9 @@ class ClusterServer(RelayServer):
         self.cluster_counters = {
             "forwarded": 0, "bus_in": 0, "resolves": 0, "adopted": 0, "takeovers": 0,
             "dead_nodes": 0, "moved_closes": 0, "unavailable": 0,
+            "handoffs_out": 0, "handoffs_in": 0, "handoffs_failed": 0,
         }
+        self.handoffs = Handoffs(self, options.handoff_delay, RemoteConn)
 
     # -- names and calls ---------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class ClusterServer(RelayServer):
         services.start_soon(self.bus.run)
         services.start_soon(self._bus_receive)
         services.start_soon(self._heartbeat)
+        services.start_soon(self.handoffs.run)
 
     def not_ready(self) -> str | None:
         if not self.backplane_ok:
@@ -347,6 +353,9 @@ class ClusterServer(RelayServer):
             ("dead_nodes", "Times a node was found dead."),
             ("moved_closes", "Connections closed 1012 because their session's owner died."),
             ("unavailable", "Frames answered ERROR unavailable because Redis could not be asked."),
+            ("handoffs_out", "Sessions this node handed to the node where all their members are."),
+            ("handoffs_in", "Sessions handed to this node by their owner (all members connected here)."),
+            ("handoffs_failed", "Hand-offs this node started and abandoned (it kept the session)."),
         ):
             yield CounterMetricFamily(p + "cluster_" + key, doc, value=self.cluster_counters[key])
 
@@ -462,6 +471,7 @@ class ClusterServer(RelayServer):
         else:
             sid = key[1]
         for _ in range(4):
+            await self.handoffs.settled(sid)  # never adopt a session while it is being handed over
             if self._core.holds(sid):
                 return me, sid
             owner = await self.call(self.client.get, p + "owner:" + sid)
@@ -570,6 +580,8 @@ class ClusterServer(RelayServer):
                     if rid is not None:
                         self._by_origin.get(item[1], set()).discard(rid)
                         self._drop(rid)
+                elif kind in HANDOFF_KINDS:
+                    self.handoffs.on_bus(item)
             while self._doomed:
                 self._drop(self._doomed.pop())
 

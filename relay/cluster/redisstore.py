@@ -149,6 +149,26 @@ return #ops
 """
 
 
+# A session's ownership handed from one live node to another (relay.cluster,
+# "by hand-off"): a compare-and-set, so it happens only while the giver still
+# owns it, and only to a node that is alive. KEYS: owner:<sid>, node:<to>,
+# owned:<from>, owned:<to>; ARGV: from, to, sid. 1: done; 0: not the giver's
+# (any more); -1: the taker is not alive. SET drops any PX a claim had: the
+# session's rows exist (the giver committed them before asking).
+_HANDOFF_LUA = r"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return -1
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -266,6 +286,22 @@ class RedisStore:
 
     def apply(self, ops: Iterable[StoreOp]) -> int:  # pragma: no cover - the pipeline awaits apply_async
         raise StoreError("the backplane store is asynchronous: use apply_async")
+
+    async def hand_off(self, sid: str, to: str) -> int:
+        """Make node `to` the owner of `sid` if this node (`token`) owns it and
+        `to` is alive, atomically (`owned:` sets included): 1 done, 0 not ours,
+        -1 `to` not alive. Raises BackplaneUnavailable (then it may or may not
+        have happened: read `owner_of`)."""
+        p = self.prefix
+        keys = [p + "owner:" + sid, p + "node:" + to, p + "owned:" + self.token, p + "owned:" + to]
+        try:
+            return int(await self._call(self.client.eval, _HANDOFF_LUA, keys=keys, args=[self.token, to, sid]))
+        except rexc.ResponseError as exc:
+            raise BackplaneUnavailable(describe_error(exc)) from exc
+
+    async def owner_of(self, sid: str) -> str | None:
+        """The node id in `<p>owner:<sid>`, or None. Raises BackplaneUnavailable."""
+        return await self._call(self.client.get, self.prefix + "owner:" + sid)
 
     # -- reading -----------------------------------------------------------------
 

@@ -1,0 +1,203 @@
+"""Session hand-off faults, injected in-process (relay/cluster/handoff.py).
+
+Two cluster nodes (`ClusterServer`, as `parley relay --backplane` builds them) run in the test's
+Trio loop on a real redis-server, with real WebSocket clients; a fault is injected by wrapping
+one node's store call:
+
+* the compare-and-set's reply is lost after Redis applied it: the giver reads the owner key
+  and completes the hand-off (one owner: the taker);
+* the compare-and-set fails before Redis applied it: the giver keeps the session (one owner:
+  itself), a later attempt moves it; a MSG burst around both attempts arrives in order, once;
+* the taker is stuck loading the session (owner in Redis: the taker) and dies: its clients
+  reconnect to the other node, REATTACH, and get everything that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import trio
+import trio_websocket
+
+from parley.relay.cli import build_relay
+from parley.relay.cluster import cli as cluster_cli
+from parley.relay.cluster.redisstore import BackplaneUnavailable
+from test_relay_cluster_handoff import exchange_skipping, owner_of, reader
+from test_relay_cluster_live import create, join_and_accept, recv_type, send
+
+LEASE = 1.5
+
+
+class Node:
+    def __init__(self, server, url: str, scope: trio.CancelScope) -> None:
+        self.server = server
+        self.url = url
+        self.scope = scope
+        self.id = server.node_id
+
+    def kill(self) -> None:
+        """Gone at once, as with SIGKILL: no clean stop, its liveness key left to expire."""
+        self.scope.cancel()
+
+
+async def _run(prepared, server, scope: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        with scope:
+            async with prepared.client:
+                await server.start_backplane()
+                await server.serve(task_status=task_status)
+    except* anyio.ClosedResourceError:
+        # killed: its Redis client's tasks were cancelled under its pub/sub's clean-up
+        if not scope.cancel_called:
+            raise
+
+
+@contextlib.asynccontextmanager
+async def nodes(url: str, count: int, delay: float):
+    async with trio.open_nursery() as nursery:
+        made = []
+        for _ in range(count):
+            prepared = cluster_cli.prepare(url, lease=LEASE, timeout=1.0, handoff_delay=delay)
+            server, _store = build_relay(host="127.0.0.1", port=0, dialect="compat",
+                                         server_factory=prepared.server_factory, rng=prepared.rng)
+            scope = trio.CancelScope()
+            addresses = await nursery.start(_run, prepared, server, scope)
+            made.append(Node(server, f"ws://127.0.0.1:{addresses[0][1]}/", scope))
+        try:
+            yield made
+        finally:
+            for node in made:
+                node.server.request_shutdown()
+            nursery.cancel_scope.deadline = trio.current_time() + 15
+
+
+@contextlib.asynccontextmanager
+async def trio_fail(seconds: float):
+    """A deadline, and an exit stack for the test's WebSockets closed inside it."""
+    with trio.fail_after(seconds):
+        async with contextlib.AsyncExitStack() as stack:
+            yield stack
+
+
+async def _members_on_b(node_a: Node, node_b: Node, stack: contextlib.AsyncExitStack) -> tuple:
+    """A session created on A, joined from B; the creator then moves to B. (sid, a2, b)."""
+    a = await stack.enter_async_context(trio_websocket.open_websocket_url(node_a.url))
+    b = await stack.enter_async_context(trio_websocket.open_websocket_url(node_b.url))
+    sid, code = await create(a, side="side-a")
+    await join_and_accept(a, b, code, sid, side="side-b")
+    await a.aclose()
+    assert (await recv_type(b, "PEER_OFFLINE"))["sid"] == sid
+    a2 = await stack.enter_async_context(trio_websocket.open_websocket_url(node_b.url))
+    await send(a2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+    assert (await recv_type(a2, "PEER_ONLINE"))["sid"] == sid
+    assert (await recv_type(b, "PEER_ONLINE"))["sid"] == sid
+    return sid, a2, b
+
+
+async def _wait_owner(url: str, sid: str, want: str, timeout: float = 10) -> None:
+    with trio.move_on_after(timeout):
+        while await owner_of(url, sid) != want:
+            await trio.sleep(0.05)
+    assert await owner_of(url, sid) == want
+
+
+async def test_a_lost_compare_and_set_reply_still_ends_with_the_taker_as_the_one_owner(redis_server):
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(30) as stack:
+        store = node_a.server.backplane
+        real = store.hand_off
+        lost = []
+
+        async def reply_lost(sid: str, to: str) -> int:
+            await real(sid, to)  # Redis applied it ...
+            lost.append(sid)
+            raise BackplaneUnavailable("TimeoutError")  # ... and the answer never came
+
+        store.hand_off = reply_lost
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        await _wait_owner(redis_server.url, sid, node_b.id)
+        with trio.move_on_after(5):
+            while not node_b.server._core.holds(sid):
+                await trio.sleep(0.02)
+        assert lost == [sid]
+        assert node_b.server._core.holds(sid) and not node_a.server._core.holds(sid)
+        assert node_a.server.cluster_counters["handoffs_out"] == 1
+        assert node_a.server.cluster_counters["handoffs_failed"] == 0
+        for i in range(5):
+            await exchange_skipping(a2, b, sid, f"l{i}")
+
+
+async def test_a_failed_compare_and_set_keeps_the_session_and_a_later_one_moves_it(redis_server):
+    count = 150
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(60) as stack:
+        store = node_a.server.backplane
+        real = store.hand_off
+        calls = []
+
+        async def down_once(sid: str, to: str) -> int:
+            calls.append(sid)
+            if len(calls) == 1:
+                raise BackplaneUnavailable("ConnectionError")  # nothing applied
+            return await real(sid, to)
+
+        store.hand_off = down_once
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+
+        async def burst(ws, tag: str) -> None:
+            for i in range(count):
+                data = {"payload": f"{i:04x}" * 6, "msgID": f"{tag}{i:04d}"}
+                await send(ws, {"t": "MSG", "sid": sid, "data": data})
+                await trio.sleep(0.01)
+
+        got_a: list = []
+        got_b: list = []
+        acks_a: list = []
+        acks_b: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, a2, sid, got_a, acks_a, count, count)
+            nursery.start_soon(reader, b, sid, got_b, acks_b, count, count)
+            nursery.start_soon(burst, a2, "A")
+            nursery.start_soon(burst, b, "B")
+        assert got_b == [f"A{i:04d}" for i in range(count)]
+        assert got_a == [f"B{i:04d}" for i in range(count)]
+        assert acks_a == [("DELIVERED", f"A{i:04d}") for i in range(count)]
+        assert acks_b == [("DELIVERED", f"B{i:04d}") for i in range(count)]
+        await _wait_owner(redis_server.url, sid, node_b.id)
+        assert calls == [sid, sid]
+        assert node_a.server.cluster_counters["handoffs_failed"] == 1
+        assert node_a.server.cluster_counters["handoffs_out"] == 1
+        assert node_b.server._core.holds(sid) and not node_a.server._core.holds(sid)
+
+
+async def test_taker_dies_after_the_owner_change_before_loading_nothing_acknowledged_is_lost(redis_server):
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(60) as stack:
+        stuck = trio.Event()
+
+        async def load_stuck(sid: str):
+            stuck.set()
+            await trio.sleep_forever()
+
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        data = {"payload": "dd" * 16, "msgID": "d1"}
+        await send(b, {"t": "MSG", "sid": sid, "data": data})
+        assert (await recv_type(b, "DELIVERED"))["data"] == {"msgID": "d1"}  # kept for side a
+        node_b.server.backplane.load_session = load_stuck
+        await stuck.wait()
+        assert await owner_of(redis_server.url, sid) == node_b.id  # A let go; B never loaded
+        assert not node_a.server._core.holds(sid) and not node_b.server._core.holds(sid)
+        node_b.kill()
+        # once A has found B dead (its lease ran out), B's clients reconnect to A and
+        # REATTACH: the session is taken over from dead B
+        with trio.move_on_after(LEASE * 4):
+            while not node_a.server.cluster_counters["dead_nodes"]:
+                await trio.sleep(0.05)
+        assert node_a.server.cluster_counters["dead_nodes"] == 1
+        a3 = await stack.enter_async_context(trio_websocket.open_websocket_url(node_a.url))
+        b3 = await stack.enter_async_context(trio_websocket.open_websocket_url(node_a.url))
+        await send(a3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+        got = await recv_type(a3, "MSG", timeout=LEASE * 4 + 5)
+        assert got["data"] == data
+        await send(b3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
+        assert (await recv_type(a3, "PEER_ONLINE"))["sid"] == sid
+        await exchange_skipping(a3, b3, sid, "d2")
+        assert await owner_of(redis_server.url, sid) == node_a.id
