@@ -5,12 +5,14 @@ it out. What it adds to `relay.server.RelayServer` (whose single-process
 behaviour it leaves alone: a relay without `--backplane` never runs this):
 
 * `on_message` routes: a frame whose session this node's core holds goes to
-  the core as before (no Redis on that path); a frame for a session another
-  live node owns is published to that node's bus channel; anything else
-  (unknown SID, a JOIN whose code is not live here) waits, with every later
-  frame of the same connection, while `_resolve` asks Redis who owns it and
-  claims or takes it over when nobody alive does (then loads its rows into
-  the core: `RelayCore.adopt`).
+  the core as before (no Redis on that path), read once: it is parsed to
+  route it and the core gets that read (`RelayCore.receive_read`), so a
+  same-node MSG costs what it costs without a backplane; a frame for a
+  session another live node owns is published to that node's bus channel;
+  anything else (unknown SID, a JOIN whose code is not live here) waits,
+  with every later frame of the same connection, while `_resolve` asks
+  Redis who owns it and claims or takes it over when nobody alive does
+  (then loads its rows into the core: `RelayCore.adopt`).
 * `RemoteConn`: a connection of another node as the owner's core sees it.
   Its `send_text`/`close` publish to the connection's node, which writes them.
 * `_heartbeat`: renews this node's liveness key, measures the backplane's
@@ -45,12 +47,12 @@ import coredis
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from parley.protocol import ErrorFrame, ErrorCode, PeerOffline, ProtocolError, encode_text, parse, parse_canonical_msg
+from parley.protocol import ErrorFrame, ErrorCode, PeerOffline, encode_text, parse_canonical_msg
 from parley.protocol.frames import Join
 
 from .. import metrics
 from ..actions import Close, Send
-from ..core import UNAVAILABLE_MESSAGE
+from ..core import UNAVAILABLE_MESSAGE, Read, read_frame, read_message
 from ..server import RelayServer, ServerConfig
 from .codes import ShardedRandom
 from .lease import Lease, Renewal
@@ -102,21 +104,19 @@ class ClusterOptions:
         self.code_ttl = code_ttl
 
 
-def route_key(message: str | bytes, max_sid: int) -> tuple[str, str] | None:
-    """What decides where a frame goes: ("sid", SID), ("code", CODE) for a
-    JOIN, or None (no session: the local core answers it)."""
-    fast = parse_canonical_msg(message)
-    if fast is not None:
-        sid = fast[0]
+def route_key(read: Read, max_sid: int) -> tuple[str, str] | None:
+    """What decides where a frame goes, from the core's read of it
+    (`relay.core.read_message`): ("sid", SID), ("code", CODE) for a JOIN, or
+    None (no session, or it does not parse: the local core answers it)."""
+    if type(read) is tuple:
+        sid = read[0]
+    elif read is None:
+        return None
+    elif type(read) is Join:
+        code = read.code
+        return ("code", code) if 0 < len(code) <= 32 else None
     else:
-        try:
-            frame = parse(message)
-        except (ProtocolError, UnicodeError, ValueError):
-            return None
-        if type(frame) is Join:
-            code = frame.code
-            return ("code", code) if 0 < len(code) <= 32 else None
-        sid = getattr(frame, "sid", None)
+        sid = getattr(read, "sid", None)
     if not sid or len(sid) > max_sid:
         return None
     return ("sid", sid)
@@ -355,18 +355,30 @@ class ClusterServer(RelayServer):
     def on_message(self, conn: Any, message: str | bytes) -> None:
         if self._shutting_down or conn.id not in self._attached:
             return
-        waiting = self._waiting.get(conn.id)
-        if waiting is not None:
-            if len(waiting) >= MAX_WAITING:
-                self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
+        if self._waiting:
+            waiting = self._waiting.get(conn.id)
+            if waiting is not None:
+                if len(waiting) >= MAX_WAITING:
+                    self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
+                    return
+                waiting.append(message)
                 return
-            waiting.append(message)
-            return
         self._dispatch(conn, message)
 
     def _dispatch(self, conn: Any, message: str | bytes) -> None:
-        key = route_key(message, self._max_sid)
+        # Read once: the read routes the frame and is what the core gets
+        # (`receive_read`), so a MSG is parsed once, as on a relay without a
+        # backplane. The same-node hot path: a canonical MSG for a session
+        # this node holds goes straight to the core.
         core = self._core
+        read = parse_canonical_msg(message)
+        if read is not None:
+            if core.holds(read[0]):
+                self._receive_read(conn, message, read)
+                return
+        else:
+            read = read_frame(message)
+        key = route_key(read, self._max_sid)
         if key is not None:
             kind, value = key
             if kind == "sid":
@@ -382,7 +394,7 @@ class ClusterServer(RelayServer):
             elif core.code_session(value) is None:
                 self._wait(conn, key, message)
                 return
-        super().on_message(conn, message)
+        self._receive_read(conn, message, read)
 
     def _wait(self, conn: Any, key: tuple[str, str], message: str | bytes) -> None:
         self._waiting[conn.id] = deque([message])
@@ -542,7 +554,7 @@ class ClusterServer(RelayServer):
                     _, origin, cid, address, text, binary = item
                     if origin == self.node_id:  # our own client's frame, bounced back by a stale route
                         message = base64.b64decode(text) if binary else text
-                        key = route_key(message, self._max_sid)
+                        key = route_key(read_message(message), self._max_sid)
                         if key is not None and key[0] == "sid":
                             self._routes.pop(key[1], None)  # ask Redis again, never ping-pong
                         local = attached.get(cid)
