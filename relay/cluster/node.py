@@ -173,9 +173,15 @@ class Bus:
     def put(self, node: str, item: list[Any], *, force: bool = False) -> bool:
         if self.backlog >= MAX_BUS_BACKLOG and not force:
             return False
-        self.out.setdefault(node, []).append(item)
+        # Per frame: no list made for nothing, and the bus task is woken by the
+        # first item only (`run` takes `out` and a new event together).
+        items = self.out.get(node)
+        if items is None:
+            self.out[node] = [item]
+            self._wake.set()
+        else:
+            items.append(item)
         self.backlog += 1
-        self._wake.set()
         return True
 
     async def run(self) -> None:
@@ -412,7 +418,12 @@ class ClusterServer(RelayServer):
         if not self.bus.put(owner, ["f", origin, cid, conn.address, text, binary]):
             self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
             return
-        sids = self._forwarded.setdefault(conn.id, {}).setdefault(owner, set())
+        by_owner = self._forwarded.get(conn.id)
+        if by_owner is None:
+            by_owner = self._forwarded[conn.id] = {}
+        sids = by_owner.get(owner)
+        if sids is None:
+            sids = by_owner[owner] = set()
         if len(sids) < 1024:
             sids.add(sid)
         self.cluster_counters["forwarded"] += 1
@@ -546,9 +557,9 @@ class ClusterServer(RelayServer):
         if self._shutting_down:
             return
         attached = self._attached
+        self.cluster_counters["bus_in"] += len(items)
         with self._outbox:
             for item in items:
-                self.cluster_counters["bus_in"] += 1
                 kind = item[0]
                 if kind == "f":
                     _, origin, cid, address, text, binary = item
