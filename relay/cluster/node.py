@@ -111,6 +111,8 @@ class ClusterOptions:
         self.code_ttl = code_ttl
 
 
+_UNREAD = object()  # `_dispatch` without the caller's parse_canonical_msg
+
 # Where an item of each kind carries a client frame's text (the bulk of the bus).
 _TEXT_AT = {"f": 4, "s": 2}
 
@@ -425,15 +427,23 @@ class ClusterServer(RelayServer):
                     return
                 waiting.append(message)
                 return
-        self._dispatch(conn, message)
+        # `_dispatch`'s first case inline (one call less per MSG): a canonical
+        # MSG for a session this node holds, straight to the core.
+        read = parse_canonical_msg(message)
+        if read is not None and self._core.holds(read[0]):
+            self._receive_read(conn, message, read)
+            return
+        self._dispatch(conn, message, read)
 
-    def _dispatch(self, conn: Any, message: str | bytes) -> None:
+    def _dispatch(self, conn: Any, message: str | bytes, read: Any = _UNREAD) -> None:
         # Read once: the read routes the frame and is what the core gets
         # (`receive_read`), so a MSG is parsed once, as on a relay without a
-        # backplane. The same-node hot path: a canonical MSG for a session
-        # this node holds goes straight to the core.
+        # backplane. `read`: `parse_canonical_msg(message)` when the caller
+        # has it (on_message). The same-node hot path: a canonical MSG for a
+        # session this node holds goes straight to the core.
         core = self._core
-        read = parse_canonical_msg(message)
+        if read is _UNREAD:
+            read = parse_canonical_msg(message)
         if read is not None:
             if core.holds(read[0]):
                 self._receive_read(conn, message, read)
