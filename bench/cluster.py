@@ -14,6 +14,17 @@ clock ticks): relay CPU microseconds per relayed message (all relay nodes togeth
 and Redis CPU per message. Then one pair with one message in flight, M messages per mode: the
 send-to-receive latency p50/p99 and so the latency a cross-node hop adds (cross minus same-node).
 
+Beside the raw figure: the relays' idle CPU (no client connected, `--idle` seconds before the
+first round's load, from every thread's /proc/<pid>/task/*/schedstat), and the CPU per message
+with that idle rate taken off (labelled "idle-corrected"; the raw figure stays the headline);
+and the relays' read+write system calls per message (/proc/<pid>/io), which show how many
+messages a wake-up carries: CPU per message depends on that batching far more than on the
+Python work per frame, so two modes compare fairly only at equal batching. The machine is shared
+and its other load moves these figures by tens of per cent from one run to the next: `--rounds N`
+runs every mode N times, interleaved with the order rotated, and the ratios are of the medians
+(each round's ratio is printed too). `--profile DIR` runs each relay under cProfile (wall
+clock; its CPU figures are then the profiler's).
+
 From the per-message costs, a projected msgs/s table for 4, 16 and 64 cores and for 4 hosts,
 beside the Go relay's single-core figure x cores (assumptions printed with it). The load
 generator is Python (trio-websocket, the relay suite's client): it cannot saturate the relay, and
@@ -22,7 +33,8 @@ relay's limit. The relays and Redis are pinned to RELAY_CPUS (default 0), the ge
 GEN_CPUS (default 1).
 
     .venv/bin/python bench/cluster.py [--pairs 50] [--window 8] [--duration 10] [--latency-msgs 2000]
-                                      [--modes embedded,same,cross] [--out FILE.md]
+                                      [--modes embedded,same,cross] [--rounds 1] [--idle 10]
+                                      [--profile DIR] [--out FILE.md] [--json FILE]
 
 A relay without `--backplane` (before the cluster backplane exists) runs the embedded mode only
 and says so. Needs a source checkout (tests/support for the Redis and relay processes) and
@@ -70,6 +82,38 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of the process's live threads, nanoseconds (/proc/PID/task/*/schedstat, first field):
+    finer than the clock ticks of `cpu_seconds`, for the small figures of an idle process."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return total
+
+
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU milliseconds per second each process uses while nothing is sent (no client connected)."""
+    before = {name: cpu_ns(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    return {name: (cpu_ns(pid) - before[name]) / 1e6 / seconds for name, pid in pids.items()}
+
+
+def syscalls(pid: int) -> tuple[int, int]:
+    """Read and write system calls the process made so far (proc(5) /proc/PID/io: syscr, syscw).
+    Per message they show how many messages each wake-up of the relay carried (its batching),
+    which CPU per message depends on far more than on the per-frame Python work."""
+    fields = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = int(value)
+    return fields["syscr"], fields["syscw"]
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -288,15 +332,20 @@ async def run_load(
         await trio.sleep(1.0)  # warm-up
         assert pids is not None
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        io0 = {name: syscalls(pid) for name, pid in pids.items()}
         n0, t0 = sum(d.received for d in directions), time.perf_counter()
         await trio.sleep(duration)
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        io1 = {name: syscalls(pid) for name, pid in pids.items()}
         n1, t1 = sum(d.received for d in directions), time.perf_counter()
         nursery.cancel_scope.cancel()
     for a, b, _ in opened:
         await trio.aclose_forcefully(a.stream)
         await trio.aclose_forcefully(b.stream)
-    return {"msgs": n1 - n0, "seconds": t1 - t0, "cpu": {name: cpu1[name] - cpu0[name] for name in pids}}
+    return {
+        "msgs": n1 - n0, "seconds": t1 - t0, "cpu": {name: cpu1[name] - cpu0[name] for name in pids},
+        "syscalls": {name: [io1[name][i] - io0[name][i] for i in (0, 1)] for name in pids},
+    }
 
 
 async def flush(url: str) -> None:
@@ -311,35 +360,43 @@ class BenchRelay(ParleyRelay):
     """`parley relay` with the bench's options; on a backplane, without --store (the backplane
     is the store: the two exclude each other)."""
 
-    def __init__(self, backplane: str | None) -> None:
+    def __init__(self, backplane: str | None, profile: Path | None = None) -> None:
         super().__init__(dialect="compat", extra=BENCH_OPTIONS, start_timeout=60)
         self.backplane = backplane
+        self.profile = profile
 
     def command(self) -> list[str]:
         cmd = super().command()
+        if self.profile is not None:  # cProfile writes its file when the relay exits on SIGTERM
+            cmd = [cmd[0], "-m", "cProfile", "-o", str(self.profile), *cmd[1:]]
         if self.backplane is None:
             return cmd
         at = cmd.index("--store")
         return cmd[:at] + cmd[at + 2:] + ["--backplane", self.backplane]
 
 
-def start_relay(backplane: str | None, cpus: set[int]) -> ParleyRelay:
-    relay = BenchRelay(backplane).start()
+def start_relay(backplane: str | None, cpus: set[int], profile: Path | None = None) -> ParleyRelay:
+    relay = BenchRelay(backplane, profile).start()
     pin(relay.pid, cpus)
     return relay
 
 
-def run_mode(mode: str, redis: RedisServer | None, args: argparse.Namespace, cpus: set[int]) -> dict[str, Any]:
+def run_mode(
+    mode: str, redis: RedisServer | None, args: argparse.Namespace, cpus: set[int], *, idle: float
+) -> dict[str, Any]:
     relays: list[ParleyRelay] = []
     try:
+        def profile(i: int) -> Path | None:
+            return args.profile / f"{mode}-node{i}.prof" if args.profile is not None else None
+
         if mode == "embedded":
-            relays.append(start_relay(None, cpus))
+            relays.append(start_relay(None, cpus, profile(0)))
             url_a = url_b = relays[0].url
         else:
             assert redis is not None
             trio.run(flush, redis.url)  # no sessions or nodes left from the previous mode
-            for _ in range(2):
-                relays.append(start_relay(redis.url, cpus))
+            for i in range(2):
+                relays.append(start_relay(redis.url, cpus, profile(i)))
             url_a = relays[0].url
             url_b = relays[0].url if mode == "same" else relays[1].url
         pids = {f"node{i}": r.pid for i, r in enumerate(relays)}
@@ -351,12 +408,15 @@ def run_mode(mode: str, redis: RedisServer | None, args: argparse.Namespace, cpu
                     raise RuntimeError(f"a relay died during the {mode} {phase}; its log:\n{r.log_text()[-3000:]}")
 
         try:
+            time.sleep(1.0)  # start-up work (imports, Redis registration) done
+            idle_rates = idle_cpu(pids, idle) if idle > 0 else {}
             result = trio.run(functools.partial(
                 run_load, url_a, url_b, args.pairs, args.window, duration=args.duration, pids=pids))
             check("load")
             result["latency"] = trio.run(functools.partial(
                 run_load, url_a, url_b, 1, 1, duration=0, pids=None, latency_msgs=args.latency_msgs))["latency"]
             check("latency run")
+            result["idle"] = idle_rates
         except OSError as exc:
             check(f"run ({exc})")
             raise
@@ -370,44 +430,92 @@ def us(value: float) -> str:
     return f"{value:,.1f}" if value == value else "n/a"
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, notes: list[str]) -> str:
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return float("nan") if n == 0 else (ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2)
+
+
+def relay_us(r: dict[str, Any]) -> float:
+    """Relay CPU µs per relayed message, all relay nodes together."""
+    return sum(v for k, v in r["cpu"].items() if k.startswith("node")) / max(1, r["msgs"]) * 1e6
+
+
+def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, notes: list[str]) -> str:
+    """`results`: mode -> one run per round, in round order."""
+    rounds = max(len(runs) for runs in results.values())
     lines = [
         f"# Relay cluster costs ({datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores)",
         "",
         f"Load: {args.pairs} pairs, both peers sending, {args.window} in flight per sender, {args.duration:g} s "
         f"measured after 1 s warm-up; latency: 1 pair, 1 in flight, {args.latency_msgs} messages after 200. "
         f"Relays and Redis on CPU {args.relay_cpus}, generator on CPU {args.gen_cpus}. CPU from /proc/<pid>/stat "
-        f"(utime+stime, {CLK_TCK} ticks/s).",
+        f"(utime+stime, {CLK_TCK} ticks/s). {rounds} round(s); each round runs every mode once with fresh "
+        "relays, the order rotated by one mode per round (so no mode always runs first on a machine whose "
+        "other load changes); the ratios below are of the medians over rounds.",
         "",
-        "| mode | relayed msgs | generator msgs/s | relay CPU µs/msg (all nodes) | per node | Redis CPU µs/msg | latency p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | round | relayed msgs | generator msgs/s | relay CPU µs/msg (all nodes) | per node | "
+        "idle-corrected µs/msg | relay reads+writes/msg | Redis CPU µs/msg | latency p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     costs: dict[str, float] = {}
-    for mode, r in results.items():
-        msgs = max(1, r["msgs"])
-        relay_cpu = sum(v for k, v in r["cpu"].items() if k.startswith("node"))
-        per_node = ", ".join(f"{k} {us(v / msgs * 1e6)}" for k, v in r["cpu"].items() if k.startswith("node"))
-        redis_us = r["cpu"]["redis"] / msgs * 1e6 if "redis" in r["cpu"] else float("nan")
-        costs[mode] = relay_cpu / msgs * 1e6
-        costs[mode + "_redis"] = redis_us
-        lat = r["latency"]
-        lines.append(
-            f"| {mode} | {r['msgs']:,} | {r['msgs'] / r['seconds']:,.0f} | {us(costs[mode])} | {per_node} | "
-            f"{us(redis_us)} | {percentile(lat, 0.5) * 1e3:.3f} | {percentile(lat, 0.99) * 1e3:.3f} |"
-        )
-    lines.append("")
+    idle_lines: list[str] = []
+    for mode, runs in results.items():
+        for i, r in enumerate(runs):
+            msgs = max(1, r["msgs"])
+            nodes = [k for k in r["cpu"] if k.startswith("node")]
+            relay_cpu = sum(r["cpu"][k] for k in nodes)
+            per_node = ", ".join(f"{k} {us(r['cpu'][k] / msgs * 1e6)}" for k in nodes)
+            redis_us = r["cpu"]["redis"] / msgs * 1e6 if "redis" in r["cpu"] else float("nan")
+            idle = r.get("idle") or {}
+            if idle:
+                # What the relays burn with nothing to do taken off: the per-message work alone
+                # (a different figure from the raw one: both are shown, labelled).
+                idle_cpu_s = sum(idle.get(k, 0.0) for k in nodes) / 1e3 * r["seconds"]
+                corrected = us((relay_cpu - idle_cpu_s) / msgs * 1e6)
+                idle_lines.append(f"{mode}: " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items()))
+            else:
+                corrected = "n/a"
+            io = r.get("syscalls") or {}
+            calls = sum(sum(io[k]) for k in nodes if k in io)
+            lat = r["latency"]
+            lines.append(
+                f"| {mode} | {i + 1} | {r['msgs']:,} | {r['msgs'] / r['seconds']:,.0f} | {us(relay_us(r))} | "
+                f"{per_node} | {corrected} | {calls / msgs:.3f} | {us(redis_us)} | "
+                f"{percentile(lat, 0.5) * 1e3:.3f} | {percentile(lat, 0.99) * 1e3:.3f} |"
+            )
+        costs[mode] = median([relay_us(r) for r in runs])
+        costs[mode + "_redis"] = median([
+            r["cpu"]["redis"] / max(1, r["msgs"]) * 1e6 if "redis" in r["cpu"] else float("nan") for r in runs])
+    if idle_lines:
+        lines += ["", "Idle CPU (ms of CPU per second, schedstat of every thread, no client connected, measured "
+                  "before the load of the first round): " + "; ".join(idle_lines) + "."]
+    lines += ["", "Medians over rounds, relay CPU µs/msg: "
+              + ", ".join(f"{m} {us(costs[m])}" for m in results) + "."]
+
+    def pooled(mode: str) -> list[float]:
+        return [x for r in results[mode] for x in r["latency"]]
+
     if "same" in results and "cross" in results:
-        same, cross = results["same"]["latency"], results["cross"]["latency"]
+        same, cross = pooled("same"), pooled("cross")
         lines.append(
             f"A cross-node hop adds {(percentile(cross, 0.5) - percentile(same, 0.5)) * 1e3:.3f} ms at p50 and "
-            f"{(percentile(cross, 0.99) - percentile(same, 0.99)) * 1e3:.3f} ms at p99 (cross-node minus same-node)."
+            f"{(percentile(cross, 0.99) - percentile(same, 0.99)) * 1e3:.3f} ms at p99 (cross-node minus same-node, "
+            "latency samples of all rounds pooled)."
         )
+
+    def each_round(top: str, bottom: str) -> str:
+        pairs = zip(results[top], results[bottom])
+        return ", ".join(f"{relay_us(t) / relay_us(b):.2f}x" for t, b in pairs)
+
     if "embedded" in costs and "same" in costs:
         ratio = costs["same"] / costs["embedded"]
-        lines.append(f"Same-node with a backplane / embedded relay CPU per message: {ratio:.2f}x (target <= 1.10x).")
+        lines.append(f"Same-node with a backplane / embedded relay CPU per message: {ratio:.2f}x (target <= 1.10x); "
+                     f"round by round: {each_round('same', 'embedded')}.")
     if "same" in costs and "cross" in costs:
         ratio = costs["cross"] / costs["same"]
-        lines.append(f"Cross-node / same-node relay CPU per message: {ratio:.2f}x (target <= 2x).")
+        lines.append(f"Cross-node / same-node relay CPU per message: {ratio:.2f}x (target <= 2x); "
+                     f"round by round: {each_round('cross', 'same')}.")
     lines += ["", *projection(costs, args), ""]
     if notes:
         lines += ["Notes:", *[f"- {n}" for n in notes], ""]
@@ -472,6 +580,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--latency-msgs", type=int, default=2000)
     parser.add_argument("--modes", default="embedded,same,cross")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds of idle CPU measured per mode before the first round's load (0: not measured)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every mode this many times, interleaved; ratios are of the medians")
     parser.add_argument("--embedded-us", type=float, default=1e6 / 70_678,
                         help="the embedded relay's CPU µs per message at saturation (default: relayload S=100 W=16, "
                              "70,678 msgs/s on one core, bench/results/2026-11-24-vm.md)")
@@ -481,6 +593,9 @@ def main() -> int:
     parser.add_argument("--gen-cpus", default=os.environ.get("GEN_CPUS", "1"))
     parser.add_argument("--quick", action="store_true", help="10 pairs, 3 s, 500 latency samples")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="run each relay under cProfile, writing DIR/MODE-nodeN.prof (its CPU figures are then "
+                             "the profiler's, not the relay's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures as JSON")
     args = parser.parse_args()
     if args.quick:
@@ -489,6 +604,8 @@ def main() -> int:
     for m in modes:
         if m not in ("embedded", "same", "cross"):
             parser.error(f"--modes takes embedded, same, cross; got {m!r}")
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     relay_cpus, gen_cpus = parse_cpus(args.relay_cpus), parse_cpus(args.gen_cpus)
     os.sched_setaffinity(0, gen_cpus)
     notes: list[str] = []
@@ -496,15 +613,20 @@ def main() -> int:
         notes.append("this relay has no --backplane option: the same-node and cross-node modes were not run "
                      "(the harness runs them as soon as `parley relay --backplane URL` exists)")
         modes = [m for m in modes if m == "embedded"]
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    load = os.getloadavg()
+    notes.append(f"load average at the start of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     with RedisServer() as redis:
         pin(redis.pid, relay_cpus)
-        for mode in modes:
-            print(f"[cluster] {mode}: {args.pairs} pairs x 2 senders, W={args.window}, {args.duration:g} s", flush=True)
-            results[mode] = run_mode(mode, redis, args, relay_cpus)
-            r = results[mode]
-            print(f"[cluster] {mode}: {r['msgs']:,} msgs, cpu {json.dumps({k: round(v, 3) for k, v in r['cpu'].items()})}",
-                  flush=True)
+        for round_no in range(args.rounds):
+            order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]
+            for mode in order:
+                print(f"[cluster] round {round_no + 1}, {mode}: {args.pairs} pairs x 2 senders, W={args.window}, "
+                      f"{args.duration:g} s", flush=True)
+                r = run_mode(mode, redis, args, relay_cpus, idle=args.idle if round_no == 0 else 0.0)
+                results[mode].append(r)
+                print(f"[cluster] round {round_no + 1}, {mode}: {r['msgs']:,} msgs, {relay_us(r):.1f} µs/msg, cpu "
+                      f"{json.dumps({k: round(v, 3) for k, v in r['cpu'].items()})}", flush=True)
     load = os.getloadavg()
     notes.append(f"load average at the end of the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
                  f"{os.cpu_count()} cores (other work on the machine inflates CPU per message: a relay "
@@ -516,7 +638,7 @@ def main() -> int:
         args.out.write_text(text + "\n")
         print(f"table: {args.out}")
     if args.json is not None:
-        args.json.write_text(json.dumps({m: {k: v for k, v in r.items()} for m, r in results.items()}) + "\n")
+        args.json.write_text(json.dumps(results) + "\n")
     return 0
 
 

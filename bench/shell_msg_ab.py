@@ -4,7 +4,11 @@ live between two attached members, from bytes to `os.write`:
 -> `RelayCore.receive` -> `_apply` -> the peer's `WsConn.send_text` ->
 `Outbox` flush (`os.write` on a socketpair). No event loop turns, no TCP.
 
-    .venv/bin/python bench/shell_msg_ab.py [REV] [--pairs 6]   # REV default: HEAD
+    .venv/bin/python bench/shell_msg_ab.py [REV] [--pairs 6] [--node]   # REV default: HEAD
+
+`--node`: the same through a relay cluster node (`relay.cluster.node.ClusterServer`)
+holding the session (the same-node path of issue #14; no Redis: nothing it does
+for a held session's MSG asks Redis, and no store task runs, so nothing is held).
 
 The tree at REV is exported (`git archive`) to a temporary folder and run on
 PYTHONPATH; each run is its own process (A = REV, B = the working tree,
@@ -63,7 +67,17 @@ async def main(batch_frames: int = 200, iters: int = 200, reps: int = 15) -> Non
     from parley.relay.transport import _MORE, TransportConfig, WsConn
     from parley.relay.wsframe import FrameReader
 
-    server = RelayServer(RelayCore(RelayConfig(), clock=time.time, rng=secrets), None, ServerConfig())
+    core = RelayCore(RelayConfig(), clock=time.time, rng=secrets)
+    if os.environ.get("SHELL_MSG_AB_NODE") == "1":
+        from parley.relay.cluster.node import ClusterOptions, ClusterServer
+        from parley.relay.cluster.redisstore import RedisStore, open_client
+
+        client = open_client("redis://127.0.0.1:1/0", timeout=1.0)  # never connected
+        server = ClusterServer(core, None, ServerConfig(), backplane=RedisStore(client, token="n1"),
+                               options=ClusterOptions(), node_id="n1")
+        server._store = None  # no store task here: a CREATE_SESSION's answer is not held
+    else:
+        server = RelayServer(core, None, ServerConfig())
     server._info = False
     tconf = TransportConfig(turn_frames=16)
     pairs = [socket.socketpair() for _ in range(2)]
@@ -148,7 +162,10 @@ def compare() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", nargs="?", default="HEAD")
     parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--node", action="store_true", help="through a cluster node holding the session")
     args = parser.parse_args()
+    if args.node:
+        os.environ["SHELL_MSG_AB_NODE"] = "1"  # inherited by the measuring processes
     with tempfile.TemporaryDirectory() as tmp:
         base = str(export(args.rev, Path(tmp)))
         a: list[float] = []
@@ -158,7 +175,7 @@ def compare() -> None:
                 (a if name == "A" else b).append(run(base if name == "A" else None))
             print(f"pair {i}: A {a[-1]:.3f} us/MSG  B {b[-1]:.3f} us/MSG", flush=True)
     print(json.dumps({
-        "rev": args.rev, "A_best_us": round(min(a), 3), "B_best_us": round(min(b), 3),
+        "rev": args.rev, "node": args.node, "A_best_us": round(min(a), 3), "B_best_us": round(min(b), 3),
         "A_median_us": round(statistics.median(a), 3), "B_median_us": round(statistics.median(b), 3),
         "B_over_A_median": round(statistics.median(b) / statistics.median(a), 4),
     }))

@@ -11,6 +11,7 @@ randomness only from the `clock` and `rng` it is given::
                                       # a cluster node taking or handing over sessions
     core.connect(conn_id, address)    # -> list[Action]
     core.receive(conn_id, message)    # one data message, str or bytes
+    core.receive_read(conn_id, message, read_message(message))  # the same, read by the shell
     core.disconnect(conn_id)
     core.tick()                       # about once a second
     core.stats()                      # counts only, safe to log
@@ -201,6 +202,7 @@ from parley.protocol import (
     DeliveredFailed,
     ErrorCode,
     ErrorFrame,
+    Frame,
     InviteCode,
     InviteCreate,
     Join,
@@ -253,7 +255,7 @@ from .limits import KeyedWindows, SharedQuota, Window
 from .observe import NullObserver, Observer
 from .queue import FrameQueue, MemoryFrameQueue, StoredFrame
 
-__all__ = ["RelayCore", "RelayConfig", "Released"]
+__all__ = ["RelayCore", "RelayConfig", "Released", "Read", "read_frame", "read_message"]
 
 CLOSE_POLICY = 1008
 CLOSE_REASON_ERRORS = "too many bad frames"
@@ -366,6 +368,30 @@ class _Session:
         self.pending_joins: dict[ConnId, str | _JoinGone] | None = None
         # sided joiners whose JOIN went through and who wait for JOIN_ACCEPT/JOIN_DENY
         self.waiting: dict[ConnId, None] | None = None
+
+
+# What `read_message` makes of a message: a canonical MSG's
+# `(sid, msgID, payload, text)` (`parse_canonical_msg`), any other frame
+# parsed, or None when it does not parse (the core answers why).
+Read = tuple[str, str | None, str | None, str] | Frame | None
+
+
+def read_message(message: str | bytes) -> Read:
+    """A message read once, before any state is looked at, for a shell that
+    must know what a frame is before handing it to the core (a cluster node
+    routes by its SID) and then hands the read to `RelayCore.receive_read`
+    instead of having the core parse the message again."""
+    fast = parse_canonical_msg(message)
+    return fast if fast is not None else read_frame(message)
+
+
+def read_frame(message: str | bytes) -> Frame | None:
+    """`read_message` of a message `parse_canonical_msg` did not take (for a
+    shell that tried that first): the frame, or None when it does not parse."""
+    try:
+        return parse(message)
+    except (ProtocolError, UnicodeError, ValueError):
+        return None
 
 
 def _size(text: str) -> int:
@@ -753,13 +779,33 @@ class RelayCore:
         conn = self._conns.get(conn_id)
         if conn is None:
             return []  # closed by the core, or unknown: nothing to answer
-        limit = self.config.max_frame
-        if len(message) > limit:
+        if len(message) > self.config.max_frame:
             self._frames_in["invalid"] += 1
             return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
         fast = parse_canonical_msg(message)  # the hot path: a MSG in forwarding form
         if fast is not None:
             return self._relay_msg(conn, *fast)  # counted by its outcome
+        return self._receive_frame(conn, message, None)
+
+    def receive_read(self, conn_id: ConnId, message: str | bytes, read: Read) -> list[Action]:
+        """`receive(conn_id, message)` for a message the shell has already read
+        with `read_message(message)` (a cluster node does, to route it): the
+        same actions, without parsing it a second time. `read` must be that
+        function's result for this very message."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return []
+        if len(message) > self.config.max_frame:
+            self._frames_in["invalid"] += 1
+            return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
+        if type(read) is tuple:
+            return self._relay_msg(conn, *read)
+        return self._receive_frame(conn, message, read)
+
+    def _receive_frame(self, conn: _Conn, message: str | bytes, frame: Frame | None) -> list[Action]:
+        """Any message but a canonical MSG; `frame`: its parse when the shell
+        already has it (the checks before parsing are made all the same)."""
+        limit = self.config.max_frame
         if isinstance(message, str) and not message.isascii():
             try:
                 encoded = message.encode("utf-8")
@@ -769,11 +815,12 @@ class RelayCore:
             if len(encoded) > limit:
                 self._frames_in["invalid"] += 1
                 return self._error(conn, ErrorCode.TOO_LARGE, "message too large")
-        try:
-            frame = parse(message)
-        except ProtocolError as exc:
-            self._frames_in["invalid"] += 1
-            return self._error(conn, exc.code, exc.message)
+        if frame is None:
+            try:
+                frame = parse(message)
+            except ProtocolError as exc:
+                self._frames_in["invalid"] += 1
+                return self._error(conn, exc.code, exc.message)
         if frame.TYPE != "MSG":  # a MSG is counted by its outcome (_relay_msg)
             self._frames_in[frame.TYPE] += 1
         handler = self._handlers.get(type(frame))

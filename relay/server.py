@@ -156,7 +156,7 @@ from .pipeline import HeldAction, StorePipeline
 from .store import Store
 from .transport import OVERFLOW, Outbox, TransportConfig, WsConn, serve_stream
 
-__all__ = ["ServerConfig", "RelayServer", "Core", "StoreFaultCore", "server_version", "make_ssl_context"]
+__all__ = ["ServerConfig", "RelayServer", "Core", "StoreFaultCore", "ReadingCore", "server_version", "make_ssl_context"]
 
 log = logging.getLogger("parley.relay.server")
 
@@ -327,6 +327,12 @@ class StoreFaultCore(Core, Protocol):
     def set_store_available(self, available: bool) -> None: ...
 
     def abandon_frame(self, conn_id: ConnId, op: SaveFrame) -> list[Action] | None: ...
+
+
+class ReadingCore(Core, Protocol):
+    """A core that also takes a message its shell has already read (`relay.core.read_message`)."""
+
+    def receive_read(self, conn_id: ConnId, message: str | bytes, read: Any) -> list[Action]: ...
 
 
 class RelayServer:
@@ -762,6 +768,23 @@ class RelayServer:
             log.debug("conn %d %s rx %s sid %s %dB", conn.id, self._shown(conn.id), t, sid, len(message))
         try:
             actions = self._core.receive(conn.id, message)
+        except Exception:
+            self._core_failed(conn)
+            return
+        if actions:
+            self._apply(actions, self._attached)
+
+    def _receive_read(self, conn: WsConn, message: str | bytes, read: Any) -> None:
+        """`on_message`, past its checks, for a message a subclass has already
+        read (`relay.core.read_message`, to route it): the core gets the read
+        (`RelayCore.receive_read`, a `ReadingCore`) and does not parse the
+        message again. The plain relay keeps calling `receive` (the same code
+        underneath, one call less per MSG)."""
+        if self._debug:
+            t, sid = _rx_summary(message)
+            log.debug("conn %d %s rx %s sid %s %dB", conn.id, self._shown(conn.id), t, sid, len(message))
+        try:
+            actions = self._core.receive_read(conn.id, message, read)  # type: ignore[attr-defined]
         except Exception:
             self._core_failed(conn)
             return

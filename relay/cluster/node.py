@@ -5,12 +5,14 @@ it out. What it adds to `relay.server.RelayServer` (whose single-process
 behaviour it leaves alone: a relay without `--backplane` never runs this):
 
 * `on_message` routes: a frame whose session this node's core holds goes to
-  the core as before (no Redis on that path); a frame for a session another
-  live node owns is published to that node's bus channel; anything else
-  (unknown SID, a JOIN whose code is not live here) waits, with every later
-  frame of the same connection, while `_resolve` asks Redis who owns it and
-  claims or takes it over when nobody alive does (then loads its rows into
-  the core: `RelayCore.adopt`).
+  the core as before (no Redis on that path), read once: it is parsed to
+  route it and the core gets that read (`RelayCore.receive_read`), so a
+  same-node MSG costs what it costs without a backplane; a frame for a
+  session another live node owns is published to that node's bus channel;
+  anything else (unknown SID, a JOIN whose code is not live here) waits,
+  with every later frame of the same connection, while `_resolve` asks
+  Redis who owns it and claims or takes it over when nobody alive does
+  (then loads its rows into the core: `RelayCore.adopt`).
 * `RemoteConn`: a connection of another node as the owner's core sees it.
   Its `send_text`/`close` publish to the connection's node, which writes them.
 * `_heartbeat`: renews this node's liveness key, measures the backplane's
@@ -18,14 +20,21 @@ behaviour it leaves alone: a relay without `--backplane` never runs this):
   their sessions taken over by one surviving node, and local clients whose
   sessions they owned are told PEER_OFFLINE and asked to reconnect).
 
-Bus messages (JSON arrays, one PUBLISH per destination per batch; internal,
-never seen by clients):
+Bus items (one PUBLISH per destination per batch; internal, never seen by
+clients):
 
     ["f", origin, conn, address, text, binary]   a client frame for the owner
     ["s", conn, text]                            a frame for the origin's connection
     ["x", conn, code, reason]                    close the origin's connection
     ["d", origin, conn]                          the origin's connection is gone
     ["hq"|"ha"|"h"|"hx", ...]                    a session hand-off (`relay.cluster.handoff`)
+
+A batch travels as `encode_bus` writes it: "2", the items as a JSON array
+with each client frame's text replaced by its length, a newline, then those
+texts one after the other as they are. Why not the items as one JSON array
+(the format before, still read): escaping the quotes of every frame and
+unescaping them on the other node cost more than all the rest the bus does
+per frame (measured: 4 µs of JSON per frame against 1.2 µs).
 """
 
 from __future__ import annotations
@@ -46,19 +55,19 @@ import coredis
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from parley.protocol import ErrorFrame, ErrorCode, PeerOffline, ProtocolError, encode_text, parse, parse_canonical_msg
+from parley.protocol import ErrorFrame, ErrorCode, PeerOffline, encode_text, parse_canonical_msg
 from parley.protocol.frames import Join
 
 from .. import metrics
 from ..actions import Close, Send
-from ..core import UNAVAILABLE_MESSAGE
+from ..core import UNAVAILABLE_MESSAGE, Read, read_frame, read_message
 from ..server import RelayServer, ServerConfig
 from .codes import ShardedRandom
 from .handoff import HANDOFF_KINDS, Handoffs
 from .lease import Lease, Renewal
 from .redisstore import BackplaneUnavailable, RedisStore, _TRANSIENT
 
-__all__ = ["ClusterServer", "ClusterOptions", "RemoteConn", "node_name"]
+__all__ = ["ClusterServer", "ClusterOptions", "RemoteConn", "decode_bus", "encode_bus", "node_name"]
 
 log = logging.getLogger("parley.relay.cluster")
 
@@ -105,21 +114,70 @@ class ClusterOptions:
         self.handoff_delay = handoff_delay  # seconds; 0: sessions never move to their members' node
 
 
-def route_key(message: str | bytes, max_sid: int) -> tuple[str, str] | None:
-    """What decides where a frame goes: ("sid", SID), ("code", CODE) for a
-    JOIN, or None (no session: the local core answers it)."""
-    fast = parse_canonical_msg(message)
-    if fast is not None:
-        sid = fast[0]
+_UNREAD = object()  # `_dispatch` without the caller's parse_canonical_msg
+
+# Where an item of each kind carries a client frame's text (the bulk of the bus).
+_TEXT_AT = {"f": 4, "s": 2}
+
+
+def encode_bus(items: list[list[Any]]) -> str:
+    """One bus message for `items` (module docstring); `decode_bus` reads it.
+    The items are left as they are (kept ones are sent again)."""
+    texts = []
+    heads = []
+    for item in items:
+        at = _TEXT_AT.get(item[0])
+        if at is not None:
+            text = item[at]
+            item = item.copy()
+            item[at] = len(text)
+            texts.append(text)
+        heads.append(item)
+    return "".join(["2", json.dumps(heads, separators=(",", ":")), "\n", *texts])
+
+
+def decode_bus(data: str) -> list[list[Any]]:
+    """The items of one bus message (`encode_bus`'s, or a JSON array as
+    nodes before it sent). Raises ValueError (or TypeError, KeyError,
+    IndexError) on a message that is not one."""
+    if data[:1] == "[":
+        return json.loads(data)
+    if data[:1] != "2":
+        raise ValueError("not a bus message")
+    end = data.index("\n")
+    items = json.loads(data[1:end])
+    if type(items) is not list:
+        raise ValueError("not a bus message")
+    pos = end + 1
+    for item in items:
+        if type(item) is not list:
+            raise ValueError("not a bus item")
+        at = _TEXT_AT.get(item[0])
+        if at is not None:
+            size = item[at]
+            if type(size) is not int or size < 0:
+                raise ValueError("bad text length in a bus message")
+            stop = pos + size
+            item[at] = data[pos:stop]
+            pos = stop
+    if pos != len(data):
+        raise ValueError("bus message lengths do not add up")
+    return items
+
+
+def route_key(read: Read, max_sid: int) -> tuple[str, str] | None:
+    """What decides where a frame goes, from the core's read of it
+    (`relay.core.read_message`): ("sid", SID), ("code", CODE) for a JOIN, or
+    None (no session, or it does not parse: the local core answers it)."""
+    if type(read) is tuple:
+        sid = read[0]
+    elif read is None:
+        return None
+    elif type(read) is Join:
+        code = read.code
+        return ("code", code) if 0 < len(code) <= 32 else None
     else:
-        try:
-            frame = parse(message)
-        except (ProtocolError, UnicodeError, ValueError):
-            return None
-        if type(frame) is Join:
-            code = frame.code
-            return ("code", code) if 0 < len(code) <= 32 else None
-        sid = getattr(frame, "sid", None)
+        sid = getattr(read, "sid", None)
     if not sid or len(sid) > max_sid:
         return None
     return ("sid", sid)
@@ -176,9 +234,15 @@ class Bus:
     def put(self, node: str, item: list[Any], *, force: bool = False) -> bool:
         if self.backlog >= MAX_BUS_BACKLOG and not force:
             return False
-        self.out.setdefault(node, []).append(item)
+        # Per frame: no list made for nothing, and the bus task is woken by the
+        # first item only (`run` takes `out` and a new event together).
+        items = self.out.get(node)
+        if items is None:
+            self.out[node] = [item]
+            self._wake.set()
+        else:
+            items.append(item)
         self.backlog += 1
-        self._wake.set()
         return True
 
     async def run(self) -> None:
@@ -189,7 +253,7 @@ class Bus:
             out, self.out = self.out, {}
             for node, items in out.items():
                 self.backlog -= len(items)
-                text = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
+                text = encode_bus(items)
                 try:
                     receivers = await server.call(server.client.publish, server.channel(node), text)
                 except (BackplaneUnavailable, coredis.exceptions.RedisError):
@@ -364,18 +428,38 @@ class ClusterServer(RelayServer):
     def on_message(self, conn: Any, message: str | bytes) -> None:
         if self._shutting_down or conn.id not in self._attached:
             return
-        waiting = self._waiting.get(conn.id)
-        if waiting is not None:
-            if len(waiting) >= MAX_WAITING:
-                self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
+        if self._waiting:
+            waiting = self._waiting.get(conn.id)
+            if waiting is not None:
+                if len(waiting) >= MAX_WAITING:
+                    self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
+                    return
+                waiting.append(message)
                 return
-            waiting.append(message)
+        # `_dispatch`'s first case inline (one call less per MSG): a canonical
+        # MSG for a session this node holds, straight to the core.
+        read = parse_canonical_msg(message)
+        if read is not None and self._core.holds(read[0]):
+            self._receive_read(conn, message, read)
             return
-        self._dispatch(conn, message)
+        self._dispatch(conn, message, read)
 
-    def _dispatch(self, conn: Any, message: str | bytes) -> None:
-        key = route_key(message, self._max_sid)
+    def _dispatch(self, conn: Any, message: str | bytes, read: Any = _UNREAD) -> None:
+        # Read once: the read routes the frame and is what the core gets
+        # (`receive_read`), so a MSG is parsed once, as on a relay without a
+        # backplane. `read`: `parse_canonical_msg(message)` when the caller
+        # has it (on_message). The same-node hot path: a canonical MSG for a
+        # session this node holds goes straight to the core.
         core = self._core
+        if read is _UNREAD:
+            read = parse_canonical_msg(message)
+        if read is not None:
+            if core.holds(read[0]):
+                self._receive_read(conn, message, read)
+                return
+        else:
+            read = read_frame(message)
+        key = route_key(read, self._max_sid)
         if key is not None:
             kind, value = key
             if kind == "sid":
@@ -391,7 +475,7 @@ class ClusterServer(RelayServer):
             elif core.code_session(value) is None:
                 self._wait(conn, key, message)
                 return
-        super().on_message(conn, message)
+        self._receive_read(conn, message, read)
 
     def _wait(self, conn: Any, key: tuple[str, str], message: str | bytes) -> None:
         self._waiting[conn.id] = deque([message])
@@ -409,7 +493,12 @@ class ClusterServer(RelayServer):
         if not self.bus.put(owner, ["f", origin, cid, conn.address, text, binary]):
             self._deliver(Close(conn.id, BUSY_CODE, BUSY_REASON), self._attached)
             return
-        sids = self._forwarded.setdefault(conn.id, {}).setdefault(owner, set())
+        by_owner = self._forwarded.get(conn.id)
+        if by_owner is None:
+            by_owner = self._forwarded[conn.id] = {}
+        sids = by_owner.get(owner)
+        if sids is None:
+            sids = by_owner[owner] = set()
         if len(sids) < 1024:
             sids.add(sid)
         self.cluster_counters["forwarded"] += 1
@@ -530,7 +619,7 @@ class ClusterServer(RelayServer):
                             if self._debug:
                                 log.debug("bus: %d byte(s) in", len(message["data"]))
                             try:
-                                self._on_bus(json.loads(message["data"]))
+                                self._on_bus(decode_bus(message["data"]))
                             except Exception:  # a malformed item must not stop the bus
                                 self.counters["core_errors"] += 1
                                 log.exception("bus message not handled")
@@ -544,15 +633,15 @@ class ClusterServer(RelayServer):
         if self._shutting_down:
             return
         attached = self._attached
+        self.cluster_counters["bus_in"] += len(items)
         with self._outbox:
             for item in items:
-                self.cluster_counters["bus_in"] += 1
                 kind = item[0]
                 if kind == "f":
                     _, origin, cid, address, text, binary = item
                     if origin == self.node_id:  # our own client's frame, bounced back by a stale route
                         message = base64.b64decode(text) if binary else text
-                        key = route_key(message, self._max_sid)
+                        key = route_key(read_message(message), self._max_sid)
                         if key is not None and key[0] == "sid":
                             self._routes.pop(key[1], None)  # ask Redis again, never ping-pong
                         local = attached.get(cid)
