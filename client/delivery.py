@@ -34,7 +34,12 @@ is out and no outcome yet), shown HELD with reason `HELD_FOR_PAIRING`: the
 key is not confirmed yet, and a relay that substituted it would read them.
 The pairing link releases them when it confirms, drops them with the
 session when it fails, and releases them when it falls back (README
-"Pairing", fallback rules).
+"Pairing", fallback rules). Messages another process hands over meanwhile
+(`adopt_pending`) stay in `pending` (the handing-over process watches them
+there) and are withheld in memory; a core resumed while a pairing is open
+(a joiner restarted between its reply and the confirmation) withholds
+every pending message the same way, since nothing on disk says which of
+them were never sent.
 
 The clock (`clock() -> seconds`) and randomness (`random(n) -> n bytes`) are
 injected.
@@ -135,6 +140,11 @@ class Delivery:
         released = [] if holding else self._take_held()
         if released:
             changed = True
+        if ctx.pairing_open:
+            # A pairing reopened on resume (`PairingLink.resumed`): what is pending may have been
+            # handed over while it was in flight and never sent (`adopt_pending` keeps that mark in
+            # memory only); none of it goes out before the pairing ends, as if handed over now.
+            self._withheld = ctx.pending_ids()
         if changed:
             actions.append(ctx.save())
         status = Status.HELD if holding else Status.PENDING

@@ -574,3 +574,32 @@ def test_a_message_handed_over_while_holding_for_verification_goes_at_the_fallba
     out = pair.to_alice(pair.bob_out)  # bob's nosecret: no pairing
     assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(out)
     assert payload_ids(out) == [item["msgID"]] and alice.held_ids == [own]
+
+
+def test_a_message_handed_over_while_pairing_is_in_flight_still_waits_after_a_restart():
+    """The joiner restarts between its reply and the confirmation with a message handed over meanwhile
+    (in the file's `pending`, never sent): the resumed core sends it neither at its REATTACH nor on
+    the peer's return, only once the pairing confirms; or, unconfirmed, at --pair-hold."""
+    for confirm in (True, False):
+        pair = Pair(hold=False)
+        key = pair.bob.key
+        assert key is not None
+        item = {"msgID": "77" * 8, "payload": crypto.encrypt_payload(key, "handed over")}
+        assert payload_ids(pair.bob.adopt_pending([item])) == []
+        entry = saved(pair.bob_out)  # as the file holds it: the handing-over process put it in `pending`
+        entry["pending"] = [item]
+        bob = ClientCore.resume(SID, entry, random=Rand(11), clock=pair.clock, hold_unverified=False)
+        bob.start()
+        again = bob.connected()
+        assert payload_ids(again) == []
+        assert payload_ids(bob.frame_received('{"t":"PEER_ONLINE","sid":"%s"}' % SID)) == []
+        if confirm:
+            (reply,) = [a for a in again if isinstance(a, SendFrame) and '"pairing"' in a.text]
+            out = bob.frame_received(encode_text(sends(pair.to_alice([reply]))[-1]))
+            assert PairingShown(SID, PairingNote.VERIFIED, "joiner") in shows(out)
+        else:
+            pair.clock.now += 2.9
+            assert payload_ids(bob.tick()) == []
+            pair.clock.now += 0.2
+            out = bob.tick()
+        assert payload_ids(out) == [item["msgID"]]
