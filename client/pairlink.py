@@ -46,7 +46,7 @@ from parley.protocol import gojson
 
 from .context import Phase, SessionContext
 from .events import Action, FailureKind, ForgetState, PairingNote, PairingShown, Role, Show
-from .pairing import Pairing, Result, State
+from .pairing import Pairing, Result, State, Unpaired
 
 __all__ = ["PairingLink", "PAIR_TIMEOUT", "PAIR_HOLD", "PAIRING_FAILED_JOINER"]
 
@@ -155,6 +155,8 @@ class PairingLink:
         if result.state is State.REPLIED:
             self._deadline = self._clock() + self.pair_timeout
             self._open_window()
+        elif result.unpaired is Unpaired.OFFER_MISSING:
+            self._open_window()  # we have a secret, the offer is gone (stripped?): the hold runs its time
         return self._actions(result)
 
     # --- fed by the core ---------------------------------------------------------
@@ -267,5 +269,17 @@ class PairingLink:
             return [*send, ForgetState(ctx.sid), *ctx.fail(FailureKind.PAIRING_FAILED, detail)]
         if result.state is State.UNPAIRED and result.unpaired is not None:
             return [*send, Show(PairingShown(ctx.sid, PairingNote(result.unpaired.value), self.role)),
-                    *self._window_closed()]
+                    *self._fell_back()]
         return send
+
+    def _fell_back(self) -> list[Action]:
+        """The peer does no pairing (so the signal says): the window closes, but not before `pair_hold`.
+
+        Every fallback signal is one a relay in the middle can make: `nosecret` needs no key, a chat
+        message only the key it substituted, an offer stripped from JOIN_ACCEPT nothing. Ending the
+        hold at once would hand it our held lines sooner than stalling the pairing does; so the
+        note shows now and the lines wait for `tick` at the hold's deadline, as for no answer.
+        """
+        if self._hold_deadline is not None and self._clock() < self._hold_deadline:
+            return []
+        return self._window_closed()

@@ -338,24 +338,35 @@ def test_no_verify_lines_held_for_a_pairing_that_fails_are_never_sent():
     assert payload_ids(pair.alice.connected() + pair.bob.connected()) == []
 
 
-def test_no_verify_legacy_joiner_releases_the_line_at_its_first_message():
-    """A Node joiner never answers the offer: its first message says it does no pairing, and the
-    inviter's held line goes out then, not after --pair-timeout."""
+def test_no_verify_legacy_joiner_shown_at_its_first_message_lines_released_at_the_pair_hold():
+    """A Node joiner never answers the offer: its first message is shown and says it does no pairing,
+    but the inviter's held line goes out at --pair-hold, not then: a relay in the middle knows the key
+    it substituted and could write that message itself to end the hold early (issue #15 review, C1)."""
     pair = Pair(hold=False)
     a_id, out = pair.alice.send_text("to a node joiner")
     assert payload_ids(out) == []
     key = pair.alice.key
     assert key is not None
+    pair.clock.now += 1.0
     legacy = Msg.build(SID, crypto.encrypt_payload(key, "hello from node"), "0123abcd")
     out = pair.alice.frame_received(encode_text(legacy))
     assert PairingShown(SID, PairingNote.PEER_NO_PAIRING, "creator") in shows(out)
-    assert payload_ids(out) == [a_id] and not pair.alice.pairing_in_flight
-    assert not pair.alice.verified
-    b_id, out = pair.alice.send_text("then at once")
-    assert payload_ids(out) == [b_id]
+    assert MessageIn(SID, "0123abcd", "hello from node") in shows(out)
+    assert payload_ids(out) == [] and not pair.alice.verified
+    b_id, out = pair.alice.send_text("typed after it, before the hold's end")
+    assert payload_ids(out) == []
+    pair.clock.now += 1.9
+    assert payload_ids(pair.alice.tick()) == []
+    pair.clock.now += 0.2
+    assert payload_ids(pair.alice.tick()) == [a_id, b_id]
+    c_id, out = pair.alice.send_text("then at once")
+    assert payload_ids(out) == [c_id]
+    pair.clock.now += 30
+    assert not [e for e in shows(pair.alice.tick()) if isinstance(e, PairingShown)]  # no "no answer" notice
 
 
-def test_no_verify_joiner_without_the_secret_releases_at_its_nosecret():
+def test_no_verify_joiner_without_the_secret_shown_at_its_nosecret_lines_released_at_the_pair_hold():
+    """`nosecret` needs no key at all to forge: it names the fallback at once, the lines wait the hold."""
     pair = Pair(hold=False, joiner_secret=False)
     a_id, out = pair.alice.send_text("held a moment")
     assert payload_ids(out) == []
@@ -363,22 +374,28 @@ def test_no_verify_joiner_without_the_secret_releases_at_its_nosecret():
     assert payload_ids(out) == [b_id]
     alice_out = pair.to_alice(pair.bob_out)  # his `nosecret`
     assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(alice_out)
-    assert payload_ids(alice_out) == [a_id]
+    assert payload_ids(alice_out) == []
+    pair.clock.now += 2.9
+    assert payload_ids(pair.alice.tick()) == []
+    pair.clock.now += 0.2
+    assert payload_ids(pair.alice.tick()) == [a_id]
 
 
 def test_no_verify_without_any_answer_releases_at_the_pair_hold():
-    """A relay that strips the offer: the joiner knows at once (no offer) and sends; the inviter,
-    told nothing (as by a Node joiner that has not written), holds for --pair-hold (3 s), then
-    sends; the notice still comes at --pair-timeout. With holding on, nothing goes out."""
+    """A relay that strips the offer: the joiner knows at once (no offer; it says so) and the inviter,
+    told nothing (as by a Node joiner that has not written), is not: both hold for --pair-hold (3 s),
+    then send; the inviter's notice still comes at --pair-timeout. With holding on, nothing goes out."""
     for hold in (False, True):
         pair = Pair(hold=hold, strip_offer=True)
+        assert PairingShown(SID, PairingNote.OFFER_MISSING, "joiner") in shows(pair.bob_out)
         b_id, out = pair.bob.send_text("bob")
-        assert payload_ids(out) == ([] if hold else [b_id])
+        assert payload_ids(out) == []
         a_id, out = pair.alice.send_text("alice")
         assert payload_ids(out) == []
         pair.clock.now += 2.9
-        assert pair.alice.tick() == []
+        assert pair.alice.tick() == [] and payload_ids(pair.bob.tick()) == []
         pair.clock.now += 0.2
+        assert payload_ids(pair.bob.tick()) == ([] if hold else [b_id])
         out = pair.alice.tick()
         assert payload_ids(out) == ([] if hold else [a_id]) and not shows(out)[1:]
         assert pair.alice.held_ids == ([a_id] if hold else [])
@@ -563,7 +580,8 @@ def test_a_line_held_for_the_pairing_says_so_on_screen():
 
 def test_a_message_handed_over_while_holding_for_verification_goes_at_the_fallback():
     """Without --no-verify our own lines wait for verification, but a message `parley send
-    --no-verify` handed over never did: it waits only for the pairing, and goes at its fallback."""
+    --no-verify` handed over never did: it waits only for the pairing, and goes at its fallback
+    (at --pair-hold at the soonest)."""
     pair = Pair(hold=True, joiner_secret=False)
     alice = pair.alice
     key = alice.key
@@ -571,9 +589,11 @@ def test_a_message_handed_over_while_holding_for_verification_goes_at_the_fallba
     own, _ = alice.send_text("mine, held until compared")
     item = {"msgID": "55" * 8, "payload": crypto.encrypt_payload(key, "handed over")}
     assert payload_ids(alice.adopt_pending([item])) == []
-    out = pair.to_alice(pair.bob_out)  # bob's nosecret: no pairing
+    out = pair.to_alice(pair.bob_out)  # bob's nosecret: no pairing (it goes at --pair-hold: anyone can forge it)
     assert PairingShown(SID, PairingNote.SECRET_UNUSED, "creator") in shows(out)
-    assert payload_ids(out) == [item["msgID"]] and alice.held_ids == [own]
+    assert payload_ids(out) == []
+    pair.clock.now += 3.1
+    assert payload_ids(alice.tick()) == [item["msgID"]] and alice.held_ids == [own]
 
 
 def test_a_message_handed_over_while_pairing_is_in_flight_still_waits_after_a_restart():
