@@ -677,6 +677,12 @@ async def _chat(opts: Options, store: StateStore, core: ClientCore) -> None:
         held = len(core.held_ids) + len(core.entry.get("outbox") or [])
         terminal.info("this session is NOT verified: compare the verification string with your peer, then /verify; "
                       f"until then what you type is held ({held} held now)")
+    if core.holding_for_pairing:  # a joiner restarted between its reply and the confirmation
+        if core.holding:
+            terminal.info("a pairing is under way: the session is verified when it confirms")
+        else:  # --no-verify: what is pending waits for it too (`Delivery.resume`)
+            terminal.info("a pairing is under way: what you type is held until it confirms the key"
+                          f" (or --pair-hold passes) ({len(core.held_ids) + waiting} held now)")
     await session.run(session.chat)
 
 

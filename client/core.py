@@ -263,8 +263,20 @@ class ClientCore:
 
     @property
     def holding(self) -> bool:
-        """Typed lines are held (not sent) now: unverified, and no --no-verify."""
+        """Typed lines are held (not sent) until verified: unverified, and no --no-verify.
+        (Held for a pairing in flight, also with --no-verify: `holding_for_pairing`.)"""
         return self.context.hold and not self.context.verified
+
+    @property
+    def holding_for_pairing(self) -> bool:
+        """A pairing is open (README "Pairing"): typed and handed-over lines wait for it, even with
+        --no-verify, until it confirms, fails, or (with --no-verify) `--pair-hold` has passed."""
+        return self.context.pairing_open and self.context.phase is Phase.READY
+
+    @property
+    def withheld_ids(self) -> list[str]:
+        """Pending messages (handed over, or found pending on resume) waiting for the open pairing."""
+        return self.delivery.withheld_ids
 
     @property
     def pairing_in_flight(self) -> bool:

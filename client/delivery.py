@@ -162,6 +162,11 @@ class Delivery:
         return [h["msgID"] for h in held if isinstance(h, dict) and isinstance(h.get("msgID"), str)] \
             if isinstance(held, list) else []
 
+    @property
+    def withheld_ids(self) -> list[str]:
+        """Pending messages not sent until the open pairing ends (see `adopt_pending`)."""
+        return list(self._withheld) if self.context.pairing_open else []
+
     def _take_held(self) -> list[str]:
         """Move every held message into `pending` (the caller saves); their msgIDs."""
         ctx = self.context

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .core import ClientCore
     from .store import StateStore
 
-__all__ = ["Session"]
+__all__ = ["Session", "hold_summary"]
 
 log = logging.getLogger("parley.client.session")
 
@@ -53,6 +53,20 @@ HELP = (
     "string; until then what you type is held), /label NAME, /help, /quit (or Ctrl-D); start a message "
     "with // to send a leading /"
 )
+
+
+def hold_summary(core: ClientCore) -> str:
+    """What `/status` says of held lines ("" when nothing waits): for verification, for the pairing
+    under way (README "Pairing"; also with --no-verify), or both."""
+    held, withheld = len(core.held_ids), len(core.withheld_ids)
+    if core.holding:
+        text = f"NOT verified: {held} message(s) held (/verify)"
+        if core.holding_for_pairing:
+            text += "; a pairing is under way" + (f", {withheld} handed-over message(s) wait for it" if withheld else "")
+        return text
+    if core.holding_for_pairing:
+        return f"a pairing is under way: {held + withheld} message(s) held until it confirms the key (or --pair-hold)"
+    return ""
 
 
 class Session:
@@ -292,7 +306,8 @@ class Session:
         elif command == "/status":
             peer = {True: "online", False: "offline", None: "unknown"}[core.peer_online]
             link = "connected" if core.is_connected else "not connected"
-            held = f"; NOT verified: {len(core.held_ids)} message(s) held (/verify)" if core.holding else ""
+            held = hold_summary(core)
+            held = f"; {held}" if held else ""
             self.terminal.info(f"{link}; peer {peer}; {len(core.pending_ids())} message(s) not yet acknowledged{held}")
         else:
             self.terminal.info(f"unknown command {command.split()[0]!r}; /help lists them")

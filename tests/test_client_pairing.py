@@ -623,3 +623,27 @@ def test_a_message_handed_over_while_pairing_is_in_flight_still_waits_after_a_re
             pair.clock.now += 0.2
             out = bob.tick()
         assert payload_ids(out) == [item["msgID"]]
+
+
+def test_status_says_what_is_held_for_the_pairing():
+    """/status (`hold_summary`) names lines held for a pairing in flight, with --no-verify too, and
+    handed-over messages waiting for it; once the pairing confirms, nothing is said."""
+    from parley.client.session import hold_summary
+
+    pair = Pair(hold=False)
+    bob = pair.bob
+    assert not bob.holding and bob.holding_for_pairing
+    bob.send_text("typed while pairing")
+    key = bob.key
+    assert key is not None
+    bob.adopt_pending([{"msgID": "77" * 8, "payload": crypto.encrypt_payload(key, "handed over")}])
+    assert bob.withheld_ids == ["77" * 8]
+    assert hold_summary(bob) == "a pairing is under way: 2 message(s) held until it confirms the key (or --pair-hold)"
+    pair.to_bob(pair.to_alice(pair.bob_out))
+    assert bob.verified and hold_summary(bob) == "" and bob.withheld_ids == []
+
+    held = Pair(hold=True)
+    held.alice.send_text("held")
+    assert hold_summary(held.alice) == "NOT verified: 1 message(s) held (/verify); a pairing is under way"
+    resumed = ClientCore.resume(SID, saved(held.bob_out), random=Rand(11), clock=held.clock)
+    assert resumed.holding_for_pairing  # a restarted joiner's pairing is still open
