@@ -33,8 +33,13 @@ With `--no-verify` lines are held too while a pairing is in flight
 is out and no outcome yet), shown HELD with reason `HELD_FOR_PAIRING`: the
 key is not confirmed yet, and a relay that substituted it would read them.
 The pairing link releases them when it confirms, drops them with the
-session when it fails, and releases them when it falls back (README
-"Pairing", fallback rules). Messages another process hands over meanwhile
+session when it fails, and releases them when it falls back, `--pair-hold`
+after it began at the soonest (README "Pairing", fallback rules). What
+this protects, under `--no-verify`: nothing goes out under a key the
+pairing is about to reject. What it does not: a relay that strips or
+stalls the pairing gets the lines at `--pair-hold` (the user accepted an
+unverified session). Without `--no-verify` nothing is released before the
+pairing confirms or a person verifies. Messages another process hands over meanwhile
 (`adopt_pending`) stay in `pending` (the handing-over process watches them
 there) and are withheld in memory; a core resumed while a pairing is open
 (a joiner restarted between its reply and the confirmation) withholds

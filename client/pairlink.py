@@ -21,11 +21,22 @@ the link keeps `context.pairing_open` set: typed lines are held (encrypted,
 in `held`) even with `--no-verify`, since the key is not confirmed yet and a
 relay that substituted it would read them. The window closes on the
 outcome: verified (the lines go out), failed (they are forgotten with the
-session, never sent), no pairing (fallback: with `--no-verify` they go out
-now), or `pair_hold` (at most `pair_timeout`) without an answer (with
-`--no-verify` they go out then: a Node joiner never answers, and shows what
-it is only when it writes; a late answer still verifies, a late failure
-still ends the session).
+session, never sent), or `pair_hold` (at most `pair_timeout`) after it
+opened, with no answer or after a fallback (with `--no-verify` the lines go
+out then; a late answer still verifies, a late failure still ends the
+session). A fallback signal (`nosecret`, a chat message from a peer that
+sent no reply: a Node joiner, which shows what it is only when it writes;
+for a joiner with a secret, an offer missing from JOIN_ACCEPT) is shown at
+once but does not close the window before `pair_hold`: a relay in the
+middle can make each one (`_fell_back`).
+
+So, under `--no-verify`, the hold keeps lines from going out under a key the
+pairing is about to reject (a relay that substitutes keys and forwards the
+PAKE); it does not protect against a relay that strips or stalls the
+pairing, which gets them at `pair_hold`, as it would any unverified
+session's (the user accepted that with `--no-verify`). Without
+`--no-verify` nothing is released before the pairing confirms or a person
+verifies.
 
 Once SPAKE2 has run, what is needed to finish (the joiner: the MAC it
 expects; the inviter: the reply it accepted) and our last pairing MSG are
