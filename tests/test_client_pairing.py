@@ -599,17 +599,19 @@ def test_a_message_handed_over_while_holding_for_verification_goes_at_the_fallba
 def test_a_message_handed_over_while_pairing_is_in_flight_still_waits_after_a_restart():
     """The joiner restarts between its reply and the confirmation with a message handed over meanwhile
     (in the file's `pending`, never sent): the resumed core sends it neither at its REATTACH nor on
-    the peer's return, only once the pairing confirms; or, unconfirmed, at --pair-hold."""
-    for confirm in (True, False):
-        pair = Pair(hold=False)
+    the peer's return, only once the pairing confirms; or, unconfirmed, at --pair-hold (also when our
+    own lines wait for verification: a handed-over message waits only for the pairing)."""
+    for confirm, hold in ((True, False), (False, False), (False, True)):
+        pair = Pair(hold=hold)
         key = pair.bob.key
         assert key is not None
         item = {"msgID": "77" * 8, "payload": crypto.encrypt_payload(key, "handed over")}
         assert payload_ids(pair.bob.adopt_pending([item])) == []
         entry = saved(pair.bob_out)  # as the file holds it: the handing-over process put it in `pending`
         entry["pending"] = [item]
-        bob = ClientCore.resume(SID, entry, random=Rand(11), clock=pair.clock, hold_unverified=False)
+        bob = ClientCore.resume(SID, entry, random=Rand(11), clock=pair.clock, hold_unverified=hold)
         bob.start()
+        assert bob.withheld_ids == [item["msgID"]]
         again = bob.connected()
         assert payload_ids(again) == []
         assert payload_ids(bob.frame_received('{"t":"PEER_ONLINE","sid":"%s"}' % SID)) == []
