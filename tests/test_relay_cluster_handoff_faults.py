@@ -6,6 +6,10 @@ one node's store call:
 
 * the compare-and-set's reply is lost after Redis applied it: the giver reads the owner key
   and completes the hand-off (one owner: the taker);
+* the compare-and-set's reply is lost before Redis applied it, and the call runs only after
+  the giver settled the attempt (kept the session): the late call is refused (one owner: the
+  giver, which goes on writing unfenced);
+* anything but a Redis error raised after the compare-and-set ran: settled, not taken back;
 * the compare-and-set fails before Redis applied it: the giver keeps the session (one owner:
   itself), a later attempt moves it; a MSG burst around both attempts arrives in order, once;
 * the taker is stuck loading the session (owner in Redis: the taker) and dies: its clients
@@ -108,8 +112,8 @@ async def test_a_lost_compare_and_set_reply_still_ends_with_the_taker_as_the_one
         real = store.hand_off
         lost = []
 
-        async def reply_lost(sid: str, to: str) -> int:
-            await real(sid, to)  # Redis applied it ...
+        async def reply_lost(sid: str, to: str, *attempt: str) -> int:
+            await real(sid, to, *attempt)  # Redis applied it ...
             lost.append(sid)
             raise BackplaneUnavailable("TimeoutError")  # ... and the answer never came
 
@@ -134,11 +138,11 @@ async def test_a_failed_compare_and_set_keeps_the_session_and_a_later_one_moves_
         real = store.hand_off
         calls = []
 
-        async def down_once(sid: str, to: str) -> int:
+        async def down_once(sid: str, to: str, *attempt: str) -> int:
             calls.append(sid)
             if len(calls) == 1:
                 raise BackplaneUnavailable("ConnectionError")  # nothing applied
-            return await real(sid, to)
+            return await real(sid, to, *attempt)
 
         store.hand_off = down_once
         sid, a2, b = await _members_on_b(node_a, node_b, stack)
@@ -167,6 +171,73 @@ async def test_a_failed_compare_and_set_keeps_the_session_and_a_later_one_moves_
         assert node_a.server.cluster_counters["handoffs_failed"] == 1
         assert node_a.server.cluster_counters["handoffs_out"] == 1
         assert node_b.server._core.holds(sid) and not node_a.server._core.holds(sid)
+
+
+async def test_a_compare_and_set_that_runs_after_its_lost_reply_was_settled_changes_nothing(redis_server):
+    """The reply is lost and the call reaches Redis only later (it sat in Redis's input while
+    another connection was answered): once the giver has settled the attempt as not done and
+    kept the session, the late call is refused, so the giver stays the one owner."""
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(30) as stack:
+        store = node_a.server.backplane
+        real = store.hand_off
+        late: list = []
+
+        async def reply_lost_call_late(sid: str, to: str, *attempt: str) -> int:
+            if not late:
+                late.append((sid, to, attempt))
+                node_a.server.handoffs.delay = 1e9  # no new attempt until the late call has run
+                raise BackplaneUnavailable("TimeoutError")  # not applied yet: on its way
+            return await real(sid, to, *attempt)
+
+        store.hand_off = reply_lost_call_late
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        with trio.move_on_after(5):
+            while not node_a.server.cluster_counters["handoffs_failed"]:
+                await trio.sleep(0.02)
+        assert node_a.server.cluster_counters["handoffs_failed"] == 1
+        assert node_a.server._core.holds(sid)  # kept: taken back
+        (late_sid, late_to, attempt), = late
+        assert await real(late_sid, late_to, *attempt) == -2  # the late call: refused
+        assert await owner_of(redis_server.url, sid) == node_a.id
+        assert node_a.server._core.holds(sid) and not node_b.server._core.holds(sid)
+        # A still writes the session (not fenced), and a later attempt moves it
+        await exchange_skipping(a2, b, sid, "k0")
+        assert not node_a.server._shutting_down
+        node_a.server.handoffs.delay = 0.3
+        await _wait_owner(redis_server.url, sid, node_b.id)
+        with trio.move_on_after(5):
+            while not node_b.server._core.holds(sid):
+                await trio.sleep(0.02)
+        assert node_b.server._core.holds(sid) and not node_a.server._core.holds(sid)
+        for i in range(3):
+            await exchange_skipping(a2, b, sid, f"k{i + 1}")
+
+
+async def test_an_error_after_the_compare_and_set_ran_does_not_take_the_session_back(redis_server):
+    """Not a Redis error (a bug, an unexpected reply) after Redis applied the call: the giver
+    may not know what happened, so it settles it, and hands the session over."""
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(30) as stack:
+        store = node_a.server.backplane
+        real = store.hand_off
+        raised = []
+
+        async def applied_then_error(sid: str, to: str, *attempt: str) -> int:
+            await real(sid, to, *attempt)
+            raised.append(sid)
+            raise RuntimeError("unexpected reply")
+
+        store.hand_off = applied_then_error
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        await _wait_owner(redis_server.url, sid, node_b.id)
+        with trio.move_on_after(5):
+            while not node_b.server._core.holds(sid):
+                await trio.sleep(0.02)
+        assert raised == [sid]
+        assert node_b.server._core.holds(sid) and not node_a.server._core.holds(sid)
+        assert node_a.server.cluster_counters["handoffs_out"] == 1
+        for i in range(3):
+            await exchange_skipping(a2, b, sid, f"e{i}")
+        assert node_a.server._core.holds(sid) is False and not node_a.server._shutting_down
 
 
 async def test_taker_dies_after_the_owner_change_before_loading_nothing_acknowledged_is_lost(redis_server):

@@ -59,8 +59,15 @@ renewed every lease/3). Ownership is taken:
   Any failure before the compare-and-set succeeded (no answer within `--backplane-timeout`,
   the session changed, the store not committed in time, B not alive) puts the session back
   into A's core from the copy `release` returned (`adopt` + `attach_moved`) and sends
-  `["hx", A, sid, hid]`: B lets the held frames go to A as before. A compare-and-set whose
-  reply was lost is settled by reading the owner key (until Redis answers). While a hand-off
+  `["hx", A, sid, hid]`: B lets the held frames go to A as before. Each attempt has an id
+  unique among nodes; a compare-and-set whose outcome A does not know (its reply lost or
+  late, any error once it may have been sent) is settled by a second Lua script: "moved" if
+  the owner is B, else it sets the attempt's abort marker `<p>hoabort:<attempt>` (PX 5 min)
+  and says "kept"; the compare-and-set refuses to run when its attempt's marker exists.
+  Redis runs each script whole, so a late compare-and-set either ran before the settle (which
+  sees B) or is refused after it: A takes the session back only on "kept", or when the
+  failure came certainly before the compare-and-set was sent; A retries the settle until
+  Redis answers. While a hand-off
   of a SID is in flight on a node, an owner lookup for it there waits until it is over, so
   neither node adopts the session from Redis meanwhile. B stops holding after 4 x
   `--backplane-timeout` without step 3 (A died); a late step 3 is still taken (Redis says
@@ -135,7 +142,8 @@ Failures, and what clients see
 | the taker B of a hand-off dies or stalls before the owner change | A gets no answer (or the compare-and-set finds no `node:B`): A keeps the session (re-adopts its own copy), counts `handoffs_failed` (tested with SIGSTOP then SIGKILL) | B's clients: as for any node crash; nothing acknowledged was lost (all was committed before the change) |
 | B dies after the owner change, before or after loading | the session is B's in Redis: taken over from dead B like any of its sessions | as for any node crash |
 | the giver A dies during a hand-off | before the owner change: B stops holding after 4 x timeout, then as for any node crash; after it: B owns the session and loads it | at worst as for any node crash (PEER_OFFLINE, 1012, REATTACH) |
-| Redis fails during a hand-off | A's commits or compare-and-set fail: A keeps the session; a lost reply is settled by reading the owner key once Redis answers; B loads the rows once Redis answers (held frames wait, bounded by the 256 per connection) | a pause, as for any Redis outage |
+| Redis fails during a hand-off | A's commits fail: A keeps the session; B loads the rows once Redis answers (held frames wait, bounded by the 256 per connection) | a pause, as for any Redis outage |
+| a compare-and-set's reply is lost (timeout, reset, an unexpected error after sending it) | A settles the attempt atomically in Redis (owner is B: moved; else the attempt's abort marker refuses the call if it arrives later: kept), then hands the session over or takes it back; never both nodes owning it (tested: reply lost after the call ran; call run after its settle; an exception after the call ran) | a pause while Redis does not answer |
 
 Not done / limits (see README "Relay cluster: backplane"): ownership moves to the members' node
 only when ALL attached members are on that one node (a session with members on A and B stays

@@ -12,7 +12,8 @@ connected (all of A's members of it are `RemoteConn`s with origin B).
                                                     forwarded before it is processed by A
     A: checks again, `RelayCore.release(sid)`, waits for its store pipeline to
        commit everything queued so far, compare-and-sets owner A -> B in Redis
-       (`RedisStore.hand_off`)
+       (`RedisStore.hand_off`, under the attempt's unique id; an unknown outcome is
+       settled by `RedisStore.settle_hand_off`: moved, or kept for good)
     A -> B  ["h", A, sid, hid, [[conn, side, clientID]...], [[seq, conn]...]]
                                                     B owns it: B loads the rows
                                                     (`load_session`, `adopt`), attaches
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +54,12 @@ MAX_IN_FLIGHT = 64
 
 
 class _Departure:
-    __slots__ = ("sid", "hid", "to", "conns", "answered", "ok", "done")
+    __slots__ = ("sid", "hid", "attempt", "to", "conns", "answered", "ok", "done")
 
-    def __init__(self, sid: str, hid: int, to: str, conns: dict[int, int]) -> None:
+    def __init__(self, sid: str, hid: int, attempt: str, to: str, conns: dict[int, int]) -> None:
         self.sid = sid
         self.hid = hid
+        self.attempt = attempt  # unique among all nodes' attempts (names its abort marker)
         self.to = to
         self.conns = conns  # our RemoteConn id -> its id on `to`
         self.answered = trio.Event()
@@ -86,6 +89,7 @@ class Handoffs:
         self.delay = delay
         self._remote_type = remote_type  # node.RemoteConn: another node's connection
         self._hids = itertools.count(1)
+        self._run_id = secrets.token_hex(4)  # (a node id may come back after a restart)
         self._since: dict[str, tuple[str, float]] = {}  # sid -> (taker, since when), trio clock
         self.leaving: dict[str, _Departure] = {}
         self.arriving: dict[str, _Arrival] = {}
@@ -148,7 +152,8 @@ class Handoffs:
 
     def _start(self, sid: str, to: str, conns: dict[int, int]) -> None:
         server = self.server
-        dep = _Departure(sid, next(self._hids), to, conns)
+        hid = next(self._hids)
+        dep = _Departure(sid, hid, f"{server.node_id}.{hid}.{self._run_id}", to, conns)
         self.leaving[sid] = dep
         server.bus.put(to, ["hq", server.node_id, sid, dep.hid, list(conns.values())], force=True)
         assert server._services is not None
@@ -157,6 +162,7 @@ class Handoffs:
     async def _depart(self, dep: _Departure) -> None:
         server = self.server
         released = None
+        sent = False  # the compare-and-set may have reached Redis: only settling it tells
         try:
             with trio.move_on_after(server.options.timeout):
                 await dep.answered.wait()
@@ -176,26 +182,34 @@ class Handoffs:
                 self._take_back(released)
                 self._failed(dep, "store not committed")
                 return
+            sent = True
             if not await self._compare_and_set(dep):
                 self._take_back(released)
                 self._failed(dep, "owner not changed")
                 return
             handed, released = released, None  # B owns it now: never taken back
-            members = [[dep.conns[m], side, client_id] for m, side, client_id in handed.members
-                       if m in dep.conns]
-            senders = [[seq, dep.conns[c]] for seq, c in handed.senders.items() if c in dep.conns]
-            server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
-            server._routes[dep.sid] = dep.to
-            server.cluster_counters["handoffs_out"] += 1
-        except Exception:  # a bug, or an unexpected Redis reply, before the owner changed
+            self._hand(dep, handed)
+        except Exception:  # a bug, or an unexpected Redis reply
             log.exception("session hand-off failed")
-            if released is not None:
+            if released is not None and not sent:  # certainly before the owner could change
                 self._take_back(released)
+            elif released is not None:  # (settling itself failed: a bug) who owns it is Redis's say
+                log.error("session hand-off to %s: outcome unknown; the session is left to Redis's owner key",
+                          dep.to)
             self._failed(dep, "error")
         finally:
             if self.leaving.get(dep.sid) is dep:
                 del self.leaving[dep.sid]
             dep.done.set()
+
+    def _hand(self, dep: _Departure, handed: Released) -> None:
+        """The owner is `dep.to` in Redis: tell it who the members are (step 3's item)."""
+        server = self.server
+        members = [[dep.conns[m], side, client_id] for m, side, client_id in handed.members if m in dep.conns]
+        senders = [[seq, dep.conns[c]] for seq, c in handed.senders.items() if c in dep.conns]
+        server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
+        server._routes[dep.sid] = dep.to
+        server.cluster_counters["handoffs_out"] += 1
 
     def _release(self, dep: _Departure) -> Released | None:
         """Synchronously: the session is still one to give to `dep.to` (same
@@ -209,16 +223,20 @@ class Handoffs:
         return core.release(dep.sid)
 
     async def _compare_and_set(self, dep: _Departure) -> bool:
+        """Owner A -> B in Redis; True once it certainly happened, False once it
+        certainly did not and never will (the attempt's late copy is refused)."""
         store = self.server.backplane
         try:
-            return await store.hand_off(dep.sid, dep.to) == 1
-        except (BackplaneUnavailable, RedisError):
-            pass
-        # The answer was lost: it may have happened. Only Redis knows; ask until it answers
-        # (meanwhile lookups for the session here wait, as they would for Redis anyway).
+            return await store.hand_off(dep.sid, dep.to, dep.attempt) == 1
+        except Exception:  # (whatever it was, the call may have been sent)
+            log.info("session hand-off to %s: compare-and-set reply lost; settling it", dep.to)
+        # The answer was lost: the call may have run, or may still run later (it can
+        # sit in Redis's input while another connection is answered). Settle it in
+        # one script: the owner is B (it ran), or its abort marker is set (it will
+        # be refused). Until Redis answers, lookups for the session here wait.
         while True:
             try:
-                return await store.owner_of(dep.sid) == dep.to
+                return await store.settle_hand_off(dep.sid, dep.to, dep.attempt)
             except (BackplaneUnavailable, RedisError):
                 await trio.sleep(0.2)
 
