@@ -272,3 +272,78 @@ async def test_taker_dies_after_the_owner_change_before_loading_nothing_acknowle
         assert (await recv_type(a3, "PEER_ONLINE"))["sid"] == sid
         await exchange_skipping(a3, b3, sid, "d2")
         assert await owner_of(redis_server.url, sid) == node_a.id
+
+
+def _local_conns(node: Node) -> list[int]:
+    from parley.relay.cluster.node import RemoteConn
+
+    return sorted(cid for cid, conn in node.server._attached.items() if type(conn) is not RemoteConn)
+
+
+async def test_the_taker_refuses_an_offer_while_frames_it_forwarded_to_the_giver_wait_for_a_resend(redis_server):
+    """A PUBLISH of B's frames to A reached nobody: they wait in B's `_stalled` for a re-send, so
+    they would reach A after B's answer (out of order with the hand-off): B refuses."""
+    async with nodes(redis_server.url, 2, delay=0) as (node_a, node_b), trio_fail(30) as stack:
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        server_b = node_b.server
+        conns = _local_conns(node_b)
+        assert len(conns) == 2
+        server_b._stalled[node_a.id] = [["d", node_b.id, 1 << 39]]  # (harmless if re-sent)
+        server_b.handoffs._offered(node_a.id, sid, 7, conns)
+        assert server_b.bus.out[node_a.id][-1] == ["ha", node_b.id, sid, 7, False]
+        assert not any(c in server_b._waiting for c in conns) and sid not in server_b.handoffs.arriving
+        del server_b._stalled[node_a.id]
+        server_b.handoffs._offered(node_a.id, sid, 8, conns)  # (the control: accepted)
+        assert server_b.bus.out[node_a.id][-1] == ["ha", node_b.id, sid, 8, True]
+        server_b.handoffs.on_bus(["hx", node_a.id, sid, 8])
+        assert not any(c in server_b._waiting for c in conns)
+        await exchange_skipping(a2, b, sid, "r0")
+
+
+async def test_the_giver_abandons_while_its_sends_to_the_taker_wait_for_a_resend(redis_server):
+    """A's sends to B's connections wait in A's `_stalled` when B's answer comes: they would
+    reach B after the hand-off item, behind B's own core's sends: A keeps the session."""
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(30) as stack:
+        server_a = node_a.server
+        handoffs = server_a.handoffs
+        real_on_bus = handoffs.on_bus
+        real_check = server_a._check_peers
+        stalled_once = []
+
+        async def no_resend() -> None:
+            pass  # (the heartbeat would re-send the stalled item meanwhile)
+
+        def on_bus(item) -> None:
+            if item[0] == "ha" and not stalled_once:
+                stalled_once.append(item)
+                server_a._check_peers = no_resend
+                server_a._stalled[node_b.id] = [["d", node_a.id, 1 << 39]]
+                handoffs.delay = 1e9  # one attempt only, until the test says
+            real_on_bus(item)
+
+        handoffs.on_bus = on_bus
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        with trio.move_on_after(5):
+            while not server_a.cluster_counters["handoffs_failed"]:
+                await trio.sleep(0.02)
+        assert server_a.cluster_counters["handoffs_failed"] == 1
+        assert server_a.cluster_counters["handoffs_out"] == 0
+        assert server_a._core.holds(sid) and await owner_of(redis_server.url, sid) == node_a.id
+        await exchange_skipping(a2, b, sid, "g0")
+        server_a._stalled.pop(node_b.id, None)
+        server_a._check_peers = real_check
+        handoffs.delay = 0.3
+        await _wait_owner(redis_server.url, sid, node_b.id)
+
+
+async def test_no_handoff_starts_while_the_bus_subscription_is_down(redis_server):
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(30) as stack:
+        server_a = node_a.server
+        server_a.bus_ok = False  # (as while `_bus_receive` resubscribes)
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        await trio.sleep(1.5)
+        assert server_a.cluster_counters["handoffs_out"] == 0
+        assert server_a.cluster_counters["handoffs_failed"] == 0 and not server_a.handoffs.leaving
+        assert server_a._core.holds(sid)
+        server_a.bus_ok = True
+        await _wait_owner(redis_server.url, sid, node_b.id)

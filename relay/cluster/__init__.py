@@ -37,14 +37,17 @@ renewed every lease/3). Ownership is taken:
   1. A -> B `["hq", A, sid, hid, [B's conn ids]]`: B stops forwarding those connections'
      frames and holds them, in order, in their waiting queue (as during an owner lookup); it
      answers `["ha", B, sid, hid, ok]` (refused if one of them is gone or already waiting).
-     Every frame B forwarded before its answer reaches A before it (one channel, in order).
+     Every frame B forwarded before its answer reaches A before it (one channel, in order):
+     so B refuses while items it published to A reached nobody and wait for a re-send
+     (`_stalled`), and A offers only while its bus subscription is up.
   2. A, at that answer, synchronously: the members are still exactly those, and the session
      has no state the hand-off does not carry (`RelayCore.handoff_ready`: no live invite code
      (a code stays with the node that minted it, whose share of the code space it is: that
      node knows a code is free only while it holds all it minted), no pending JOIN_REQUEST, no
      sided joiner waiting for JOIN_ACCEPT/JOIN_DENY, no paced REATTACH replay in progress:
      those keep the session where it is until they are over); none of their
-     frames waits in A for another lookup. Then `RelayCore.release` takes it out of A's core
+     frames waits in A for another lookup; no item of A's to B waits for a re-send (it
+     would reach B after step 3's item, behind B's own core's sends). Then `RelayCore.release` takes it out of A's core
      without a word to the members (no PEER_OFFLINE), and A waits until its store pipeline has
      committed every op queued up to then (the session's rows in Redis are complete, and the
      QUEUED/DELIVERED held behind them are published to B, before step 3's item).

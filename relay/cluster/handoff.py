@@ -119,8 +119,8 @@ class Handoffs:
     def scan(self, now: float) -> None:
         """Start the hand-offs whose condition has held for `delay` s."""
         server = self.server
-        if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy:
-            return  # (a move needs Redis: a commit, a compare-and-set, a load)
+        if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy or not server.bus_ok:
+            return  # (a move needs Redis: a commit, a compare-and-set, a load; and the bus in order)
         core = server._core
         attached = server._attached
         remote = self._remote_type
@@ -168,6 +168,11 @@ class Handoffs:
                 await dep.answered.wait()
             if not dep.ok:
                 self._failed(dep, "not answered" if not dep.answered.is_set() else "refused")
+                return
+            if server._stalled.get(dep.to):
+                # our earlier sends to B's connections wait for a re-send: they would reach
+                # B after the hand-off item, behind what B's own core sends them
+                self._failed(dep, "bus items to the taker not delivered yet")
                 return
             released = self._release(dep)
             if released is None:
@@ -285,8 +290,10 @@ class Handoffs:
     def _offered(self, giver: str, sid: str, hid: int, conn_ids: list[int]) -> None:
         server = self.server
         attached = server._attached
+        # Refused while frames we forwarded to the giver wait for a re-send (`_stalled`): they
+        # would reach it after our answer, so after the session left it (out of order).
         ok = (bool(conn_ids) and server.backplane_ok and not server._shutting_down and sid not in self.arriving
-              and not server._core.holds(sid))
+              and not server._core.holds(sid) and not server._stalled.get(giver))
         for cid in conn_ids if ok else ():
             conn = attached.get(cid)
             if conn is None or type(conn) is self._remote_type or cid in server._waiting:
