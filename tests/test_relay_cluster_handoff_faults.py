@@ -19,6 +19,7 @@ one node's store call:
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 
 import anyio
 import trio
@@ -347,3 +348,25 @@ async def test_no_handoff_starts_while_the_bus_subscription_is_down(redis_server
         assert server_a._core.holds(sid)
         server_a.bus_ok = True
         await _wait_owner(redis_server.url, sid, node_b.id)
+
+
+async def test_a_node_shutting_down_drops_frames_let_go_from_a_waiting_queue(redis_server):
+    """Service tasks (`_resolve`, the hand-off's `_let_go`) still run during the final store
+    flush: frames they let go after shutdown began must not reach the core."""
+    async with nodes(redis_server.url, 2, delay=0) as (node_a, node_b), trio_fail(30) as stack:
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        server_b = node_b.server
+        cid = _local_conns(node_b)[0]
+        got = []
+        real_read, real_forward = server_b._receive_read, server_b._forward
+        server_b._receive_read = lambda conn, message, read: got.append(message) or real_read(conn, message, read)
+        server_b._forward = lambda conn, owner, s, message: got.append(message) or real_forward(conn, owner, s, message)
+        msg = '{"t":"MSG","sid":"%s","data":{"payload":"abab","msgID":"w1"}}' % sid
+        server_b._waiting[cid] = deque([msg])
+        server_b._shutting_down = True
+        with server_b._outbox:
+            server_b.handoffs._let_go([cid])
+        assert got == [] and cid not in server_b._waiting
+        server_b._shutting_down = False
+        server_b._dispatch(server_b._attached[cid], msg)  # (the control: goes to the owner, A)
+        assert got == [msg]
