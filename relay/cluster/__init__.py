@@ -61,7 +61,8 @@ renewed every lease/3). Ownership is taken:
      A is told `["d", ...]` to drop their RemoteConns), then lets the held frames go on.
   Any failure before the compare-and-set succeeded (no answer within `--backplane-timeout`,
   the session changed, the store not committed in time, B not alive) puts the session back
-  into A's core from the copy `release` returned (`adopt` + `attach_moved`) and sends
+  into A's core from the copy `release` returned (`RelayCore.take_back`: `adopt` +
+  `attach_moved`, and the creator's per-connection session count restored) and sends
   `["hx", A, sid, hid]`: B lets the held frames go to A as before. Each attempt has an id
   unique among nodes; a compare-and-set whose outcome A does not know (its reply lost or
   late, any error once it may have been sent) is settled by a second Lua script: "moved" if

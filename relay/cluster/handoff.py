@@ -248,11 +248,8 @@ class Handoffs:
     def _take_back(self, released: Released) -> None:
         """The hand-off did not happen: our core holds the session again, as it was."""
         server = self.server
-        core = server._core
-        sid = released.sid
-        core.adopt(released.snapshot, {(sid, seq): c for seq, c in released.senders.items()})
         with server._outbox:
-            actions = core.attach_moved(sid, released.members)
+            actions = server._core.take_back(released)
             if actions:
                 server._apply(actions, server._attached)
             while server._doomed:
