@@ -370,3 +370,40 @@ async def test_a_node_shutting_down_drops_frames_let_go_from_a_waiting_queue(red
         server_b._shutting_down = False
         server_b._dispatch(server_b._attached[cid], msg)  # (the control: goes to the owner, A)
         assert got == [msg]
+
+
+async def test_a_session_that_just_moved_stays_put_while_its_members_flap_back(redis_server):
+    """After a move A -> B the members reconnect through A again: the session does not move
+    back until its cooldown is over (each move costs a commit wait, a compare-and-set and a
+    load of every stored frame)."""
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(40) as stack:
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        await _wait_owner(redis_server.url, sid, node_b.id)
+        with trio.move_on_after(5):
+            while not node_b.server._core.holds(sid):
+                await trio.sleep(0.02)
+        cooldowns = node_b.server.handoffs._cooldowns
+        assert node_b.server.handoffs.cooldown == 30 and sid in cooldowns
+        # both members come back through A
+        await b.aclose()
+        assert (await recv_type(a2, "PEER_OFFLINE"))["sid"] == sid
+        b2 = await stack.enter_async_context(trio_websocket.open_websocket_url(node_a.url))
+        await send(b2, {"t": "REATTACH", "sid": sid, "data": {"side": "side-b"}})
+        assert (await recv_type(a2, "PEER_ONLINE"))["sid"] == sid
+        await a2.aclose()
+        assert (await recv_type(b2, "PEER_OFFLINE"))["sid"] == sid
+        a3 = await stack.enter_async_context(trio_websocket.open_websocket_url(node_a.url))
+        await send(a3, {"t": "REATTACH", "sid": sid, "data": {"side": "side-a"}})
+        assert (await recv_type(b2, "PEER_ONLINE"))["sid"] == sid
+        await trio.sleep(2.0)  # the condition held for well over the delay
+        assert node_b.server.cluster_counters["handoffs_out"] == 0
+        assert not node_b.server.handoffs.leaving
+        assert await owner_of(redis_server.url, sid) == node_b.id
+        await exchange_skipping(a3, b2, sid, "c0")
+        cooldowns[sid] = trio.current_time()  # the cooldown is over: it moves
+        await _wait_owner(redis_server.url, sid, node_a.id)
+        with trio.move_on_after(5):
+            while not node_a.server._core.holds(sid):
+                await trio.sleep(0.02)
+        assert node_b.server.cluster_counters["handoffs_out"] == 1
+        await exchange_skipping(a3, b2, sid, "c1")

@@ -31,7 +31,9 @@ renewed every lease/3). Ownership is taken:
   that wins `SREM <p>nodes dead` (so expiry keeps running for sessions nobody touches).
 * by hand-off (`handoff`), from a live owner A to the node B through which EVERY attached
   member of the session is connected (all its members on A are `RemoteConn`s from B), once
-  that has held for `--backplane-handoff-delay` (2 s; 0 = never): so two members that end up
+  that has held for `--backplane-handoff-delay` (2 s; 0 = never), and not again within
+  max(30 s, 10 x that delay) of its last move (cooldown: a member reconnecting through
+  alternating nodes does not move it each time): so two members that end up
   on one node (a load balancer, a reconnect) talk without Redis again, and a member on
   another node costs one hop. Steps, over the bus:
   1. A -> B `["hq", A, sid, hid, [B's conn ids]]`: B stops forwarding those connections'

@@ -6,7 +6,8 @@ as one service task plus the bus items below. The giver is the owner A, the
 taker the node B through which every attached member of the session is
 connected (all of A's members of it are `RemoteConn`s with origin B).
 
-    A: the condition held for `--backplane-handoff-delay` s (hysteresis)
+    A: the condition held for `--backplane-handoff-delay` s (hysteresis), and the
+       session did not move in the last max(30 s, 10 x delay) (cooldown, both nodes)
     A -> B  ["hq", A, sid, hid, [B's conn ids]]    offer; B holds those conns' frames
     B -> A  ["ha", B, sid, hid, ok]                 held (ok) or refused; every frame B
                                                     forwarded before it is processed by A
@@ -51,6 +52,15 @@ log = logging.getLogger("parley.relay.cluster")
 HANDOFF_KINDS = frozenset(("hq", "ha", "h", "hx"))
 # Hand-offs one node gives at a time (each holds its members' frames for a few ms).
 MAX_IN_FLIGHT = 64
+# After a move, a session stays where it is for max(COOLDOWN_MIN, COOLDOWN_DELAYS x delay)
+# seconds: a lone member reconnecting through alternating nodes (every > delay s) would
+# otherwise move it each time, and each move costs a commit wait, a compare-and-set and a
+# load of all its stored frames.
+COOLDOWN_MIN = 30.0
+COOLDOWN_DELAYS = 10
+# Sessions remembered as recently moved (one dict entry each, ~200 bytes); past it the
+# oldest entry is forgotten early (that session may move again sooner).
+MAX_COOLDOWNS = 100_000
 
 
 class _Departure:
@@ -92,6 +102,9 @@ class Handoffs:
         self._run_id = secrets.token_hex(4)  # (a node id may come back after a restart)
         self._since: dict[str, tuple[str, float]] = {}  # sid -> (taker, since when), trio clock
         self.leaving: dict[str, _Departure] = {}
+        self.cooldown = max(COOLDOWN_MIN, COOLDOWN_DELAYS * delay)
+        # sid -> when it may move again (trio clock); insertion order is expiry order
+        self._cooldowns: dict[str, float] = {}
         self.arriving: dict[str, _Arrival] = {}
 
     async def settled(self, sid: str) -> None:
@@ -121,6 +134,12 @@ class Handoffs:
         server = self.server
         if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy or not server.bus_ok:
             return  # (a move needs Redis: a commit, a compare-and-set, a load; and the bus in order)
+        cooldowns = self._cooldowns
+        while cooldowns:
+            first_sid = next(iter(cooldowns))
+            if cooldowns[first_sid] > now:
+                break
+            del cooldowns[first_sid]
         core = server._core
         attached = server._attached
         remote = self._remote_type
@@ -134,7 +153,7 @@ class Handoffs:
                     if sid in seen:
                         continue
                     seen.add(sid)
-                    if sid in self.leaving:
+                    if sid in self.leaving or sid in cooldowns:
                         continue
                     members = core.members_of(sid)
                     if not all(type(c := attached.get(m)) is remote and c.origin == origin for m in members):
@@ -149,6 +168,14 @@ class Handoffs:
                     else:
                         since[sid] = first
         self._since = since
+
+    def moved(self, sid: str) -> None:
+        """`sid` changed owner (either way): it stays put for `cooldown` s."""
+        cooldowns = self._cooldowns
+        cooldowns.pop(sid, None)
+        if len(cooldowns) >= MAX_COOLDOWNS:
+            del cooldowns[next(iter(cooldowns))]
+        cooldowns[sid] = trio.current_time() + self.cooldown
 
     def _start(self, sid: str, to: str, conns: dict[int, int]) -> None:
         server = self.server
@@ -215,6 +242,7 @@ class Handoffs:
         server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
         server._routes[dep.sid] = dep.to
         server.cluster_counters["handoffs_out"] += 1
+        self.moved(dep.sid)
 
     def _release(self, dep: _Departure) -> Released | None:
         """Synchronously: the session is still one to give to `dep.to` (same
@@ -366,6 +394,7 @@ class Handoffs:
                         if not by_owner:
                             del server._forwarded[cid]
                 server.cluster_counters["handoffs_in"] += 1
+                self.moved(sid)
                 self._let_go(arr.conns)
                 while server._doomed:
                     server._drop(server._doomed.pop())
