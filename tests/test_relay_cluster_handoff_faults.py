@@ -10,6 +10,11 @@ one node's store call:
   the giver settled the attempt (kept the session): the late call is refused (one owner: the
   giver, which goes on writing unfenced);
 * anything but a Redis error raised after the compare-and-set ran: settled, not taken back;
+* the compare-and-set ran, its reply was lost and Redis does not answer the settle for long:
+  the taker is told to stop holding before its own limit, and takes the late hand-off;
+* bus items between the two nodes wait for a re-send (the taker refuses, the giver abandons),
+  or the bus subscription is down (no offer); a recently moved session stays put (cooldown);
+  a node shutting down drops frames let go from a waiting queue;
 * the compare-and-set fails before Redis applied it: the giver keeps the session (one owner:
   itself), a later attempt moves it; a MSG burst around both attempts arrives in order, once;
 * the taker is stuck loading the session (owner in Redis: the taker) and dies: its clients
@@ -407,3 +412,61 @@ async def test_a_session_that_just_moved_stays_put_while_its_members_flap_back(r
                 await trio.sleep(0.02)
         assert node_b.server.cluster_counters["handoffs_out"] == 1
         await exchange_skipping(a3, b2, sid, "c1")
+
+
+async def test_an_unsettled_handoff_stops_the_takers_hold_before_its_limit_and_settles_later(redis_server):
+    """The compare-and-set ran but its reply was lost, and Redis does not answer the settle
+    for a while: at 3 x timeout (before the taker's own 4 x timeout hold limit) the giver tells
+    the taker to stop holding; once Redis answers, the outcome (moved) still holds: the taker
+    takes the late item and the members talk on it."""
+    async with nodes(redis_server.url, 2, delay=0.3) as (node_a, node_b), trio_fail(40) as stack:
+        server_a = node_a.server
+        store = server_a.backplane
+        real_cas, real_settle = store.hand_off, store.settle_hand_off
+        redis_back = trio.Event()
+        settles = []
+
+        async def reply_lost(sid: str, to: str, attempt: str) -> int:
+            await real_cas(sid, to, attempt)
+            raise BackplaneUnavailable("TimeoutError")
+
+        async def settle_unanswered(sid: str, to: str, attempt: str) -> bool:
+            settles.append(trio.current_time())
+            if not redis_back.is_set():
+                raise BackplaneUnavailable("ConnectionError")
+            return await real_settle(sid, to, attempt)
+
+        store.hand_off, store.settle_hand_off = reply_lost, settle_unanswered
+        real_put = server_a.bus.put
+        stops = []
+
+        def put(node, item, *, force=False):
+            if item[0] == "hx":
+                dep = server_a.handoffs.leaving.get(item[2])
+                stops.append((trio.current_time(), dep.started if dep is not None else None))
+            return real_put(node, item, force=force)
+
+        server_a.bus.put = put
+        sid, a2, b = await _members_on_b(node_a, node_b, stack)
+        with trio.move_on_after(8):
+            while not stops:
+                await trio.sleep(0.02)
+        (when, started), = stops
+        assert started is not None  # told while the outcome was still unknown
+        timeout = server_a.options.timeout
+        assert 3 * timeout <= when - started < 4 * timeout
+        with trio.move_on_after(2):
+            while sid in node_b.server.handoffs.arriving:
+                await trio.sleep(0.02)
+        assert sid not in node_b.server.handoffs.arriving  # B stopped holding
+        assert await owner_of(redis_server.url, sid) == node_b.id and not node_b.server._core.holds(sid)
+        assert not server_a._core.holds(sid) and sid in server_a.handoffs.leaving  # still settling
+        redis_back.set()
+        with trio.move_on_after(5):
+            while not node_b.server._core.holds(sid):
+                await trio.sleep(0.02)
+        assert node_b.server._core.holds(sid) and not server_a._core.holds(sid)
+        assert server_a.cluster_counters["handoffs_out"] == 1
+        assert len(settles) > 3
+        for i in range(3):
+            await exchange_skipping(a2, b, sid, f"u{i}")

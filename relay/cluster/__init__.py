@@ -73,7 +73,11 @@ renewed every lease/3). Ownership is taken:
   Redis runs each script whole, so a late compare-and-set either ran before the settle (which
   sees B) or is refused after it: A takes the session back only on "kept", or when the
   failure came certainly before the compare-and-set was sent; A retries the settle until
-  Redis answers. While a hand-off
+  Redis answers. Still unsettled 3 x `--backplane-timeout` after the offer (before B's own
+  hold limit), A tells B to stop holding (`hx`): B's frames go to A as before and wait there
+  for the outcome like any owner lookup (`ERROR unavailable` after 3 x timeout, as in any
+  Redis outage); the outcome, once Redis gives it, still holds: "kept", A takes the session
+  back; "moved", A sends step 3 late and B takes it (below). While a hand-off
   of a SID is in flight on a node, an owner lookup for it there waits until it is over, so
   neither node adopts the session from Redis meanwhile. B stops holding after 4 x
   `--backplane-timeout` without step 3 (A died); a late step 3 is still taken (Redis says

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,7 @@ MAX_COOLDOWNS = 100_000
 
 
 class _Departure:
-    __slots__ = ("sid", "hid", "attempt", "to", "conns", "answered", "ok", "done")
+    __slots__ = ("sid", "hid", "attempt", "to", "conns", "answered", "ok", "done", "started")
 
     def __init__(self, sid: str, hid: int, attempt: str, to: str, conns: dict[int, int]) -> None:
         self.sid = sid
@@ -75,6 +76,7 @@ class _Departure:
         self.answered = trio.Event()
         self.ok = False
         self.done = trio.Event()
+        self.started = trio.current_time()  # when the offer went out
 
 
 class _Arrival:
@@ -267,11 +269,25 @@ class Handoffs:
         # sit in Redis's input while another connection is answered). Settle it in
         # one script: the owner is B (it ran), or its abort marker is set (it will
         # be refused). Until Redis answers, lookups for the session here wait.
+        # B holds its members' frames for at most 4 x timeout from the offer: at 3 x
+        # timeout undecided, B is told to stop holding (its frames come here and wait
+        # for the outcome like any lookup); the outcome, once Redis gives it, still
+        # holds: "kept", we take the session back; "moved", B takes the late item.
+        server = self.server
+        bound = dep.started + 3 * server.options.timeout
+        holding = True
         while True:
-            try:
-                return await store.settle_hand_off(dep.sid, dep.to, dep.attempt)
-            except (BackplaneUnavailable, RedisError):
-                await trio.sleep(0.2)
+            now = trio.current_time()
+            if holding and now >= bound:
+                holding = False
+                log.warning("session hand-off to %s: outcome unknown after 3 x --backplane-timeout; the "
+                            "taker stops holding, settling goes on until Redis answers", dep.to)
+                server.bus.put(dep.to, ["hx", server.node_id, dep.sid, dep.hid], force=True)
+            with trio.move_on_after(max(0.05, bound - now) if holding else math.inf):
+                try:
+                    return await store.settle_hand_off(dep.sid, dep.to, dep.attempt)
+                except (BackplaneUnavailable, RedisError):
+                    await trio.sleep(0.2)
 
     def _take_back(self, released: Released) -> None:
         """The hand-off did not happen: our core holds the session again, as it was."""
