@@ -20,7 +20,9 @@ connected (all of A's members of it are `RemoteConn`s with origin B).
                                                     (`load_session`, `adopt`), attaches
                                                     the members (`attach_moved`), then
                                                     lets the held frames go on, in order
-    A -> B  ["hx", A, sid, hid]                     abandoned (A re-adopted its own copy):
+    A -> B  ["hx", A, sid, hid]                     abandoned (A re-adopted its own copy),
+                                                    or its outcome still unknown at 3 x
+                                                    timeout (a late "h" is still taken):
                                                     B lets the held frames go to A
 
 While a hand-off of `sid` is in flight on either node, an owner lookup for it
