@@ -399,7 +399,8 @@ _QUOTA_FIELDS = {
              "Longest wait for one Redis reply before it counts as a failure (and is retried).")
 @_env_option("--backplane-handoff-delay", "SECONDS", click.FloatRange(0, 3600), 2.0,
              "A session whose members are all connected through another node moves to that node "
-             "once this has held this long (0: never).")
+             "once this has held this long (0: never); a session that moved stays put for "
+             "max(30 s, 10 x this).")
 @_option("--metrics-port", envvar="PARLEY_RELAY_METRICS_PORT", metavar="PORT",
               type=click.IntRange(0, 65535), default=None, show_envvar=True,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0: any free "

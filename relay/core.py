@@ -423,17 +423,19 @@ class Released:
     `members`: (conn id, side, node/compat clientID or None), in attach order;
     `senders`: stored frame seq -> the conn id that sent it (for frames whose
     sender was a live connection); `snapshot`: the session's rows as the
-    store holds them once its pending ops are committed (what `adopt` takes
-    back if the hand-off fails)."""
+    store holds them once its pending ops are committed (what `take_back`
+    restores if the hand-off fails); `creator`: the connection that created
+    the session (its per-connection session count), or None."""
 
-    __slots__ = ("sid", "members", "senders", "snapshot")
+    __slots__ = ("sid", "members", "senders", "snapshot", "creator")
 
     def __init__(self, sid: str, members: tuple[tuple[ConnId, str | None, str | None], ...],
-                 senders: dict[int, ConnId], snapshot: Snapshot) -> None:
+                 senders: dict[int, ConnId], snapshot: Snapshot, creator: ConnId | None = None) -> None:
         self.sid = sid
         self.members = members
         self.senders = senders
         self.snapshot = snapshot
+        self.creator = creator
 
 
 class RelayCore:
@@ -589,7 +591,21 @@ class RelayCore:
             sides=tuple(SaveSide(sid, side) for side in sess.sides),
             frames=tuple(frames),
         )
-        return Released(sid, tuple(members), senders, snapshot)
+        return Released(sid, tuple(members), senders, snapshot, sess.owner_conn)
+
+    def take_back(self, released: Released) -> list[Action]:
+        """Undo `release` (the hand-off did not happen): the session as it
+        was, its members attached again without PEER_ONLINE, its stored
+        frames' senders and its creator's per-connection session count
+        (`sessions_per_conn`) restored. Returns `attach_moved`'s actions."""
+        sid = released.sid
+        if self.adopt(released.snapshot, {(sid, seq): c for seq, c in released.senders.items()}):
+            conn = self._conns.get(released.creator) if released.creator is not None else None
+            sess = self._sessions[sid]
+            if conn is not None and sess.owner_conn is None:
+                sess.owner_conn = conn.id
+                conn.made += 1
+        return self.attach_moved(sid, released.members)
 
     def attach_moved(
         self, sid: str, members: Iterable[tuple[ConnId, str | None, str | None]]

@@ -236,21 +236,46 @@ async def test_handoff_compare_and_set_is_fenced(redis_server):
         giver = RedisStore(client, token="node-a")
         taker = RedisStore(client, token="node-b")
         await giver.apply_async([SaveSession(sid, 1763900000.0, False, "10.0.0.1")])
-        assert await taker.hand_off(sid, "node-a") == 0  # not the taker's to give
-        assert await giver.hand_off(sid, "node-b") == -1  # node-b is not alive: nothing changes
+        assert await taker.hand_off(sid, "node-a", "t1") == 0  # not the taker's to give
+        assert await giver.hand_off(sid, "node-b", "t2") == -1  # node-b is not alive: nothing changes
         assert await giver.owner_of(sid) == "node-a"
         await client.set("parley:node:node-b", "node-b", px=5000)
-        assert await giver.hand_off(sid, "node-b") == 1
+        assert await giver.hand_off(sid, "node-b", "t3") == 1
         assert await giver.owner_of(sid) == "node-b"
         assert await client.smembers("parley:owned:node-a") == set()
         assert await client.smembers("parley:owned:node-b") == {sid}
         assert await client.ttl("parley:owner:" + sid) == -1  # permanent, as the batch made it
-        assert await giver.hand_off(sid, "node-b") == 0  # given once
+        assert await giver.hand_off(sid, "node-b", "t4") == 0  # given once
         frame = SaveFrame(sid, 1, "sa", "m1", "x", 1e10)
         with pytest.raises(LeaseLost):
             await giver.apply_async([frame])
         assert await taker.apply_async([frame]) == 1
         assert [f.msg_id for f in (await taker.load_session(sid)).frames] == ["m1"]
+
+
+async def test_a_settled_handoff_attempt_is_final(redis_server):
+    """`RedisStore.settle_hand_off`: the outcome of an attempt whose reply was lost, for good:
+    True if the taker owns the session (the call ran); else False, and the attempt's call is
+    refused should it reach Redis later (its abort marker lives minutes); other attempts are not."""
+    from parley.relay.actions import SaveSession
+    from parley.relay.cluster.redisstore import ABORT_MARK_MS, RedisStore, open_client
+
+    sid = "1763900000000_" + "fe" * 16
+    client = open_client(redis_server.url, timeout=2.0)
+    async with client:
+        await client.flushdb()
+        giver = RedisStore(client, token="node-a")
+        await giver.apply_async([SaveSession(sid, 1763900000.0, False, "10.0.0.1")])
+        await client.set("parley:node:node-b", "node-b", px=5000)
+        assert await giver.settle_hand_off(sid, "node-b", "a1") is False  # not run yet: never will
+        assert 0 < await client.pttl("parley:hoabort:a1") <= ABORT_MARK_MS
+        assert await giver.hand_off(sid, "node-b", "a1") == -2  # the late call: refused
+        assert await giver.owner_of(sid) == "node-a" and await client.smembers("parley:owned:node-b") == set()
+        assert await giver.settle_hand_off(sid, "node-b", "a1") is False  # (asked again: the same)
+        assert await giver.hand_off(sid, "node-b", "a2") == 1  # another attempt is not refused
+        assert await giver.settle_hand_off(sid, "node-b", "a2") is True  # it ran
+        assert not await client.exists(["parley:hoabort:a2"])
+        assert await giver.owner_of(sid) == "node-b"
 
 
 async def test_taker_dead_during_the_handoff_leaves_the_session_with_its_owner(redis_server):

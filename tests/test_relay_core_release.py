@@ -182,3 +182,23 @@ def test_a_node_joiner_moved_between_join_request_and_join_accept_still_gets_joi
     taker.run(taker.core.attach_moved(sid, [(11, None, None), (12, None, client_id)]))
     out = taker.send(11, {"t": "JOIN_ACCEPT", "sid": sid, "data": {"publicKey": "cd" * 8, "clientID": client_id}})
     assert [f["t"] for f in decoded(out[12])] == ["JOIN_ACCEPT", "JOINED"]
+
+
+def test_a_session_taken_back_counts_for_its_creator_again():
+    """`sessions_per_conn` counts the sessions a connection created: a hand-off that did not
+    happen gives the creator its count back (else it could create one more per failed move)."""
+    h = Harness(sessions_per_conn=1)
+    sid = _pair(h)
+    assert h.core._conns[1].made == 1
+    released = h.core.release(sid)
+    assert released.creator == 1 and h.core._conns[1].made == 0
+    assert h.run(h.core.take_back(released)) == {}  # no PEER_ONLINE: nobody came online
+    assert h.core._conns[1].made == 1
+    check_quota_accounting(h.core)
+    out = h.send(1, {"t": "CREATE_SESSION", "data": {"side": "sc"}})
+    assert [(f["t"], f["data"].get("code")) for f in decoded(out[1])] == [("ERROR", "rate_limited")]
+    # and it is the session it was: relays, replays, and leaving it frees the count
+    out = h.send(2, _msg(sid, "m5"))
+    assert decoded(out[1]) == [_msg(sid, "m5")]
+    h.disconnect(1)
+    check_quota_accounting(h.core)

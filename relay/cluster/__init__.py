@@ -31,20 +31,25 @@ renewed every lease/3). Ownership is taken:
   that wins `SREM <p>nodes dead` (so expiry keeps running for sessions nobody touches).
 * by hand-off (`handoff`), from a live owner A to the node B through which EVERY attached
   member of the session is connected (all its members on A are `RemoteConn`s from B), once
-  that has held for `--backplane-handoff-delay` (2 s; 0 = never): so two members that end up
+  that has held for `--backplane-handoff-delay` (2 s; 0 = never), and not again within
+  max(30 s, 10 x that delay) of its last move (cooldown: a member reconnecting through
+  alternating nodes does not move it each time): so two members that end up
   on one node (a load balancer, a reconnect) talk without Redis again, and a member on
   another node costs one hop. Steps, over the bus:
   1. A -> B `["hq", A, sid, hid, [B's conn ids]]`: B stops forwarding those connections'
      frames and holds them, in order, in their waiting queue (as during an owner lookup); it
      answers `["ha", B, sid, hid, ok]` (refused if one of them is gone or already waiting).
-     Every frame B forwarded before its answer reaches A before it (one channel, in order).
+     Every frame B forwarded before its answer reaches A before it (one channel, in order):
+     so B refuses while items it published to A reached nobody and wait for a re-send
+     (`_stalled`), and A offers only while its bus subscription is up.
   2. A, at that answer, synchronously: the members are still exactly those, and the session
      has no state the hand-off does not carry (`RelayCore.handoff_ready`: no live invite code
      (a code stays with the node that minted it, whose share of the code space it is: that
      node knows a code is free only while it holds all it minted), no pending JOIN_REQUEST, no
      sided joiner waiting for JOIN_ACCEPT/JOIN_DENY, no paced REATTACH replay in progress:
      those keep the session where it is until they are over); none of their
-     frames waits in A for another lookup. Then `RelayCore.release` takes it out of A's core
+     frames waits in A for another lookup; no item of A's to B waits for a re-send (it
+     would reach B after step 3's item, behind B's own core's sends). Then `RelayCore.release` takes it out of A's core
      without a word to the members (no PEER_OFFLINE), and A waits until its store pipeline has
      committed every op queued up to then (the session's rows in Redis are complete, and the
      QUEUED/DELIVERED held behind them are published to B, before step 3's item).
@@ -58,9 +63,21 @@ renewed every lease/3). Ownership is taken:
      A is told `["d", ...]` to drop their RemoteConns), then lets the held frames go on.
   Any failure before the compare-and-set succeeded (no answer within `--backplane-timeout`,
   the session changed, the store not committed in time, B not alive) puts the session back
-  into A's core from the copy `release` returned (`adopt` + `attach_moved`) and sends
-  `["hx", A, sid, hid]`: B lets the held frames go to A as before. A compare-and-set whose
-  reply was lost is settled by reading the owner key (until Redis answers). While a hand-off
+  into A's core from the copy `release` returned (`RelayCore.take_back`: `adopt` +
+  `attach_moved`, and the creator's per-connection session count restored) and sends
+  `["hx", A, sid, hid]`: B lets the held frames go to A as before. Each attempt has an id
+  unique among nodes; a compare-and-set whose outcome A does not know (its reply lost or
+  late, any error once it may have been sent) is settled by a second Lua script: "moved" if
+  the owner is B, else it sets the attempt's abort marker `<p>hoabort:<attempt>` (PX 5 min)
+  and says "kept"; the compare-and-set refuses to run when its attempt's marker exists.
+  Redis runs each script whole, so a late compare-and-set either ran before the settle (which
+  sees B) or is refused after it: A takes the session back only on "kept", or when the
+  failure came certainly before the compare-and-set was sent; A retries the settle until
+  Redis answers. Still unsettled 3 x `--backplane-timeout` after the offer (before B's own
+  hold limit), A tells B to stop holding (`hx`): B's frames go to A as before and wait there
+  for the outcome like any owner lookup (`ERROR unavailable` after 3 x timeout, as in any
+  Redis outage); the outcome, once Redis gives it, still holds: "kept", A takes the session
+  back; "moved", A sends step 3 late and B takes it (below). While a hand-off
   of a SID is in flight on a node, an owner lookup for it there waits until it is over, so
   neither node adopts the session from Redis meanwhile. B stops holding after 4 x
   `--backplane-timeout` without step 3 (A died); a late step 3 is still taken (Redis says
@@ -135,7 +152,8 @@ Failures, and what clients see
 | the taker B of a hand-off dies or stalls before the owner change | A gets no answer (or the compare-and-set finds no `node:B`): A keeps the session (re-adopts its own copy), counts `handoffs_failed` (tested with SIGSTOP then SIGKILL) | B's clients: as for any node crash; nothing acknowledged was lost (all was committed before the change) |
 | B dies after the owner change, before or after loading | the session is B's in Redis: taken over from dead B like any of its sessions | as for any node crash |
 | the giver A dies during a hand-off | before the owner change: B stops holding after 4 x timeout, then as for any node crash; after it: B owns the session and loads it | at worst as for any node crash (PEER_OFFLINE, 1012, REATTACH) |
-| Redis fails during a hand-off | A's commits or compare-and-set fail: A keeps the session; a lost reply is settled by reading the owner key once Redis answers; B loads the rows once Redis answers (held frames wait, bounded by the 256 per connection) | a pause, as for any Redis outage |
+| Redis fails during a hand-off | A's commits fail: A keeps the session; B loads the rows once Redis answers (held frames wait, bounded by the 256 per connection) | a pause, as for any Redis outage |
+| a compare-and-set's reply is lost (timeout, reset, an unexpected error after sending it) | A settles the attempt atomically in Redis (owner is B: moved; else the attempt's abort marker refuses the call if it arrives later: kept), then hands the session over or takes it back; never both nodes owning it (tested: reply lost after the call ran; call run after its settle; an exception after the call ran) | a pause while Redis does not answer |
 
 Not done / limits (see README "Relay cluster: backplane"): ownership moves to the members' node
 only when ALL attached members are on that one node (a session with members on A and B stays

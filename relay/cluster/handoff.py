@@ -6,19 +6,23 @@ as one service task plus the bus items below. The giver is the owner A, the
 taker the node B through which every attached member of the session is
 connected (all of A's members of it are `RemoteConn`s with origin B).
 
-    A: the condition held for `--backplane-handoff-delay` s (hysteresis)
+    A: the condition held for `--backplane-handoff-delay` s (hysteresis), and the
+       session did not move in the last max(30 s, 10 x delay) (cooldown, both nodes)
     A -> B  ["hq", A, sid, hid, [B's conn ids]]    offer; B holds those conns' frames
     B -> A  ["ha", B, sid, hid, ok]                 held (ok) or refused; every frame B
                                                     forwarded before it is processed by A
     A: checks again, `RelayCore.release(sid)`, waits for its store pipeline to
        commit everything queued so far, compare-and-sets owner A -> B in Redis
-       (`RedisStore.hand_off`)
+       (`RedisStore.hand_off`, under the attempt's unique id; an unknown outcome is
+       settled by `RedisStore.settle_hand_off`: moved, or kept for good)
     A -> B  ["h", A, sid, hid, [[conn, side, clientID]...], [[seq, conn]...]]
                                                     B owns it: B loads the rows
                                                     (`load_session`, `adopt`), attaches
                                                     the members (`attach_moved`), then
                                                     lets the held frames go on, in order
-    A -> B  ["hx", A, sid, hid]                     abandoned (A re-adopted its own copy):
+    A -> B  ["hx", A, sid, hid]                     abandoned (A re-adopted its own copy),
+                                                    or its outcome still unknown at 3 x
+                                                    timeout (a late "h" is still taken):
                                                     B lets the held frames go to A
 
 While a hand-off of `sid` is in flight on either node, an owner lookup for it
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -49,19 +55,30 @@ log = logging.getLogger("parley.relay.cluster")
 HANDOFF_KINDS = frozenset(("hq", "ha", "h", "hx"))
 # Hand-offs one node gives at a time (each holds its members' frames for a few ms).
 MAX_IN_FLIGHT = 64
+# After a move, a session stays where it is for max(COOLDOWN_MIN, COOLDOWN_DELAYS x delay)
+# seconds: a lone member reconnecting through alternating nodes (every > delay s) would
+# otherwise move it each time, and each move costs a commit wait, a compare-and-set and a
+# load of all its stored frames.
+COOLDOWN_MIN = 30.0
+COOLDOWN_DELAYS = 10
+# Sessions remembered as recently moved (one dict entry each, ~200 bytes); past it the
+# oldest entry is forgotten early (that session may move again sooner).
+MAX_COOLDOWNS = 100_000
 
 
 class _Departure:
-    __slots__ = ("sid", "hid", "to", "conns", "answered", "ok", "done")
+    __slots__ = ("sid", "hid", "attempt", "to", "conns", "answered", "ok", "done", "started")
 
-    def __init__(self, sid: str, hid: int, to: str, conns: dict[int, int]) -> None:
+    def __init__(self, sid: str, hid: int, attempt: str, to: str, conns: dict[int, int]) -> None:
         self.sid = sid
         self.hid = hid
+        self.attempt = attempt  # unique among all nodes' attempts (names its abort marker)
         self.to = to
         self.conns = conns  # our RemoteConn id -> its id on `to`
         self.answered = trio.Event()
         self.ok = False
         self.done = trio.Event()
+        self.started = trio.current_time()  # when the offer went out
 
 
 class _Arrival:
@@ -86,8 +103,12 @@ class Handoffs:
         self.delay = delay
         self._remote_type = remote_type  # node.RemoteConn: another node's connection
         self._hids = itertools.count(1)
+        self._run_id = secrets.token_hex(4)  # (a node id may come back after a restart)
         self._since: dict[str, tuple[str, float]] = {}  # sid -> (taker, since when), trio clock
         self.leaving: dict[str, _Departure] = {}
+        self.cooldown = max(COOLDOWN_MIN, COOLDOWN_DELAYS * delay)
+        # sid -> when it may move again (trio clock); insertion order is expiry order
+        self._cooldowns: dict[str, float] = {}
         self.arriving: dict[str, _Arrival] = {}
 
     async def settled(self, sid: str) -> None:
@@ -115,8 +136,14 @@ class Handoffs:
     def scan(self, now: float) -> None:
         """Start the hand-offs whose condition has held for `delay` s."""
         server = self.server
-        if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy:
-            return  # (a move needs Redis: a commit, a compare-and-set, a load)
+        if server._shutting_down or not server.backplane_ok or not server._pipeline.healthy or not server.bus_ok:
+            return  # (a move needs Redis: a commit, a compare-and-set, a load; and the bus in order)
+        cooldowns = self._cooldowns
+        while cooldowns:
+            first_sid = next(iter(cooldowns))
+            if cooldowns[first_sid] > now:
+                break
+            del cooldowns[first_sid]
         core = server._core
         attached = server._attached
         remote = self._remote_type
@@ -130,7 +157,7 @@ class Handoffs:
                     if sid in seen:
                         continue
                     seen.add(sid)
-                    if sid in self.leaving:
+                    if sid in self.leaving or sid in cooldowns:
                         continue
                     members = core.members_of(sid)
                     if not all(type(c := attached.get(m)) is remote and c.origin == origin for m in members):
@@ -146,9 +173,18 @@ class Handoffs:
                         since[sid] = first
         self._since = since
 
+    def moved(self, sid: str) -> None:
+        """`sid` changed owner (either way): it stays put for `cooldown` s."""
+        cooldowns = self._cooldowns
+        cooldowns.pop(sid, None)
+        if len(cooldowns) >= MAX_COOLDOWNS:
+            del cooldowns[next(iter(cooldowns))]
+        cooldowns[sid] = trio.current_time() + self.cooldown
+
     def _start(self, sid: str, to: str, conns: dict[int, int]) -> None:
         server = self.server
-        dep = _Departure(sid, next(self._hids), to, conns)
+        hid = next(self._hids)
+        dep = _Departure(sid, hid, f"{server.node_id}.{hid}.{self._run_id}", to, conns)
         self.leaving[sid] = dep
         server.bus.put(to, ["hq", server.node_id, sid, dep.hid, list(conns.values())], force=True)
         assert server._services is not None
@@ -157,11 +193,17 @@ class Handoffs:
     async def _depart(self, dep: _Departure) -> None:
         server = self.server
         released = None
+        sent = False  # the compare-and-set may have reached Redis: only settling it tells
         try:
             with trio.move_on_after(server.options.timeout):
                 await dep.answered.wait()
             if not dep.ok:
                 self._failed(dep, "not answered" if not dep.answered.is_set() else "refused")
+                return
+            if server._stalled.get(dep.to):
+                # our earlier sends to B's connections wait for a re-send: they would reach
+                # B after the hand-off item, behind what B's own core sends them
+                self._failed(dep, "bus items to the taker not delivered yet")
                 return
             released = self._release(dep)
             if released is None:
@@ -176,26 +218,35 @@ class Handoffs:
                 self._take_back(released)
                 self._failed(dep, "store not committed")
                 return
+            sent = True
             if not await self._compare_and_set(dep):
                 self._take_back(released)
                 self._failed(dep, "owner not changed")
                 return
             handed, released = released, None  # B owns it now: never taken back
-            members = [[dep.conns[m], side, client_id] for m, side, client_id in handed.members
-                       if m in dep.conns]
-            senders = [[seq, dep.conns[c]] for seq, c in handed.senders.items() if c in dep.conns]
-            server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
-            server._routes[dep.sid] = dep.to
-            server.cluster_counters["handoffs_out"] += 1
-        except Exception:  # a bug, or an unexpected Redis reply, before the owner changed
+            self._hand(dep, handed)
+        except Exception:  # a bug, or an unexpected Redis reply
             log.exception("session hand-off failed")
-            if released is not None:
+            if released is not None and not sent:  # certainly before the owner could change
                 self._take_back(released)
+            elif released is not None:  # (settling itself failed: a bug) who owns it is Redis's say
+                log.error("session hand-off to %s: outcome unknown; the session is left to Redis's owner key",
+                          dep.to)
             self._failed(dep, "error")
         finally:
             if self.leaving.get(dep.sid) is dep:
                 del self.leaving[dep.sid]
             dep.done.set()
+
+    def _hand(self, dep: _Departure, handed: Released) -> None:
+        """The owner is `dep.to` in Redis: tell it who the members are (step 3's item)."""
+        server = self.server
+        members = [[dep.conns[m], side, client_id] for m, side, client_id in handed.members if m in dep.conns]
+        senders = [[seq, dep.conns[c]] for seq, c in handed.senders.items() if c in dep.conns]
+        server.bus.put(dep.to, ["h", server.node_id, dep.sid, dep.hid, members, senders], force=True)
+        server._routes[dep.sid] = dep.to
+        server.cluster_counters["handoffs_out"] += 1
+        self.moved(dep.sid)
 
     def _release(self, dep: _Departure) -> Released | None:
         """Synchronously: the session is still one to give to `dep.to` (same
@@ -209,27 +260,42 @@ class Handoffs:
         return core.release(dep.sid)
 
     async def _compare_and_set(self, dep: _Departure) -> bool:
+        """Owner A -> B in Redis; True once it certainly happened, False once it
+        certainly did not and never will (the attempt's late copy is refused)."""
         store = self.server.backplane
         try:
-            return await store.hand_off(dep.sid, dep.to) == 1
-        except (BackplaneUnavailable, RedisError):
-            pass
-        # The answer was lost: it may have happened. Only Redis knows; ask until it answers
-        # (meanwhile lookups for the session here wait, as they would for Redis anyway).
+            return await store.hand_off(dep.sid, dep.to, dep.attempt) == 1
+        except Exception:  # (whatever it was, the call may have been sent)
+            log.info("session hand-off to %s: compare-and-set reply lost; settling it", dep.to)
+        # The answer was lost: the call may have run, or may still run later (it can
+        # sit in Redis's input while another connection is answered). Settle it in
+        # one script: the owner is B (it ran), or its abort marker is set (it will
+        # be refused). Until Redis answers, lookups for the session here wait.
+        # B holds its members' frames for at most 4 x timeout from the offer: at 3 x
+        # timeout undecided, B is told to stop holding (its frames come here and wait
+        # for the outcome like any lookup); the outcome, once Redis gives it, still
+        # holds: "kept", we take the session back; "moved", B takes the late item.
+        server = self.server
+        bound = dep.started + 3 * server.options.timeout
+        holding = True
         while True:
-            try:
-                return await store.owner_of(dep.sid) == dep.to
-            except (BackplaneUnavailable, RedisError):
-                await trio.sleep(0.2)
+            now = trio.current_time()
+            if holding and now >= bound:
+                holding = False
+                log.warning("session hand-off to %s: outcome unknown after 3 x --backplane-timeout; the "
+                            "taker stops holding, settling goes on until Redis answers", dep.to)
+                server.bus.put(dep.to, ["hx", server.node_id, dep.sid, dep.hid], force=True)
+            with trio.move_on_after(max(0.05, bound - now) if holding else math.inf):
+                try:
+                    return await store.settle_hand_off(dep.sid, dep.to, dep.attempt)
+                except (BackplaneUnavailable, RedisError):
+                    await trio.sleep(0.2)
 
     def _take_back(self, released: Released) -> None:
         """The hand-off did not happen: our core holds the session again, as it was."""
         server = self.server
-        core = server._core
-        sid = released.sid
-        core.adopt(released.snapshot, {(sid, seq): c for seq, c in released.senders.items()})
         with server._outbox:
-            actions = core.attach_moved(sid, released.members)
+            actions = server._core.take_back(released)
             if actions:
                 server._apply(actions, server._attached)
             while server._doomed:
@@ -267,8 +333,10 @@ class Handoffs:
     def _offered(self, giver: str, sid: str, hid: int, conn_ids: list[int]) -> None:
         server = self.server
         attached = server._attached
+        # Refused while frames we forwarded to the giver wait for a re-send (`_stalled`): they
+        # would reach it after our answer, so after the session left it (out of order).
         ok = (bool(conn_ids) and server.backplane_ok and not server._shutting_down and sid not in self.arriving
-              and not server._core.holds(sid))
+              and not server._core.holds(sid) and not server._stalled.get(giver))
         for cid in conn_ids if ok else ():
             conn = attached.get(cid)
             if conn is None or type(conn) is self._remote_type or cid in server._waiting:
@@ -344,6 +412,7 @@ class Handoffs:
                         if not by_owner:
                             del server._forwarded[cid]
                 server.cluster_counters["handoffs_in"] += 1
+                self.moved(sid)
                 self._let_go(arr.conns)
                 while server._doomed:
                     server._drop(server._doomed.pop())

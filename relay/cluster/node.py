@@ -450,6 +450,8 @@ class ClusterServer(RelayServer):
         # backplane. `read`: `parse_canonical_msg(message)` when the caller
         # has it (on_message). The same-node hot path: a canonical MSG for a
         # session this node holds goes straight to the core.
+        if self._shutting_down:  # (frames let go from a waiting queue during the final flush)
+            return
         core = self._core
         if read is _UNREAD:
             read = parse_canonical_msg(message)

@@ -26,6 +26,8 @@ Keys (prefix default `parley:`; one Redis database per relay cluster):
     <p>f:<sid>           HASH  seq -> SaveFrame JSON (loaded in seq order)
     <p>owner:<sid>       STRING the owner node's id (set by the first batch, deleted with the session)
     <p>owned:<id>        SET   the SIDs a node owns (a dead node's are adopted in bulk)
+    <p>hoabort:<attempt> STRING a hand-off attempt settled as not done (PX 5 min: its late
+                         compare-and-set is refused)
     <p>nodes             SET   node ids that registered and have not been cleaned up
     <p>node:<id>         STRING a live node, with a PX expiry (`relay.cluster.lease`)
 
@@ -151,11 +153,17 @@ return #ops
 
 # A session's ownership handed from one live node to another (relay.cluster,
 # "by hand-off"): a compare-and-set, so it happens only while the giver still
-# owns it, and only to a node that is alive. KEYS: owner:<sid>, node:<to>,
-# owned:<from>, owned:<to>; ARGV: from, to, sid. 1: done; 0: not the giver's
-# (any more); -1: the taker is not alive. SET drops any PX a claim had: the
-# session's rows exist (the giver committed them before asking).
+# owns it, and only to a node that is alive, and never once the attempt was
+# settled as not done (its abort marker exists: `_SETTLE_LUA`). KEYS:
+# owner:<sid>, node:<to>, owned:<from>, owned:<to>, hoabort:<attempt>; ARGV:
+# from, to, sid. 1: done; 0: not the giver's (any more); -1: the taker is not
+# alive; -2: this attempt was settled as not done (a late copy of the call).
+# SET drops any PX a claim had: the session's rows exist (the giver committed
+# them before asking).
 _HANDOFF_LUA = r"""
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  return -2
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
@@ -167,6 +175,25 @@ redis.call('SREM', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 return 1
 """
+
+# A hand-off attempt whose compare-and-set reply was lost, settled for good: the
+# owner is the taker (the call ran: 1), or the attempt's abort marker is set so
+# that the call, if it is still on its way, is refused when it runs (0). Redis
+# runs each script whole, so the call either ran before this one (seen here) or
+# runs after it (refused). KEYS: owner:<sid>, hoabort:<attempt>; ARGV: to, PX ms.
+_SETTLE_LUA = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 1
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 0
+"""
+
+# How long an abort marker lives (ms): far longer than a compare-and-set sent
+# before its settle can still be on its way to Redis (it was written to a
+# socket before the settle, which itself needed Redis to answer), and short
+# enough that markers of abandoned attempts cost nothing for long.
+ABORT_MARK_MS = 300_000
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -287,15 +314,29 @@ class RedisStore:
     def apply(self, ops: Iterable[StoreOp]) -> int:  # pragma: no cover - the pipeline awaits apply_async
         raise StoreError("the backplane store is asynchronous: use apply_async")
 
-    async def hand_off(self, sid: str, to: str) -> int:
+    async def hand_off(self, sid: str, to: str, attempt: str) -> int:
         """Make node `to` the owner of `sid` if this node (`token`) owns it and
-        `to` is alive, atomically (`owned:` sets included): 1 done, 0 not ours,
-        -1 `to` not alive. Raises BackplaneUnavailable (then it may or may not
-        have happened: read `owner_of`)."""
+        `to` is alive, atomically (`owned:` sets included), unless `attempt`
+        (unique per hand-off attempt) was settled already: 1 done, 0 not ours,
+        -1 `to` not alive, -2 settled as not done. Raises BackplaneUnavailable
+        (then it may or may not have happened, or happen later: `settle_hand_off`)."""
         p = self.prefix
-        keys = [p + "owner:" + sid, p + "node:" + to, p + "owned:" + self.token, p + "owned:" + to]
+        keys = [p + "owner:" + sid, p + "node:" + to, p + "owned:" + self.token, p + "owned:" + to,
+                p + "hoabort:" + attempt]
         try:
             return int(await self._call(self.client.eval, _HANDOFF_LUA, keys=keys, args=[self.token, to, sid]))
+        except rexc.ResponseError as exc:
+            raise BackplaneUnavailable(describe_error(exc)) from exc
+
+    async def settle_hand_off(self, sid: str, to: str, attempt: str) -> bool:
+        """The outcome of a `hand_off(sid, to, attempt)` whose reply was lost,
+        for good: True if `to` owns `sid` (it ran), False if not, and then that
+        call is refused should it still reach Redis (`_SETTLE_LUA`). Raises
+        BackplaneUnavailable (nothing settled: ask again)."""
+        p = self.prefix
+        keys = [p + "owner:" + sid, p + "hoabort:" + attempt]
+        try:
+            return int(await self._call(self.client.eval, _SETTLE_LUA, keys=keys, args=[to, ABORT_MARK_MS])) == 1
         except rexc.ResponseError as exc:
             raise BackplaneUnavailable(describe_error(exc)) from exc
 
