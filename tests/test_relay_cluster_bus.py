@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parley.relay.cluster.node import decode_bus, encode_bus
+from trio.testing import wait_all_tasks_blocked
+
+from parley.relay.cluster.node import Bus, ClusterServer, decode_bus, encode_bus
 
 # Texts as a client may send them: any valid Unicode (the transport decodes
 # UTF-8 strictly, so no lone surrogates), or base64 for a binary frame.
@@ -76,3 +79,57 @@ def test_the_json_arrays_of_nodes_before_are_still_read():
 def test_what_is_not_a_bus_message_is_refused(data):
     with pytest.raises((ValueError, TypeError, KeyError, IndexError)):
         decode_bus(data)
+
+
+# ---------------------------------------------------------------------------
+# One destination's items keep their order across a PUBLISH nobody received
+
+
+class _Server:
+    """What `Bus.run` uses of a `ClusterServer`: PUBLISH answered with
+    `receivers`; what was received is recorded in order."""
+
+    _debug = False
+
+    def __init__(self) -> None:
+        self._stalled: dict[str, list] = {}
+        self.receivers = 0
+        self.received: list = []
+        self.client = self
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+    def publish(self, channel: str, text: str) -> int:
+        if self.receivers:
+            self.received.extend(item[2] for item in decode_bus(text))
+        return self.receivers
+
+    def channel(self, node: str) -> str:
+        return node
+
+    def undelivered(self, node: str, items: list) -> None:
+        ClusterServer.undelivered(self, node, items)  # type: ignore[arg-type]
+
+    def published(self) -> None:
+        pass
+
+
+async def test_items_published_while_older_ones_wait_for_a_resend_stay_behind_them():
+    server = _Server()
+    bus = Bus(server)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bus.run)
+        bus.put("n", ["s", 1, "f1"])
+        await wait_all_tasks_blocked()
+        assert server._stalled == {"n": [["s", 1, "f1"]]}  # the subscriber was away
+        server.receivers = 1  # ...and is back before the heartbeat re-sends f1
+        bus.put("n", ["s", 1, "f2"])
+        await wait_all_tasks_blocked()
+        assert server.received == []  # f2 was not sent ahead of f1
+        bus.put("n", ["s", 1, "f3"])  # queued, not yet published, when the heartbeat re-sends
+        bus.requeue("n", server._stalled.pop("n"))
+        await wait_all_tasks_blocked()
+        assert server.received == ["f1", "f2", "f3"]
+        assert bus.backlog == 0
+        nursery.cancel_scope.cancel()

@@ -245,14 +245,32 @@ class Bus:
         self.backlog += 1
         return True
 
+    def requeue(self, node: str, items: list[list[Any]]) -> None:
+        """Send `items` (nobody received them before) again, AHEAD of what
+        was queued for `node` since: one destination's items keep their order."""
+        queued = self.out.get(node)
+        self.out[node] = items + queued if queued else list(items)
+        self.backlog += len(items)
+        self._wake.set()
+
     async def run(self) -> None:
         server = self._server
+        stalled = server._stalled
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            out, self.out = self.out, {}
-            for node, items in out.items():
+            # One destination at a time, taken from `out` just before its PUBLISH, so
+            # a `requeue` made meanwhile still goes ahead of every newer item.
+            while self.out:
+                node = next(iter(self.out))
+                items = self.out.pop(node)
                 self.backlog -= len(items)
+                if node in stalled:
+                    # Older items for `node` wait for the heartbeat's re-send: these go
+                    # behind them, never ahead (a subscriber back in between would
+                    # otherwise get newer frames first).
+                    server.undelivered(node, items)
+                    continue
                 text = encode_bus(items)
                 try:
                     receivers = await server.call(server.client.publish, server.channel(node), text)
@@ -796,9 +814,8 @@ class ClusterServer(RelayServer):
         for node in ordered:
             if node in alive:
                 stalled = self._stalled.pop(node, None)
-                if stalled:  # it was resubscribing: send again
-                    for item in stalled:
-                        self.bus.put(node, item, force=True)
+                if stalled:  # it was resubscribing: send again, ahead of anything newer
+                    self.bus.requeue(node, stalled)
             else:
                 self._node_dead(node)
                 if await self.call(self.client.srem, p + "nodes", [node]):
