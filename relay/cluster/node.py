@@ -114,8 +114,6 @@ class ClusterOptions:
         self.handoff_delay = handoff_delay  # seconds; 0: sessions never move to their members' node
 
 
-_UNREAD = object()  # `_dispatch` without the caller's parse_canonical_msg
-
 # Where an item of each kind carries a client frame's text (the bulk of the bus).
 _TEXT_AT = {"f": 4, "s": 2}
 
@@ -454,30 +452,27 @@ class ClusterServer(RelayServer):
                     return
                 waiting.append(message)
                 return
-        # `_dispatch`'s first case inline (one call less per MSG): a canonical
-        # MSG for a session this node holds, straight to the core.
+        # Read once: the read routes the frame and is what the core gets
+        # (`receive_read`), so a MSG is parsed once, as on a relay without a
+        # backplane. The same-node hot path: a canonical MSG for a session
+        # this node holds goes straight to the core.
         read = parse_canonical_msg(message)
         if read is not None and self._core.holds(read[0]):
             self._receive_read(conn, message, read)
             return
-        self._dispatch(conn, message, read)
+        self._route(conn, message, read)
 
-    def _dispatch(self, conn: Any, message: str | bytes, read: Any = _UNREAD) -> None:
-        # Read once: the read routes the frame and is what the core gets
-        # (`receive_read`), so a MSG is parsed once, as on a relay without a
-        # backplane. `read`: `parse_canonical_msg(message)` when the caller
-        # has it (on_message). The same-node hot path: a canonical MSG for a
-        # session this node holds goes straight to the core.
+    def _dispatch(self, conn: Any, message: str | bytes) -> None:
+        """A frame let go from a connection's waiting queue: routed as `on_message` routes it."""
         if self._shutting_down:  # (frames let go from a waiting queue during the final flush)
             return
+        self._route(conn, message, parse_canonical_msg(message))
+
+    def _route(self, conn: Any, message: str | bytes, read: Any) -> None:
+        # `read`: `parse_canonical_msg(message)` (None: not a canonical MSG; then
+        # the core's full read). A session this node holds goes to its core.
         core = self._core
-        if read is _UNREAD:
-            read = parse_canonical_msg(message)
-        if read is not None:
-            if core.holds(read[0]):
-                self._receive_read(conn, message, read)
-                return
-        else:
+        if read is None:
             read = read_frame(message)
         key = route_key(read, self._max_sid)
         if key is not None:
